@@ -1,0 +1,26 @@
+# -*- coding: utf-8 -*-
+{
+    'name': 'LLM Training',
+    'summary': 'Fine-tune language models on your own data: datasets, jobs, providers, models',
+    'version': '11.0.1.0.0',
+    'category': 'Productivity',
+    'license': 'LGPL-3',
+    'author': 'llm_training',
+    'depends': ['mail'],
+    'external_dependencies': {'python': []},
+    'data': [
+        'security/llm_training_security.xml',
+        'security/ir.model.access.csv',
+        'data/llm_training_data.xml',
+        'views/llm_provider_views.xml',
+        'views/llm_model_views.xml',
+        'views/llm_training_dataset_views.xml',
+        'views/llm_training_job_views.xml',
+        'views/llm_training_menus.xml',
+    ],
+    'demo': [
+        'demo/llm_training_demo.xml',
+    ],
+    'application': True,
+    'installable': True,
+}

@@ -1,0 +1,75 @@
+# -*- coding: utf-8 -*-
+import logging
+
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError
+
+_logger = logging.getLogger(__name__)
+
+# The three calls every training backend implements as `_<service>_<method>`.
+PROVIDER_METHODS = ('start_training_job', 'check_training_job_status', 'cancel_training_job')
+
+
+class LlmProvider(models.Model):
+    """A training backend. Each service adds itself to `service` with `selection_add` and
+    implements `_<service>_start_training_job`, `_<service>_check_training_job_status` and
+    `_<service>_cancel_training_job` (see models/llm_provider_local.py)."""
+    _name = 'llm.provider'
+    _description = 'LLM Provider'
+    _order = 'sequence, name'
+
+    name = fields.Char(required=True)
+    sequence = fields.Integer(default=10)
+    active = fields.Boolean(default=True)
+    company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
+    service = fields.Selection([('local', 'Local (Hugging Face)'), ('openai', 'OpenAI')],
+                               required=True, default='local')
+    # Secrets: only managers can read the field at all (groups=), and it is never logged.
+    api_key = fields.Char(string='API Key', groups='llm_training.group_llm_manager', copy=False)
+    base_url = fields.Char(string='Base URL', help='Endpoint of the service, for OpenAI-compatible '
+                                                   'services; empty for the default.')
+    request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
+    max_concurrent_jobs = fields.Integer(default=1, help='Jobs running at once on this provider; '
+                                                         'extra jobs wait in Queued. 0 means no limit.')
+    model_ids = fields.One2many('llm.model', 'provider_id', string='Models')
+    job_ids = fields.One2many('llm.training.job', 'provider_id', string='Training Jobs')
+
+    @api.constrains('max_concurrent_jobs', 'request_timeout')
+    def _check_limits(self):
+        for provider in self:
+            if provider.max_concurrent_jobs < 0 or provider.request_timeout <= 0:
+                raise UserError(_('Concurrency limit must be 0 or more and the timeout positive.'))
+
+    def _dispatch(self, method, *args, **kwargs):
+        """Call `_<service>_<method>`; a service without it is an error, never a silent no-op."""
+        self.ensure_one()
+        implementation = getattr(self, '_%s_%s' % (self.service, method), None)
+        if implementation is None:
+            raise UserError(_('Provider "%s" (service %s) cannot %s: the service has no '
+                              'implementation installed.') % (self.name, self.service, method.replace('_', ' ')))
+        return implementation(*args, **kwargs)
+
+    def start_training_job(self, job):
+        """Hand the prepared job to the service. Returns the external job id."""
+        return self._dispatch('start_training_job', job)
+
+    def check_training_job_status(self, job):
+        """Ask the service where the job stands. Returns a dict (see lib/job_status.py)."""
+        return self._dispatch('check_training_job_status', job)
+
+    def cancel_training_job(self, job):
+        """Ask the service to stop the job; the next status check confirms it."""
+        return self._dispatch('cancel_training_job', job)
+
+    def _count_running_jobs(self):
+        """Jobs holding a slot: handed to the service and not finished."""
+        self.ensure_one()
+        return self.env['llm.training.job'].sudo().search_count([
+            ('provider_id', '=', self.id), ('external_job_id', '!=', False),
+            ('state', 'in', ('queued', 'training'))])
+
+    def _has_free_slot(self):
+        """Lock the provider row first so two cron workers cannot both take the last slot."""
+        self.ensure_one()
+        self.env.cr.execute('SELECT id FROM llm_provider WHERE id = %s FOR UPDATE', (self.id,))
+        return not self.max_concurrent_jobs or self._count_running_jobs() < self.max_concurrent_jobs

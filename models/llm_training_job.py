@@ -1,0 +1,455 @@
+# -*- coding: utf-8 -*-
+import json
+import logging
+import os
+import threading
+from datetime import datetime, timedelta
+
+import psycopg2
+
+from odoo import _, api, fields, models, tools
+from odoo.exceptions import UserError, ValidationError
+
+from ..lib import job_status
+from ..lib.hyperparameters import parse_hyperparameters
+from ..lib.prepare import merge_examples
+
+_logger = logging.getLogger(__name__)
+
+STATES = [
+    ('draft', 'Draft'),
+    ('validating', 'Validating'),
+    ('preparing', 'Preparing'),
+    ('queued', 'Queued'),
+    ('training', 'Training'),
+    ('completed', 'Completed'),
+    ('failed', 'Failed'),
+    ('cancelled', 'Cancelled'),
+]
+# Legal moves. failed/cancelled -> queued is a resume from the last checkpoint.
+TRANSITIONS = {
+    'draft': ('validating', 'cancelled'),
+    'validating': ('preparing', 'failed', 'cancelled'),
+    'preparing': ('queued', 'failed', 'cancelled'),
+    'queued': ('training', 'failed', 'cancelled'),
+    'training': ('completed', 'failed', 'cancelled'),
+    'completed': (),
+    'failed': ('draft', 'queued'),
+    'cancelled': ('draft', 'queued'),
+}
+# Timestamps stamped when a job enters a state.
+STATE_STAMPS = {'validating': 'submitted_at', 'training': 'started_at', 'completed': 'finished_at',
+                'failed': 'finished_at', 'cancelled': 'finished_at'}
+MAX_RETRIES = 5
+RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
+DEFAULT_STUCK_HOURS = 24
+
+
+class TrainingRetryableError(Exception):
+    """A transient failure (network, rate limit): try again later, the job keeps its state."""
+
+    def __init__(self, message, seconds=None):
+        super(TrainingRetryableError, self).__init__(message)
+        self.seconds = seconds
+
+
+class TrainingFailedError(Exception):
+    """A failure no retry will fix (bad credentials, invalid data): the job fails now."""
+
+
+def _now():
+    return fields.Datetime.now()
+
+
+class LlmTrainingJob(models.Model):
+    _name = 'llm.training.job'
+    _description = 'LLM Training Job'
+    _inherit = ['mail.thread']
+    _order = 'id desc'
+
+    def _default_provider(self):
+        return self.env['llm.provider'].search([], limit=1)
+
+    # -- identity and setup (editable in draft) ----------------------------------------------
+    name = fields.Char(required=True, track_visibility='onchange')
+    description = fields.Text()
+    company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
+    user_id = fields.Many2one('res.users', string='Owner', default=lambda self: self.env.user)
+    provider_id = fields.Many2one('llm.provider', required=True, default=_default_provider,
+                                  ondelete='restrict', track_visibility='onchange')
+    service = fields.Selection(related='provider_id.service', readonly=True)
+    base_model_id = fields.Many2one('llm.model', string='Base Model', required=True, ondelete='restrict',
+                                    domain="[('provider_id', '=', provider_id)]")
+    dataset_ids = fields.Many2many('llm.training.dataset', 'llm_training_job_dataset_rel', 'job_id',
+                                   'dataset_id', string='Training Datasets', required=True)
+    validation_dataset_ids = fields.Many2many('llm.training.dataset', 'llm_training_job_valdataset_rel',
+                                              'job_id', 'dataset_id', string='Validation Datasets')
+    validation_split = fields.Float(default=0.0, help='Fraction of the training examples held out '
+                                                      'for evaluation (0 to 0.5).')
+    technique = fields.Selection([('lora', 'LoRA'), ('qlora', 'QLoRA (4-bit, CUDA GPU)'),
+                                  ('full', 'Full fine-tuning')], default='lora', required=True)
+    epochs = fields.Integer(default=3, help='0 lets the provider choose (OpenAI "auto").')
+    batch_size = fields.Integer(default=4, help='0 lets the provider choose (OpenAI "auto").')
+    learning_rate = fields.Float(default=2e-4, digits=(16, 8), help='Local trainer learning rate.')
+    learning_rate_multiplier = fields.Float(default=0.0, help='OpenAI multiplier; 0 means "auto".')
+    lora_r = fields.Integer(string='LoRA rank', default=16)
+    lora_alpha = fields.Integer(string='LoRA alpha', default=32)
+    lora_dropout = fields.Float(string='LoRA dropout', default=0.05)
+    max_seq_length = fields.Integer(string='Max sequence length', default=1024)
+    seed = fields.Integer(default=42)
+    suffix = fields.Char(size=64, help='Added to the fine-tuned model name (at most 64 characters).')
+    hyperparameters = fields.Text(default='{}', help='Other settings as a JSON object, e.g. '
+                                                     '{"warmup_ratio": 0.1, "eval_steps": 20}.')
+
+    # -- workflow (written only by the workflow methods) --------------------------------------
+    state = fields.Selection(STATES, default='draft', required=True, readonly=True, index=True,
+                             copy=False, track_visibility='onchange')
+    external_job_id = fields.Char(readonly=True, copy=False, index=True)
+    provider_data = fields.Text(readonly=True, copy=False, default='{}',
+                                help="The provider's own bookkeeping for this job (JSON).")
+    cancel_requested = fields.Boolean(readonly=True, copy=False)
+    progress = fields.Float(readonly=True, copy=False)
+    current_step = fields.Integer(readonly=True, copy=False)
+    total_steps = fields.Integer(readonly=True, copy=False)
+    current_epoch = fields.Float(readonly=True, copy=False)
+    trained_tokens = fields.Integer(readonly=True, copy=False)
+    train_examples = fields.Integer(readonly=True, copy=False)
+    validation_examples = fields.Integer(readonly=True, copy=False)
+    train_tokens = fields.Integer(readonly=True, copy=False, help='Tokens in the training file, once.')
+    estimated_cost = fields.Float(readonly=True, copy=False, digits=(16, 4))
+    final_cost = fields.Float(readonly=True, copy=False, digits=(16, 4))
+    submitted_at = fields.Datetime(readonly=True, copy=False)
+    started_at = fields.Datetime(readonly=True, copy=False)
+    finished_at = fields.Datetime(readonly=True, copy=False)
+    estimated_finish = fields.Datetime(readonly=True, copy=False)
+    last_progress_at = fields.Datetime(readonly=True, copy=False,
+                                       help='Last time the job moved; the stuck-job sweep reads it.')
+    retry_count = fields.Integer(readonly=True, copy=False)
+    next_attempt_at = fields.Datetime(readonly=True, copy=False)
+    error_message = fields.Text(readonly=True, copy=False)
+    result_model_id = fields.Many2one('llm.model', string='Result Model', readonly=True, copy=False)
+    event_ids = fields.One2many('llm.training.job.event', 'job_id', string='Events', readonly=True)
+    metric_ids = fields.One2many('llm.training.job.metric', 'job_id', string='Metrics', readonly=True)
+    log = fields.Text(readonly=True, copy=False, help='Tail of the trainer or provider log.')
+    work_dir = fields.Char(compute='_compute_work_dir', help='Folder holding the prepared data.')
+
+    @api.depends()
+    def _compute_work_dir(self):
+        root = os.path.join(tools.config['data_dir'], 'llm_training', self.env.cr.dbname)
+        for job in self:
+            job.work_dir = os.path.join(root, 'job-%d' % job.id) if job.id else False
+
+    @api.constrains('hyperparameters', 'validation_split', 'epochs', 'batch_size', 'lora_r',
+                    'max_seq_length', 'learning_rate', 'lora_dropout')
+    def _check_hyperparameters(self):
+        for job in self:
+            try:
+                job._get_hyperparameters()
+            except ValueError as e:
+                raise ValidationError(_('Job "%s": %s') % (job.name, e))
+
+    @api.constrains('base_model_id', 'provider_id')
+    def _check_base_model_provider(self):
+        for job in self:
+            if job.base_model_id.provider_id != job.provider_id:
+                raise ValidationError(_('Base model "%s" belongs to provider "%s", not "%s".')
+                                      % (job.base_model_id.name, job.base_model_id.provider_id.name,
+                                         job.provider_id.name))
+
+    def write(self, vals):
+        locked = set(vals) & {'provider_id', 'base_model_id', 'dataset_ids', 'technique',
+                              'hyperparameters', 'validation_dataset_ids', 'validation_split'}
+        if locked and any(job.state not in ('draft', 'failed', 'cancelled') for job in self):
+            raise UserError(_('A submitted job cannot change its setup (%s); cancel it or copy it.')
+                            % ', '.join(sorted(locked)))
+        return super(LlmTrainingJob, self).write(vals)
+
+    @api.multi
+    def unlink(self):
+        if any(job.state in job_status.ACTIVE_STATES for job in self):
+            raise UserError(_('Cancel a running job before deleting it.'))
+        return super(LlmTrainingJob, self).unlink()
+
+    # -- buttons (each returns True: XML-RPC cannot marshal None) ----------------------------
+    @api.multi
+    def action_submit(self):
+        for job in self:
+            if not job.dataset_ids:
+                raise UserError(_('Add at least one training dataset before submitting.'))
+            job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
+                              cancel_requested=False, progress=0.0)
+        return True
+
+    @api.multi
+    def action_check_status(self):
+        """Move the job on now, as the cron would (same code path, same idempotency)."""
+        for job in self:
+            job._sync_one()
+        return True
+
+    @api.multi
+    def action_cancel(self):
+        for job in self:
+            if job.state in job_status.FINAL_STATES:
+                raise UserError(_('Job "%s" is already %s.') % (job.name, job.state))
+            if job.external_job_id and job.state in ('queued', 'training'):
+                # The provider confirms the cancel; the poller then moves the job to Cancelled.
+                job.provider_id.cancel_training_job(job)
+                job.write({'cancel_requested': True})
+                job._add_event('Cancel requested', level='warning')
+                job._sync_one()
+            else:
+                job._change_state('cancelled')
+        return True
+
+    @api.multi
+    def action_reset_to_draft(self):
+        for job in self:
+            job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',
+                              progress=0.0, current_step=0, total_steps=0, current_epoch=0.0,
+                              retry_count=0, next_attempt_at=False, cancel_requested=False)
+        return True
+
+    # -- state machine ---------------------------------------------------------------------------
+    def _change_state(self, new_state, **values):
+        """The only way `state` changes: refuses illegal moves, stamps times."""
+        self.ensure_one()
+        if new_state not in TRANSITIONS:
+            raise ValueError('unknown job state %r' % (new_state,))
+        if new_state not in TRANSITIONS[self.state]:
+            raise UserError(_('Job "%s" cannot go from %s to %s.') % (self.name, self.state, new_state))
+        now = _now()
+        values.update(state=new_state, last_progress_at=now)
+        if new_state in STATE_STAMPS:
+            values[STATE_STAMPS[new_state]] = now
+        if new_state == 'completed':
+            values['progress'] = 100.0
+        # super().write: the setup lock in write() is for people, not for the workflow.
+        super(LlmTrainingJob, self).write(values)
+        self._add_event('State: %s' % dict(STATES)[new_state])
+
+    def _set_failed(self, message):
+        self.ensure_one()
+        _logger.warning('Training job %s failed: %s', self.id, message)
+        self._change_state('failed', error_message=message)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _get_hyperparameters(self):
+        """The job's settings as one validated dict (fields + the JSON extras)."""
+        self.ensure_one()
+        return parse_hyperparameters(self.hyperparameters, {
+            'epochs': self.epochs, 'batch_size': self.batch_size, 'learning_rate': self.learning_rate,
+            'learning_rate_multiplier': self.learning_rate_multiplier, 'lora_r': self.lora_r,
+            'lora_alpha': self.lora_alpha, 'lora_dropout': self.lora_dropout,
+            'max_seq_length': self.max_seq_length, 'seed': self.seed,
+            'validation_split': self.validation_split,
+        })
+
+    def _get_provider_data(self):
+        return json.loads(self.provider_data or '{}')
+
+    def _set_provider_data(self, **values):
+        data = self._get_provider_data()
+        data.update(values)
+        super(LlmTrainingJob, self).write({'provider_data': json.dumps(data, sort_keys=True)})
+
+    def _add_event(self, message, level='info', external_id=False, data=None, created_at=None):
+        self.ensure_one()
+        Event = self.env['llm.training.job.event'].sudo()
+        if external_id and Event.search_count([('job_id', '=', self.id), ('external_id', '=', external_id)]):
+            return Event.browse()
+        return Event.create({'job_id': self.id, 'message': message, 'level': level,
+                             'external_id': external_id, 'data': json.dumps(data) if data else False,
+                             'event_time': created_at or _now()})
+
+    # -- the reconcile loop ------------------------------------------------------------------------
+    @api.model
+    def _cron_sync_training_jobs(self, limit=50):
+        """Move every active job one step on. Each job is claimed with FOR UPDATE SKIP LOCKED and
+        handled in its own transaction, so several workers can run this at once."""
+        auto_commit = not getattr(threading.currentThread(), 'testing', False)
+        self._sweep_stuck_jobs()
+        now = _now()
+        self.env.cr.execute("""
+            SELECT id FROM llm_training_job
+             WHERE state IN %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
+             ORDER BY id LIMIT %s""", (job_status.ACTIVE_STATES, now, limit))
+        for job_id in [row[0] for row in self.env.cr.fetchall()]:
+            if not self._claim(job_id):
+                continue  # another worker holds it
+            self.browse(job_id)._sync_one()
+            if auto_commit:
+                # Ends this job's transaction: keeps its progress and releases its row lock.
+                self.env.cr.commit()
+        return True
+
+    def _claim(self, job_id):
+        self.env.cr.execute("""
+            SELECT id FROM llm_training_job
+             WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""",
+                            (job_id, job_status.ACTIVE_STATES))
+        return bool(self.env.cr.fetchone())
+
+    def _sync_one(self):
+        """One reconcile pass for one job. Errors end up on this job only."""
+        self.ensure_one()
+        try:
+            with self.env.cr.savepoint():
+                self._advance()
+        except (psycopg2.Error, MemoryError):
+            raise
+        except TrainingRetryableError as e:
+            self._postpone(str(e), e.seconds)
+        except (TrainingFailedError, UserError, ValidationError) as e:
+            self._fail_safely(e.name if hasattr(e, 'name') else str(e))
+        except Exception as e:
+            _logger.exception('Training job %s: unexpected error', self.id)
+            self._postpone('%s: %s' % (type(e).__name__, e))
+
+    def _postpone(self, message, seconds=None):
+        self.invalidate_cache()
+        if self.retry_count + 1 >= MAX_RETRIES:
+            self._fail_safely(_('Gave up after %d attempts: %s') % (MAX_RETRIES, message))
+            return
+        delay = seconds or RETRY_DELAYS[min(self.retry_count, len(RETRY_DELAYS) - 1)]
+        super(LlmTrainingJob, self).write({
+            'retry_count': self.retry_count + 1,
+            'next_attempt_at': fields.Datetime.to_string(datetime.utcnow() + timedelta(seconds=delay)),
+        })
+        self._add_event(_('Attempt %d failed, retrying in %d s: %s') % (self.retry_count, delay, message),
+                        level='warning')
+
+    def _fail_safely(self, message):
+        self.invalidate_cache()
+        if self.state in job_status.ACTIVE_STATES:
+            self._set_failed(message)
+
+    def _advance(self):
+        """Do what the job's state calls for; a job may go through several states in one pass."""
+        if self.state == 'validating':
+            self._run_validation()
+        if self.state == 'preparing':
+            self._run_preparation()
+        if self.state == 'queued' and not self.external_job_id:
+            self._start_at_provider()
+        if self.state in ('queued', 'training') and self.external_job_id:
+            self._apply_status(self.provider_id.check_training_job_status(self))
+        if self.retry_count:
+            super(LlmTrainingJob, self).write({'retry_count': 0, 'next_attempt_at': False})
+
+    def _run_validation(self):
+        problems = []
+        for dataset in self.dataset_ids | self.validation_dataset_ids:
+            report = dataset._validate(self.base_model_id)
+            if not report.valid:
+                problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
+        if problems:
+            raise TrainingFailedError('\n\n'.join(problems))
+        hyper = self._get_hyperparameters()
+        if self.validation_dataset_ids and hyper['validation_split']:
+            raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
+        self._dispatch_optional('validate_training_job')
+        self._change_state('preparing')
+
+    def _run_preparation(self):
+        hyper = self._get_hyperparameters()
+        os.makedirs(self.work_dir, exist_ok=True)
+        counts = merge_examples(
+            [(d._attachment_streams()) for d in self.dataset_ids],
+            [(d._attachment_streams()) for d in self.validation_dataset_ids],
+            os.path.join(self.work_dir, 'train.jsonl'), os.path.join(self.work_dir, 'validation.jsonl'),
+            validation_split=hyper['validation_split'], seed=hyper['seed'])
+        if counts['train'] < 1:
+            raise TrainingFailedError(_('No training examples are left after the validation split.'))
+        super(LlmTrainingJob, self).write({
+            'train_examples': counts['train'], 'validation_examples': counts['validation'],
+            'train_tokens': sum(d.token_total for d in self.dataset_ids)})
+        self._add_event(_('Prepared %d training and %d validation examples')
+                        % (counts['train'], counts['validation']))
+        self._change_state('queued')
+
+    def _start_at_provider(self):
+        if self.cancel_requested:
+            self._change_state('cancelled')
+            return
+        if not self.provider_id._has_free_slot():
+            return  # stays Queued until a slot frees
+        external_id = self.provider_id.start_training_job(self)
+        if not external_id:
+            raise TrainingFailedError(_('The provider did not return a job id.'))
+        super(LlmTrainingJob, self).write({'external_job_id': external_id, 'last_progress_at': _now()})
+        self._add_event(_('Started at the provider as %s') % external_id)
+
+    def _dispatch_optional(self, method):
+        """Provider hooks that a service may add (e.g. local checks the GPU for QLoRA)."""
+        hook = getattr(self.provider_id, '_%s_%s' % (self.provider_id.service, method), None)
+        return hook(self) if hook else None
+
+    def _apply_status(self, report):
+        """Bring the job in line with what the provider reports. Idempotent."""
+        status = report['status']
+        values = {}
+        for key, field in (('progress', 'progress'), ('step', 'current_step'), ('total_steps', 'total_steps'),
+                           ('epoch', 'current_epoch'), ('trained_tokens', 'trained_tokens'), ('log', 'log')):
+            if report.get(key) is not None and report[key] != self[field]:
+                values[field] = report[key]
+        if report.get('eta'):
+            values['estimated_finish'] = fields.Datetime.to_string(datetime.utcfromtimestamp(report['eta']))
+        if set(values) & {'progress', 'current_step'}:
+            values['last_progress_at'] = _now()
+        if values:
+            super(LlmTrainingJob, self).write(values)
+        for event in report.get('events') or ():
+            self._add_event(event.get('message') or '', level=event.get('level') or 'info',
+                            external_id=str(event['id']) if event.get('id') is not None else False,
+                            data=event.get('data'),
+                            created_at=event.get('created_at') and fields.Datetime.to_string(
+                                datetime.utcfromtimestamp(event['created_at'])))
+        self.env['llm.training.job.metric'].sudo()._record(self, report.get('metrics') or ())
+        for new_state in job_status.plan_transitions(self.state, status):
+            if new_state == 'completed':
+                self._register_result(report.get('result') or {})
+                self._change_state('completed')
+            elif new_state == 'failed':
+                self._set_failed(report.get('error') or _('The provider reported the job as failed.'))
+            else:
+                self._change_state(new_state)
+
+    def _register_result(self, result):
+        if not result.get('model_ref'):
+            raise TrainingFailedError(_('The provider reported success but no resulting model.'))
+        Model = self.env['llm.model'].sudo().with_context(active_test=False)
+        model = Model.search([('provider_id', '=', self.provider_id.id), ('model_ref', '=', result['model_ref'])],
+                             limit=1)
+        values = {'name': result.get('name') or self.name, 'kind': 'fine_tuned', 'provider_id': self.provider_id.id,
+                  'model_ref': result['model_ref'], 'base_model_id': self.base_model_id.id, 'job_id': self.id,
+                  'context_length': self.base_model_id.context_length, 'active': True,
+                  'description': result.get('description')}
+        if model:
+            model.write(values)
+        else:
+            model = Model.create(values)
+        super(LlmTrainingJob, self).write({'result_model_id': model.id})
+
+    @api.model
+    def _sweep_stuck_jobs(self):
+        """Fail jobs at a provider that have not moved for longer than the deadline."""
+        hours = float(self.env['ir.config_parameter'].sudo().get_param(
+            'llm_training.stuck_job_hours', DEFAULT_STUCK_HOURS))
+        deadline = fields.Datetime.to_string(datetime.utcnow() - timedelta(hours=hours))
+        stuck = self.search([('state', 'in', ('validating', 'preparing', 'training')),
+                             ('last_progress_at', '<', deadline)])
+        stuck |= self.search([('state', '=', 'queued'), ('external_job_id', '!=', False),
+                              ('last_progress_at', '<', deadline)])
+        for job in stuck:
+            if not self._claim(job.id):
+                continue
+            message = _('No progress for %s hours (since %s); marked as failed. Check the provider, then '
+                        'resume or resubmit.') % (hours, job.last_progress_at)
+            if job.external_job_id:
+                try:
+                    with self.env.cr.savepoint():
+                        job.provider_id.cancel_training_job(job)
+                except Exception:
+                    _logger.exception('Training job %s: cancel of a stuck job failed', job.id)
+            job._set_failed(message)

@@ -1,0 +1,40 @@
+# -*- coding: utf-8 -*-
+from odoo import api, fields, models
+
+METRIC_FIELDS = ('epoch', 'train_loss', 'valid_loss', 'valid_token_accuracy', 'learning_rate',
+                 'tokens_per_second')
+
+
+class LlmTrainingJobMetric(models.Model):
+    """One training step's figures: the loss curve of the Results tab."""
+    _name = 'llm.training.job.metric'
+    _description = 'LLM Training Job Metric'
+    _order = 'job_id, step'
+
+    job_id = fields.Many2one('llm.training.job', required=True, ondelete='cascade', index=True)
+    step = fields.Integer(required=True)
+    epoch = fields.Float(digits=(16, 3))
+    train_loss = fields.Float(digits=(16, 5))
+    valid_loss = fields.Float(digits=(16, 5))
+    valid_token_accuracy = fields.Float(digits=(16, 5))
+    learning_rate = fields.Float(digits=(16, 10))
+    tokens_per_second = fields.Float(digits=(16, 1))
+
+    _sql_constraints = [
+        ('job_step_unique', 'unique(job_id, step)', 'One metrics record per job and step.'),
+    ]
+
+    @api.model
+    def _record(self, job, metrics):
+        """Upsert metrics by step: a train log and an eval log of the same step share a record."""
+        if not metrics:
+            return
+        existing = {m.step: m for m in self.search([('job_id', '=', job.id),
+                                                    ('step', 'in', [m['step'] for m in metrics])])}
+        for metric in metrics:
+            values = {k: metric[k] for k in METRIC_FIELDS if metric.get(k) is not None}
+            record = existing.get(metric['step'])
+            if record:
+                record.write(values)
+            else:
+                existing[metric['step']] = self.create(dict(values, job_id=job.id, step=metric['step']))

