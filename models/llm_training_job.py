@@ -291,20 +291,24 @@ class LlmTrainingJob(models.Model):
         return bool(self.env.cr.fetchone())
 
     def _sync_one(self):
-        """One reconcile pass for one job. Errors end up on this job only."""
+        """One reconcile pass for one job. Each phase runs in its own savepoint, so what earlier
+        phases did is kept when a later one fails; errors end up on this job only."""
         self.ensure_one()
-        try:
-            with self.env.cr.savepoint():
-                self._advance()
-        except (psycopg2.Error, MemoryError):
-            raise
-        except TrainingRetryableError as e:
-            self._postpone(str(e), e.seconds)
-        except (TrainingFailedError, UserError, ValidationError) as e:
-            self._fail_safely(e.name if hasattr(e, 'name') else str(e))
-        except Exception as e:
-            _logger.exception('Training job %s: unexpected error', self.id)
-            self._postpone('%s: %s' % (type(e).__name__, e))
+        for phase in (self._phase_validate, self._phase_prepare, self._phase_start, self._phase_poll):
+            try:
+                with self.env.cr.savepoint():
+                    phase()
+            except (psycopg2.Error, MemoryError):
+                raise
+            except TrainingRetryableError as e:
+                return self._postpone(str(e), e.seconds)
+            except (TrainingFailedError, UserError, ValidationError) as e:
+                return self._fail_safely(e.name if hasattr(e, 'name') else str(e))
+            except Exception as e:
+                _logger.exception('Training job %s: unexpected error', self.id)
+                return self._postpone('%s: %s' % (type(e).__name__, e))
+        if self.retry_count:
+            super(LlmTrainingJob, self).write({'retry_count': 0, 'next_attempt_at': False})
 
     def _postpone(self, message, seconds=None):
         self.invalidate_cache()
@@ -324,34 +328,26 @@ class LlmTrainingJob(models.Model):
         if self.state in job_status.ACTIVE_STATES:
             self._set_failed(message)
 
-    def _advance(self):
-        """Do what the job's state calls for; a job may go through several states in one pass."""
-        if self.state == 'validating':
-            self._run_validation()
-        if self.state == 'preparing':
-            self._run_preparation()
-        if self.state == 'queued' and not self.external_job_id:
-            self._start_at_provider()
-        if self.state in ('queued', 'training') and self.external_job_id:
-            self._apply_status(self.provider_id.check_training_job_status(self))
-        if self.retry_count:
-            super(LlmTrainingJob, self).write({'retry_count': 0, 'next_attempt_at': False})
-
-    def _run_validation(self):
+    def _phase_validate(self):
+        if self.state != 'validating':
+            return
         problems = []
         for dataset in self.dataset_ids | self.validation_dataset_ids:
             report = dataset._validate(self.base_model_id)
             if not report.valid:
                 problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
         if problems:
-            raise TrainingFailedError('\n\n'.join(problems))
+            # Not raised: the datasets' reports are kept for the user to act on.
+            return self._set_failed('\n\n'.join(problems))
         hyper = self._get_hyperparameters()
         if self.validation_dataset_ids and hyper['validation_split']:
             raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
         self._dispatch_optional('validate_training_job')
         self._change_state('preparing')
 
-    def _run_preparation(self):
+    def _phase_prepare(self):
+        if self.state != 'preparing':
+            return
         hyper = self._get_hyperparameters()
         os.makedirs(self.work_dir, exist_ok=True)
         counts = merge_examples(
@@ -368,7 +364,9 @@ class LlmTrainingJob(models.Model):
                         % (counts['train'], counts['validation']))
         self._change_state('queued')
 
-    def _start_at_provider(self):
+    def _phase_start(self):
+        if self.state != 'queued' or self.external_job_id:
+            return
         if self.cancel_requested:
             self._change_state('cancelled')
             return
@@ -379,6 +377,10 @@ class LlmTrainingJob(models.Model):
             raise TrainingFailedError(_('The provider did not return a job id.'))
         super(LlmTrainingJob, self).write({'external_job_id': external_id, 'last_progress_at': _now()})
         self._add_event(_('Started at the provider as %s') % external_id)
+
+    def _phase_poll(self):
+        if self.state in ('queued', 'training') and self.external_job_id:
+            self._apply_status(self.provider_id.check_training_job_status(self))
 
     def _dispatch_optional(self, method):
         """Provider hooks that a service may add (e.g. local checks the GPU for QLoRA)."""

@@ -1,0 +1,194 @@
+from datetime import datetime, timedelta
+
+from odoo import fields
+
+from .common import TrainingCase, jsonl, valid_examples
+
+
+class TestWorkflow(TrainingCase):
+
+    def test_submit_to_completed_through_the_cron(self):
+        job = self.make_job(validation_split=0.25, seed=7)
+        job.action_submit()
+        self.run_cron()  # validating -> preparing -> queued -> started; provider says queued
+        self.assertEqual(job.state, 'queued')
+        self.assertEqual(job.external_job_id, 'test-job-%d' % job.id)
+        self.assertEqual(job.train_examples + job.validation_examples, 12)
+        self.assertTrue(job.validation_examples)
+        self.run_cron()  # provider: running
+        self.assertEqual((job.state, job.progress, job.current_step), ('training', 50.0, 5))
+        self.assertEqual(job.metric_ids.mapped('step'), [1, 5])
+        step5 = job.metric_ids.filtered(lambda m: m.step == 5)
+        self.assertEqual((step5.train_loss, step5.valid_loss), (1.5, 1.7))
+        self.run_cron()  # provider: succeeded
+        self.assertEqual(job.state, 'completed')
+        self.assertEqual(job.trained_tokens, 1234)
+        model = job.result_model_id
+        self.assertEqual((model.kind, model.model_ref, model.base_model_id), ('fine_tuned', 'test-ft-%d' % job.id,
+                                                                               self.base_model))
+        self.assertEqual(model.job_id, job)
+        external = job.event_ids.filtered('external_id').mapped('external_id')
+        self.assertEqual(sorted(external), ['ev-1', 'ev-2', 'ev-3'])  # ev-1 sent twice, stored once
+        self.run_cron()
+        self.assertEqual(self.calls(job, 'check'), 3, 'a finished job is not polled again')
+
+    def test_check_status_button_moves_the_job(self):
+        job = self.make_job()
+        job.action_submit()
+        for _ in range(3):
+            job.action_check_status()
+        self.assertEqual(job.state, 'completed')
+
+    def test_prepared_files_are_written(self):
+        job = self.make_job(validation_split=0.5, seed=1)
+        job.action_submit()
+        self.run_cron()
+        with open('%s/train.jsonl' % job.work_dir) as f:
+            train = f.read().splitlines()
+        with open('%s/validation.jsonl' % job.work_dir) as f:
+            validation = f.read().splitlines()
+        self.assertEqual((len(train), len(validation)), (job.train_examples, job.validation_examples))
+        self.assertEqual(len(train) + len(validation), 12)
+
+    def test_invalid_dataset_fails_at_validating(self):
+        dataset = self.make_dataset(jsonl(valid_examples(10)) + b'{"messages": [{"role": "bot"}]}\n', name='bad.jsonl')
+        job = self.make_job(dataset)
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('bad.jsonl:11: messages[0].role', job.error_message)
+        self.assertEqual(dataset.state, 'invalid')
+        self.assertEqual(self.calls(job, 'start'), 0)
+
+    def test_provider_failure_marks_that_job_only(self):
+        bad_provider = self.env['llm.provider'].create({'name': 'Refuses', 'service': 'test',
+                                                        'test_behavior': 'fail_start'})
+        bad = self.make_job(provider=bad_provider)
+        good = self.make_job()
+        (bad | good).action_submit()
+        self.run_cron()
+        self.assertEqual(bad.state, 'failed')
+        self.assertIn('quota exceeded', bad.error_message)
+        self.assertEqual(good.state, 'queued')
+        self.run_cron(2)
+        self.assertEqual(good.state, 'completed')
+
+    def test_unexpected_error_is_retried_then_fails(self):
+        crashing = self.env['llm.provider'].create({'name': 'Crashes', 'service': 'test',
+                                                    'test_behavior': 'crash_start'})
+        job = self.make_job(provider=crashing)
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual((job.state, job.retry_count), ('queued', 1))
+        self.assertTrue(job.next_attempt_at)
+        self.run_cron()
+        self.assertEqual(job.retry_count, 1, 'postponed: not retried before next_attempt_at')
+        for attempt in range(2, 6):
+            job.write({'next_attempt_at': False})
+            self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('Gave up after 5 attempts', job.error_message)
+        self.assertIn('connection reset', job.error_message)
+
+    def test_transient_check_error_keeps_state(self):
+        flaky = self.env['llm.provider'].create({'name': 'Flaky', 'service': 'test', 'test_behavior': 'retry_check'})
+        job = self.make_job(provider=flaky)
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual((job.state, job.retry_count), ('queued', 1))
+        self.assertIn('503', job.event_ids[0].message)
+        flaky.test_behavior = 'succeed'
+        job.write({'next_attempt_at': False})
+        self.run_cron()
+        self.assertEqual(job.retry_count, 0, 'a good pass resets the retry counter')
+
+    def test_provider_reports_failure(self):
+        provider = self.env['llm.provider'].create({'name': 'OOM', 'service': 'test', 'test_behavior': 'fail_job'})
+        job = self.make_job(provider=provider)
+        job.action_submit()
+        self.run_cron(3)
+        self.assertEqual(job.state, 'failed')
+        self.assertEqual(job.error_message, 'test provider: out of memory at step 7')
+        self.assertFalse(job.result_model_id)
+
+    def test_cancel_before_provider_is_immediate(self):
+        job = self.make_job()
+        job.action_submit()
+        job.action_cancel()
+        self.assertEqual(job.state, 'cancelled')
+        self.run_cron()
+        self.assertEqual(self.calls(job, 'start'), 0)
+
+    def test_cancel_at_provider_waits_for_confirmation(self):
+        job = self.make_job()
+        job.action_submit()
+        self.run_cron(2)
+        self.assertEqual(job.state, 'training')
+        job.action_cancel()
+        self.assertEqual(self.calls(job, 'cancel'), 1)
+        self.assertEqual(job.state, 'cancelled')  # the scripted provider confirms on the next check
+        self.assertTrue(job.cancel_requested)
+
+    def test_missing_service_implementation_is_a_clear_error(self):
+        provider = self.env['llm.provider'].create({'name': 'Bare', 'service': 'test'})
+        with self.assertRaises(Exception) as ctx:
+            provider._dispatch('train_faster', None)
+        self.assertIn('cannot train faster', str(ctx.exception))
+
+    def test_concurrency_limit_keeps_extra_jobs_queued(self):
+        limited = self.env['llm.provider'].create({'name': 'Two slots', 'service': 'test', 'max_concurrent_jobs': 2})
+        jobs = [self.make_job(provider=limited) for _ in range(3)]
+        for job in jobs:
+            job.action_submit()
+        self.run_cron()
+        started = [j for j in jobs if j.external_job_id]
+        self.assertEqual(len(started), 2)
+        waiting = [j for j in jobs if not j.external_job_id][0]
+        self.assertEqual(waiting.state, 'queued')
+        self.run_cron()  # the first two are training; still no slot
+        self.assertFalse(waiting.external_job_id)
+        self.run_cron()  # the first two complete; the slot frees and the third starts
+        self.assertTrue(all(j.state == 'completed' for j in started))
+        self.run_cron()
+        self.assertTrue(waiting.external_job_id)
+
+    def test_stuck_job_is_failed(self):
+        job = self.make_job()
+        job.action_submit()
+        self.run_cron(2)
+        self.assertEqual(job.state, 'training')
+        old = fields.Datetime.to_string(datetime.utcnow() - timedelta(hours=30))
+        self.env.cr.execute('UPDATE llm_training_job SET last_progress_at = %s WHERE id = %s', (old, job.id))
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('No progress for 24', job.error_message)
+        self.assertEqual(self.calls(job, 'cancel'), 1, 'the provider is told to stop it')
+
+
+class TestDatasetModel(TrainingCase):
+
+    def test_validate_stores_statistics_and_report(self):
+        dataset = self.make_dataset(jsonl(valid_examples(12)))
+        dataset.action_validate()
+        self.assertEqual((dataset.state, dataset.example_count, dataset.message_count), ('valid', 12, 24))
+        self.assertTrue(0 < dataset.token_min <= dataset.token_mean <= dataset.token_max)
+
+    def test_invalid_file_report(self):
+        dataset = self.make_dataset(b'\xef\xbb\xbf' + jsonl(valid_examples(3)), name='short.jsonl')
+        dataset.action_validate()
+        self.assertEqual(dataset.state, 'invalid')
+        self.assertIn('short.jsonl:1: the file starts with a byte-order mark', dataset.validation_report)
+        self.assertIn('at least 10', dataset.validation_report)
+        self.assertEqual(dataset.error_count, 2)
+
+    def test_new_file_resets_verdict(self):
+        dataset = self.make_dataset()
+        dataset.action_validate()
+        attachment = self.env['ir.attachment'].create({'name': 'more.jsonl', 'datas': b''})
+        dataset.write({'attachment_ids': [(4, attachment.id)]})
+        self.assertEqual(dataset.state, 'draft')
+
+    def test_no_file(self):
+        dataset = self.env['llm.training.dataset'].create({'name': 'empty'})
+        with self.assertRaises(Exception):
+            dataset.action_validate()
