@@ -1,6 +1,8 @@
 # -*- coding: utf-8 -*-
 import logging
 
+import psycopg2
+
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
@@ -69,7 +71,16 @@ class LlmProvider(models.Model):
             ('state', 'in', ('queued', 'training'))])
 
     def _has_free_slot(self):
-        """Lock the provider row first so two cron workers cannot both take the last slot."""
+        """Whether one more job may start now. Two cron workers must not both take the last slot:
+        the first one writes the provider row and holds it until its commit; the second then
+        waits, and PostgreSQL refuses it a row changed since its snapshot (REPEATABLE READ), so it
+        answers "no slot" and the job waits for the next run."""
         self.ensure_one()
-        self.env.cr.execute('SELECT id FROM llm_provider WHERE id = %s FOR UPDATE', (self.id,))
-        return not self.max_concurrent_jobs or self._count_running_jobs() < self.max_concurrent_jobs
+        if not self.max_concurrent_jobs:
+            return True
+        try:
+            with self.env.cr.savepoint():
+                self.env.cr.execute('UPDATE llm_provider SET write_date = write_date WHERE id = %s', (self.id,))
+        except psycopg2.extensions.TransactionRollbackError:
+            return False
+        return self._count_running_jobs() < self.max_concurrent_jobs

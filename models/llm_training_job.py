@@ -284,11 +284,17 @@ class LlmTrainingJob(models.Model):
         return True
 
     def _claim(self, job_id):
-        self.env.cr.execute("""
-            SELECT id FROM llm_training_job
-             WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""",
-                            (job_id, job_status.ACTIVE_STATES))
-        return bool(self.env.cr.fetchone())
+        """Lock the job's row, or say no when another worker holds it or has just changed it
+        (under REPEATABLE READ, a row updated since our snapshot fails with a serialization error)."""
+        try:
+            with self.env.cr.savepoint():
+                self.env.cr.execute("""
+                    SELECT id FROM llm_training_job
+                     WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""",
+                                    (job_id, job_status.ACTIVE_STATES))
+                return bool(self.env.cr.fetchone())
+        except psycopg2.extensions.TransactionRollbackError:
+            return False
 
     def _sync_one(self):
         """One reconcile pass for one job. Each phase runs in its own savepoint, so what earlier
@@ -298,6 +304,11 @@ class LlmTrainingJob(models.Model):
             try:
                 with self.env.cr.savepoint():
                     phase()
+            except psycopg2.extensions.TransactionRollbackError:
+                # Another worker changed a row we need (e.g. the same dataset) since our snapshot:
+                # nothing was lost, the next run picks the job up again.
+                _logger.info('Training job %s: concurrent update, retried on the next run', self.id)
+                return
             except (psycopg2.Error, MemoryError):
                 raise
             except TrainingRetryableError as e:

@@ -1,0 +1,109 @@
+"""Two cron workers at once, on real committed data and real concurrent transactions."""
+import base64
+import threading
+import unittest
+
+import odoo
+from odoo import SUPERUSER_ID, api
+from odoo.tests.common import get_db_name
+
+from .common import jsonl, valid_examples
+
+
+def in_new_thread(registry, function):
+    """Run function(env) on a fresh cursor in a fresh thread, committed at the end. Its own thread
+    keeps its environments away from the test thread's (they are thread-local)."""
+    result, errors = [], []
+
+    def target():
+        try:
+            with api.Environment.manage(), registry.cursor() as cr:
+                result.append(function(api.Environment(cr, SUPERUSER_ID, {})))
+        except Exception as e:  # noqa: re-raised in the test thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(120)
+    if errors:
+        raise errors[0]
+    return result[0] if result else None
+
+
+class TestConcurrentCron(unittest.TestCase):
+
+    def setUp(self):
+        self.registry = odoo.registry(get_db_name())
+        self.created = {}
+
+    def tearDown(self):
+        in_new_thread(self.registry, self._cleanup)
+
+    def _cleanup(self, env):
+        for model in ('llm.training.job', 'llm.training.dataset', 'llm.model', 'llm.provider'):
+            records = env[model].browse(self.created.get(model, []))
+            if model == 'llm.model':
+                records = records.search([('provider_id', 'in', self.created.get('llm.provider', []))])
+            if model == 'llm.training.job':
+                env.cr.execute('UPDATE llm_training_job SET state = %s WHERE id IN %s', ('cancelled', tuple(records.ids) or (0,)))
+            records.exists().unlink()
+
+    def _setup_jobs(self, n, max_concurrent, delay):
+        return in_new_thread(self.registry, lambda env: self._create_jobs(env, n, max_concurrent, delay))
+
+    def _create_jobs(self, env, n, max_concurrent, delay):
+        provider = env['llm.provider'].create({'name': 'Race', 'service': 'test', 'max_concurrent_jobs': max_concurrent,
+                                               'test_start_delay': delay})
+        model = env['llm.model'].create({'name': 'M', 'provider_id': provider.id, 'model_ref': 'race-m'})
+        attachment = env['ir.attachment'].create({'name': 'd.jsonl', 'datas_fname': 'd.jsonl',
+                                                  'datas': base64.b64encode(jsonl(valid_examples()))})
+        dataset = env['llm.training.dataset'].create({'name': 'd', 'attachment_ids': [(6, 0, attachment.ids)]})
+        jobs = env['llm.training.job']
+        for i in range(n):
+            jobs |= env['llm.training.job'].create({
+                'name': 'race %d' % i, 'provider_id': provider.id, 'base_model_id': model.id,
+                'dataset_ids': [(6, 0, dataset.ids)]})
+        jobs.action_submit()
+        self.created = {'llm.training.job': jobs.ids, 'llm.training.dataset': dataset.ids,
+                        'llm.model': model.ids, 'llm.provider': provider.ids}
+        return jobs.ids
+
+    def _run_two_workers(self):
+        errors = []
+
+        def worker():
+            try:
+                in_new_thread(self.registry, lambda env: env['llm.training.job']._cron_sync_training_jobs())
+            except Exception as e:  # noqa: a crash of either worker fails the test below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        self.assertEqual(errors, [])
+
+    def _starts(self, job_ids):
+        return in_new_thread(self.registry, lambda env: self._count_starts(env.cr, job_ids))
+
+    def _count_starts(self, cr, job_ids):
+        cr.execute("SELECT job_id, count(*) FROM llm_test_provider_call WHERE method = 'start' AND job_id IN %s "
+                   "GROUP BY job_id", (tuple(job_ids),))
+        return dict(cr.fetchall())
+
+    def test_no_job_is_started_twice(self):
+        job_ids = self._setup_jobs(4, max_concurrent=0, delay=0.5)
+        self._run_two_workers()
+        self._run_two_workers()  # a job skipped on a concurrent update is picked up here
+        starts = self._starts(job_ids)
+        self.assertEqual(starts, {job_id: 1 for job_id in job_ids})
+
+    def test_concurrency_limit_holds_across_workers(self):
+        job_ids = self._setup_jobs(3, max_concurrent=1, delay=0.5)
+        self._run_two_workers()
+        self._run_two_workers()
+        self.assertEqual(sum(self._starts(job_ids).values()), 1)
+        started = in_new_thread(self.registry, lambda env: env['llm.training.job'].search_count(
+            [('id', 'in', job_ids), ('external_job_id', '!=', False)]))
+        self.assertEqual(started, 1)
