@@ -84,9 +84,8 @@ class LlmTrainingDataset(models.Model):
         for filename, stream in self._attachment_streams():
             validator.validate_file(stream, filename)
         report = validator.finish()
-        self.write({
+        values = {
             'state': 'valid' if report.valid else 'invalid',
-            'validated_at': fields.Datetime.now(),
             'example_count': report.examples, 'message_count': report.messages,
             'token_total': report.tokens_total, 'token_min': report.tokens_min,
             'token_mean': report.tokens_mean, 'token_max': report.tokens_max,
@@ -94,5 +93,9 @@ class LlmTrainingDataset(models.Model):
             'warning_count': report.warning_count, 'validation_report': report.as_text(),
             'validation_problems': json.dumps({'errors': [p.as_dict() for p in report.errors],
                                                'warnings': [p.as_dict() for p in report.warnings]}),
-        })
+        }
+        changed = {k: v for k, v in values.items() if self[k] != v}
+        if changed or not self.validated_at:
+            # Unchanged verdicts are not rewritten: jobs sharing a dataset do not contend for its row.
+            self.write(dict(changed, validated_at=fields.Datetime.now()))
         return report

@@ -1,0 +1,83 @@
+"""The contract for other addons, over real XML-RPC on the test server's HTTP port."""
+import base64
+import socket
+import time
+import xmlrpc.client
+
+import odoo
+from odoo.tests.common import HttpCase
+
+from .common import jsonl, valid_examples
+
+
+def ensure_http_server():
+    """pytest-odoo starts Odoo without its HTTP thread; start it once (HttpCase talks to it)."""
+    port = odoo.tools.config['http_port']
+    for attempt in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(('127.0.0.1', port)) == 0:
+                return
+        if attempt == 0:
+            odoo.service.server.server.http_spawn()
+        time.sleep(0.1)
+    raise RuntimeError('the Odoo HTTP server did not start on port %s' % port)
+
+
+class TestXmlRpc(HttpCase):
+
+    @classmethod
+    def setUpClass(cls):
+        ensure_http_server()
+        super(TestXmlRpc, cls).setUpClass()
+
+    def setUp(self):
+        super(TestXmlRpc, self).setUp()
+        # odoo.tests.common reads the port before pytest-odoo loads our config: use the real one.
+        url = 'http://127.0.0.1:%d/xmlrpc/2/' % odoo.tools.config['http_port']
+        self.xmlrpc_common = xmlrpc.client.ServerProxy(url + 'common')
+        self.xmlrpc_object = xmlrpc.client.ServerProxy(url + 'object')
+
+    def call(self, model, method, *args, **kw):
+        return self.xmlrpc_object.execute_kw(self.env.cr.dbname, self.uid, 'admin', model, method, list(args), kw)
+
+    def test_dataset_and_job_flow(self):
+        uid = self.xmlrpc_common.authenticate(self.env.cr.dbname, 'admin', 'admin', {})
+        self.assertTrue(uid)
+        self.uid = uid
+        provider_id = self.call('llm.provider', 'create', {'name': 'RPC provider', 'service': 'test'})
+        model_id = self.call('llm.model', 'create', {'name': 'RPC base', 'provider_id': provider_id,
+                                                     'model_ref': 'rpc-base'})
+        good = base64.b64encode(jsonl(valid_examples(12))).decode()
+        attachment_id = self.call('ir.attachment', 'create', {'name': 'rpc.jsonl', 'datas_fname': 'rpc.jsonl',
+                                                              'datas': good})
+        dataset_id = self.call('llm.training.dataset', 'create', {'name': 'RPC data',
+                                                                  'attachment_ids': [(6, 0, [attachment_id])]})
+        self.assertIs(self.call('llm.training.dataset', 'action_validate', [dataset_id]), True)
+        dataset = self.call('llm.training.dataset', 'read', [dataset_id], ['state', 'example_count', 'validation_report'])[0]
+        self.assertEqual((dataset['state'], dataset['example_count']), ('valid', 12))
+
+        bad = base64.b64encode(jsonl(valid_examples(10)) + b'{"messages": 1}\n').decode()
+        bad_attachment = self.call('ir.attachment', 'create', {'name': 'bad.jsonl', 'datas_fname': 'bad.jsonl', 'datas': bad})
+        bad_id = self.call('llm.training.dataset', 'create', {'name': 'Bad', 'attachment_ids': [(6, 0, [bad_attachment])]})
+        self.call('llm.training.dataset', 'action_validate', [bad_id])
+        report = self.call('llm.training.dataset', 'read', [bad_id], ['state', 'validation_report'])[0]
+        self.assertEqual(report['state'], 'invalid')
+        self.assertIn('bad.jsonl:11: messages: is a number', report['validation_report'])
+
+        job_id = self.call('llm.training.job', 'create', {
+            'name': 'RPC job', 'provider_id': provider_id, 'base_model_id': model_id,
+            'dataset_ids': [(6, 0, [dataset_id])], 'hyperparameters': '{"warmup_ratio": 0.1}'})
+        self.assertIs(self.call('llm.training.job', 'action_submit', [job_id]), True)
+        cron_id = self.call('ir.model.data', 'xmlid_to_res_id', 'llm_training.ir_cron_sync_training_jobs')
+        for _ in range(3):
+            self.call('ir.cron', 'method_direct_trigger', [cron_id])
+        self.assertIs(self.call('llm.training.job', 'action_check_status', [job_id]), True)
+        job = self.call('llm.training.job', 'read', [job_id], ['state', 'progress', 'error_message', 'result_model_id'])[0]
+        self.assertEqual((job['state'], job['progress'], job['error_message']), ('completed', 100.0, False))
+        result = self.call('llm.model', 'read', [job['result_model_id'][0]], ['kind', 'model_ref'])[0]
+        self.assertEqual(result['kind'], 'fine_tuned')
+
+        second = self.call('llm.training.job', 'copy', [job_id])
+        self.call('llm.training.job', 'action_submit', [second])
+        self.assertIs(self.call('llm.training.job', 'action_cancel', [second]), True)
+        self.assertEqual(self.call('llm.training.job', 'read', [second], ['state'])[0]['state'], 'cancelled')
