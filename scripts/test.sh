@@ -37,8 +37,12 @@ trainer_rc=0
 echo > "$LLMT_RUN/test/trainer.out"
 if [ -d "$here/trainer/tests" ]; then
   echo "[test] trainer tests (Python 3.11)"
-  (cd "$here" && LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m pytest \
-     -p no:cacheprovider -q -rfE trainer/tests) 2>&1 | tee "$LLMT_RUN/test/trainer.out"
+  # Through a link whose parent has no __init__.py: pytest must see `trainer` as the top package,
+  # not as part of the addon at the repo root.
+  link="$LLMT_CACHE/trainer-$(printf %s "$LLMT_ROOT" | sha1sum | cut -c1-10)"
+  mkdir -p "$link" && ln -sfn "$LLMT_ROOT/trainer" "$link/trainer"
+  (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" \
+     -m pytest -p no:cacheprovider -q -rfE --rootdir="$link" "$link/trainer/tests") 2>&1 | tee "$LLMT_RUN/test/trainer.out"
   trainer_rc=${PIPESTATUS[0]}
 fi
 

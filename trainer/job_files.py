@@ -1,0 +1,61 @@
+"""The job folder: what Odoo writes for the trainer and what the trainer writes back.
+
+Odoo writes   config.json, train.jsonl, validation.jsonl
+The trainer   status.json  (rewritten atomically: temp file + os.replace, never half-read)
+writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
+              trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer)
+The Odoo side reads the same names in lib/trainer_folder.py (Python 3.7, no trainer import).
+"""
+import json
+import os
+import time
+
+CONFIG = 'config.json'
+STATUS = 'status.json'
+METRICS = 'metrics.jsonl'
+EVENTS = 'events.jsonl'
+CHECKPOINTS = 'checkpoints'
+RESULT = 'result'
+TRAIN_FILE = 'train.jsonl'
+VALIDATION_FILE = 'validation.jsonl'
+
+
+def write_json_atomic(path, data):
+    tmp = '%s.tmp.%d' % (path, os.getpid())
+    with open(tmp, 'w') as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, record):
+    # One write() per line, flushed: a reader sees whole lines (it ignores a trailing partial one).
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+class JobFolder(object):
+    def __init__(self, path):
+        self.path = path
+        self.status = {'state': 'starting', 'step': 0, 'total_steps': 0, 'epoch': 0.0, 'progress': 0.0,
+                       'eta': None, 'tokens_seen': 0, 'error': None, 'pid': os.getpid(),
+                       'updated_at': time.time()}
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def read_config(self):
+        with open(self.file(CONFIG)) as f:
+            return json.load(f)
+
+    def update_status(self, **values):
+        self.status.update(values, updated_at=time.time())
+        write_json_atomic(self.file(STATUS), self.status)
+
+    def event(self, message, level='info', **data):
+        append_jsonl(self.file(EVENTS), {'id': '%d-%s' % (os.getpid(), time.time()), 'created_at': int(time.time()),
+                                         'level': level, 'message': message, 'data': data or None})
+
+    def metric(self, record):
+        append_jsonl(self.file(METRICS), record)

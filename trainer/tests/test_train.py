@@ -1,0 +1,111 @@
+"""Real training of the real SmolLM2-135M for a few steps, through the trainer's CLI process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer.tests.helpers import read_jsonl, read_status, write_job
+
+TRAINER_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launch(job_dir, *extra):
+    env = dict(os.environ, PYTHONPATH=TRAINER_ROOT)
+    log = open(os.path.join(job_dir, 'trainer.log'), 'ab')
+    return subprocess.Popen([sys.executable, '-m', 'trainer.train', '--job-dir', job_dir] + list(extra),
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def run(job_dir, *extra, timeout=600):
+    proc = launch(job_dir, *extra)
+    assert proc.wait(timeout) == 0, open(os.path.join(job_dir, 'trainer.log')).read()[-3000:]
+    return read_status(job_dir)
+
+
+def wait_for_step(job_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(job_dir, 'status.json')) and read_status(job_dir).get('step', 0) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError('the trainer did not reach step %d' % step)
+
+
+def test_lora_trains_and_loss_goes_down(tmp_path, model_dir):
+    job = write_job(str(tmp_path / 'lora'), model_dir, epochs=3)
+    status = run(job)
+    assert status['state'] == 'completed', status
+    assert status['step'] == status['total_steps'] == 18  # 24 examples / batch 4 x 3 epochs
+    metrics = read_jsonl(os.path.join(job, 'metrics.jsonl'))
+    losses = [m['train_loss'] for m in metrics if 'train_loss' in m]
+    assert len(losses) == 18
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.7, losses
+    assert any('valid_loss' in m for m in metrics)
+    assert any(m.get('tokens_per_second', 0) > 0 for m in metrics)
+    final = status['final_metrics']
+    assert final['perplexity'] > 1 and 0 <= final['valid_token_accuracy'] <= 1
+    result = status['result']['model_ref']
+    assert os.path.exists(os.path.join(result, 'adapter_config.json'))
+    assert os.path.exists(os.path.join(result, 'tokenizer.json'))
+    # the result loads and answers with what it learned
+    from trainer.generate import generate
+    reply = generate(result, [{'role': 'user', 'content': 'What is the code word number 3?'}], max_new_tokens=12)
+    assert 'PINEAPPLE' in reply, reply
+
+
+def test_full_fine_tuning(tmp_path, model_dir):
+    job = write_job(str(tmp_path / 'full'), model_dir, technique='full', epochs=1, learning_rate=5e-5, n_valid=0)
+    status = run(job)
+    assert status['state'] == 'completed', status
+    result = status['result']['model_ref']
+    assert os.path.exists(os.path.join(result, 'model.safetensors'))
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(result).num_parameters() > 100e6
+
+
+def test_qlora_without_cuda_fails_clearly(tmp_path, model_dir):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a CUDA GPU')
+    job = write_job(str(tmp_path / 'qlora'), model_dir, technique='qlora')
+    proc = launch(job)
+    assert proc.wait(120) == 1
+    status = read_status(job)
+    assert status['state'] == 'failed'
+    assert 'QLoRA needs a CUDA GPU' in status['error']
+
+
+def test_cancel_saves_checkpoint_then_resume_continues(tmp_path, model_dir):
+    job = write_job(str(tmp_path / 'cancel'), model_dir, epochs=20, save_steps=1000)
+    proc = launch(job)
+    wait_for_step(job, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(120) == 0
+    status = read_status(job)
+    assert status['state'] == 'cancelled'
+    checkpoints = [d for d in os.listdir(os.path.join(job, 'checkpoints')) if d.startswith('checkpoint-')]
+    assert checkpoints, 'a checkpoint is saved on cancel'
+    stopped_at = int(sorted(checkpoints, key=lambda d: int(d.split('-')[1]))[-1].split('-')[1])
+    assert stopped_at >= 3
+    # resume: continues from the checkpoint's step, not from 0
+    config = json.load(open(os.path.join(job, 'config.json')))
+    config.update(epochs=20, max_steps=stopped_at + 2)
+    json.dump(config, open(os.path.join(job, 'config.json'), 'w'))
+    status = run(job, '--resume')
+    assert status['state'] == 'completed'
+    events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
+    assert any(m.startswith('Resuming from checkpoint-%d' % stopped_at) for m in events), events
+    steps = [m['step'] for m in read_jsonl(os.path.join(job, 'metrics.jsonl')) if 'train_loss' in m]
+    assert steps[-1] == stopped_at + 2
+    assert steps.count(1) == 1, 'the resumed run did not start again from step 1'
+
+
+def test_bad_config_fails_with_message(tmp_path, model_dir):
+    job = write_job(str(tmp_path / 'bad'), model_dir, technique='prefix-tuning')
+    proc = launch(job)
+    assert proc.wait(120) == 1
+    assert "unknown technique 'prefix-tuning'" in read_status(job)['error']

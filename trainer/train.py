@@ -1,0 +1,332 @@
+"""Fine-tune a causal LM on a job folder (see job_files.py): LoRA, QLoRA or full.
+
+    python -m trainer.train --job-dir DIR [--resume]
+
+Reads DIR/config.json, trains with transformers.Trainer (+ peft), and reports through DIR:
+status.json, metrics.jsonl, events.jsonl, checkpoints/ and result/. SIGTERM (Cancel in Odoo)
+saves a checkpoint and ends with state "cancelled".
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+
+from . import job_files
+from .job_files import JobFolder
+
+
+@dataclass
+class TrainConfig:
+    base_model_path: str = field(metadata={'help': 'Hugging Face model folder to start from'})
+    technique: str = field(default='lora', metadata={'help': 'lora, qlora or full'})
+    epochs: int = field(default=3, metadata={'help': 'passes over the training data (0: 3)'})
+    batch_size: int = field(default=4, metadata={'help': 'examples per step (0: 4)'})
+    learning_rate: float = field(default=2e-4, metadata={'help': 'peak learning rate'})
+    lora_r: int = field(default=16, metadata={'help': 'LoRA rank'})
+    lora_alpha: int = field(default=32, metadata={'help': 'LoRA scaling'})
+    lora_dropout: float = field(default=0.05, metadata={'help': 'LoRA dropout'})
+    target_modules: list = field(default=None, metadata={'help': 'modules to adapt; default all linear projections'})
+    max_seq_length: int = field(default=1024, metadata={'help': 'longer examples are cut (and reported)'})
+    seed: int = field(default=42, metadata={'help': 'random seed'})
+    gradient_accumulation_steps: int = field(default=1, metadata={'help': 'steps before an update'})
+    warmup_ratio: float = field(default=0.0, metadata={'help': 'share of steps warming up the LR'})
+    weight_decay: float = field(default=0.0, metadata={'help': 'AdamW weight decay'})
+    lr_scheduler_type: str = field(default='linear', metadata={'help': 'transformers scheduler name'})
+    logging_steps: int = field(default=1, metadata={'help': 'steps between metric records'})
+    eval_steps: int = field(default=0, metadata={'help': 'steps between evaluations (0: once an epoch)'})
+    save_steps: int = field(default=0, metadata={'help': 'steps between checkpoints (0: once an epoch)'})
+    max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
+    bf16: bool = field(default=None, metadata={'help': 'bf16 autocast; default on where supported'})
+    group_by_length: bool = field(default=True, metadata={'help': 'batch similar lengths: less padding'})
+    merge_adapter: bool = field(default=False, metadata={'help': 'also save base + adapter merged'})
+    resume: bool = field(default=False, metadata={'help': 'continue from the last checkpoint'})
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+class TrainingCancelled(Exception):
+    pass
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--job-dir', required=True, help='the job folder (config.json, train.jsonl, ...)')
+    parser.add_argument('--resume', action='store_true', help='continue from the last checkpoint')
+    return parser
+
+
+def cuda_available():
+    import torch
+    return torch.cuda.is_available()
+
+
+def check_technique(config):
+    """Refuse what cannot run here, with a message a person can act on. Never fall back silently."""
+    if config.technique not in ('lora', 'qlora', 'full'):
+        raise ValueError('unknown technique %r; use lora, qlora or full' % config.technique)
+    if config.technique == 'qlora':
+        if not cuda_available():
+            raise RuntimeError('QLoRA needs a CUDA GPU and none is available on this machine; '
+                               'use LoRA or full fine-tuning here, or run the trainer on a GPU host')
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RuntimeError('QLoRA needs the bitsandbytes package in the trainer environment '
+                               '(pip install bitsandbytes)')
+
+
+def load_model(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+    kwargs = {'dtype': torch.float32}
+    if config.technique == 'qlora':
+        from transformers import BitsAndBytesConfig
+        kwargs = {'quantization_config': BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16), 'device_map': {'': 0}}
+    model = AutoModelForCausalLM.from_pretrained(config.base_model_path, **kwargs)
+    peft_config = make_lora_config(config)
+    if peft_config is not None:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        if config.technique == 'qlora':
+            model = prepare_model_for_kbit_training(model)
+        model = get_peft_model(model, peft_config)
+    return model
+
+
+def make_lora_config(config):
+    """A peft LoraConfig for lora/qlora, None for full fine-tuning."""
+    if config.technique == 'full':
+        return None
+    from peft import LoraConfig
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules or 'all-linear', task_type='CAUSAL_LM')
+
+
+def use_bf16(config):
+    import torch
+    if config.bf16 is not None:
+        return config.bf16
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU autocast: ~1.6x the fp32 throughput on these machines (PLATFORM.md)
+
+
+class ListDataset(object):
+    def __init__(self, features):
+        self.features = features
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return self.features[index]
+
+
+def make_progress_callback(folder, cancel_flag, n_train_tokens):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Reports every log and step to the job folder; honours Cancel between steps."""
+
+        def __init__(self):
+            self.started = None
+            self.start_step = 0
+            self.start_epoch = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+            self.start_step = state.global_step
+            self.start_epoch = state.epoch or 0.0
+            folder.update_status(state='running', total_steps=state.max_steps, step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            done = state.global_step - self.start_step
+            elapsed = time.time() - self.started
+            remaining = (state.max_steps - state.global_step) * elapsed / done if done else None
+            folder.update_status(state='running', step=state.global_step, total_steps=state.max_steps,
+                                 epoch=state.epoch or 0.0, progress=100.0 * state.global_step / max(state.max_steps, 1),
+                                 eta=time.time() + remaining if remaining is not None else None,
+                                 tokens_seen=int(n_train_tokens * (state.epoch or 0.0)))
+            if cancel_flag['set']:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            elapsed = time.time() - self.started if self.started else 0
+            record = {'step': state.global_step, 'epoch': round(state.epoch or 0.0, 4)}
+            mapping = {'loss': 'train_loss', 'learning_rate': 'learning_rate', 'eval_loss': 'valid_loss',
+                       'eval_token_accuracy': 'valid_token_accuracy'}
+            for key, name in mapping.items():
+                if key in logs:
+                    record[name] = logs[key]
+            if 'loss' in logs and elapsed:
+                epochs_done = (state.epoch or 0.0) - self.start_epoch
+                record['tokens_per_second'] = round(n_train_tokens * epochs_done / elapsed, 1)
+            if len(record) > 2:
+                folder.metric(record)
+
+    return ProgressCallback()
+
+
+def token_accuracy_metrics():
+    def preprocess(logits, labels):
+        return logits.argmax(dim=-1)
+
+    def compute(eval_pred):
+        predictions, labels = eval_pred.predictions, eval_pred.label_ids
+        predictions, labels = predictions[:, :-1], labels[:, 1:]  # token t predicts t+1
+        mask = labels != -100
+        return {'token_accuracy': float((predictions[mask] == labels[mask]).mean()) if mask.any() else 0.0}
+
+    return preprocess, compute
+
+
+def last_checkpoint(checkpoints_dir):
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
+
+
+def train(folder, config):
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from .data import ChatCollator, tokenize_file
+
+    cancel_flag = {'set': False}
+
+    def on_sigterm(signum, frame):
+        cancel_flag['set'] = True
+        folder.event('Cancel received: saving a checkpoint and stopping', level='warning')
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    check_technique(config)
+    torch.manual_seed(config.seed)
+    folder.update_status(state='starting')
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_features, too_long, empty = tokenize_file(tokenizer, folder.file(job_files.TRAIN_FILE), config.max_seq_length)
+    if too_long:
+        folder.event('%d training example(s) longer than max_seq_length=%d were cut: %s'
+                     % (len(too_long), config.max_seq_length,
+                        ', '.join('line %d (%d tokens)' % item for item in too_long[:20])), level='warning')
+    if empty:
+        folder.event('%d example(s) have nothing to learn (weight 0 or reply cut off) and were left out: lines %s'
+                     % (len(empty), ', '.join(str(n) for n in empty[:20])), level='warning')
+    if not train_features:
+        raise RuntimeError('no training example is left to learn from')
+    eval_features = []
+    validation_path = folder.file(job_files.VALIDATION_FILE)
+    if os.path.exists(validation_path) and os.path.getsize(validation_path):
+        eval_features, _long, _empty = tokenize_file(tokenizer, validation_path, config.max_seq_length)
+    n_train_tokens = sum(len(f['input_ids']) for f in train_features)  # real tokens, no padding
+
+    model = load_model(config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    folder.event('Loaded %s (%s): %.1fM parameters, %.2fM trainable; %d training, %d validation examples'
+                 % (os.path.basename(config.base_model_path.rstrip('/')), config.technique, total / 1e6,
+                    trainable / 1e6, len(train_features), len(eval_features)))
+
+    bf16 = use_bf16(config)
+    preprocess, compute = token_accuracy_metrics()
+    args = TrainingArguments(
+        output_dir=folder.file(job_files.CHECKPOINTS),
+        num_train_epochs=config.epochs or 3,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size or 4,
+        per_device_eval_batch_size=config.batch_size or 4,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=float(config.warmup_ratio),  # transformers 5: a float below 1 is a ratio
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        eval_strategy=('steps' if config.eval_steps else 'epoch') if eval_features else 'no',
+        eval_steps=config.eval_steps or None,
+        save_strategy='steps' if config.save_steps else 'epoch',
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=config.seed,
+        report_to='none',
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy='group_by_length' if config.group_by_length else 'random')
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_features),
+                      eval_dataset=ListDataset(eval_features) if eval_features else None,
+                      data_collator=ChatCollator(tokenizer.pad_token_id),
+                      compute_metrics=compute if eval_features else None,
+                      preprocess_logits_for_metrics=preprocess if eval_features else None,
+                      callbacks=[make_progress_callback(folder, cancel_flag, n_train_tokens)])
+    resume_from = last_checkpoint(folder.file(job_files.CHECKPOINTS)) if config.resume else None
+    if resume_from:
+        folder.event('Resuming from %s' % os.path.basename(resume_from))
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    if cancel_flag['set']:
+        trainer.save_state()
+        raise TrainingCancelled()
+
+    final = {'train_loss': output.training_loss, 'train_runtime': time.time() - started}
+    if eval_features:
+        metrics = trainer.evaluate()
+        final['valid_loss'] = metrics.get('eval_loss')
+        final['valid_token_accuracy'] = metrics.get('eval_token_accuracy')
+        if final['valid_loss'] is not None:
+            final['perplexity'] = math.exp(min(final['valid_loss'], 50))
+    result_dir = folder.file(job_files.RESULT)
+    trainer.save_model(result_dir)
+    tokenizer.save_pretrained(result_dir)
+    trainer.save_metrics('all', final)
+    trainer.save_state()
+    if config.merge_adapter and config.technique == 'lora':
+        merged = model.merge_and_unload()
+        merged.save_pretrained(os.path.join(result_dir, 'merged'))
+        tokenizer.save_pretrained(os.path.join(result_dir, 'merged'))
+    folder.event('Training finished: train loss %.4f%s' % (
+        final['train_loss'], ', validation loss %.4f' % final['valid_loss'] if final.get('valid_loss') is not None else ''))
+    return final, result_dir
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    folder = JobFolder(os.path.abspath(args.job_dir))
+    try:
+        raw = folder.read_config()
+        if args.resume:
+            raw['resume'] = True
+        config = TrainConfig.from_dict(raw)
+        final, result_dir = train(folder, config)
+        folder.update_status(state='completed', progress=100.0, final_metrics=final,
+                             result={'model_ref': result_dir, 'technique': config.technique,
+                                     'adapter': config.technique != 'full',
+                                     'base_model_path': config.base_model_path})
+        return 0
+    except TrainingCancelled:
+        folder.update_status(state='cancelled')
+        folder.event('Training cancelled; the last checkpoint is kept for a resume', level='warning')
+        return 0
+    except Exception as e:
+        traceback.print_exc()
+        folder.update_status(state='failed', error='%s: %s' % (type(e).__name__, e))
+        folder.event('Training failed: %s' % e, level='error')
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
