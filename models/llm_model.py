@@ -1,5 +1,6 @@
 # -*- coding: utf-8 -*-
-from odoo import fields, models
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError
 
 
 class LlmModel(models.Model):
@@ -23,8 +24,24 @@ class LlmModel(models.Model):
     context_length = fields.Integer(default=8192, help='Longest example, in tokens, the model accepts.')
     training_price = fields.Float(digits=(16, 6), help='Training cost per 1M tokens, in USD.')
     description = fields.Text()
+    test_prompt = fields.Text(help='A message to send to the model from the Test button.')
+    test_reply = fields.Text(readonly=True)
+    test_base_reply = fields.Text(readonly=True, help='What the base model answers, to compare.')
 
     _sql_constraints = [
         ('provider_ref_unique', 'unique(provider_id, model_ref)',
          'A model with this technical id already exists for this provider.'),
     ]
+
+    @api.multi
+    def action_test_model(self):
+        """Answer `test_prompt` with this model and, for a fine-tuned one, with its base model."""
+        self.ensure_one()
+        if not (self.test_prompt or '').strip():
+            raise UserError(_('Write a prompt to test the model with.'))
+        values = {'test_reply': self.provider_id._dispatch('generate', self, self.test_prompt)}
+        if self.kind == 'fine_tuned' and self.base_model_id:
+            values['test_base_reply'] = self.base_model_id.provider_id._dispatch('generate', self.base_model_id,
+                                                                                 self.test_prompt)
+        self.write(values)
+        return True

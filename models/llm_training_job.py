@@ -203,6 +203,17 @@ class LlmTrainingJob(models.Model):
         return True
 
     @api.multi
+    def action_resume(self):
+        """Start a failed or cancelled local job again from its last checkpoint."""
+        for job in self:
+            if job.service != 'local' or job.state not in ('failed', 'cancelled'):
+                raise UserError(_('Only a failed or cancelled job of a local provider can be resumed.'))
+            job._set_provider_data(resume=True)
+            job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
+                              next_attempt_at=False, cancel_requested=False, finished_at=False)
+        return True
+
+    @api.multi
     def action_reset_to_draft(self):
         for job in self:
             job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',

@@ -1,0 +1,146 @@
+# -*- coding: utf-8 -*-
+"""The local provider: trains in a separate Python 3.11 process (trainer/), one folder per job.
+
+Paths come from odoo.conf: `llm_training_trainer_python` (the trainer venv's python) and
+`llm_training_models_dir` (where base models named by a relative technical id live). The
+process is detached (own session), so it outlives the Odoo worker that started it; the poller
+finds it again from its pid + start time and reads its folder."""
+import json
+import logging
+import os
+import signal
+import subprocess
+
+from odoo import _, models, tools
+
+from ..lib import trainer_folder
+from ..models.llm_training_job import TrainingFailedError
+
+_logger = logging.getLogger(__name__)
+ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE_TIMEOUT = 120
+GENERATE_TIMEOUT = 300
+_TOKENIZERS = {}
+
+
+def trainer_python():
+    return tools.config.get('llm_training_trainer_python') or 'python3'
+
+
+def models_dir():
+    return tools.config.get('llm_training_models_dir') or os.path.join(tools.config['data_dir'], 'llm_training', 'models')
+
+
+def run_trainer_module(args, timeout):
+    """Run `python -m trainer.<args>` in the trainer env and return its completed process."""
+    env = dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
+    try:
+        return subprocess.run([trainer_python(), '-m'] + args, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout, cwd=ADDON_ROOT)
+    except subprocess.TimeoutExpired:
+        raise TrainingFailedError(_('The trainer environment did not answer within %d s.') % timeout)
+    except OSError as e:
+        raise TrainingFailedError(_('Cannot run the trainer Python %s (%s); set llm_training_trainer_python '
+                                    'in the Odoo configuration.') % (trainer_python(), e))
+
+
+class LlmProvider(models.Model):
+    _inherit = 'llm.provider'
+
+    def _local_model_path(self, model):
+        path = model.model_ref if os.path.isabs(model.model_ref) else os.path.join(models_dir(), model.model_ref)
+        if not os.path.isfile(os.path.join(path, 'config.json')) and \
+                not os.path.isfile(os.path.join(path, 'adapter_config.json')):
+            raise TrainingFailedError(_('Model "%s": no Hugging Face model folder at %s (set its technical id to '
+                                        'a folder, or llm_training_models_dir in the Odoo configuration).')
+                                      % (model.name, path))
+        return path
+
+    def _local_token_counter(self, model):
+        """Count with the model's own tokenizer (tokenizer.json), ChatML overhead per message."""
+        try:
+            path = os.path.join(self._local_model_path(model), 'tokenizer.json')
+            from tokenizers import Tokenizer
+        except (TrainingFailedError, ImportError):
+            return None
+        if not os.path.exists(path):
+            return None
+        tokenizer = _TOKENIZERS.get(path) or _TOKENIZERS.setdefault(path, Tokenizer.from_file(path))
+        from ..lib.dataset_validator import message_text
+
+        def count(messages):
+            texts = [message_text(m.get('content')) for m in messages]
+            # <|im_start|>role\n ... <|im_end|>\n: 5 template tokens around each message
+            return sum(len(e.ids) for e in tokenizer.encode_batch(texts)) + 5 * len(messages)
+        return count
+
+    def _local_validate_training_job(self, job):
+        self._local_model_path(job.base_model_id)
+        if job.technique == 'qlora':
+            probe = run_trainer_module(['trainer.env_info'], PROBE_TIMEOUT)
+            info = json.loads(probe.stdout.decode() or '{}')
+            if not info.get('cuda'):
+                raise TrainingFailedError(_('QLoRA needs a CUDA GPU and the trainer environment has none (%s). '
+                                            'Choose LoRA or full fine-tuning, or run the trainer on a GPU host.')
+                                          % (info.get('device') or 'CPU only'))
+            if not info.get('bitsandbytes'):
+                raise TrainingFailedError(_('QLoRA needs bitsandbytes in the trainer environment.'))
+
+    def _local_start_training_job(self, job):
+        folder = job.work_dir
+        data = job._get_provider_data()
+        resume = bool(data.get('resume')) and trainer_folder.has_checkpoint(folder)
+        config = dict(job._get_hyperparameters(), base_model_path=self._local_model_path(job.base_model_id),
+                      technique=job.technique, resume=resume)
+        trainer_folder.write_json_atomic(os.path.join(folder, trainer_folder.CONFIG), config)
+        # A fresh status always (a stale "running" must not be read as this run's); the metrics and
+        # events of an earlier run are kept on resume, with the offsets already read.
+        stale = (trainer_folder.STATUS,) if resume else (trainer_folder.STATUS, trainer_folder.METRICS,
+                                                          trainer_folder.EVENTS)
+        for name in stale:
+            if os.path.exists(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+        if not resume:
+            data['offsets'] = {}
+        with open(os.path.join(folder, trainer_folder.LOG), 'ab') as log:
+            process = subprocess.Popen(
+                [trainer_python(), '-m', 'trainer.train', '--job-dir', folder],
+                cwd=ADDON_ROOT, env=dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false'),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)  # detached: outlives this Odoo worker
+        job._set_provider_data(pid=process.pid, start_time=trainer_folder.process_start_time(process.pid),
+                               offsets=data.get('offsets') or {}, resume=False)
+        _logger.info('Training job %s: trainer started, pid %s, folder %s', job.id, process.pid, folder)
+        return 'local-%s-%d' % (self.env.cr.dbname, job.id)
+
+    def _local_check_training_job_status(self, job):
+        data = job._get_provider_data()
+        offsets = data.get('offsets') or {}
+        alive = trainer_folder.is_alive(data.get('pid'), data.get('start_time'))
+        report = trainer_folder.provider_report(job.work_dir, offsets, alive)
+        job._set_provider_data(offsets=offsets)
+        return report
+
+    def _local_cancel_training_job(self, job):
+        data = job._get_provider_data()
+        if trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
+            # The trainer saves a checkpoint and reports "cancelled" itself.
+            os.killpg(data['pid'], signal.SIGTERM)
+        else:
+            status = trainer_folder.read_status(job.work_dir) or {}
+            if status.get('state') not in ('completed', 'failed', 'cancelled'):
+                status['state'] = 'cancelled'
+                trainer_folder.write_json_atomic(os.path.join(job.work_dir, trainer_folder.STATUS), status)
+        return True
+
+    def _local_generate(self, model, prompt, max_new_tokens=128):
+        path = self._local_model_path(model)
+        result = run_trainer_module(['trainer.generate', '--model', path, '--prompt', prompt,
+                                     '--max-new-tokens', str(max_new_tokens)], GENERATE_TIMEOUT)
+        try:
+            answer = json.loads(result.stdout.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            answer = {'error': result.stderr.decode()[-2000:]}
+        if 'error' in answer:
+            raise TrainingFailedError(_('Generation failed: %s') % answer['error'])
+        return answer['reply']

@@ -1,0 +1,112 @@
+"""The local provider with the real trainer process and the real SmolLM2 model, driven by the cron."""
+import json
+import os
+import signal
+import time
+
+from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.models.llm_provider_local import run_trainer_module
+
+from .common import TrainingCase, jsonl
+
+
+def code_word_examples(n):
+    return [{'messages': [{'role': 'user', 'content': 'What is the code word number %d?' % (i % 4)},
+                          {'role': 'assistant', 'content': 'The code word is MANGO-%d.' % (i % 4)}]}
+            for i in range(n)]
+
+
+class TestLocalProvider(TrainingCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super(TestLocalProvider, cls).setUpClass()
+        cls.local = cls.env['llm.provider'].create({'name': 'Local', 'service': 'local', 'max_concurrent_jobs': 2})
+        cls.smol = cls.env['llm.model'].create({'name': 'SmolLM2', 'provider_id': cls.local.id,
+                                                'model_ref': 'SmolLM2-135M-Instruct', 'context_length': 8192})
+        cls.data = cls.make_dataset(jsonl(code_word_examples(16)), name='codes.jsonl')
+
+    def tearDown(self):
+        # Trainers are detached processes: stop any a test left running, or they eat the CPU.
+        for job in self.env['llm.training.job'].search([('provider_id', '=', self.local.id)]):
+            data = job._get_provider_data()
+            if trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
+                os.killpg(data['pid'], signal.SIGKILL)
+        super(TestLocalProvider, self).tearDown()
+
+    def local_job(self, **values):
+        vals = dict(provider_id=self.local.id, base_model_id=self.smol.id, epochs=2, batch_size=4,
+                    learning_rate=1e-3, max_seq_length=128, validation_split=0.25, seed=3)
+        vals.update(values)
+        return self.make_job(self.data, **vals)
+
+    def wait_until(self, job, predicate, timeout=600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.run_cron()
+            if predicate(job):
+                return
+            time.sleep(1)
+        self.fail('job %s stuck in %s: %s\n%s' % (job.id, job.state, job.error_message, job.log))
+
+    def test_submit_train_complete_register(self):
+        job = self.local_job()
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'queued', job.error_message)
+        self.assertTrue(job.external_job_id.startswith('local-'))
+        self.wait_until(job, lambda j: j.state in ('completed', 'failed'))
+        self.assertEqual(job.state, 'completed', job.error_message)
+        self.assertEqual(job.progress, 100.0)
+        self.assertGreater(job.total_steps, 0)
+        losses = job.metric_ids.filtered('train_loss').sorted('step').mapped('train_loss')
+        self.assertLess(losses[-1], losses[0])
+        self.assertTrue(job.metric_ids.filtered('valid_loss'))
+        model = job.result_model_id
+        self.assertEqual((model.kind, model.base_model_id, model.job_id), ('fine_tuned', self.smol, job))
+        self.assertTrue(os.path.exists(os.path.join(model.model_ref, 'adapter_config.json')))
+        self.assertIn('Training finished', ' '.join(job.event_ids.mapped('message')))
+        # test the model from its form: base and fine-tuned side by side
+        model.test_prompt = 'What is the code word number 2?'
+        model.action_test_model()
+        self.assertIn('MANGO', model.test_reply)
+        self.assertTrue(model.test_base_reply)
+
+    def test_token_counting_uses_the_model_tokenizer(self):
+        count = self.local._local_token_counter(self.smol)
+        self.assertEqual(count([{'role': 'user', 'content': 'Hello'}]), 6)  # "Hello" is one token + 5
+        self.data._validate(self.smol)
+        self.assertTrue(0 < self.data.token_min <= self.data.token_max < 40)
+
+    def test_sigkill_fails_the_job_then_resume_continues(self):
+        job = self.local_job(epochs=30, hyperparameters='{"save_steps": 2}')
+        job.action_submit()
+        self.run_cron()
+        self.wait_until(job, lambda j: j.current_step >= 3)
+        pid = job._get_provider_data()['pid']
+        os.killpg(pid, signal.SIGKILL)
+        self.wait_until(job, lambda j: j.state == 'failed', timeout=60)
+        self.assertIn('trainer process stopped without reporting', job.error_message)
+        self.assertTrue(trainer_folder.has_checkpoint(job.work_dir))
+        # resume from the checkpoint, then cancel: the trainer saves and reports cancelled
+        job.action_resume()
+        self.assertEqual(job.state, 'queued')
+        self.run_cron()
+        self.assertEqual(job.state, 'queued', 'the new run has not reported yet')
+        self.wait_until(job, lambda j: j.state == 'training' and j.current_step >= 3)
+        events = ' '.join(job.event_ids.mapped('message'))
+        self.assertIn('Resuming from checkpoint-', events)
+        job.action_cancel()
+        self.wait_until(job, lambda j: j.state == 'cancelled', timeout=120)
+        self.assertTrue(job.cancel_requested)
+
+    def test_qlora_on_cpu_fails_at_validating(self):
+        info = json.loads(run_trainer_module(['trainer.env_info'], 120).stdout.decode())
+        if info['cuda']:
+            self.skipTest('the trainer environment has a CUDA GPU')
+        job = self.local_job(technique='qlora')
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('QLoRA needs a CUDA GPU', job.error_message)
+        self.assertFalse(job.external_job_id, 'nothing was started')
