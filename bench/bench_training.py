@@ -1,0 +1,149 @@
+"""Training throughput: our trainer vs a plain transformers.Trainer + peft LoRA baseline.
+
+    bash scripts/bench.sh            (runs this in the trainer venv)
+    python -m bench.bench_training [--examples 48] [--epochs 2]
+
+Same model (SmolLM2-135M-Instruct), same tokenized chat data (assistant-only labels), same LoRA
+(r=16, all linear projections), batch size, learning rate and seed, run back to back in one
+invocation. The baseline is what the docs show: fp32, random batches padded to their longest.
+Ours is trainer/train.py as Odoo runs it (bf16 autocast where supported, length-grouped batches),
+through its real CLI on a job folder. Prints non-padding tokens/s, peak RSS, final loss, the
+ratio, and the share of the measured matmul limit (6 N FLOPs per token).
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODEL_DIR = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
+
+
+def make_examples(n, seed=0):
+    """Support conversations of very different lengths, as real company data has."""
+    rng = random.Random(seed)
+    words = ('invoice order delivery refund stock price customer support warehouse product account payment '
+             'shipping discount warranty contract please thanks today tomorrow number reference').split()
+    examples = []
+    for _ in range(n):
+        q = ' '.join(rng.choice(words) for _ in range(rng.choice([4, 8, 16, 40, 80])))
+        a = ' '.join(rng.choice(words) for _ in range(rng.choice([6, 12, 30, 60, 120])))
+        examples.append({'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]})
+    return examples
+
+
+def matmul_gflops(dtype):
+    import torch
+    a = torch.randn(1024, 1024, dtype=dtype)
+    b = torch.randn(1024, 1024, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ b
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - start) / 1e9
+
+
+def baseline_child(job_dir):
+    """Plain Trainer + peft, fp32, random sampler: the reference point."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from trainer.data import ChatCollator, tokenize_file
+    from trainer.train import ListDataset
+    config = json.load(open(os.path.join(job_dir, 'config.json')))
+    torch.manual_seed(config['seed'])
+    tokenizer = AutoTokenizer.from_pretrained(config['base_model_path'])
+    features, _long, _empty = tokenize_file(tokenizer, os.path.join(job_dir, 'train.jsonl'), config['max_seq_length'])
+    model = AutoModelForCausalLM.from_pretrained(config['base_model_path'], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=config['lora_r'], lora_alpha=config['lora_alpha'], lora_dropout=0.05,
+                                             target_modules='all-linear', task_type='CAUSAL_LM'))
+    args = TrainingArguments(output_dir=os.path.join(job_dir, 'baseline'), num_train_epochs=config['epochs'],
+                             per_device_train_batch_size=config['batch_size'], learning_rate=config['learning_rate'],
+                             logging_steps=1, save_strategy='no', report_to='none', seed=config['seed'],
+                             use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(features),
+                      data_collator=ChatCollator(tokenizer.pad_token_id))
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
+    return {'seconds': seconds, 'tokens': sum(len(f['input_ids']) for f in features) * config['epochs'],
+            'final_loss': sum(losses[-5:]) / len(losses[-5:]), 'train_loss': output.training_loss}
+
+
+def ours_child(job_dir):
+    from trainer.train import main
+    assert main(['--job-dir', job_dir]) == 0, open(os.path.join(job_dir, 'status.json')).read()
+    status = json.load(open(os.path.join(job_dir, 'status.json')))
+    metrics = [json.loads(l) for l in open(os.path.join(job_dir, 'metrics.jsonl')) if l.strip()]
+    losses = [m['train_loss'] for m in metrics if 'train_loss' in m]
+    config = json.load(open(os.path.join(job_dir, 'config.json')))
+    from transformers import AutoTokenizer
+
+    from trainer.data import tokenize_file
+    tokenizer = AutoTokenizer.from_pretrained(config['base_model_path'])
+    features, _long, _empty = tokenize_file(tokenizer, os.path.join(job_dir, 'train.jsonl'), config['max_seq_length'])
+    return {'seconds': status['final_metrics']['train_runtime'],
+            'tokens': sum(len(f['input_ids']) for f in features) * config['epochs'],
+            'final_loss': sum(losses[-5:]) / len(losses[-5:]), 'train_loss': status['final_metrics']['train_loss']}
+
+
+def child(which, job_dir):
+    result = {'baseline': baseline_child, 'ours': ours_child}[which](job_dir)
+    result['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print('RESULT ' + json.dumps(result))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--examples', type=int, default=48)
+    parser.add_argument('--epochs', type=int, default=2)
+    parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child)
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    n_params = 134.5e6
+    limits = {'fp32': matmul_gflops(torch.float32), 'bf16': matmul_gflops(torch.bfloat16)}
+    print('matmul limit here: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s' % (limits['fp32'], limits['bf16']))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for which in ('baseline', 'ours'):
+            job_dir = os.path.join(tmp, which)
+            os.makedirs(job_dir)
+            with open(os.path.join(job_dir, 'train.jsonl'), 'w') as f:
+                f.writelines(json.dumps(e) + '\n' for e in make_examples(args.examples))
+            with open(os.path.join(job_dir, 'config.json'), 'w') as f:
+                json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': 4,
+                           'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32, 'max_seq_length': 256,
+                           'seed': 42, 'save_steps': 100000}, f)
+            out = subprocess.run([sys.executable, '-m', 'bench.bench_training', '--child', which, job_dir],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=dict(os.environ, PYTHONPATH=ROOT))
+            line = [l for l in out.stdout.decode().splitlines() if l.startswith('RESULT ')]
+            if not line:
+                sys.exit('%s run failed:\n%s' % (which, out.stderr.decode()[-3000:]))
+            results[which] = json.loads(line[0][7:])
+    for which, precision in (('baseline', 'fp32'), ('ours', 'bf16')):
+        r = results[which]
+        tps = r['tokens'] / r['seconds']
+        share = tps * 6 * n_params / (limits[precision] * 1e9)
+        print('%-9s %6.1f s  %6.0f tokens/s  peak RSS %5.0f MB  final loss %.3f  (%.0f%% of the %s 6N limit)'
+              % (which, r['seconds'], tps, r['rss_mb'], r['final_loss'], 100 * share, precision))
+    b, o = results['baseline'], results['ours']
+    print('ratio: ours is %.2fx the baseline throughput (non-padding tokens/s); final loss %.3f vs %.3f'
+          % ((o['tokens'] / o['seconds']) / (b['tokens'] / b['seconds']), o['final_loss'], b['final_loss']))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,119 @@
+"""Dataset validation throughput: our streaming validator vs a cookbook-style baseline.
+
+    python bench/bench_validation.py [--examples 100000]
+
+Generates a chat JSONL file, then validates it (each in a fresh subprocess, so peak RSS is per
+run) with (1) a baseline written the way OpenAI's cookbook validator works: read every line
+into a list with json.loads, then the per-field checks, and (2) lib/dataset_validator.py with the
+same token estimate. Prints examples/s and peak RSS of both, and the ratios.
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def generate(path, n, seed=0):
+    rng = random.Random(seed)
+    words = ('invoice order delivery refund stock price customer support warehouse product account '
+             'payment shipping discount warranty contract').split()
+    with open(path, 'w') as f:
+        for i in range(n):
+            turns = [{'role': 'system', 'content': 'You are a helpful assistant.'}]
+            for _ in range(rng.randint(1, 3)):
+                turns.append({'role': 'user', 'content': ' '.join(rng.choice(words) for _ in range(rng.randint(5, 60)))})
+                turns.append({'role': 'assistant', 'content': ' '.join(rng.choice(words) for _ in range(rng.randint(10, 120)))})
+            f.write(json.dumps({'messages': turns}) + '\n')
+
+
+def baseline(path):
+    """The cookbook's shape: load all, then check each example's fields."""
+    from lib.dataset_validator import estimate_tokens
+    with open(path, 'r', encoding='utf-8') as f:
+        dataset = [json.loads(line) for line in f]
+    errors = {}
+    tokens = []
+    for ex in dataset:
+        if not isinstance(ex, dict):
+            errors['data_type'] = errors.get('data_type', 0) + 1
+            continue
+        messages = ex.get('messages', None)
+        if not messages:
+            errors['missing_messages_list'] = errors.get('missing_messages_list', 0) + 1
+            continue
+        for message in messages:
+            if 'role' not in message or 'content' not in message:
+                errors['message_missing_key'] = errors.get('message_missing_key', 0) + 1
+            if any(k not in ('role', 'content', 'name', 'function_call', 'weight') for k in message):
+                errors['message_unrecognized_key'] = errors.get('message_unrecognized_key', 0) + 1
+            if message.get('role', None) not in ('system', 'user', 'assistant', 'function'):
+                errors['unrecognized_role'] = errors.get('unrecognized_role', 0) + 1
+            content = message.get('content', None)
+            if not content or not isinstance(content, str):
+                errors['missing_content'] = errors.get('missing_content', 0) + 1
+        if not any(m.get('role', None) == 'assistant' for m in messages):
+            errors['example_missing_assistant_message'] = errors.get('example_missing_assistant_message', 0) + 1
+        tokens.append(estimate_tokens(messages))
+    return len(dataset), sum(errors.values())
+
+
+def ours(path):
+    from lib.dataset_validator import validate_files
+    with open(path, 'rb') as f:
+        report = validate_files([(os.path.basename(path), f)], long_tokens=4096)
+    return report.examples, report.error_count
+
+
+def run_one(which, path):
+    """Child process: time one validator, print JSON with its figures."""
+    sys.path.insert(0, ROOT)
+    start = time.perf_counter()
+    examples, errors = {'baseline': baseline, 'ours': ours}[which](path)
+    seconds = time.perf_counter() - start
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({'examples': examples, 'errors': errors, 'seconds': seconds, 'rss_mb': rss_mb}))
+
+
+def measure(which, path, repeat):
+    best = None
+    for _ in range(repeat):
+        out = subprocess.check_output([sys.executable, __file__, '--child', which, path])
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        if best is None or result['seconds'] < best['seconds']:
+            best = result
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--examples', type=int, default=100000)
+    parser.add_argument('--repeat', type=int, default=3, help='runs of each; the fastest counts')
+    parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return run_one(*args.child)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'chat.jsonl')
+        generate(path, args.examples)
+        size_mb = os.path.getsize(path) / 1e6
+        print('file: %d examples, %.1f MB; Python %s' % (args.examples, size_mb, sys.version.split()[0]))
+        results = {}
+        for which in ('baseline', 'ours'):  # alternate-free but back to back, same file, same machine
+            results[which] = measure(which, path, args.repeat)
+        for which, r in results.items():
+            print('%-9s %7.2f s  %9.0f examples/s  peak RSS %6.1f MB  (%d examples, %d errors)' % (
+                which, r['seconds'], r['examples'] / r['seconds'], r['rss_mb'], r['examples'], r['errors']))
+        b, o = results['baseline'], results['ours']
+        print('ratio: ours is %.2fx the baseline throughput, with %.2fx its peak memory'
+              % (b['seconds'] / o['seconds'], o['rss_mb'] / b['rss_mb']))
+
+
+if __name__ == '__main__':
+    main()
