@@ -97,3 +97,22 @@ class ChatCollator(object):
             attention.append([1] * len(item['input_ids']) + [0] * pad)
         return {'input_ids': torch.tensor(input_ids), 'labels': torch.tensor(labels),
                 'attention_mask': torch.tensor(attention)}
+
+
+class PackingCollator(object):
+    """Padding-free batches: the batch's examples laid end to end in one row, positions restarting
+    at 0 for each. With no attention mask, transformers derives a block-diagonal causal mask from
+    the positions (masking_utils.find_packed_sequence_indices), so no token attends across
+    examples, provided no KV cache is built (transformers skips that detection when one is):
+    hence use_cache=False in every batch. The first token of each example is not a target: it
+    cannot be predicted from the previous example. The loss is the same mean over the same target tokens as a padded batch."""
+
+    def __call__(self, batch):
+        import torch
+        input_ids, labels, positions = [], [], []
+        for item in batch:
+            input_ids.extend(item['input_ids'])
+            labels.extend([IGNORE_INDEX] + item['labels'][1:])
+            positions.extend(range(len(item['input_ids'])))
+        return {'input_ids': torch.tensor([input_ids]), 'labels': torch.tensor([labels]),
+                'position_ids': torch.tensor([positions]), 'use_cache': False}

@@ -42,6 +42,7 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
     bf16: bool = field(default=None, metadata={'help': 'bf16 autocast; default on where supported'})
     group_by_length: bool = field(default=True, metadata={'help': 'batch similar lengths: less padding'})
+    packing: bool = field(default=True, metadata={'help': 'padding-free batches (examples end to end)'})
     merge_adapter: bool = field(default=False, metadata={'help': 'also save base + adapter merged'})
     resume: bool = field(default=False, metadata={'help': 'continue from the last checkpoint'})
 
@@ -92,6 +93,7 @@ def load_model(config):
             load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16), 'device_map': {'': 0}}
     model = AutoModelForCausalLM.from_pretrained(config.base_model_path, **kwargs)
+    model.config.use_cache = False  # training needs no KV cache (and packed batches must not have one)
     peft_config = make_lora_config(config)
     if peft_config is not None:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -202,7 +204,7 @@ def train(folder, config):
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from .data import ChatCollator, tokenize_file
+    from .data import ChatCollator, PackingCollator, tokenize_file
 
     cancel_flag = {'set': False}
 
@@ -269,7 +271,7 @@ def train(folder, config):
         train_sampling_strategy='group_by_length' if config.group_by_length else 'random')
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_features),
                       eval_dataset=ListDataset(eval_features) if eval_features else None,
-                      data_collator=ChatCollator(tokenizer.pad_token_id),
+                      data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
                       compute_metrics=compute if eval_features else None,
                       preprocess_logits_for_metrics=preprocess if eval_features else None,
                       callbacks=[make_progress_callback(folder, cancel_flag, n_train_tokens)])

@@ -40,3 +40,19 @@ def test_collator_masks_padding_only(tokenizer):
     assert batch['attention_mask'][0].sum().item() == n
     end_id = tokenizer.convert_tokens_to_ids('<|im_end|>')
     assert end_id in batch['labels'][0].tolist()
+
+
+def test_packed_batch_gives_the_padded_batch_loss(tokenizer, model_dir):
+    """Packing changes the layout, not the maths: same loss as padding, no attention across examples."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import PackingCollator
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    features = [tokenize_example(tokenizer, {'messages': [{'role': 'user', 'content': q},
+                                                          {'role': 'assistant', 'content': a}]})
+                for q, a in (('Hi', 'Hello, how can I help?'), ('What is 2+2? Answer briefly please.', '4'))]
+    with torch.no_grad():
+        padded = model(**ChatCollator(tokenizer.pad_token_id)(features)).loss
+        packed = model(**PackingCollator()(features)).loss
+    assert torch.allclose(padded, packed, atol=1e-4), (padded, packed)
