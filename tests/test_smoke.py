@@ -1,6 +1,0 @@
-from odoo.tests.common import TransactionCase
-
-
-class TestSmoke(TransactionCase):
-    def test_models_exist(self):
-        self.assertTrue(self.env['llm.training.job']._name)
