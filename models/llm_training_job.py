@@ -373,8 +373,8 @@ class LlmTrainingJob(models.Model):
         hyper = self._get_hyperparameters()
         os.makedirs(self.work_dir, exist_ok=True)
         counts = merge_examples(
-            [(d._attachment_streams()) for d in self.dataset_ids],
-            [(d._attachment_streams()) for d in self.validation_dataset_ids],
+            [d._attachment_streams() for d in self.dataset_ids],
+            [d._attachment_streams() for d in self.validation_dataset_ids],
             os.path.join(self.work_dir, 'train.jsonl'), os.path.join(self.work_dir, 'validation.jsonl'),
             validation_split=hyper['validation_split'], seed=hyper['seed'])
         if counts['train'] < 1:
@@ -412,6 +412,8 @@ class LlmTrainingJob(models.Model):
     def _apply_status(self, report):
         """Bring the job in line with what the provider reports. Idempotent."""
         status = report['status']
+        if status == 'failed' and self.cancel_requested:
+            status = 'cancelled'  # stopped because we asked: a cancel, whatever way it ended
         values = {}
         for key, field in (('progress', 'progress'), ('step', 'current_step'), ('total_steps', 'total_steps'),
                            ('epoch', 'current_epoch'), ('trained_tokens', 'trained_tokens'), ('log', 'log')):

@@ -21,7 +21,7 @@ else
   echo "[demo] creating database $DB with llm_training and its demo data (about 30 s)"
   llmt_odoo -c "$conf" -d "$DB" -i llm_training --stop-after-init --logfile="$LLMT_RUN/demo/install.log"
 fi
-grep -E "ERROR|CRITICAL" "$LLMT_RUN/demo/install.log" && { echo "[demo] install failed, see $LLMT_RUN/demo/install.log"; exit 1; }
+grep -E " (ERROR|CRITICAL) " "$LLMT_RUN/demo/install.log" && { echo "[demo] install failed, see $LLMT_RUN/demo/install.log"; exit 1; }
 
 echo "[demo] starting Odoo on http://127.0.0.1:$PORT (log: $LLMT_RUN/demo/odoo.log)"
 setsid nohup "$LLMT_ODOO_VENV/bin/python" "$here/scripts/odoo" -c "$conf" --logfile="$LLMT_RUN/demo/odoo.log" \

@@ -129,6 +129,16 @@ class TestWorkflow(TrainingCase):
         self.assertEqual(job.state, 'cancelled')  # the scripted provider confirms on the next check
         self.assertTrue(job.cancel_requested)
 
+    def test_job_that_dies_after_a_cancel_request_is_cancelled(self):
+        provider = self.env['llm.provider'].create({'name': 'Dies', 'service': 'test', 'test_behavior': 'fail_job'})
+        job = self.make_job(provider=provider)
+        job.action_submit()
+        self.run_cron(2)
+        self.assertEqual(job.state, 'training')
+        job.write({'cancel_requested': True})  # as action_cancel does, before the process died
+        self.run_cron()
+        self.assertEqual(job.state, 'cancelled')
+
     def test_missing_service_implementation_is_a_clear_error(self):
         provider = self.env['llm.provider'].create({'name': 'Bare', 'service': 'test'})
         with self.assertRaises(Exception) as ctx:

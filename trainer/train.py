@@ -200,19 +200,15 @@ def last_checkpoint(checkpoints_dir):
     return get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
 
 
+CANCEL = {'set': False}  # set by SIGTERM; the progress callback stops at the next step end
+
+
 def train(folder, config):
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from .data import ChatCollator, PackingCollator, tokenize_file
 
-    cancel_flag = {'set': False}
-
-    def on_sigterm(signum, frame):
-        cancel_flag['set'] = True
-        folder.event('Cancel received: saving a checkpoint and stopping', level='warning')
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     check_technique(config)
     torch.manual_seed(config.seed)
     folder.update_status(state='starting')
@@ -274,13 +270,13 @@ def train(folder, config):
                       data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
                       compute_metrics=compute if eval_features else None,
                       preprocess_logits_for_metrics=preprocess if eval_features else None,
-                      callbacks=[make_progress_callback(folder, cancel_flag, n_train_tokens)])
+                      callbacks=[make_progress_callback(folder, CANCEL, n_train_tokens)])
     resume_from = last_checkpoint(folder.file(job_files.CHECKPOINTS)) if config.resume else None
     if resume_from:
         folder.event('Resuming from %s' % os.path.basename(resume_from))
     started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
-    if cancel_flag['set']:
+    if CANCEL['set']:
         trainer.save_state()
         raise TrainingCancelled()
 
@@ -308,6 +304,13 @@ def train(folder, config):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     folder = JobFolder(os.path.abspath(args.job_dir))
+
+    def on_sigterm(signum, frame):
+        # Installed first thing: a Cancel during start-up still ends as "cancelled", not killed.
+        CANCEL['set'] = True
+        folder.event('Cancel received: saving a checkpoint and stopping', level='warning')
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         raw = folder.read_config()
         if args.resume:
