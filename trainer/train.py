@@ -182,6 +182,35 @@ def make_progress_callback(folder, cancel_flag, n_train_tokens):
     return ProgressCallback()
 
 
+def make_trainer_class():
+    from transformers import Trainer
+
+    class TargetLogitsTrainer(Trainer):
+        """In training on packed batches, apply the LM head only where a token is predicted.
+
+        The head (vocabulary x hidden) is a large share of a small model's FLOPs, and prompt tokens
+        are never targets; the loss is the same mean over the same target tokens."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not model.training or 'position_ids' not in inputs:
+                return super(TargetLogitsTrainer, self).compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return target_only_loss(model, inputs, num_items_in_batch)
+
+    return TargetLogitsTrainer
+
+
+def target_only_loss(model, inputs, num_items_in_batch=None):
+    """Causal-LM loss of a one-row (packed) batch, with logits only at predicting positions."""
+    import torch.nn.functional as F
+    targets = inputs['labels'][0, 1:]
+    keep = (targets != -100).nonzero(as_tuple=True)[0]  # position t predicts token t + 1
+    model_inputs = {k: v for k, v in inputs.items() if k != 'labels'}
+    logits = model(**model_inputs, logits_to_keep=keep).logits[0].float()
+    loss = F.cross_entropy(logits, targets[keep], reduction='sum')
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(len(keep), 1))
+
+
 def token_accuracy_metrics():
     def preprocess(logits, labels):
         return logits.argmax(dim=-1)
@@ -265,7 +294,8 @@ def train(folder, config):
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy='group_by_length' if config.group_by_length else 'random')
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(train_features),
+    trainer_class = make_trainer_class() if config.packing else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=ListDataset(train_features),
                       eval_dataset=ListDataset(eval_features) if eval_features else None,
                       data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
                       compute_metrics=compute if eval_features else None,

@@ -56,3 +56,20 @@ def test_packed_batch_gives_the_padded_batch_loss(tokenizer, model_dir):
         padded = model(**ChatCollator(tokenizer.pad_token_id)(features)).loss
         packed = model(**PackingCollator()(features)).loss
     assert torch.allclose(padded, packed, atol=1e-4), (padded, packed)
+
+
+def test_target_only_logits_give_the_same_loss(tokenizer, model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import PackingCollator
+    from trainer.train import target_only_loss
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    features = [tokenize_example(tokenizer, {'messages': [{'role': 'user', 'content': q},
+                                                          {'role': 'assistant', 'content': a}]})
+                for q, a in (('Hi', 'Hello, how can I help?'), ('Name a colour.', 'Blue, like the sea.'))]
+    batch = PackingCollator()(features)
+    with torch.no_grad():
+        full = model(**batch).loss
+        targets_only = target_only_loss(model, batch)
+    assert torch.allclose(full, targets_only, atol=1e-4), (full, targets_only)
