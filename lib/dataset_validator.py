@@ -34,11 +34,7 @@ def estimate_tokens(messages):
     """A tokenizer-free estimate: ~4 characters a token plus OpenAI's per-message overhead."""
     chars = 0
     for message in messages:
-        content = message.get('content')
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get('text') or '') for p in content if isinstance(p, dict))
+        chars += len(message_text(message.get('content')))
         for call in message.get('tool_calls') or ():
             chars += len(str(call))
     return chars // 4 + 4 * len(messages) + 3

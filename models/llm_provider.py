@@ -51,6 +51,13 @@ class LlmProvider(models.Model):
                               'implementation installed.') % (self.name, self.service, method.replace('_', ' ')))
         return implementation(*args, **kwargs)
 
+    def _dispatch_optional(self, method, *args):
+        """Call `_<service>_<method>` if the service has one (optional hooks such as a GPU check
+        or a tokenizer); None otherwise."""
+        self.ensure_one()
+        implementation = getattr(self, '_%s_%s' % (self.service, method), None)
+        return implementation(*args) if implementation else None
+
     def start_training_job(self, job):
         """Hand the prepared job to the service. Returns the external job id."""
         return self._dispatch('start_training_job', job)

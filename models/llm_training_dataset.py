@@ -63,12 +63,6 @@ class LlmTrainingDataset(models.Model):
             with stream:
                 yield attachment.datas_fname or attachment.name, stream
 
-    def _token_counter(self, base_model):
-        """Token counting for this model: the provider's own tokenizer when it has one."""
-        hook = getattr(base_model.provider_id, '_%s_token_counter' % base_model.provider_id.service, None) \
-            if base_model else None
-        return hook(base_model) if hook else None
-
     def _validate(self, base_model=None):
         """Validate all files as one dataset, store the verdict and statistics, return the report."""
         self.ensure_one()
@@ -77,7 +71,8 @@ class LlmTrainingDataset(models.Model):
         options = {'long_tokens': 4096}
         if base_model:
             options['max_tokens'] = base_model.context_length or None
-            counter = self._token_counter(base_model)
+            # the provider's own tokenizer when it has one, else the estimate
+            counter = base_model.provider_id._dispatch_optional('token_counter', base_model)
             if counter:
                 options['count_tokens'] = counter
         validator = DatasetValidator(**options)

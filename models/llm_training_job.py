@@ -364,7 +364,7 @@ class LlmTrainingJob(models.Model):
         hyper = self._get_hyperparameters()
         if self.validation_dataset_ids and hyper['validation_split']:
             raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
-        self._dispatch_optional('validate_training_job')
+        self.provider_id._dispatch_optional('validate_training_job', self)
         self._change_state('preparing')
 
     def _phase_prepare(self):
@@ -403,11 +403,6 @@ class LlmTrainingJob(models.Model):
     def _phase_poll(self):
         if self.state in ('queued', 'training') and self.external_job_id:
             self._apply_status(self.provider_id.check_training_job_status(self))
-
-    def _dispatch_optional(self, method):
-        """Provider hooks that a service may add (e.g. local checks the GPU for QLoRA)."""
-        hook = getattr(self.provider_id, '_%s_%s' % (self.provider_id.service, method), None)
-        return hook(self) if hook else None
 
     def _apply_status(self, report):
         """Bring the job in line with what the provider reports. Idempotent."""
