@@ -5,3 +5,4 @@ from . import llm_training_job_event
 from . import llm_training_job_metric
 from . import llm_training_job
 from . import llm_provider_local
+from . import llm_provider_openai

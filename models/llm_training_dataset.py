@@ -76,8 +76,12 @@ class LlmTrainingDataset(models.Model):
             if counter:
                 options['count_tokens'] = counter
         validator = DatasetValidator(**options)
-        for filename, stream in self._attachment_streams():
-            validator.validate_file(stream, filename)
+        try:
+            for filename, stream in self._attachment_streams():
+                validator.validate_file(stream, filename)
+        finally:
+            if hasattr(options.get('count_tokens'), 'close'):
+                options['count_tokens'].close()  # a counter process (OpenAI's tiktoken)
         report = validator.finish()
         values = {
             'state': 'valid' if report.valid else 'invalid',

@@ -10,7 +10,7 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
-from ..lib import job_status
+from ..lib import job_status, openai_jobs
 from ..lib.hyperparameters import parse_hyperparameters
 from ..lib.prepare import merge_examples
 
@@ -116,8 +116,13 @@ class LlmTrainingJob(models.Model):
     train_examples = fields.Integer(readonly=True, copy=False)
     validation_examples = fields.Integer(readonly=True, copy=False)
     train_tokens = fields.Integer(readonly=True, copy=False, help='Tokens in the training file, once.')
-    estimated_cost = fields.Float(readonly=True, copy=False, digits=(16, 4))
-    final_cost = fields.Float(readonly=True, copy=False, digits=(16, 4))
+    estimated_epochs = fields.Integer(compute='_compute_estimate',
+                                      help='Epochs the job will run; for "auto", those OpenAI chooses.')
+    estimated_cost = fields.Float(compute='_compute_estimate', digits=(16, 4),
+                                  help="Training tokens x epochs x the base model's training price (USD), "
+                                       "from the datasets' last validation.")
+    final_cost = fields.Float(readonly=True, copy=False, digits=(16, 4),
+                              help="Billed tokens (trained_tokens) x the base model's training price (USD).")
     submitted_at = fields.Datetime(readonly=True, copy=False)
     started_at = fields.Datetime(readonly=True, copy=False)
     finished_at = fields.Datetime(readonly=True, copy=False)
@@ -138,6 +143,16 @@ class LlmTrainingJob(models.Model):
         root = os.path.join(tools.config['data_dir'], 'llm_training', self.env.cr.dbname)
         for job in self:
             job.work_dir = os.path.join(root, 'job-%d' % job.id) if job.id else False
+
+    @api.depends('dataset_ids.token_total', 'dataset_ids.example_count', 'epochs', 'validation_split',
+                 'base_model_id.training_price')
+    def _compute_estimate(self):
+        for job in self:
+            examples = sum(job.dataset_ids.mapped('example_count'))
+            train_examples = examples - int(examples * (job.validation_split or 0.0))
+            job.estimated_epochs = job.epochs or openai_jobs.auto_epochs(train_examples)
+            tokens = sum(job.dataset_ids.mapped('token_total')) * (1.0 - (job.validation_split or 0.0))
+            job.estimated_cost = openai_jobs.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
 
     @api.constrains('hyperparameters', 'validation_split', 'epochs', 'batch_size', 'lora_r',
                     'max_seq_length', 'learning_rate', 'lora_dropout')
@@ -323,7 +338,8 @@ class LlmTrainingJob(models.Model):
             except (psycopg2.Error, MemoryError):
                 raise
             except TrainingRetryableError as e:
-                return self._postpone(str(e), e.seconds)
+                # A job already at the provider goes on there whatever our calls hit: never give up.
+                return self._postpone(str(e), e.seconds, give_up=not self.external_job_id)
             except (TrainingFailedError, UserError, ValidationError) as e:
                 return self._fail_safely(e.name if hasattr(e, 'name') else str(e))
             except Exception as e:
@@ -332,9 +348,9 @@ class LlmTrainingJob(models.Model):
         if self.retry_count:
             super(LlmTrainingJob, self).write({'retry_count': 0, 'next_attempt_at': False})
 
-    def _postpone(self, message, seconds=None):
+    def _postpone(self, message, seconds=None, give_up=True):
         self.invalidate_cache()
-        if self.retry_count + 1 >= MAX_RETRIES:
+        if give_up and self.retry_count + 1 >= MAX_RETRIES:
             self._fail_safely(_('Gave up after %d attempts: %s') % (MAX_RETRIES, message))
             return
         delay = seconds or RETRY_DELAYS[min(self.retry_count, len(RETRY_DELAYS) - 1)]
@@ -430,7 +446,8 @@ class LlmTrainingJob(models.Model):
         for new_state in job_status.plan_transitions(self.state, status):
             if new_state == 'completed':
                 self._register_result(report.get('result') or {})
-                self._change_state('completed')
+                self._change_state('completed', final_cost=openai_jobs.cost(
+                    self.trained_tokens, self.base_model_id.training_price))
             elif new_state == 'failed':
                 self._set_failed(report.get('error') or _('The provider reported the job as failed.'))
             else:

@@ -8,6 +8,8 @@ import odoo
 from odoo.tests.common import HttpCase
 
 from .common import jsonl, valid_examples
+from .openai_fake_server import FakeOpenAI
+from .openapi_contract import load_contract
 
 
 def ensure_http_server():
@@ -81,3 +83,33 @@ class TestXmlRpc(HttpCase):
         self.call('llm.training.job', 'action_submit', [second])
         self.assertIs(self.call('llm.training.job', 'action_cancel', [second]), True)
         self.assertEqual(self.call('llm.training.job', 'read', [second], ['state'])[0]['state'], 'cancelled')
+
+    def test_openai_job_from_xmlrpc_alone(self):
+        """Another addon fine-tunes on OpenAI (here the local OpenAI-compatible server) over XML-RPC."""
+        server = FakeOpenAI('sk-rpc-test-key', load_contract()[0]).start()
+        self.addCleanup(server.stop)
+        self.uid = self.xmlrpc_common.authenticate(self.env.cr.dbname, 'admin', 'admin', {})
+        provider_id = self.call('llm.provider', 'create', {'name': 'OpenAI', 'service': 'openai',
+                                                           'api_key': 'sk-rpc-test-key', 'base_url': server.base_url})
+        model_id = self.call('llm.model', 'create', {'name': 'GPT-4o mini', 'provider_id': provider_id,
+                                                     'model_ref': 'gpt-4o-mini-2024-07-18', 'training_price': 3.0})
+        data = base64.b64encode(jsonl(valid_examples(12))).decode()
+        attachment_id = self.call('ir.attachment', 'create', {'name': 'rpc.jsonl', 'datas_fname': 'rpc.jsonl', 'datas': data})
+        dataset_id = self.call('llm.training.dataset', 'create', {'name': 'RPC data',
+                                                                  'attachment_ids': [(6, 0, [attachment_id])]})
+        job_id = self.call('llm.training.job', 'create', {
+            'name': 'RPC OpenAI job', 'provider_id': provider_id, 'base_model_id': model_id,
+            'dataset_ids': [(6, 0, [dataset_id])], 'epochs': 0, 'suffix': 'rpc'})
+        self.call('llm.training.job', 'action_submit', [job_id])
+        cron_id = self.call('ir.model.data', 'xmlid_to_res_id', 'llm_training.ir_cron_sync_training_jobs')
+        for _ in range(6):
+            self.call('ir.cron', 'method_direct_trigger', [cron_id])
+        job = self.call('llm.training.job', 'read', [job_id], ['state', 'error_message', 'result_model_id',
+                                                              'trained_tokens', 'final_cost', 'estimated_epochs'])[0]
+        self.assertEqual((job['state'], job['error_message']), ('completed', False))
+        self.assertEqual(job['estimated_epochs'], 8, 'auto: 100 examples seen at least (100 // 12)')
+        self.assertGreater(job['final_cost'], 0)
+        result = self.call('llm.model', 'read', [job['result_model_id'][0]], ['kind', 'model_ref', 'base_model_id'])[0]
+        self.assertEqual((result['kind'], result['base_model_id'][0]), ('fine_tuned', model_id))
+        self.assertTrue(result['model_ref'].startswith('ft:gpt-4o-mini-2024-07-18:llmt-test:rpc:'))
+        self.assertEqual(server.violations, [])

@@ -1,0 +1,310 @@
+# -*- coding: utf-8 -*-
+"""The OpenAI provider (and OpenAI-compatible services, through the base URL), with the openai SDK.
+
+Start uploads the prepared files, waits until OpenAI has processed them and creates the job;
+check reads the job, its new events (metrics among them) and its checkpoints; cancel asks OpenAI,
+and the job is Cancelled once OpenAI reports it so. The SDK retries 429/5xx/timeouts itself
+(MAX_RETRIES, with backoff); what still fails is retried by the next cron run, and errors no
+retry fixes (key, permission, quota, invalid request) fail the job with a clear message.
+The API key is read with sudo only to build the client and is redacted from every message."""
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError
+
+from ..lib import openai_jobs
+from ..models.llm_provider_local import ADDON_ROOT, trainer_python
+from ..models.llm_training_job import TrainingFailedError, TrainingRetryableError
+
+_logger = logging.getLogger(__name__)
+MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff
+FILE_WAIT_SECONDS = 60     # how long start waits for OpenAI to process an uploaded file
+FILE_POLL_SECONDS = 1.0
+EVENT_PAGE_SIZE = 100
+EVENT_MAX_PAGES = 50
+
+
+class TokenCounterProcess(object):
+    """tiktoken in the trainer env (it does not install on Odoo's Python 3.7), kept open for one
+    validation: one JSON example per line in, one count per line out."""
+
+    def __init__(self, model_ref):
+        self._lock = threading.Lock()
+        self._process = subprocess.Popen(
+            [trainer_python(), '-m', 'trainer.count_tokens', '--model', model_ref],
+            cwd=ADDON_ROOT, env=dict(os.environ, PYTHONPATH=ADDON_ROOT),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def __call__(self, messages):
+        with self._lock:
+            self._process.stdin.write(json.dumps({'messages': messages}).encode('utf-8') + b'\n')
+            self._process.stdin.flush()
+            answer = self._process.stdout.readline()
+        if not answer:
+            raise TrainingFailedError(_('The token counter of the trainer environment stopped (%s -m '
+                                        'trainer.count_tokens); run scripts/setup.sh.') % trainer_python())
+        return int(answer)
+
+    def close(self):
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
+class LlmProvider(models.Model):
+    _inherit = 'llm.provider'
+
+    organization = fields.Char(help='OpenAI organization id (optional).')
+
+    # -- the client and its errors ------------------------------------------------------------
+    def _openai_api_key(self):
+        return self.sudo().api_key or ''
+
+    def _openai_client(self):
+        self.ensure_one()
+        key = self._openai_api_key()
+        if not key:
+            raise TrainingFailedError(_('Provider "%s" has no API key; a manager can set it on the provider.')
+                                      % self.name)
+        import openai
+        return openai.OpenAI(api_key=key, organization=self.organization or None, base_url=self.base_url or None,
+                             timeout=float(self.request_timeout or 60), max_retries=MAX_RETRIES)
+
+    @contextlib.contextmanager
+    def _openai_errors(self, action):
+        """Turn the SDK's exceptions into ours: retryable (the job keeps its state) or failed."""
+        import openai
+        try:
+            yield
+        except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            raise TrainingRetryableError(_('OpenAI did not answer while %s (%s); retried on the next run.')
+                                         % (action, type(e).__name__))
+        except openai.APIStatusError as e:
+            message = self._openai_error_text(e)
+            status = e.status_code
+            if status == 429 and self._openai_error_code(e) != 'insufficient_quota':
+                raise TrainingRetryableError(_('OpenAI is rate limiting (HTTP 429) while %s: %s') % (action, message),
+                                             seconds=self._openai_retry_after(e))
+            if status >= 500 or status in (408, 409):
+                raise TrainingRetryableError(_('OpenAI had an error (HTTP %s) while %s: %s') % (status, action, message))
+            hint = {
+                401: _('Check the API key of provider "%s".') % self.name,
+                403: _('The key of provider "%s" is not allowed to do this (organization, project or model '
+                       'access).') % self.name,
+                429: _('The OpenAI account is out of quota; check its billing.'),
+                404: _('Check the base model and the base URL of provider "%s".') % self.name,
+            }.get(status, _('Fix the request and submit again.'))
+            raise TrainingFailedError(_('OpenAI refused %s (HTTP %s): %s %s') % (action, status, message, hint))
+
+    def _openai_error_text(self, error):
+        body = error.body if isinstance(error.body, dict) else {}
+        body = body.get('error', body) if isinstance(body.get('error', body), dict) else body
+        text = body.get('message') or getattr(error, 'message', '') or str(error)
+        if body.get('param'):
+            text = '%s (field %s)' % (text, body['param'])
+        return openai_jobs.redact(text, self._openai_api_key())
+
+    @staticmethod
+    def _openai_error_code(error):
+        body = error.body if isinstance(error.body, dict) else {}
+        return (body.get('error') if isinstance(body.get('error'), dict) else body).get('code') or getattr(error, 'code', None)
+
+    @staticmethod
+    def _openai_retry_after(error):
+        try:
+            return max(1, int(float(error.response.headers.get('retry-after'))))
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+    # -- the provider contract ------------------------------------------------------------------
+    def _openai_validate_training_job(self, job):
+        if not self._openai_api_key():
+            raise TrainingFailedError(_('Provider "%s" has no API key; a manager can set it on the provider.')
+                                      % self.name)
+        if job.technique != 'lora':
+            job._add_event(_('OpenAI chooses its own training technique; "%s" is ignored.') % job.technique,
+                           level='warning')
+
+    def _openai_start_training_job(self, job):
+        client = self._openai_client()
+        uploaded = []
+        try:
+            training_file = self._openai_upload(client, job, 'train.jsonl')
+            uploaded.append(training_file)
+            validation_file = None
+            if job.validation_examples:
+                validation_file = self._openai_upload(client, job, 'validation.jsonl')
+                uploaded.append(validation_file)
+            for file_id in uploaded:
+                self._openai_wait_for_file(client, file_id)
+            body = {'method': openai_jobs.method_payload(job._get_hyperparameters(), 'supervised'),
+                    'metadata': {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname}}
+            with self._openai_errors(_('creating the fine-tuning job')):
+                created = client.fine_tuning.jobs.create(
+                    model=job.base_model_id.model_ref, training_file=training_file,
+                    validation_file=validation_file or openai_jobs_not_given(), seed=job.seed,
+                    suffix=(job.suffix or '').strip()[:openai_jobs.SUFFIX_MAX] or openai_jobs_not_given(),
+                    extra_body=body)
+        except Exception:
+            self._openai_delete_files(client, uploaded)  # nothing left behind at OpenAI
+            raise
+        job._set_provider_data(training_file=training_file, validation_file=validation_file,
+                               last_event_id=None, checkpoints=[])
+        _logger.info('Training job %s: OpenAI job %s created', job.id, created.id)
+        return created.id
+
+    def _openai_upload(self, client, job, name):
+        path = os.path.join(job.work_dir, name)
+        with self._openai_errors(_('uploading %s') % name), open(path, 'rb') as f:
+            uploaded = client.files.create(file=(name, f), purpose='fine-tune')
+        job._add_event(_('Uploaded %s as %s') % (name, uploaded.id))
+        return uploaded.id
+
+    def _openai_wait_for_file(self, client, file_id):
+        deadline = time.time() + FILE_WAIT_SECONDS
+        while True:
+            with self._openai_errors(_('checking file %s') % file_id):
+                uploaded = client.files.retrieve(file_id)
+            if uploaded.status == 'processed':
+                return
+            if uploaded.status == 'error':
+                raise TrainingFailedError(_('OpenAI could not process file %s: %s')
+                                          % (file_id, uploaded.status_details or _('no details')))
+            if time.time() > deadline:
+                raise TrainingRetryableError(_('OpenAI has not processed file %s after %d s; the upload is '
+                                               'tried again on the next run.') % (file_id, FILE_WAIT_SECONDS))
+            time.sleep(FILE_POLL_SECONDS)
+
+    def _openai_delete_files(self, client, file_ids):
+        for file_id in file_ids:
+            try:
+                client.files.delete(file_id)
+            except Exception as e:  # cleanup is best effort; the original error is what matters
+                _logger.warning('Could not delete OpenAI file %s: %s', file_id,
+                                openai_jobs.redact(str(e), self._openai_api_key()))
+
+    def _openai_check_training_job_status(self, job):
+        client = self._openai_client()
+        with self._openai_errors(_('reading job %s') % job.external_job_id):
+            remote = client.fine_tuning.jobs.retrieve(job.external_job_id)
+            events = self._openai_new_events(client, job)
+        current = 'running' if job.state == 'training' else 'queued'
+        status, note = openai_jobs.provider_status(remote.status, current)
+        report = {'status': status, 'trained_tokens': remote.trained_tokens,
+                  'eta': getattr(remote, 'estimated_finish', None), 'events': [], 'metrics': []}
+        for event in events:
+            report['events'].append({'id': event['id'], 'created_at': event.get('created_at'),
+                                     'level': {'warn': 'warning'}.get(event.get('level'), event.get('level')),
+                                     'message': event.get('message') or '', 'data': event.get('data') or None})
+            metric = openai_jobs.metric_from_event(event)
+            if metric:
+                report['metrics'].append(metric)
+                total = (event.get('data') or {}).get('total_steps')
+                if total:
+                    report.update(step=metric['step'], total_steps=int(total),
+                                  progress=round(100.0 * metric['step'] / total, 1))
+        if note:
+            report['events'].append({'id': 'status-%s' % remote.status, 'level': 'warning', 'message': note})
+        if status == 'failed':
+            error = remote.error
+            report['error'] = openai_jobs.redact(
+                _('OpenAI: %s (%s%s)') % (error.message, error.code, ', field %s' % error.param if error.param else '')
+                if error and error.message else _('OpenAI reported the job as failed without a reason.'),
+                self._openai_api_key())
+        if status == 'succeeded':
+            self._openai_record_checkpoints(client, job)
+            report['result'] = {'name': '%s (fine-tuned)' % job.name, 'model_ref': remote.fine_tuned_model,
+                                'description': _('Fine-tuned on OpenAI by job %s.') % remote.id}
+        return report
+
+    def _openai_new_events(self, client, job):
+        """Events since the last one read, oldest first. OpenAI lists newest first and pages
+        towards older ones with `after`, so read until the last seen id."""
+        last_seen = job._get_provider_data().get('last_event_id')
+        new, after = [], None
+        for _page in range(EVENT_MAX_PAGES):
+            kwargs = {'limit': EVENT_PAGE_SIZE}
+            if after:
+                kwargs['after'] = after
+            page = client.fine_tuning.jobs.list_events(job.external_job_id, **kwargs)
+            data = [event.to_dict() for event in page.data]
+            for event in data:
+                if event['id'] == last_seen:
+                    break
+                new.append(event)
+            else:
+                if page.has_more and data:
+                    after = data[-1]['id']
+                    continue
+            break
+        new.reverse()
+        if new:
+            job._set_provider_data(last_event_id=new[-1]['id'])
+        return new
+
+    def _openai_record_checkpoints(self, client, job):
+        with self._openai_errors(_('listing checkpoints')):
+            checkpoints = [c.to_dict() for c in client.fine_tuning.jobs.checkpoints.list(job.external_job_id)]
+        job._set_provider_data(checkpoints=[
+            {'model_ref': c['fine_tuned_model_checkpoint'], 'step': c['step_number'], 'metrics': c.get('metrics') or {}}
+            for c in sorted(checkpoints, key=lambda c: c['step_number'])])
+
+    def _openai_cancel_training_job(self, job):
+        client = self._openai_client()
+        with self._openai_errors(_('cancelling job %s') % job.external_job_id):
+            client.fine_tuning.jobs.cancel(job.external_job_id)
+        return True
+
+    def _openai_token_counter(self, model):
+        try:
+            return TokenCounterProcess(model.model_ref)
+        except OSError as e:
+            _logger.warning('No tiktoken counter (%s -m trainer.count_tokens: %s); token counts are estimates.',
+                            trainer_python(), e)
+            return None
+
+    # -- models -----------------------------------------------------------------------------------
+    @api.multi
+    def action_fetch_models(self):
+        """List the account's models (base and fine-tuned) into the model registry."""
+        for provider in self:
+            if provider.service != 'openai':
+                continue
+            client = provider._openai_client()
+            try:
+                with provider._openai_errors(_('listing models')):
+                    remote_models = [m.to_dict() for m in client.models.list()]
+            except (TrainingFailedError, TrainingRetryableError) as e:
+                raise UserError(str(e))
+            provider._openai_register_models(remote_models)
+        return True
+
+    def _openai_register_models(self, remote_models):
+        Model = self.env['llm.model'].with_context(active_test=False)
+        existing = {m.model_ref: m for m in Model.search([('provider_id', '=', self.id)])}
+        for remote in sorted(remote_models, key=lambda m: m['id'].startswith('ft:')):  # bases first
+            base_ref = openai_jobs.base_of_fine_tuned(remote['id'])
+            values = {'name': remote['id'], 'provider_id': self.id, 'model_ref': remote['id'],
+                      'kind': 'fine_tuned' if base_ref else 'base'}
+            if base_ref and existing.get(base_ref):
+                values['base_model_id'] = existing[base_ref].id
+            if remote['id'] in existing:
+                existing[remote['id']].write({k: v for k, v in values.items() if k != 'name'})
+            else:
+                existing[remote['id']] = Model.create(values)
+        return True
+
+
+def openai_jobs_not_given():
+    """The SDK's marker for "leave this field out of the request"."""
+    import openai
+    return openai.NOT_GIVEN
