@@ -4,6 +4,8 @@ Rules follow OpenAI's chat fine-tuning format: one JSON object per line with a `
 roles system/user/assistant/tool; string or parts-list content; optional `weight` (0 or 1) on
 assistant turns; `tools`/`tool_calls`; each example needs a user and an assistant message; a
 dataset needs at least MIN_EXAMPLES examples; no example may exceed the model's context.
+Preference datasets (DPO) follow OpenAI's format: an `input` with the messages, then one
+`preferred_output` and one `non_preferred_output` assistant message.
 
 Every problem names the file, the line and the field, and says what to do. Memory stays flat: a
 line is parsed, checked and dropped; only an 8-byte digest per example is kept (duplicates).
@@ -23,6 +25,8 @@ except ImportError:  # the stdlib parser gives the same results, about 2x slower
 MIN_EXAMPLES = 10
 ROLES = ('system', 'user', 'assistant', 'tool')
 EXAMPLE_KEYS = frozenset(('messages', 'tools', 'parallel_tool_calls', 'functions'))
+PREFERENCE_KEYS = frozenset(('input', 'preferred_output', 'non_preferred_output'))
+FORMATS = ('chat', 'preference')
 MESSAGE_KEYS = frozenset(('role', 'content', 'name', 'weight', 'tool_calls', 'tool_call_id',
                           'function_call', 'refusal'))
 CONTENT_PART_TYPES = ('text', 'image_url')
@@ -76,7 +80,7 @@ def _type_name(value):
 
 
 def check_example(example):
-    """Check one parsed line. Raises InvalidExample(field, message) on the first problem."""
+    """Check one parsed chat line. Raises InvalidExample(field, message) on the first problem."""
     if not isinstance(example, dict):
         raise InvalidExample('', 'the line is %s; each line must be a JSON object like '
                                  '{"messages": [...]}' % _type_name(example))
@@ -84,19 +88,66 @@ def check_example(example):
         if key not in EXAMPLE_KEYS:
             raise InvalidExample(key, 'unknown key %r; an example may only have %s'
                                  % (key, ', '.join(sorted(EXAMPLE_KEYS))))
-    if 'messages' not in example:
-        raise InvalidExample('messages', 'missing; each example needs a "messages" list')
-    messages = example['messages']
-    if not isinstance(messages, list):
-        raise InvalidExample('messages', 'is %s; it must be a list of messages' % _type_name(messages))
-    if not messages:
-        raise InvalidExample('messages', 'is empty; add at least a user and an assistant message')
+    messages = _check_messages(example.get('messages'), 'messages')
+    _check_tools(example, '')
+    return messages
+
+
+def check_preference_example(example):
+    """Check one preference (DPO) line: {"input": {"messages": [...]}, "preferred_output": [one
+    assistant message], "non_preferred_output": [one assistant message]}. Returns all messages."""
+    if not isinstance(example, dict):
+        raise InvalidExample('', 'the line is %s; each line must be a JSON object like {"input": ..., '
+                                 '"preferred_output": [...], "non_preferred_output": [...]}' % _type_name(example))
+    for key in example:
+        if key not in PREFERENCE_KEYS:
+            raise InvalidExample(key, 'unknown key %r; a preference example may only have %s'
+                                 % (key, ', '.join(sorted(PREFERENCE_KEYS))))
+    prompt = example.get('input')
+    if not isinstance(prompt, dict):
+        raise InvalidExample('input', 'is %s; it must be an object with the "messages" that lead to the '
+                                      'reply' % ('missing' if prompt is None else _type_name(prompt)))
+    for key in prompt:
+        if key not in EXAMPLE_KEYS:
+            raise InvalidExample('input.' + key, 'unknown key; the input may only have %s'
+                                 % ', '.join(sorted(EXAMPLE_KEYS)))
+    messages = list(_check_messages(prompt.get('messages'), 'input.messages', need_assistant=False))
+    _check_tools(prompt, 'input.')
+    if messages[-1].get('role') != 'user':
+        raise InvalidExample('input.messages[%d]' % (len(messages) - 1),
+                             'the input must end with a user message (the one both outputs answer)')
+    outputs = []
+    for key in ('preferred_output', 'non_preferred_output'):
+        output = example.get(key)
+        if not isinstance(output, list) or len(output) != 1 or not isinstance(output[0], dict):
+            raise InvalidExample(key, 'is %s; it must be a list of exactly one assistant message'
+                                 % ('missing' if output is None else _type_name(output)))
+        if output[0].get('role') != 'assistant':
+            raise InvalidExample(key + '[0].role', 'is %r; the output must be an assistant message'
+                                 % (output[0].get('role'),))
+        _check_content(key + '[0]', output[0])
+        outputs.append(output[0])
+    if message_text(outputs[0].get('content')) == message_text(outputs[1].get('content')):
+        raise InvalidExample('non_preferred_output', 'is the same as preferred_output; the pair must differ')
+    return messages + outputs
+
+
+def _check_tools(example, prefix):
     tools = example.get('tools')
     if tools is not None and not isinstance(tools, list):
-        raise InvalidExample('tools', 'is %s; it must be a list of tool definitions' % _type_name(tools))
+        raise InvalidExample(prefix + 'tools', 'is %s; it must be a list of tool definitions' % _type_name(tools))
+
+
+def _check_messages(messages, name, need_assistant=True):
+    if messages is None:
+        raise InvalidExample(name, 'missing; each example needs a "messages" list')
+    if not isinstance(messages, list):
+        raise InvalidExample(name, 'is %s; it must be a list of messages' % _type_name(messages))
+    if not messages:
+        raise InvalidExample(name, 'is empty; add at least a user and an assistant message')
     has_user = has_assistant = False
     for index, message in enumerate(messages):
-        field = 'messages[%d]' % index
+        field = '%s[%d]' % (name, index)
         if not isinstance(message, dict):
             raise InvalidExample(field, 'is %s; each message must be an object with "role" and '
                                         '"content"' % _type_name(message))
@@ -125,10 +176,10 @@ def check_example(example):
             raise InvalidExample(field + '.tool_call_id', 'missing; a tool message must say which '
                                                           'tool call it answers')
     if not has_user:
-        raise InvalidExample('messages', 'no user message; each example needs at least one')
-    if not has_assistant:
-        raise InvalidExample('messages', 'no assistant message; each example needs at least one '
-                                         '(the reply the model should learn)')
+        raise InvalidExample(name, 'no user message; each example needs at least one')
+    if need_assistant and not has_assistant:
+        raise InvalidExample(name, 'no assistant message; each example needs at least one '
+                                   '(the reply the model should learn)')
     return messages
 
 
@@ -238,7 +289,10 @@ class DatasetValidator(object):
     """
 
     def __init__(self, count_tokens=estimate_tokens, max_tokens=None, long_tokens=None,
-                 min_examples=MIN_EXAMPLES):
+                 min_examples=MIN_EXAMPLES, data_format='chat'):
+        if data_format not in FORMATS:
+            raise ValueError('unknown dataset format %r; use one of %s' % (data_format, ', '.join(FORMATS)))
+        self.check = check_preference_example if data_format == 'preference' else check_example
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.long_tokens = long_tokens
@@ -283,7 +337,7 @@ class DatasetValidator(object):
                 report.add_error(Problem(filename, line_no, '', 'malformed JSON: %s' % e))
                 continue
             try:
-                messages = check_example(example)
+                messages = self.check(example)
             except InvalidExample as e:
                 report.add_error(Problem(filename, line_no, e.field, e.message))
                 continue

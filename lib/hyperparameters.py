@@ -7,6 +7,7 @@ KNOWN = {
     'batch_size': (int, 0, 1024),
     'learning_rate': (float, 0.0, 1.0),
     'learning_rate_multiplier': (float, 0.0, 100.0),
+    'dpo_beta': (float, 0.0, 2.0),
     'lora_r': (int, 1, 1024),
     'lora_alpha': (int, 1, 4096),
     'lora_dropout': (float, 0.0, 0.9),

@@ -60,6 +60,8 @@ def method_payload(hyper, method_type='supervised'):
         'batch_size': hyper.get('batch_size') or 'auto',
         'learning_rate_multiplier': hyper.get('learning_rate_multiplier') or 'auto',
     }
+    if method_type == 'dpo' and hyper.get('dpo_beta'):
+        hyperparameters['beta'] = hyper['dpo_beta']
     return {'type': method_type, method_type: {'hyperparameters': hyperparameters}}
 
 

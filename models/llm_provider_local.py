@@ -76,6 +76,9 @@ class LlmProvider(models.Model):
 
     def _local_validate_training_job(self, job):
         self._local_model_path(job.base_model_id)
+        if job._data_format() != 'chat':
+            raise TrainingFailedError(_('The local trainer does supervised fine-tuning on chat datasets; '
+                                        'preference (DPO) datasets need the OpenAI provider.'))
         if job.technique == 'qlora':
             probe = run_trainer_module(['trainer.env_info'], PROBE_TIMEOUT)
             info = json.loads(probe.stdout.decode() or '{}')

@@ -146,7 +146,8 @@ class LlmProvider(models.Model):
                 uploaded.append(validation_file)
             for file_id in uploaded:
                 self._openai_wait_for_file(client, file_id)
-            body = {'method': openai_jobs.method_payload(job._get_hyperparameters(), 'supervised'),
+            body = {'method': openai_jobs.method_payload(
+                job._get_hyperparameters(), 'dpo' if job._data_format() == 'preference' else 'supervised'),
                     'metadata': {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname}}
             with self._openai_errors(_('creating the fine-tuning job')):
                 created = client.fine_tuning.jobs.create(

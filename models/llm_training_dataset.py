@@ -25,6 +25,10 @@ class LlmTrainingDataset(models.Model):
     state = fields.Selection([('draft', 'Not validated'), ('valid', 'Valid'), ('invalid', 'Invalid')],
                              default='draft', required=True, readonly=True, copy=False,
                              track_visibility='onchange')
+    data_format = fields.Selection([('chat', 'Chat (supervised)'), ('preference', 'Preference pairs (DPO)')],
+                                   string='Format', default='chat', required=True, track_visibility='onchange',
+                                   help='Chat: {"messages": [...]} per line. Preference: {"input": {"messages": '
+                                        '[...]}, "preferred_output": [...], "non_preferred_output": [...]} per line.')
     validated_at = fields.Datetime(readonly=True, copy=False)
     example_count = fields.Integer(readonly=True, copy=False)
     message_count = fields.Integer(readonly=True, copy=False)
@@ -43,7 +47,7 @@ class LlmTrainingDataset(models.Model):
                                string='Jobs', readonly=True)
 
     def write(self, vals):
-        if 'attachment_ids' in vals:
+        if 'attachment_ids' in vals or 'data_format' in vals:
             vals = dict(vals, state='draft')  # new files: the old verdict no longer holds
         return super(LlmTrainingDataset, self).write(vals)
 
@@ -68,7 +72,7 @@ class LlmTrainingDataset(models.Model):
         self.ensure_one()
         if not self.attachment_ids:
             raise UserError(_('Dataset "%s" has no file; upload at least one JSONL file.') % self.name)
-        options = {'long_tokens': 4096}
+        options = {'long_tokens': 4096, 'data_format': self.data_format}
         if base_model:
             options['max_tokens'] = base_model.context_length or None
             # the provider's own tokenizer when it has one, else the estimate

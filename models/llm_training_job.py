@@ -271,6 +271,14 @@ class LlmTrainingJob(models.Model):
             'validation_split': self.validation_split,
         })
 
+    def _data_format(self):
+        """'chat' or 'preference': the format all of the job's datasets share."""
+        formats = set((self.dataset_ids | self.validation_dataset_ids).mapped('data_format'))
+        if len(formats) > 1:
+            raise TrainingFailedError(_('The datasets mix chat and preference (DPO) formats; a job trains on '
+                                        'one format. Split them into two jobs.'))
+        return formats.pop() if formats else 'chat'
+
     def _get_provider_data(self):
         return json.loads(self.provider_data or '{}')
 
@@ -380,6 +388,7 @@ class LlmTrainingJob(models.Model):
         hyper = self._get_hyperparameters()
         if self.validation_dataset_ids and hyper['validation_split']:
             raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
+        self._data_format()
         self.provider_id._dispatch_optional('validate_training_job', self)
         self._change_state('preparing')
 
@@ -392,7 +401,7 @@ class LlmTrainingJob(models.Model):
             [d._attachment_streams() for d in self.dataset_ids],
             [d._attachment_streams() for d in self.validation_dataset_ids],
             os.path.join(self.work_dir, 'train.jsonl'), os.path.join(self.work_dir, 'validation.jsonl'),
-            validation_split=hyper['validation_split'], seed=hyper['seed'])
+            validation_split=hyper['validation_split'], seed=hyper['seed'], data_format=self._data_format())
         if counts['train'] < 1:
             raise TrainingFailedError(_('No training examples are left after the validation split.'))
         super(LlmTrainingJob, self).write({

@@ -232,3 +232,61 @@ class TestWarningsAndStatistics(unittest.TestCase):
         lines = [line for line, _example in validator.add_file(io.BytesIO(data), 'x.jsonl')]
         self.assertEqual(lines, [1, 2, 3])
         self.assertEqual(validator.finish().error_count, 1)
+
+
+def preference(i=0, **change):
+    example = {'input': {'messages': [{'role': 'system', 'content': 'Be brief.'},
+                                      {'role': 'user', 'content': 'Question %d?' % i}]},
+               'preferred_output': [{'role': 'assistant', 'content': 'Short answer %d.' % i}],
+               'non_preferred_output': [{'role': 'assistant', 'content': 'A long and rambling answer %d.' % i}]}
+    example.update(change)
+    return example
+
+
+class TestPreferenceFormat(unittest.TestCase):
+    """Preference pairs (DPO): ten good pairs, then one bad line 11."""
+
+    def assertBadPair(self, bad, expected_reason, expected_field):
+        lines = [json.dumps(preference(i)).encode() for i in range(10)] + [json.dumps(bad).encode()]
+        report = validate(lines, data_format='preference')
+        self.assertEqual([(p.line, p.field) for p in report.errors], [(11, expected_field)],
+                         [str(p) for p in report.errors])
+        self.assertIn(expected_reason, report.errors[0].message)
+
+    def test_good_pairs(self):
+        report = validate([json.dumps(preference(i)).encode() for i in range(10)], data_format='preference')
+        self.assertTrue(report.valid, report.as_text())
+        self.assertEqual((report.examples, report.messages), (10, 40))
+
+    def test_chat_line_in_a_preference_dataset(self):
+        self.assertBadPair(GOOD, "unknown key 'messages'", 'messages')
+
+    def test_missing_input(self):
+        bad = preference()
+        del bad['input']
+        self.assertBadPair(bad, 'is missing', 'input')
+
+    def test_input_must_end_with_user(self):
+        bad = preference(input={'messages': [{'role': 'user', 'content': 'Hi'},
+                                             {'role': 'assistant', 'content': 'Hello'}]})
+        self.assertBadPair(bad, 'must end with a user message', 'input.messages[1]')
+
+    def test_bad_message_inside_input(self):
+        bad = preference(input={'messages': [{'role': 'robot', 'content': 'Hi'}]})
+        self.assertBadPair(bad, "unknown role 'robot'", 'input.messages[0].role')
+
+    def test_two_preferred_outputs(self):
+        bad = preference(preferred_output=[{'role': 'assistant', 'content': 'a'}] * 2)
+        self.assertBadPair(bad, 'exactly one assistant message', 'preferred_output')
+
+    def test_output_not_from_assistant(self):
+        bad = preference(non_preferred_output=[{'role': 'user', 'content': 'no'}])
+        self.assertBadPair(bad, 'must be an assistant message', 'non_preferred_output[0].role')
+
+    def test_identical_outputs(self):
+        bad = preference(non_preferred_output=[{'role': 'assistant', 'content': 'Short answer 0.'}])
+        self.assertBadPair(bad, 'the pair must differ', 'non_preferred_output')
+
+    def test_unknown_format(self):
+        with self.assertRaisesRegex(ValueError, 'unknown dataset format'):
+            DatasetValidator(data_format='rlhf')

@@ -110,3 +110,15 @@ class TestLocalProvider(TrainingCase):
         self.assertEqual(job.state, 'failed')
         self.assertIn('QLoRA needs a CUDA GPU', job.error_message)
         self.assertFalse(job.external_job_id, 'nothing was started')
+
+    def test_preference_data_is_refused_at_validating(self):
+        pairs = [{'input': {'messages': [{'role': 'user', 'content': 'Q%d' % i}]},
+                  'preferred_output': [{'role': 'assistant', 'content': 'Yes %d' % i}],
+                  'non_preferred_output': [{'role': 'assistant', 'content': 'No %d' % i}]} for i in range(10)]
+        dataset = self.make_dataset(jsonl(pairs), name='pairs.jsonl')
+        dataset.data_format = 'preference'
+        job = self.make_job(dataset, provider_id=self.local.id, base_model_id=self.smol.id)
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('preference (DPO) datasets need the OpenAI provider', job.error_message)

@@ -1,6 +1,7 @@
 """The OpenAI provider: the real openai SDK over real HTTP against a local, stateful
 OpenAI-compatible server (tests/openai_fake_server.py) that checks every request and response
 against OpenAI's published schema."""
+import json
 from unittest import mock
 
 from odoo.exceptions import UserError
@@ -10,6 +11,7 @@ from odoo.addons.llm_training.models import llm_provider_openai
 
 from .common import TrainingCase, chat, jsonl, valid_examples
 from .openai_fake_server import FakeOpenAI
+from .test_dataset_validator import preference
 from .openapi_contract import load_contract
 
 API_KEY = 'sk-llmt-test-0123456789abcdefSECRET'
@@ -152,6 +154,28 @@ class TestOpenAIWorkflow(OpenAICase):
         self.assertEqual(job.state, 'failed')
         self.assertIn('invalid training file', job.error_message)
         self.assertIn('field training_file', job.error_message)
+
+
+    def test_preference_dataset_trains_with_dpo(self):
+        dataset = self.make_dataset(jsonl([preference(i) for i in range(10)]), name='pairs.jsonl')
+        dataset.data_format = 'preference'
+        job = self.make_openai_job(dataset=dataset, hyperparameters='{"dpo_beta": 0.3}')
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'queued', job.error_message)
+        self.assertEqual(self.remote(job)['method'], {'type': 'dpo', 'dpo': {'hyperparameters': {
+            'n_epochs': 3, 'batch_size': 4, 'learning_rate_multiplier': 'auto', 'beta': 0.3}}})
+        uploaded = self.server.files[self.remote(job)['training_file']]['content'].splitlines()
+        self.assertEqual(json.loads(uploaded[0]), preference(0))
+
+    def test_chat_and_preference_datasets_do_not_mix(self):
+        pairs = self.make_dataset(jsonl([preference(i) for i in range(10)]), name='pairs.jsonl')
+        pairs.data_format = 'preference'
+        job = self.make_openai_job(validation_dataset_ids=[(6, 0, pairs.ids)])
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('mix chat and preference', job.error_message)
 
 
 class TestOpenAIFaults(OpenAICase):
