@@ -465,18 +465,34 @@ class LlmTrainingJob(models.Model):
     def _register_result(self, result):
         if not result.get('model_ref'):
             raise TrainingFailedError(_('The provider reported success but no resulting model.'))
+        model = self._register_model(result['model_ref'], result.get('name') or self.name, result.get('description'))
+        super(LlmTrainingJob, self).write({'result_model_id': model.id})
+
+    def _register_model(self, model_ref, name, description=None):
+        """Create or update the fine-tuned `llm.model` with this technical id."""
         Model = self.env['llm.model'].sudo().with_context(active_test=False)
-        model = Model.search([('provider_id', '=', self.provider_id.id), ('model_ref', '=', result['model_ref'])],
-                             limit=1)
-        values = {'name': result.get('name') or self.name, 'kind': 'fine_tuned', 'provider_id': self.provider_id.id,
-                  'model_ref': result['model_ref'], 'base_model_id': self.base_model_id.id, 'job_id': self.id,
-                  'context_length': self.base_model_id.context_length, 'active': True,
-                  'description': result.get('description')}
+        model = Model.search([('provider_id', '=', self.provider_id.id), ('model_ref', '=', model_ref)], limit=1)
+        values = {'name': name, 'kind': 'fine_tuned', 'provider_id': self.provider_id.id,
+                  'model_ref': model_ref, 'base_model_id': self.base_model_id.id, 'job_id': self.id,
+                  'context_length': self.base_model_id.context_length, 'active': True, 'description': description}
         if model:
             model.write(values)
         else:
             model = Model.create(values)
-        super(LlmTrainingJob, self).write({'result_model_id': model.id})
+        return model
+
+    @api.multi
+    def action_register_checkpoints(self):
+        """Register the intermediate checkpoints the provider kept (OpenAI keeps the last few) as models."""
+        for job in self:
+            checkpoints = job._get_provider_data().get('checkpoints') or []
+            if not checkpoints:
+                raise UserError(_('Job "%s" has no checkpoints to register.') % job.name)
+            for checkpoint in checkpoints:
+                job._register_model(checkpoint['model_ref'], _('%s (step %d)') % (job.name, checkpoint['step']),
+                                    _('Checkpoint at step %d of job %s; metrics: %s')
+                                    % (checkpoint['step'], job.name, json.dumps(checkpoint.get('metrics') or {})))
+        return True
 
     @api.model
     def _sweep_stuck_jobs(self):

@@ -97,6 +97,10 @@ class TestOpenAIWorkflow(OpenAICase):
         self.assertAlmostEqual(job.final_cost, remote['trained_tokens'] * 3.0 / 1e6, places=4)
         checkpoints = job._get_provider_data()['checkpoints']
         self.assertEqual([c['step'] for c in checkpoints], [5, 10])
+        job.action_register_checkpoints()
+        step5 = self.env['llm.model'].search([('model_ref', '=', checkpoints[0]['model_ref'])])
+        self.assertEqual((step5.kind, step5.job_id, step5.base_model_id), ('fine_tuned', job, self.gpt))
+        self.assertIn('step 5', step5.name)
         self.run_cron()
         self.assertEqual(self.server.count('GET', r'^/fine_tuning/jobs/[^/]+$'), 5, 'a completed job is not polled')
 

@@ -42,7 +42,8 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
     bf16: bool = field(default=None, metadata={'help': 'bf16 autocast; default on where supported'})
     group_by_length: bool = field(default=True, metadata={'help': 'batch similar lengths: less padding'})
-    packing: bool = field(default=True, metadata={'help': 'padding-free batches (examples end to end)'})
+    packing: bool = field(default=False, metadata={'help': 'padding-free batches (examples end to end); '
+                                                           'length-grouped padded batches are faster on CPU'})
     merge_adapter: bool = field(default=False, metadata={'help': 'also save base + adapter merged'})
     resume: bool = field(default=False, metadata={'help': 'continue from the last checkpoint'})
 
@@ -100,6 +101,9 @@ def load_model(config):
         if config.technique == 'qlora':
             model = prepare_model_for_kbit_training(model)
         model = get_peft_model(model, peft_config)
+        if not torch.cuda.is_available():
+            from .fast_dropout import use_fast_dropout
+            use_fast_dropout(model, config.seed)
     return model
 
 
@@ -186,29 +190,34 @@ def make_trainer_class():
     from transformers import Trainer
 
     class TargetLogitsTrainer(Trainer):
-        """In training on packed batches, apply the LM head only where a token is predicted.
+        """In training, apply the LM head only where a token is predicted.
 
-        The head (vocabulary x hidden) is a large share of a small model's FLOPs, and prompt tokens
-        are never targets; the loss is the same mean over the same target tokens."""
+        The head (vocabulary x hidden) is a large share of a small model's FLOPs, and prompt and
+        padding tokens are never targets; the loss is the same mean over the same target tokens."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or not model.training or 'position_ids' not in inputs:
+            if return_outputs or not model.training:
                 return super(TargetLogitsTrainer, self).compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            return target_only_loss(model, inputs, num_items_in_batch)
+            # Accelerate applies bf16 autocast by wrapping model.forward; this path calls the decoder
+            # and the head directly, so it enters autocast itself.
+            with self.accelerator.autocast():
+                return target_only_loss(model, inputs, num_items_in_batch)
 
     return TargetLogitsTrainer
 
 
 def target_only_loss(model, inputs, num_items_in_batch=None):
-    """Causal-LM loss of a one-row (packed) batch, with logits only at predicting positions."""
+    """Causal-LM loss with logits only at predicting positions (padded or packed batches)."""
     import torch.nn.functional as F
-    targets = inputs['labels'][0, 1:]
-    keep = (targets != -100).nonzero(as_tuple=True)[0]  # position t predicts token t + 1
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model  # peft or plain
     model_inputs = {k: v for k, v in inputs.items() if k != 'labels'}
-    logits = model(**model_inputs, logits_to_keep=keep).logits[0].float()
+    hidden = base.get_decoder()(**model_inputs).last_hidden_state
+    targets = inputs['labels'][:, 1:]
+    keep = targets != -100  # position t predicts token t + 1
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
     loss = F.cross_entropy(logits, targets[keep], reduction='sum')
-    return loss / (num_items_in_batch if num_items_in_batch is not None else max(len(keep), 1))
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1))
 
 
 def token_accuracy_metrics():
@@ -234,7 +243,7 @@ CANCEL = {'set': False}  # set by SIGTERM; the progress callback stops at the ne
 
 def train(folder, config):
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     from .data import ChatCollator, PackingCollator, tokenize_file
 
@@ -294,8 +303,7 @@ def train(folder, config):
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy='group_by_length' if config.group_by_length else 'random')
-    trainer_class = make_trainer_class() if config.packing else Trainer
-    trainer = trainer_class(model=model, args=args, train_dataset=ListDataset(train_features),
+    trainer = make_trainer_class()(model=model, args=args, train_dataset=ListDataset(train_features),
                       eval_dataset=ListDataset(eval_features) if eval_features else None,
                       data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
                       compute_metrics=compute if eval_features else None,

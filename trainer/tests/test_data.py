@@ -59,7 +59,9 @@ def test_packed_batch_gives_the_padded_batch_loss(tokenizer, model_dir):
 
 
 def test_target_only_logits_give_the_same_loss(tokenizer, model_dir):
+    """Padded and packed batches alike: the head applied at targets only changes nothing in the loss."""
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from trainer.data import PackingCollator
@@ -67,9 +69,43 @@ def test_target_only_logits_give_the_same_loss(tokenizer, model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     features = [tokenize_example(tokenizer, {'messages': [{'role': 'user', 'content': q},
                                                           {'role': 'assistant', 'content': a}]})
-                for q, a in (('Hi', 'Hello, how can I help?'), ('Name a colour.', 'Blue, like the sea.'))]
-    batch = PackingCollator()(features)
-    with torch.no_grad():
-        full = model(**batch).loss
-        targets_only = target_only_loss(model, batch)
-    assert torch.allclose(full, targets_only, atol=1e-4), (full, targets_only)
+                for q, a in (('Hi', 'Hello, how can I help?'), ('Name a colour, please.', 'Blue, like the sea.'))]
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                          LoraConfig(r=4, target_modules='all-linear', task_type='CAUSAL_LM')).eval()
+    for batch in (ChatCollator(tokenizer.pad_token_id)(features), PackingCollator()(features)):
+        for m in (model, lora):
+            with torch.no_grad():
+                full = m(**batch).loss
+                targets_only = target_only_loss(m, batch)
+            assert torch.allclose(full, targets_only, atol=1e-4), (full, targets_only)
+
+
+def test_fast_dropout_rate_scale_and_seed():
+    import torch
+
+    from trainer.fast_dropout import FastDropout
+    import numpy
+    x = torch.ones(1000, 1000, requires_grad=True)
+    dropout = FastDropout(0.05, numpy.random.default_rng(1)).train()
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002, dropped
+    assert abs(y.mean().item() - 1.0) < 0.005  # unbiased: kept values are scaled up
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach()), 'the gradient goes through the same mask and scale'
+    again = FastDropout(0.05, numpy.random.default_rng(1)).train()(torch.ones(1000, 1000))
+    assert torch.equal(again, y.detach()), 'seeded: the same masks again'
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_fast_dropout_replaces_lora_dropout(model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.fast_dropout import FastDropout, use_fast_dropout
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_dropout=0.1, target_modules='all-linear', task_type='CAUSAL_LM'))
+    assert use_fast_dropout(model, seed=0) == 7 * model.config.num_hidden_layers
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules())
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, FastDropout))
