@@ -57,6 +57,14 @@ def test_packed_batch_gives_the_padded_batch_loss(tokenizer, model_dir):
         packed = model(**PackingCollator()(features)).loss
     assert torch.allclose(padded, packed, atol=1e-4), (padded, packed)
 
+    from trainer.packed_attention import NAME  # each example's attention computed on its own
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        per_example = model(**PackingCollator()(features)).loss
+        padded_again = model(**ChatCollator(tokenizer.pad_token_id)(features)).loss  # falls back to sdpa
+    assert torch.allclose(padded, per_example, atol=1e-4), (padded, per_example)
+    assert torch.allclose(padded, padded_again, atol=1e-5)
+
 
 def test_target_only_logits_give_the_same_loss(tokenizer, model_dir):
     """Padded and packed batches alike: the head applied at targets only changes nothing in the loss."""
