@@ -19,6 +19,7 @@ from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
 from ..lib import openai_jobs
+from ..lib.dataset_validator import estimate_tokens
 from ..models.llm_provider_local import ADDON_ROOT, trainer_python
 from ..models.llm_training_job import TrainingFailedError, TrainingRetryableError
 
@@ -43,13 +44,17 @@ class TokenCounterProcess(object):
 
     def __call__(self, messages):
         with self._lock:
-            self._process.stdin.write(json.dumps({'messages': messages}).encode('utf-8') + b'\n')
-            self._process.stdin.flush()
-            answer = self._process.stdout.readline()
+            try:
+                self._process.stdin.write(json.dumps({'messages': messages}).encode('utf-8') + b'\n')
+                self._process.stdin.flush()
+                answer = self._process.stdout.readline()
+            except OSError:
+                answer = b''
         if not answer:
-            raise TrainingFailedError(_('The token counter of the trainer environment stopped (%s -m '
-                                        'trainer.count_tokens); run scripts/setup.sh.') % trainer_python())
-        return int(answer)
+            raise UserError(_('The token counter of the trainer environment stopped (%s -m trainer.count_tokens); '
+                              'check llm_training_trainer_python or run scripts/setup.sh.') % trainer_python())
+        count = int(answer)
+        return count if count >= 0 else estimate_tokens(messages)
 
     def close(self):
         if self._process.poll() is None:
