@@ -104,7 +104,8 @@ class PackingCollator(object):
     at 0 for each. With no attention mask, transformers derives a block-diagonal causal mask from
     the positions (masking_utils.find_packed_sequence_indices), so no token attends across
     examples, provided no KV cache is built (transformers skips that detection when one is):
-    hence use_cache=False in every batch. The first token of each example is not a target: it
+    hence use_cache=False in every batch. (The trainer sets packed_attention.py, which cuts the row by
+    its positions and attends per example, with no mask at all.) The first token of each example is not a target: it
     cannot be predicted from the previous example. The loss is the same mean over the same target tokens as a padded batch."""
 
     def __call__(self, batch):
