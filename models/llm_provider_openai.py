@@ -140,6 +140,7 @@ class LlmProvider(models.Model):
                            level='warning')
 
     def _openai_start_training_job(self, job):
+        import openai
         client = self._openai_client()
         uploaded = []
         try:
@@ -157,8 +158,8 @@ class LlmProvider(models.Model):
             with self._openai_errors(_('creating the fine-tuning job')):
                 created = client.fine_tuning.jobs.create(
                     model=job.base_model_id.model_ref, training_file=training_file,
-                    validation_file=validation_file or openai_jobs_not_given(), seed=job.seed,
-                    suffix=(job.suffix or '').strip()[:openai_jobs.SUFFIX_MAX] or openai_jobs_not_given(),
+                    validation_file=validation_file or openai.NOT_GIVEN, seed=job.seed,
+                    suffix=(job.suffix or '').strip()[:openai_jobs.SUFFIX_MAX] or openai.NOT_GIVEN,
                     extra_body=body)
         except Exception:
             self._openai_delete_files(client, uploaded)  # nothing left behind at OpenAI
@@ -222,10 +223,13 @@ class LlmProvider(models.Model):
             report['events'].append({'id': 'status-%s' % remote.status, 'level': 'warning', 'message': note})
         if status == 'failed':
             error = remote.error
-            report['error'] = openai_jobs.redact(
-                _('OpenAI: %s (%s%s)') % (error.message, error.code, ', field %s' % error.param if error.param else '')
-                if error and error.message else _('OpenAI reported the job as failed without a reason.'),
-                self._openai_api_key())
+            if error and error.message:
+                text = _('OpenAI: %s (%s)') % (error.message, error.code)
+                if error.param:
+                    text += _(', field %s') % error.param
+            else:
+                text = _('OpenAI reported the job as failed without a reason.')
+            report['error'] = openai_jobs.redact(text, self._openai_api_key())
         if status == 'succeeded':
             self._openai_record_checkpoints(client, job)
             report['result'] = {'name': '%s (fine-tuned)' % job.name, 'model_ref': remote.fine_tuned_model,
@@ -308,9 +312,3 @@ class LlmProvider(models.Model):
             else:
                 existing[remote['id']] = Model.create(values)
         return True
-
-
-def openai_jobs_not_given():
-    """The SDK's marker for "leave this field out of the request"."""
-    import openai
-    return openai.NOT_GIVEN
