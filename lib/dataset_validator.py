@@ -79,15 +79,18 @@ def _type_name(value):
             float: 'a number', type(None): 'null'}.get(type(value), type(value).__name__)
 
 
+def _check_line_object(example, keys, shape, kind):
+    if not isinstance(example, dict):
+        raise InvalidExample('', 'the line is %s; each line must be a JSON object like %s'
+                             % (_type_name(example), shape))
+    for key in example:
+        if key not in keys:
+            raise InvalidExample(key, 'unknown key %r; %s may only have %s' % (key, kind, ', '.join(sorted(keys))))
+
+
 def check_example(example):
     """Check one parsed chat line. Raises InvalidExample(field, message) on the first problem."""
-    if not isinstance(example, dict):
-        raise InvalidExample('', 'the line is %s; each line must be a JSON object like '
-                                 '{"messages": [...]}' % _type_name(example))
-    for key in example:
-        if key not in EXAMPLE_KEYS:
-            raise InvalidExample(key, 'unknown key %r; an example may only have %s'
-                                 % (key, ', '.join(sorted(EXAMPLE_KEYS))))
+    _check_line_object(example, EXAMPLE_KEYS, '{"messages": [...]}', 'an example')
     messages = _check_messages(example.get('messages'), 'messages')
     _check_tools(example, '')
     return messages
@@ -96,13 +99,8 @@ def check_example(example):
 def check_preference_example(example):
     """Check one preference (DPO) line: {"input": {"messages": [...]}, "preferred_output": [one
     assistant message], "non_preferred_output": [one assistant message]}. Returns all messages."""
-    if not isinstance(example, dict):
-        raise InvalidExample('', 'the line is %s; each line must be a JSON object like {"input": ..., '
-                                 '"preferred_output": [...], "non_preferred_output": [...]}' % _type_name(example))
-    for key in example:
-        if key not in PREFERENCE_KEYS:
-            raise InvalidExample(key, 'unknown key %r; a preference example may only have %s'
-                                 % (key, ', '.join(sorted(PREFERENCE_KEYS))))
+    _check_line_object(example, PREFERENCE_KEYS, '{"input": ..., "preferred_output": [...], '
+                                                 '"non_preferred_output": [...]}', 'a preference example')
     prompt = example.get('input')
     if not isinstance(prompt, dict):
         raise InvalidExample('input', 'is %s; it must be an object with the "messages" that lead to the '

@@ -96,7 +96,7 @@ class LlmProvider(models.Model):
         except openai.APIStatusError as e:
             message = self._openai_error_text(e)
             status = e.status_code
-            if status == 429 and self._openai_error_code(e) != 'insufficient_quota':
+            if status == 429 and _error_body(e).get('code') != 'insufficient_quota':
                 raise TrainingRetryableError(_('OpenAI is rate limiting (HTTP 429) while %s: %s') % (action, message),
                                              seconds=self._openai_retry_after(e))
             if status >= 500 or status in (408, 409):
@@ -111,17 +111,11 @@ class LlmProvider(models.Model):
             raise TrainingFailedError(_('OpenAI refused %s (HTTP %s): %s %s') % (action, status, message, hint))
 
     def _openai_error_text(self, error):
-        body = error.body if isinstance(error.body, dict) else {}
-        body = body.get('error', body) if isinstance(body.get('error', body), dict) else body
-        text = body.get('message') or getattr(error, 'message', '') or str(error)
+        body = _error_body(error)
+        text = body.get('message') or str(error)
         if body.get('param'):
             text = '%s (field %s)' % (text, body['param'])
         return openai_jobs.redact(text, self._openai_api_key())
-
-    @staticmethod
-    def _openai_error_code(error):
-        body = error.body if isinstance(error.body, dict) else {}
-        return (body.get('error') if isinstance(body.get('error'), dict) else body).get('code') or getattr(error, 'code', None)
 
     @staticmethod
     def _openai_retry_after(error):
@@ -312,3 +306,9 @@ class LlmProvider(models.Model):
             else:
                 existing[remote['id']] = Model.create(values)
         return True
+
+
+def _error_body(error):
+    """OpenAI's error object ({"message", "type", "param", "code"}) of an SDK status error."""
+    body = error.body if isinstance(error.body, dict) else {}
+    return body['error'] if isinstance(body.get('error'), dict) else body
