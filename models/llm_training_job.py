@@ -41,6 +41,7 @@ TRANSITIONS = {
 STATE_STAMPS = {'validating': 'submitted_at', 'training': 'started_at', 'completed': 'finished_at',
                 'failed': 'finished_at', 'cancelled': 'finished_at'}
 MAX_RETRIES = 5
+LOCAL_DEFAULT_EPOCHS = 3  # what trainer/train.py runs for epochs 0
 RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
 DEFAULT_STUCK_HOURS = 24
 
@@ -145,12 +146,14 @@ class LlmTrainingJob(models.Model):
             job.work_dir = os.path.join(root, 'job-%d' % job.id) if job.id else False
 
     @api.depends('dataset_ids.token_total', 'dataset_ids.example_count', 'epochs', 'validation_split',
-                 'base_model_id.training_price')
+                 'base_model_id.training_price', 'provider_id.service')
     def _compute_estimate(self):
         for job in self:
             examples = sum(job.dataset_ids.mapped('example_count'))
             train_examples = examples - int(examples * (job.validation_split or 0.0))
-            job.estimated_epochs = job.epochs or openai_jobs.auto_epochs(train_examples)
+            # 0 epochs: OpenAI's "auto" rule there; the local trainer's default elsewhere
+            job.estimated_epochs = job.epochs or (openai_jobs.auto_epochs(train_examples) if job.service == 'openai'
+                                                  else LOCAL_DEFAULT_EPOCHS)
             tokens = sum(job.dataset_ids.mapped('token_total')) * (1.0 - (job.validation_split or 0.0))
             job.estimated_cost = openai_jobs.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
 

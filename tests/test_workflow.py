@@ -102,6 +102,14 @@ class TestWorkflow(TrainingCase):
         self.run_cron()
         self.assertEqual(job.retry_count, 0, 'a good pass resets the retry counter')
 
+    def test_estimate_uses_the_provider_default_epochs(self):
+        self.base_model.training_price = 2.0
+        dataset = self.make_dataset()
+        dataset._validate()
+        job = self.make_job(dataset=dataset, epochs=0)
+        self.assertEqual(job.estimated_epochs, 3, 'not a local or scripted trainer: its default, not OpenAI\'s rule')
+        self.assertAlmostEqual(job.estimated_cost, dataset.token_total * 3 * 2.0 / 1e6, places=4)
+
     def test_provider_reports_failure(self):
         provider = self.env['llm.provider'].create({'name': 'OOM', 'service': 'test', 'test_behavior': 'fail_job'})
         job = self.make_job(provider=provider)
