@@ -10,7 +10,10 @@ ratio is printed and the median one is the result). The baseline is what the doc
 random batches padded to their longest. Ours is trainer/train.py as Odoo runs it, through its
 real CLI on a job folder. Prints non-padding tokens/s, peak RSS, the final loss (the trained
 model's mean loss over the whole training set, in fp32, the same yardstick for both), the ratio,
-and the share of the measured matmul limit (6 N FLOPs per token).
+and the share of the measured matmul limit (6 N FLOPs per token) for the precision the trainer
+chose. First it prints the machine (CPU model, torch's CPU capability, bf16/amx flags, cores) and
+the matmul GFLOP/s of both precisions; last, a capped run forced to the other precision, so the
+output shows the automatic choice is the faster one on this machine.
 """
 import argparse
 import json
@@ -42,16 +45,33 @@ def make_examples(n, seed=0):
     return examples
 
 
-def matmul_gflops(dtype):
+def machine_report():
+    """Lines saying what this machine is: CPU, torch's kernel level, bf16 flags, threads."""
     import torch
-    a = torch.randn(1024, 1024, dtype=dtype)
-    b = torch.randn(1024, 1024, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - start) / 1e9
+
+    from trainer.precision import available_cores
+    model, flags = 'unknown', set()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name') and model == 'unknown':
+                    model = line.split(':', 1)[1].strip()
+                elif line.startswith('flags'):
+                    flags = set(line.split(':', 1)[1].split())
+    except (IOError, OSError):
+        pass
+    wanted = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+    return ['CPU: %s; torch %s, CPU capability %s; flags: %s; %d cores available'
+            % (model, torch.__version__, torch.backends.cpu.get_cpu_capability(), ' '.join(wanted) or 'none of avx2/avx512/amx',
+               available_cores())]
+
+
+def model_matmul_gflops():
+    """fp32 and bf16 GFLOP/s on SmolLM2's own layer shapes, as the trainer measures them (lora path)."""
+    from trainer.precision import measure
+    shapes = {(576, 576): 60, (576, 192): 60, (576, 1536): 90, (1536, 576): 30}
+    rates = measure(shapes, 'lora')  # where bf16 is pathologically slow, its rate is the slice's
+    return {'fp32': rates['fp32'], 'bf16': rates['bf16']}
 
 
 def dataset_loss(model, features, pad_token_id, batch_size=8):
@@ -108,6 +128,10 @@ def ours_child(job_dir):
     assert main(['--job-dir', job_dir]) == 0, open(os.path.join(job_dir, 'status.json')).read()
     status = json.load(open(os.path.join(job_dir, 'status.json')))
     config = json.load(open(os.path.join(job_dir, 'config.json')))
+    final = status['final_metrics']
+    if config.get('max_steps'):  # a capped run: its speed only, the loss of a few steps means nothing
+        return {'seconds': final['train_runtime'], 'tokens_per_second': final['tokens_per_second'],
+                'precision': final['precision']}
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,10 +140,9 @@ def ours_child(job_dir):
     features, _long, _empty = tokenize_file(tokenizer, os.path.join(job_dir, 'train.jsonl'), config['max_seq_length'])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config['base_model_path']),
                                       status['result']['model_ref'])
-    return {'seconds': status['final_metrics']['train_runtime'],
+    return {'seconds': final['train_runtime'], 'precision': final['precision'],
             'tokens': sum(len(f['input_ids']) for f in features) * config['epochs'],
-            'final_loss': dataset_loss(model, features, tokenizer.pad_token_id),
-            'train_loss': status['final_metrics']['train_loss']}
+            'final_loss': dataset_loss(model, features, tokenizer.pad_token_id), 'train_loss': final['train_loss']}
 
 
 def child(which, job_dir):
@@ -133,40 +156,55 @@ def main():
     parser.add_argument('--examples', type=int, default=48)
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--other-steps', type=int, default=4,
+                        help='step cap of the run forced to the precision the trainer did not choose')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
     import torch
-    torch.set_num_threads(os.cpu_count())
+
+    from trainer.precision import available_cores
+    torch.set_num_threads(available_cores())
     n_params = 134.5e6
-    limits = {'fp32': matmul_gflops(torch.float32), 'bf16': matmul_gflops(torch.bfloat16)}
-    print('matmul limit here: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s' % (limits['fp32'], limits['bf16']))
-    ratios = []
+    for line in machine_report():
+        print(line)
+    limits = model_matmul_gflops()
+    print('matmul on the model\'s layer shapes: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s'
+          % (limits['fp32'], limits['bf16']))
+    ratios, baseline_tps, chosen = [], [], None
     for attempt in range(args.repeats):
         results = {which: run_child(which, args) for which in ('baseline', 'ours')}
-        for which, precision in (('baseline', 'fp32'), ('ours', 'bf16')):
+        chosen = results['ours']['precision']
+        for which, precision in (('baseline', 'fp32'), ('ours', chosen)):
             r = results[which]
             tps = r['tokens'] / r['seconds']
             share = tps * 6 * n_params / (limits[precision] * 1e9)
-            print('%-9s %6.1f s  %6.0f tokens/s  peak RSS %5.0f MB  final loss %.4f  (%.0f%% of the %s 6N limit)'
-                  % (which, r['seconds'], tps, r['rss_mb'], r['final_loss'], 100 * share, precision))
+            print('%-9s %6.1f s  %6.0f tokens/s  peak RSS %5.0f MB  final loss %.4f  %s  (%.0f%% of the %s 6N limit)'
+                  % (which, r['seconds'], tps, r['rss_mb'], r['final_loss'], precision, 100 * share, precision))
         b, o = results['baseline'], results['ours']
-        ratios.append((o['tokens'] / o['seconds']) / (b['tokens'] / b['seconds']))
+        baseline_tps.append(b['tokens'] / b['seconds'])
+        ratios.append((o['tokens'] / o['seconds']) / baseline_tps[-1])
         print('pair %d: ours is %.2fx the baseline throughput (non-padding tokens/s); final loss over the '
               'training set %.4f vs %.4f' % (attempt + 1, ratios[-1], o['final_loss'], b['final_loss']))
-    print('ratio (median of %d pairs): %.2fx' % (len(ratios), statistics.median(ratios)))
+    print('ratio (median of %d pairs): %.2fx, trainer chose %s' % (len(ratios), statistics.median(ratios), chosen))
+    # The precision not chosen, capped: a forced bf16 run on a CPU without bf16 units takes hours.
+    other = 'fp32' if chosen == 'bf16' else 'bf16'
+    r = run_child('ours', args, bf16=(other == 'bf16'), max_steps=args.other_steps)
+    print('forced %s (%d steps): %.0f tokens/s, %.2fx the baseline; the automatic choice (%s) was %.2fx'
+          % (other, args.other_steps, r['tokens_per_second'], r['tokens_per_second'] / statistics.median(baseline_tps),
+             chosen, statistics.median(ratios)))
 
 
-def run_child(which, args):
-    """One training run in a fresh process, on its own job folder."""
+def run_child(which, args, **config):
+    """One training run in a fresh process, on its own job folder; `config` overrides the job's."""
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, 'train.jsonl'), 'w') as f:
             f.writelines(json.dumps(e) + '\n' for e in make_examples(args.examples))
         with open(os.path.join(tmp, 'config.json'), 'w') as f:
             json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': 4,
                        'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32, 'max_seq_length': 256,
-                       'seed': 42, 'save_steps': 100000}, f)
+                       'seed': 42, 'save_steps': 100000, **config}, f)
         out = subprocess.run([sys.executable, '-m', 'bench.bench_training', '--child', which, tmp],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=dict(os.environ, PYTHONPATH=ROOT))

@@ -71,9 +71,32 @@ def ours(path):
     return report.examples, report.error_count
 
 
+def huge_line(path):
+    """The security probe: 12 good examples and one 30 MB line, validated as a job would (the
+    model's own tokenizer, its context as the limit). Returns seconds and the RSS it added."""
+    from lib.dataset_validator import DatasetValidator
+    from lib.token_count import tokenizer_counter
+    model_dir = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
+    counter = tokenizer_counter(os.path.join(model_dir, 'tokenizer.json'))
+    counter([{'role': 'user', 'content': 'warm up'}])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    start = time.perf_counter()
+    validator = DatasetValidator(count_tokens=counter, max_tokens=8192)
+    with open(path, 'rb') as f:
+        validator.validate_file(f, os.path.basename(path))
+    report = validator.finish()
+    seconds = time.perf_counter() - start
+    refused = [str(p) for p in report.errors if 'over the limit' in p.message]
+    return {'seconds': seconds, 'rss_added_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - rss_before,
+            'refused': refused[0] if refused else None}
+
+
 def run_one(which, path):
     """Child process: time one validator, print JSON with its figures."""
     sys.path.insert(0, ROOT)
+    if which == 'huge_line':
+        print(json.dumps(huge_line(path)))
+        return
     start = time.perf_counter()
     examples, errors = {'baseline': baseline, 'ours': ours}[which](path)
     seconds = time.perf_counter() - start
@@ -113,6 +136,17 @@ def main():
         b, o = results['baseline'], results['ours']
         print('ratio: ours is %.2fx the baseline throughput, with %.2fx its peak memory'
               % (b['seconds'] / o['seconds'], o['rss_mb'] / b['rss_mb']))
+        huge = os.path.join(tmp, 'huge.jsonl')
+        with open(huge, 'w') as f:
+            for i in range(12):
+                f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Question %d?' % i},
+                                                 {'role': 'assistant', 'content': 'Answer %d.' % i}]}) + '\n')
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': 'x' * (30 << 20)},
+                                             {'role': 'assistant', 'content': 'ok'}]}) + '\n')
+        out = subprocess.check_output([sys.executable, __file__, '--child', 'huge_line', huge])
+        r = json.loads(out.decode().strip().splitlines()[-1])
+        print('30 MB line: refused in %.2f s, RSS +%.0f MB (goal: under 5 s and 200 MB): %s'
+              % (r['seconds'], r['rss_added_mb'], r['refused']))
 
 
 if __name__ == '__main__':

@@ -32,9 +32,30 @@ MESSAGE_KEYS = frozenset(('role', 'content', 'name', 'weight', 'tool_calls', 'to
 CONTENT_PART_TYPES = ('text', 'image_url')
 BOM = b'\xef\xbb\xbf'
 MAX_REPORTED = 200  # problems kept in the report per kind; the counts stay exact
+MAX_LINE_BYTES = 1 << 20  # one example; a longer line is refused unread (odoo.conf can change it)
+MAX_FILE_BYTES = 512 << 20  # OpenAI's limit for a fine-tuning file
 
 
-def estimate_tokens(messages):
+def read_lines(stream, max_line_bytes):
+    """Yield each line of a binary stream, or, for a line over `max_line_bytes`, its length (an
+    int) after skipping it in bounded pieces: one huge line never sits in memory."""
+    while True:
+        raw = stream.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        if len(raw) > max_line_bytes and not raw.endswith(b'\n'):
+            size = len(raw)
+            while True:
+                piece = stream.readline(1 << 20)
+                size += len(piece)
+                if not piece or piece.endswith(b'\n'):
+                    break
+            yield size
+        else:
+            yield raw
+
+
+def estimate_tokens(messages, limit=None):
     """A tokenizer-free estimate: ~4 characters a token plus OpenAI's per-message overhead."""
     chars = 0
     for message in messages:
@@ -281,13 +302,16 @@ class DatasetReport(object):
 class DatasetValidator(object):
     """Feed it files one by one with `add_file`, then call `finish()` for the report.
 
-    count_tokens(messages) -> int is pluggable: the estimator by default, a real tokenizer when
-    the provider has one. max_tokens is the model's context (an error above it); long_tokens is
-    the length above which an example gets a warning (it will be cut or is costly).
+    count_tokens(messages, limit=None) -> int is pluggable: the estimator by default, a real
+    tokenizer when the provider has one; it may stop counting once past `limit` (the context).
+    max_tokens is the model's context (an error above it); long_tokens is the length above which
+    an example gets a warning (it will be cut or is costly). A line over max_line_bytes or a file
+    over max_file_bytes is refused before any parsing.
     """
 
     def __init__(self, count_tokens=estimate_tokens, max_tokens=None, long_tokens=None,
-                 min_examples=MIN_EXAMPLES, data_format='chat'):
+                 min_examples=MIN_EXAMPLES, data_format='chat', max_line_bytes=MAX_LINE_BYTES,
+                 max_file_bytes=MAX_FILE_BYTES):
         if data_format not in FORMATS:
             raise ValueError('unknown dataset format %r; use one of %s' % (data_format, ', '.join(FORMATS)))
         self.check = check_preference_example if data_format == 'preference' else check_example
@@ -295,6 +319,8 @@ class DatasetValidator(object):
         self.max_tokens = max_tokens
         self.long_tokens = long_tokens
         self.min_examples = min_examples
+        self.max_line_bytes = max_line_bytes
+        self.max_file_bytes = max_file_bytes
         self.report = DatasetReport()
         self._seen = {}
 
@@ -305,8 +331,19 @@ class DatasetValidator(object):
         report.files.append(filename)
         crlf_reported = False
         line_no = 0
-        for raw in stream:
+        size = 0
+        for raw in read_lines(stream, self.max_line_bytes):
             line_no += 1
+            size += raw if isinstance(raw, int) else len(raw)
+            if size > self.max_file_bytes:
+                report.add_error(Problem(filename, line_no, '', 'the file is over the limit of %d MB; split it '
+                                         'into several files (the rest of this file was not read)'
+                                         % (self.max_file_bytes >> 20)))
+                return
+            if isinstance(raw, int):
+                report.add_error(Problem(filename, line_no, '', 'the line is %d bytes, over the limit of %d '
+                                         'for one example; shorten or split it' % (raw, self.max_line_bytes)))
+                continue
             if line_no == 1 and raw.startswith(BOM):
                 report.add_error(Problem(filename, 1, '', 'the file starts with a byte-order mark '
                                          '(BOM); save it as UTF-8 without BOM'))
@@ -339,11 +376,11 @@ class DatasetValidator(object):
             except InvalidExample as e:
                 report.add_error(Problem(filename, line_no, e.field, e.message))
                 continue
-            tokens = self.count_tokens(messages)
+            tokens = self.count_tokens(messages, limit=self.max_tokens)
             if self.max_tokens and tokens > self.max_tokens:
-                report.add_error(Problem(filename, line_no, 'messages', '%d tokens, more than the '
-                                         "model's context of %d; shorten or split this example"
-                                         % (tokens, self.max_tokens)))
+                # the count may have stopped early: "over", not an exact number
+                report.add_error(Problem(filename, line_no, 'messages', "over the model's context of %d "
+                                         'tokens; shorten or split this example' % self.max_tokens))
                 continue
             if self.long_tokens and tokens > self.long_tokens:
                 report.long_examples += 1

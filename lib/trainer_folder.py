@@ -97,8 +97,11 @@ def provider_report(folder, offsets, alive):
                            'checkpoint.' % status.get('step', 0))
     if report['status'] == 'succeeded':
         result = status.get('result') or {}
-        report['result'] = {'model_ref': result.get('model_ref'),
-                            'description': json.dumps(status.get('final_metrics') or {}, sort_keys=True)}
+        final = status.get('final_metrics') or {}
+        report['result'] = {'model_ref': result.get('model_ref'), 'description': json.dumps(final, sort_keys=True)}
+        # the speed this machine reached, for later jobs' time estimates
+        report['tokens_per_second'] = final.get('tokens_per_second')
+        report['precision'] = final.get('precision')
     return report
 
 

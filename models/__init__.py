@@ -1,4 +1,6 @@
+from . import llm_secret
 from . import llm_provider
+from . import llm_provider_throughput
 from . import llm_model
 from . import llm_training_dataset
 from . import llm_training_job_event

@@ -37,6 +37,8 @@ class LlmModel(models.Model):
     def action_test_model(self):
         """Answer `test_prompt` with this model and, for a fine-tuned one, with its base model."""
         self.ensure_one()
+        self.check_access_rights('write')  # the answers are written on the model: check before generating
+        self.check_access_rule('write')
         if not (self.test_prompt or '').strip():
             raise UserError(_('Write a prompt to test the model with.'))
         values = {'test_reply': self.provider_id._dispatch('generate', self, self.test_prompt)}

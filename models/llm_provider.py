@@ -26,8 +26,14 @@ class LlmProvider(models.Model):
     company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
     service = fields.Selection([('local', 'Local (Hugging Face)'), ('openai', 'OpenAI')],
                                required=True, default='local')
-    # Secrets: only managers can read the field at all (groups=), and it is never logged.
-    api_key = fields.Char(string='API Key', groups='llm_training.group_llm_manager', copy=False)
+    # The key lives in llm.secret (managers only by ACL, closed on every ORM path). This field
+    # only takes a new value from the form: it always reads empty, so the key never goes back to
+    # a browser; api_key_hint shows its last four characters.
+    api_key = fields.Char(string='API Key', compute='_compute_api_key', inverse='_inverse_api_key',
+                          groups='llm_training.group_llm_manager', copy=False,
+                          help='Paste a key to set or replace it; it is never shown again.')
+    api_key_hint = fields.Char(string='Current Key', compute='_compute_api_key',
+                               groups='llm_training.group_llm_manager')
     base_url = fields.Char(string='Base URL', help='Endpoint of the service, for OpenAI-compatible '
                                                    'services; empty for the default.')
     request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
@@ -35,6 +41,45 @@ class LlmProvider(models.Model):
                                                          'extra jobs wait in Queued. 0 means no limit.')
     model_ids = fields.One2many('llm.model', 'provider_id', string='Models')
     job_ids = fields.One2many('llm.training.job', 'provider_id', string='Training Jobs')
+    throughput_ids = fields.One2many('llm.provider.throughput', 'provider_id', string='Measured Throughput',
+                                     readonly=True, help="Training speed this provider's machine reached, "
+                                                         "per base model and technique.")
+
+    @api.depends()
+    def _compute_api_key(self):
+        Secret = self.env['llm.secret']
+        # groups= does not guard export_data in Odoo 11: the hint is computed for managers only
+        manager = self.env.user.has_group('llm_training.group_llm_manager')
+        for provider in self:
+            provider.api_key = False
+            provider.api_key_hint = Secret._hint(provider, 'api_key') if provider.id and manager else False
+
+    def _inverse_api_key(self):
+        for provider in self:
+            if provider.api_key:  # empty: keep the current key
+                self.env['llm.secret']._write_value(provider, 'api_key', provider.api_key)
+
+    def _get_secret(self, field_name):
+        """A credential for the adapter that calls the service (see llm.secret)."""
+        self.ensure_one()
+        return self.env['llm.secret']._read_value(self, field_name)
+
+    @api.multi
+    def action_clear_api_key(self):
+        self._check_manager_action()
+        for provider in self:
+            self.env['llm.secret']._write_value(provider, 'api_key', False)
+        return True
+
+    def _check_manager_action(self):
+        """Check, then act: a button touches a service only for who may change the provider."""
+        self.check_access_rights('write')
+        self.check_access_rule('write')
+
+    @api.multi
+    def unlink(self):
+        self.env['llm.secret']._unlink_for(self)
+        return super(LlmProvider, self).unlink()
 
     @api.constrains('max_concurrent_jobs', 'request_timeout')
     def _check_limits(self):

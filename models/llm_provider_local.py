@@ -14,13 +14,14 @@ import subprocess
 from odoo import _, models, tools
 
 from ..lib import trainer_folder
+from ..lib.hyperparameters import trainer_config
+from ..lib.token_count import tokenizer_counter
 from ..models.llm_training_job import TrainingFailedError
 
 _logger = logging.getLogger(__name__)
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_TIMEOUT = 120
 GENERATE_TIMEOUT = 300
-_TOKENIZERS = {}
 
 
 def trainer_python():
@@ -57,22 +58,17 @@ class LlmProvider(models.Model):
         return path
 
     def _local_token_counter(self, model):
-        """Count with the model's own tokenizer (tokenizer.json), ChatML overhead per message."""
+        """Count with the model's own tokenizer (tokenizer.json); None when it has none."""
         try:
             path = os.path.join(self._local_model_path(model), 'tokenizer.json')
-            from tokenizers import Tokenizer
-        except (TrainingFailedError, ImportError):
+        except TrainingFailedError:
             return None
         if not os.path.exists(path):
             return None
-        tokenizer = _TOKENIZERS.get(path) or _TOKENIZERS.setdefault(path, Tokenizer.from_file(path))
-        from ..lib.dataset_validator import message_text
-
-        def count(messages):
-            texts = [message_text(m.get('content')) for m in messages]
-            # <|im_start|>role\n ... <|im_end|>\n: 5 template tokens around each message
-            return sum(len(e.ids) for e in tokenizer.encode_batch(texts)) + 5 * len(messages)
-        return count
+        try:
+            return tokenizer_counter(path)
+        except ImportError:
+            return None
 
     def _local_validate_training_job(self, job):
         self._local_model_path(job.base_model_id)
@@ -93,8 +89,8 @@ class LlmProvider(models.Model):
         folder = job.work_dir
         data = job._get_provider_data()
         resume = bool(data.get('resume')) and trainer_folder.has_checkpoint(folder)
-        config = dict(job._get_hyperparameters(), base_model_path=self._local_model_path(job.base_model_id),
-                      technique=job.technique, resume=resume)
+        config = dict(trainer_config(job._get_hyperparameters()),
+                      base_model_path=self._local_model_path(job.base_model_id), technique=job.technique, resume=resume)
         trainer_folder.write_json_atomic(os.path.join(folder, trainer_folder.CONFIG), config)
         # A fresh status always (a stale "running" must not be read as this run's); the metrics and
         # events of an earlier run are kept on resume, with the offsets already read.

@@ -6,7 +6,7 @@ check reads the job, its new events (metrics among them) and its checkpoints; ca
 and the job is Cancelled once OpenAI reports it so. The SDK retries 429/5xx/timeouts itself
 (MAX_RETRIES, with backoff); what still fails is retried by the next cron run, and errors no
 retry fixes (key, permission, quota, invalid request) fail the job with a clear message.
-The API key is read with sudo only to build the client and is redacted from every message."""
+The API key comes from llm.secret only to build the client and is redacted from every message."""
 import contextlib
 import json
 import logging
@@ -42,7 +42,7 @@ class TokenCounterProcess(object):
             cwd=ADDON_ROOT, env=dict(os.environ, PYTHONPATH=ADDON_ROOT),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
-    def __call__(self, messages):
+    def __call__(self, messages, limit=None):
         with self._lock:
             try:
                 self._process.stdin.write(json.dumps({'messages': messages}).encode('utf-8') + b'\n')
@@ -72,7 +72,7 @@ class LlmProvider(models.Model):
 
     # -- the client and its errors ------------------------------------------------------------
     def _openai_api_key(self):
-        return self.sudo().api_key or ''
+        return self._get_secret('api_key')
 
     def _openai_client(self):
         self.ensure_one()
@@ -280,6 +280,8 @@ class LlmProvider(models.Model):
     @api.multi
     def action_fetch_models(self):
         """List the account's models (base and fine-tuned) into the model registry."""
+        self._check_manager_action()  # before the key is read or the service called
+        self.env['llm.model'].check_access_rights('create')
         for provider in self:
             if provider.service != 'openai':
                 continue

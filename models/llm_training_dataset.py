@@ -3,10 +3,22 @@ import base64
 import io
 import json
 
-from odoo import _, api, fields, models
+import psycopg2
+
+from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
-from ..lib.dataset_validator import DatasetValidator
+from ..lib.dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator
+
+
+class DatasetBusyError(UserError):
+    """Another request is validating this dataset right now: try again in a moment."""
+
+
+def size_limits():
+    """(max line bytes, max file bytes), from odoo.conf or the defaults (1 MB, 512 MB)."""
+    return (int(tools.config.get('llm_training_max_line_bytes') or MAX_LINE_BYTES),
+            int(tools.config.get('llm_training_max_file_bytes') or MAX_FILE_BYTES))
 
 
 class LlmTrainingDataset(models.Model):
@@ -46,16 +58,54 @@ class LlmTrainingDataset(models.Model):
     job_ids = fields.Many2many('llm.training.job', 'llm_training_job_dataset_rel', 'dataset_id', 'job_id',
                                string='Jobs', readonly=True)
 
+    @api.model
+    def create(self, vals):
+        dataset = super(LlmTrainingDataset, self).create(vals)
+        dataset._own_attachments()
+        return dataset
+
+    @api.multi
     def write(self, vals):
         if 'attachment_ids' in vals or 'data_format' in vals:
             vals = dict(vals, state='draft')  # new files: the old verdict no longer holds
-        return super(LlmTrainingDataset, self).write(vals)
+        result = super(LlmTrainingDataset, self).write(vals)
+        if 'attachment_ids' in vals:
+            self._own_attachments()
+        return result
+
+    def _own_attachments(self):
+        """Make each file belong to exactly one dataset (res_model/res_id), so Odoo's attachment
+        access follows the dataset's rules (company included). A file uploaded before its dataset
+        was saved has res_id 0; a file that belongs to another record is copied, never shared."""
+        for dataset in self:
+            for attachment in dataset.attachment_ids.sudo():
+                if attachment.res_model == self._name and attachment.res_id == dataset.id:
+                    continue
+                if not attachment.res_id or (not attachment.res_model and not attachment.res_field):
+                    attachment.write({'res_model': self._name, 'res_id': dataset.id})
+                else:
+                    copy = attachment.copy({'res_model': self._name, 'res_id': dataset.id})
+                    super(LlmTrainingDataset, dataset).write({'attachment_ids': [(3, attachment.id), (4, copy.id)]})
 
     @api.multi
     def action_validate(self):
+        self.check_access_rights('write')
+        self.check_access_rule('write')
         for dataset in self:
             dataset._validate()
         return True
+
+    def _lock_for_validation(self):
+        """One validation per dataset at a time: a second one is refused at once, not run twice.
+        NO KEY: creating a job on the dataset (a foreign-key check) is not blocked meanwhile."""
+        try:
+            with self.env.cr.savepoint():
+                self.env.cr.execute('SELECT id FROM llm_training_dataset WHERE id = %s FOR NO KEY UPDATE NOWAIT', (self.id,))
+        except psycopg2.OperationalError as e:
+            if e.pgcode != '55P03':  # lock_not_available
+                raise
+            raise DatasetBusyError(_('Dataset "%s" is being validated by another request; try again in a '
+                                     'moment.') % self.name)
 
     def _attachment_streams(self):
         """(file name, binary stream) per file, opened one at a time so memory stays flat."""
@@ -72,7 +122,10 @@ class LlmTrainingDataset(models.Model):
         self.ensure_one()
         if not self.attachment_ids:
             raise UserError(_('Dataset "%s" has no file; upload at least one JSONL file.') % self.name)
-        options = {'long_tokens': 4096, 'data_format': self.data_format}
+        self._lock_for_validation()
+        max_line, max_file = size_limits()
+        options = {'long_tokens': 4096, 'data_format': self.data_format, 'max_line_bytes': max_line,
+                   'max_file_bytes': max_file}
         if base_model:
             options['max_tokens'] = base_model.context_length or None
             # the provider's own tokenizer when it has one, else the estimate

@@ -11,8 +11,9 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
-from ..lib.hyperparameters import parse_hyperparameters
+from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
+from .llm_training_dataset import DatasetBusyError
 
 _logger = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ class LlmTrainingJob(models.Model):
     estimated_cost = fields.Float(compute='_compute_estimate', digits=(16, 4),
                                   help="Training tokens x epochs x the base model's training price (USD), "
                                        "from the datasets' last validation.")
+    estimated_duration = fields.Float(
+        compute='_compute_estimate', string='Estimated Training Time',
+        help="Training tokens x epochs / the tokens per second this provider's machine reached on its last "
+             "job with the same base model and technique (blank until one has completed).")
     final_cost = fields.Float(readonly=True, copy=False, digits=(16, 4),
                               help="Billed tokens (trained_tokens) x the base model's training price (USD).")
     submitted_at = fields.Datetime(readonly=True, copy=False)
@@ -146,7 +151,8 @@ class LlmTrainingJob(models.Model):
             job.work_dir = os.path.join(root, 'job-%d' % job.id) if job.id else False
 
     @api.depends('dataset_ids.token_total', 'dataset_ids.example_count', 'epochs', 'validation_split',
-                 'base_model_id.training_price', 'provider_id.service')
+                 'base_model_id.training_price', 'provider_id.service', 'technique',
+                 'provider_id.throughput_ids.tokens_per_second')
     def _compute_estimate(self):
         for job in self:
             examples = sum(job.dataset_ids.mapped('example_count'))
@@ -156,6 +162,11 @@ class LlmTrainingJob(models.Model):
                                                   else LOCAL_DEFAULT_EPOCHS)
             tokens = sum(job.dataset_ids.mapped('token_total')) * (1.0 - (job.validation_split or 0.0))
             job.estimated_cost = openai_jobs.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
+            speed = job.provider_id and job.base_model_id and self.env['llm.provider.throughput']._lookup(
+                job.provider_id, job.base_model_id, job.technique)
+            # hours, shown as HH:MM (float_time)
+            job.estimated_duration = tokens * job.estimated_epochs / speed.tokens_per_second / 3600.0 \
+                if speed and speed.tokens_per_second else 0.0
 
     @api.constrains('hyperparameters', 'validation_split', 'epochs', 'batch_size', 'lora_r',
                     'max_seq_length', 'learning_rate', 'lora_dropout')
@@ -174,7 +185,35 @@ class LlmTrainingJob(models.Model):
                                       % (job.base_model_id.name, job.base_model_id.provider_id.name,
                                          job.provider_id.name))
 
+    @api.model
+    def _split_hyperparameters(self, vals):
+        """A setting named in the JSON object is the job's value: settings the form shows move
+        into their fields (one value per setting, visible); the JSON keeps the rest, by canonical
+        name. OpenAI's and Hugging Face's names are accepted (lib/hyperparameters.py)."""
+        if not vals.get('hyperparameters'):
+            return vals
+        try:
+            form, rest = split_form_fields(vals['hyperparameters'])
+        except ValueError as e:
+            raise ValidationError(_('Hyperparameters: %s') % e)
+        return dict(vals, hyperparameters=rest, **form)
+
+    @api.onchange('hyperparameters')
+    def _onchange_hyperparameters(self):
+        try:
+            values = self._split_hyperparameters({'hyperparameters': self.hyperparameters})
+        except ValidationError as e:
+            return {'warning': {'title': _('Hyperparameters'), 'message': e.name}}
+        for name, value in values.items():
+            self[name] = value
+
+    @api.model
+    def create(self, vals):
+        return super(LlmTrainingJob, self).create(self._split_hyperparameters(vals))
+
+    @api.multi
     def write(self, vals):
+        vals = self._split_hyperparameters(vals)
         locked = set(vals) & {'provider_id', 'base_model_id', 'dataset_ids', 'technique',
                               'hyperparameters', 'validation_dataset_ids', 'validation_split'}
         if locked and any(job.state not in ('draft', 'failed', 'cancelled') for job in self):
@@ -189,8 +228,15 @@ class LlmTrainingJob(models.Model):
         return super(LlmTrainingJob, self).unlink()
 
     # -- buttons (each returns True: XML-RPC cannot marshal None) ----------------------------
+    # Check, then act: each button first checks that the user may change these jobs, so nobody
+    # without rights reaches a provider, a process or a file.
+    def _check_write_access(self):
+        self.check_access_rights('write')
+        self.check_access_rule('write')
+
     @api.multi
     def action_submit(self):
+        self._check_write_access()
         for job in self:
             if not job.dataset_ids:
                 raise UserError(_('Add at least one training dataset before submitting.'))
@@ -201,12 +247,14 @@ class LlmTrainingJob(models.Model):
     @api.multi
     def action_check_status(self):
         """Move the job on now, as the cron would (same code path, same idempotency)."""
+        self._check_write_access()
         for job in self:
             job._sync_one()
         return True
 
     @api.multi
     def action_cancel(self):
+        self._check_write_access()
         for job in self:
             if job.state in job_status.FINAL_STATES:
                 raise UserError(_('Job "%s" is already %s.') % (job.name, job.state))
@@ -223,6 +271,7 @@ class LlmTrainingJob(models.Model):
     @api.multi
     def action_resume(self):
         """Start a failed or cancelled local job again from its last checkpoint."""
+        self._check_write_access()
         for job in self:
             if job.service != 'local' or job.state not in ('failed', 'cancelled'):
                 raise UserError(_('Only a failed or cancelled job of a local provider can be resumed.'))
@@ -233,6 +282,7 @@ class LlmTrainingJob(models.Model):
 
     @api.multi
     def action_reset_to_draft(self):
+        self._check_write_access()
         for job in self:
             job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',
                               progress=0.0, current_step=0, total_steps=0, current_epoch=0.0,
@@ -266,13 +316,7 @@ class LlmTrainingJob(models.Model):
     def _get_hyperparameters(self):
         """The job's settings as one validated dict (fields + the JSON extras)."""
         self.ensure_one()
-        return parse_hyperparameters(self.hyperparameters, {
-            'epochs': self.epochs, 'batch_size': self.batch_size, 'learning_rate': self.learning_rate,
-            'learning_rate_multiplier': self.learning_rate_multiplier, 'lora_r': self.lora_r,
-            'lora_alpha': self.lora_alpha, 'lora_dropout': self.lora_dropout,
-            'max_seq_length': self.max_seq_length, 'seed': self.seed,
-            'validation_split': self.validation_split,
-        })
+        return parse_hyperparameters(self.hyperparameters, {name: self[name] for name in FORM_FIELDS})
 
     def _data_format(self):
         """'chat' or 'preference': the format all of the job's datasets share."""
@@ -382,7 +426,10 @@ class LlmTrainingJob(models.Model):
             return
         problems = []
         for dataset in self.dataset_ids | self.validation_dataset_ids:
-            report = dataset._validate(self.base_model_id)
+            try:
+                report = dataset._validate(self.base_model_id)
+            except DatasetBusyError as e:
+                raise TrainingRetryableError(e.name, seconds=30)
             if not report.valid:
                 problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
         if problems:
@@ -458,6 +505,9 @@ class LlmTrainingJob(models.Model):
         for new_state in job_status.plan_transitions(self.state, status):
             if new_state == 'completed':
                 self._register_result(report.get('result') or {})
+                if report.get('tokens_per_second'):
+                    self.env['llm.provider.throughput'].sudo()._record(self, report['tokens_per_second'],
+                                                                       report.get('precision'))
                 self._change_state('completed', final_cost=openai_jobs.cost(
                     self.trained_tokens, self.base_model_id.training_price))
             elif new_state == 'failed':
@@ -472,8 +522,9 @@ class LlmTrainingJob(models.Model):
         super(LlmTrainingJob, self).write({'result_model_id': model.id})
 
     def _register_model(self, model_ref, name, description=None):
-        """Create or update the fine-tuned `llm.model` with this technical id."""
-        Model = self.env['llm.model'].sudo().with_context(active_test=False)
+        """Create or update the fine-tuned `llm.model` with this technical id, with the rights of
+        whoever moves the job (the cron, or a manager's button after its access check)."""
+        Model = self.env['llm.model'].with_context(active_test=False)
         model = Model.search([('provider_id', '=', self.provider_id.id), ('model_ref', '=', model_ref)], limit=1)
         values = {'name': name, 'kind': 'fine_tuned', 'provider_id': self.provider_id.id,
                   'model_ref': model_ref, 'base_model_id': self.base_model_id.id, 'job_id': self.id,
@@ -487,6 +538,8 @@ class LlmTrainingJob(models.Model):
     @api.multi
     def action_register_checkpoints(self):
         """Register the intermediate checkpoints the provider kept (OpenAI keeps the last few) as models."""
+        self._check_write_access()
+        self.env['llm.model'].check_access_rights('create')
         for job in self:
             checkpoints = job._get_provider_data().get('checkpoints') or []
             if not checkpoints:

@@ -12,6 +12,7 @@ class LlmTrainingJobMetric(models.Model):
     _order = 'job_id, step'
 
     job_id = fields.Many2one('llm.training.job', required=True, ondelete='cascade', index=True)
+    company_id = fields.Many2one(related='job_id.company_id', store=True, readonly=True, index=True)
     step = fields.Integer(required=True)
     epoch = fields.Float(digits=(16, 3))
     train_loss = fields.Float(digits=(16, 5))

@@ -135,7 +135,7 @@ class TestBadInput(unittest.TestCase):
         long = {'messages': [{'role': 'user', 'content': 'word ' * 400}, GOOD['messages'][1]]}
         report = validate(good_lines() + [json.dumps(long).encode()], max_tokens=100)
         self.assertEqual(report.errors[0].line, 11)
-        self.assertIn("more than the model's context of 100", report.errors[0].message)
+        self.assertIn("over the model's context of 100 tokens", report.errors[0].message)
 
 
 class TestFileLevelProblems(unittest.TestCase):
@@ -200,7 +200,7 @@ class TestWarningsAndStatistics(unittest.TestCase):
 
     def test_statistics(self):
         counts = iter([5, 7, 9] * 4)
-        report = validate(good_lines(12), count_tokens=lambda messages: next(counts))
+        report = validate(good_lines(12), count_tokens=lambda messages, limit=None: next(counts))
         self.assertEqual((report.examples, report.messages), (12, 24))
         self.assertEqual((report.tokens_min, report.tokens_max, report.tokens_total), (5, 9, 84))
         self.assertAlmostEqual(report.tokens_mean, 7.0)

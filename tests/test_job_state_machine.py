@@ -1,4 +1,4 @@
-from odoo.exceptions import UserError
+from odoo.exceptions import ValidationError, UserError
 
 from odoo.addons.llm_training.lib.job_status import PROVIDER_STATUSES, plan_transitions
 from odoo.addons.llm_training.models.llm_training_job import STATES, TRANSITIONS
@@ -84,7 +84,7 @@ class TestStateMachine(TrainingCase):
     def test_hyperparameters_checked(self):
         for bad in ('{not json', '[1]', '{"unknown_knob": 1}', '{"warmup_ratio": "high"}',
                     '{"warmup_ratio": 0.9}'):
-            with self.assertRaises(Exception, msg=bad):
+            with self.assertRaises(ValidationError, msg=bad):
                 with self.env.cr.savepoint():
                     self.make_job(hyperparameters=bad)
         job = self.make_job(hyperparameters='{"warmup_ratio": 0.1, "eval_steps": 5}')
@@ -92,7 +92,7 @@ class TestStateMachine(TrainingCase):
 
     def test_base_model_must_belong_to_provider(self):
         other = self.env['llm.provider'].create({'name': 'Other', 'service': 'test'})
-        with self.assertRaises(Exception):
+        with self.assertRaisesRegex(ValidationError, 'belongs to provider'):
             with self.env.cr.savepoint():
                 self.make_job(provider_id=other.id)
 

@@ -4,6 +4,8 @@ import os
 import signal
 import time
 
+from odoo.exceptions import AccessError
+
 from odoo.addons.llm_training.lib import trainer_folder
 from odoo.addons.llm_training.models.llm_provider_local import run_trainer_module
 
@@ -66,6 +68,16 @@ class TestLocalProvider(TrainingCase):
         self.assertEqual((model.kind, model.base_model_id, model.job_id), ('fine_tuned', self.smol, job))
         self.assertTrue(os.path.exists(os.path.join(model.model_ref, 'adapter_config.json')))
         self.assertIn('Training finished', ' '.join(job.event_ids.mapped('message')))
+        self.assertIn('precision: ', ' '.join(job.event_ids.mapped('message')))
+        # the speed this machine reached is kept, and the next job's time estimate comes from it
+        speed = self.env['llm.provider.throughput']._lookup(self.local, self.smol, 'lora')
+        self.assertEqual(speed.job_id, job)
+        self.assertGreater(speed.tokens_per_second, 0)
+        self.assertIn(speed.precision, ('bf16', 'fp32'))
+        following = self.local_job(epochs=3)
+        tokens = self.data.token_total * 0.75
+        self.assertAlmostEqual(following.estimated_duration, tokens * 3 / speed.tokens_per_second / 3600.0, places=6)
+        self.assertEqual(self.local_job(technique='full').estimated_duration, 0.0, 'no speed measured for full yet')
         # test the model from its form: base and fine-tuned side by side
         model.test_prompt = 'What is the code word number 2?'
         model.action_test_model()
@@ -96,6 +108,16 @@ class TestLocalProvider(TrainingCase):
         self.wait_until(job, lambda j: j.state == 'training' and j.current_step >= 3)
         events = ' '.join(job.event_ids.mapped('message'))
         self.assertIn('Resuming from checkpoint-', events)
+        # an internal user's buttons are refused before they reach the live trainer
+        user = self.env['res.users'].with_context(no_reset_password=True).create(
+            {'name': 'Reader', 'login': 'llm_local_reader', 'groups_id': [(6, 0, [self.env.ref('base.group_user').id])]})
+        data = job._get_provider_data()
+        for action in ('action_cancel', 'action_check_status', 'action_resume', 'action_reset_to_draft'):
+            with self.assertRaises(AccessError):
+                getattr(job.sudo(user), action)()
+            self.assertTrue(trainer_folder.is_alive(data['pid'], data['start_time']), action)
+        job.invalidate_cache()
+        self.assertEqual((job.state, job.cancel_requested, job._get_provider_data()['pid']), ('training', False, data['pid']))
         job.action_cancel()
         self.wait_until(job, lambda j: j.state == 'cancelled', timeout=120)
         self.assertTrue(job.cancel_requested)

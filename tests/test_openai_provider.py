@@ -264,7 +264,7 @@ class TestOpenAIFaults(OpenAICase):
         self.assertEqual(self.server.files, {})
 
     def test_no_key_fails_at_validating(self):
-        self.openai.api_key = False
+        self.openai.action_clear_api_key()
         job = self.make_openai_job()
         job.action_submit()
         self.run_cron()

@@ -34,14 +34,17 @@ class TrainConfig:
     seed: int = field(default=42, metadata={'help': 'random seed'})
     gradient_accumulation_steps: int = field(default=1, metadata={'help': 'steps before an update'})
     warmup_ratio: float = field(default=0.0, metadata={'help': 'share of steps warming up the LR'})
+    warmup_steps: int = field(default=0, metadata={'help': 'steps warming up the LR (wins over warmup_ratio)'})
+    max_grad_norm: float = field(default=1.0, metadata={'help': 'gradient clipping norm'})
     weight_decay: float = field(default=0.0, metadata={'help': 'AdamW weight decay'})
     lr_scheduler_type: str = field(default='linear', metadata={'help': 'transformers scheduler name'})
     logging_steps: int = field(default=1, metadata={'help': 'steps between metric records'})
     eval_steps: int = field(default=0, metadata={'help': 'steps between evaluations (0: once an epoch)'})
     save_steps: int = field(default=0, metadata={'help': 'steps between checkpoints (0: once an epoch)'})
     max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
-    bf16: bool = field(default=None, metadata={'help': 'bf16 matmuls; default on where supported (CUDA: '
-                                                       'autocast; CPU LoRA: frozen weights only, see bf16_matmul)'})
+    bf16: bool = field(default=None, metadata={'help': 'force bf16 (true) or fp32 (false); default: measured '
+                                                       'on this machine (precision.py); CUDA: autocast, CPU '
+                                                       'LoRA: frozen weights only (bf16_matmul)'})
     # Random batches, as plain Trainer: length-grouped ones weigh short examples' tokens more and
     # cost final loss on the benchmark; packing removes the padding that grouping would save.
     group_by_length: bool = field(default=False, metadata={'help': 'batch similar lengths (padded batches)'})
@@ -51,8 +54,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        """The config, refusing keys it does not know: a setting silently dropped is a setting
+        the user thinks was applied."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError('unknown setting(s) %s in config.json; known: %s' % (', '.join(unknown), ', '.join(sorted(known))))
+        return cls(**{k: v for k, v in values.items() if v is not None})
 
 
 class TrainingCancelled(Exception):
@@ -106,9 +114,6 @@ def load_model(config):
         if not torch.cuda.is_available():
             from .fast_dropout import use_fast_dropout
             use_fast_dropout(model, config.seed)
-            if use_bf16(config):
-                from .bf16_matmul import use_bf16_matmuls
-                use_bf16_matmuls(model)
     return model
 
 
@@ -121,13 +126,18 @@ def make_lora_config(config):
                       target_modules=config.target_modules or 'all-linear', task_type='CAUSAL_LM')
 
 
-def use_bf16(config):
+def choose_precision(folder, config, model):
+    """bf16 or fp32 for this run, measured on this machine (precision.py), reported as an event."""
     import torch
-    if config.bf16 is not None:
-        return config.bf16
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return True  # CPU: bf16 matmuls are about 2x fp32 on these machines (avx512_bf16)
+
+    from . import precision
+    cuda = torch.cuda.is_available()
+    lora = config.technique != 'full'
+    choice = precision.choose(folder.path, config.bf16, cuda, cuda and torch.cuda.is_bf16_supported(),
+                              lambda: precision.layer_shapes(model, lora), 'lora' if lora else 'full',
+                              resume=config.resume)
+    folder.event(precision.describe(choice), **{k: v for k, v in choice.items() if k != 'source'})
+    return choice
 
 
 class ListDataset(object):
@@ -252,8 +262,12 @@ def train(folder, config):
 
     from .data import ChatCollator, PackingCollator, tokenize_file
 
+    from .precision import available_cores
+
     check_technique(config)
     torch.manual_seed(config.seed)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(available_cores())  # the cores this process may use, not the host's
     folder.update_status(state='starting')
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_path)
     if tokenizer.pad_token_id is None:
@@ -275,6 +289,11 @@ def train(folder, config):
     n_train_tokens = sum(len(f['input_ids']) for f in train_features)  # real tokens, no padding
 
     model = load_model(config)
+    choice = choose_precision(folder, config, model)
+    bf16 = choice['precision'] == 'bf16'
+    if bf16 and config.technique != 'full' and not torch.cuda.is_available():
+        from .bf16_matmul import use_bf16_matmuls
+        use_bf16_matmuls(model)
     if config.packing:
         from .packed_attention import NAME
         model.set_attn_implementation(NAME)
@@ -284,9 +303,10 @@ def train(folder, config):
                  % (os.path.basename(config.base_model_path.rstrip('/')), config.technique, total / 1e6,
                     trainable / 1e6, len(train_features), len(eval_features)))
 
-    # On CPU, LoRA's bf16 is done by bf16_matmul at load time; autocast only where that is not.
-    autocast_bf16 = use_bf16(config) and (torch.cuda.is_available() or config.technique == 'full')
+    # On CPU, LoRA's bf16 is done by bf16_matmul above; autocast only where that is not.
+    autocast_bf16 = bf16 and (torch.cuda.is_available() or config.technique == 'full')
     preprocess, compute = token_accuracy_metrics()
+    progress = make_progress_callback(folder, CANCEL, n_train_tokens)
     args = TrainingArguments(
         output_dir=folder.file(job_files.CHECKPOINTS),
         num_train_epochs=config.epochs or 3,
@@ -296,7 +316,9 @@ def train(folder, config):
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=float(config.warmup_ratio),  # transformers 5: a float below 1 is a ratio
+        # transformers 5: an int counts steps, a float below 1 is a ratio
+        warmup_steps=config.warmup_steps or float(config.warmup_ratio),
+        max_grad_norm=config.max_grad_norm,
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
         eval_strategy=('steps' if config.eval_steps else 'epoch') if eval_features else 'no',
@@ -317,7 +339,7 @@ def train(folder, config):
                       data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
                       compute_metrics=compute if eval_features else None,
                       preprocess_logits_for_metrics=preprocess if eval_features else None,
-                      callbacks=[make_progress_callback(folder, CANCEL, n_train_tokens)])
+                      callbacks=[progress])
     resume_from = last_checkpoint(folder.file(job_files.CHECKPOINTS)) if config.resume else None
     if resume_from:
         folder.event('Resuming from %s' % os.path.basename(resume_from))
@@ -327,7 +349,11 @@ def train(folder, config):
         trainer.save_state()
         raise TrainingCancelled()
 
-    final = {'train_loss': output.training_loss, 'train_runtime': time.time() - started}
+    runtime = time.time() - started
+    # This run's training speed on this machine: Odoo keeps it to estimate later jobs' time.
+    tokens_run = n_train_tokens * ((trainer.state.epoch or 0.0) - progress.start_epoch)
+    final = {'train_loss': output.training_loss, 'train_runtime': runtime, 'precision': choice['precision'],
+             'threads': choice['threads'], 'tokens_per_second': round(tokens_run / runtime, 1) if runtime else None}
     if eval_features:
         metrics = trainer.evaluate()
         final['valid_loss'] = metrics.get('eval_loss')
