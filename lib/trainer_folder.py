@@ -3,8 +3,13 @@
 Runs on Odoo's Python 3.7 and never imports the trainer. JSON-lines files are read from a byte
 offset, so each poll reads only what is new; a trailing partial line is left for the next poll.
 """
+import contextlib
+import fcntl
 import json
 import os
+import time
+
+import psutil
 
 CONFIG = 'config.json'
 STATUS = 'status.json'
@@ -12,6 +17,8 @@ METRICS = 'metrics.jsonl'
 EVENTS = 'events.jsonl'
 LOG = 'trainer.log'
 CHECKPOINTS = 'checkpoints'
+PID_FILE = 'trainer.pid'     # written by the launcher: pid, start time and job key of the trainer
+LAUNCH_LOCK = 'launch.lock'  # held by a launcher while it checks and starts
 
 # trainer state -> provider status (lib/job_status.py)
 TRAINER_STATUS = {'starting': 'queued', 'running': 'running', 'completed': 'succeeded',
@@ -54,17 +61,15 @@ def has_checkpoint(folder):
 
 
 def process_start_time(pid):
-    """The kernel's start time of `pid` (clock ticks since boot), or None if there is no such
-    process. Stored with the pid, it tells our trainer from a later process reusing its pid."""
+    """When `pid` started (psutil's create_time), or None if there is no such live process.
+    Stored with the pid, it tells our trainer from a later process reusing its pid."""
     try:
-        with open('/proc/%d/stat' % pid) as f:
-            stat = f.read()
-    except (IOError, OSError):
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped
+            return None
+        return process.create_time()
+    except (psutil.Error, ValueError):
         return None
-    fields = stat[stat.rindex(')') + 2:].split()
-    if fields[0] == 'Z':  # exited, not yet reaped
-        return None
-    return int(fields[19])
 
 
 def is_alive(pid, start_time):
@@ -74,7 +79,43 @@ def is_alive(pid, start_time):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
     except ChildProcessError:
         pass
-    return process_start_time(pid) == start_time
+    started = process_start_time(pid)
+    return started is not None and start_time is not None and abs(started - start_time) < 0.01
+
+
+def running_trainer(folder, job_key):
+    """The live trainer this job attempt already launched in `folder` ({'pid', 'start_time'}), or None."""
+    path = os.path.join(folder, PID_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        launched = json.load(f)
+    if launched.get('job_key') == job_key and is_alive(launched.get('pid'), launched.get('start_time')):
+        return launched
+    return None
+
+
+@contextlib.contextmanager
+def launch_lock(folder, timeout=30):
+    """One launcher at a time in a job folder: a second start waits, then finds the first's trainer."""
+    with open(os.path.join(folder, LAUNCH_LOCK), 'w') as lock:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise RuntimeError('another start of this job has held %s for %d s' % (LAUNCH_LOCK, timeout))
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_pid_file(folder, pid, start_time, job_key):
+    write_json_atomic(os.path.join(folder, PID_FILE), {'pid': pid, 'start_time': start_time, 'job_key': job_key})
 
 
 def provider_report(folder, offsets, alive):

@@ -116,11 +116,11 @@ class LlmProvider(models.Model):
         return self._dispatch('cancel_training_job', job)
 
     def _count_running_jobs(self):
-        """Jobs holding a slot: handed to the service and not finished."""
+        """Jobs holding a slot: handed to the service (or being handed) and not finished."""
         self.ensure_one()
         return self.env['llm.training.job'].sudo().search_count([
-            ('provider_id', '=', self.id), ('external_job_id', '!=', False),
-            ('state', 'in', ('queued', 'training'))])
+            ('provider_id', '=', self.id), ('state', 'in', ('queued', 'training')),
+            '|', ('external_job_id', '!=', False), ('start_pending', '=', True)])
 
     def _has_free_slot(self):
         """Whether one more job may start now. Two cron workers must not both take the last slot:

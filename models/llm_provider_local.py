@@ -16,7 +16,7 @@ from odoo import _, models, tools
 from ..lib import trainer_folder
 from ..lib.hyperparameters import trainer_config
 from ..lib.token_count import tokenizer_counter
-from ..models.llm_training_job import TrainingFailedError
+from ..lib.exceptions import TrainingFailedError
 
 _logger = logging.getLogger(__name__)
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +32,15 @@ def models_dir():
     return tools.config.get('llm_training_models_dir') or os.path.join(tools.config['data_dir'], 'llm_training', 'models')
 
 
+def trainer_env():
+    """The environment of every trainer-env process (one place)."""
+    return dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
+
+
 def run_trainer_module(args, timeout):
     """Run `python -m trainer.<args>` in the trainer env and return its completed process."""
-    env = dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
     try:
-        return subprocess.run([trainer_python(), '-m'] + args, env=env, stdout=subprocess.PIPE,
+        return subprocess.run([trainer_python(), '-m'] + args, env=trainer_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout, cwd=ADDON_ROOT)
     except subprocess.TimeoutExpired:
         raise TrainingFailedError(_('The trainer environment did not answer within %d s.') % timeout)
@@ -86,31 +90,42 @@ class LlmProvider(models.Model):
                 raise TrainingFailedError(_('QLoRA needs bitsandbytes in the trainer environment.'))
 
     def _local_start_training_job(self, job):
+        """Start the trainer for this attempt, or adopt the one a previous start of the same
+        attempt launched (idempotent: the launch lock and the pid file make a second trainer
+        impossible, and the trainer's own lock on its folder backs that up)."""
         folder = job.work_dir
-        data = job._get_provider_data()
-        resume = bool(data.get('resume')) and trainer_folder.has_checkpoint(folder)
-        config = dict(trainer_config(job._get_hyperparameters()),
-                      base_model_path=self._local_model_path(job.base_model_id), technique=job.technique, resume=resume)
-        trainer_folder.write_json_atomic(os.path.join(folder, trainer_folder.CONFIG), config)
-        # A fresh status always (a stale "running" must not be read as this run's); the metrics and
-        # events of an earlier run are kept on resume, with the offsets already read.
-        stale = (trainer_folder.STATUS,) if resume else (trainer_folder.STATUS, trainer_folder.METRICS,
-                                                          trainer_folder.EVENTS)
-        for name in stale:
-            if os.path.exists(os.path.join(folder, name)):
-                os.remove(os.path.join(folder, name))
-        if not resume:
-            data['offsets'] = {}
-        with open(os.path.join(folder, trainer_folder.LOG), 'ab') as log:
-            process = subprocess.Popen(
-                [trainer_python(), '-m', 'trainer.train', '--job-dir', folder],
-                cwd=ADDON_ROOT, env=dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false'),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True)  # detached: outlives this Odoo worker
-        job._set_provider_data(pid=process.pid, start_time=trainer_folder.process_start_time(process.pid),
-                               offsets=data.get('offsets') or {}, resume=False)
+        external_id = 'local-%s-%d-%d' % (self.env.cr.dbname, job.id, job.attempt)
+        with trainer_folder.launch_lock(folder):
+            running = trainer_folder.running_trainer(folder, job.job_key)
+            if running:
+                job._set_provider_data(pid=running['pid'], start_time=running['start_time'], resume=False)
+                job._add_event(_('Trainer already running (pid %d): adopted') % running['pid'])
+                return external_id
+            data = job._get_provider_data()
+            resume = bool(data.get('resume')) and trainer_folder.has_checkpoint(folder)
+            config = dict(trainer_config(job._get_hyperparameters()),
+                          base_model_path=self._local_model_path(job.base_model_id), technique=job.technique,
+                          resume=resume)
+            trainer_folder.write_json_atomic(os.path.join(folder, trainer_folder.CONFIG), config)
+            # A fresh status always (a stale "running" must not be read as this run's); the metrics
+            # and events of an earlier run are kept on resume, with the offsets already read.
+            stale = (trainer_folder.STATUS,) if resume else (trainer_folder.STATUS, trainer_folder.METRICS,
+                                                              trainer_folder.EVENTS)
+            for name in stale:
+                if os.path.exists(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            if not resume:
+                data['offsets'] = {}
+            with open(os.path.join(folder, trainer_folder.LOG), 'ab') as log:
+                process = subprocess.Popen(
+                    [trainer_python(), '-m', 'trainer.train', '--job-dir', folder],
+                    cwd=ADDON_ROOT, env=trainer_env(), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)  # detached: outlives this worker
+            start_time = trainer_folder.process_start_time(process.pid)
+            trainer_folder.write_pid_file(folder, process.pid, start_time, job.job_key)
+        job._set_provider_data(pid=process.pid, start_time=start_time, offsets=data.get('offsets') or {}, resume=False)
         _logger.info('Training job %s: trainer started, pid %s, folder %s', job.id, process.pid, folder)
-        return 'local-%s-%d' % (self.env.cr.dbname, job.id)
+        return external_id
 
     def _local_check_training_job_status(self, job):
         data = job._get_provider_data()

@@ -13,20 +13,18 @@ import logging
 import os
 import subprocess
 import threading
-import time
 
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
 from ..lib import openai_jobs
 from ..lib.dataset_validator import estimate_tokens
-from ..models.llm_provider_local import ADDON_ROOT, trainer_python
-from ..models.llm_training_job import TrainingFailedError, TrainingRetryableError
+from ..models.llm_provider_local import ADDON_ROOT, trainer_env, trainer_python
+from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 
 _logger = logging.getLogger(__name__)
 MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff
-FILE_WAIT_SECONDS = 60     # how long start waits for OpenAI to process an uploaded file
-FILE_POLL_SECONDS = 1.0
+FILE_POLL_SECONDS = 10     # a file OpenAI is still processing is checked again after this
 EVENT_PAGE_SIZE = 100
 EVENT_MAX_PAGES = 50
 
@@ -39,7 +37,7 @@ class TokenCounterProcess(object):
         self._lock = threading.Lock()
         self._process = subprocess.Popen(
             [trainer_python(), '-m', 'trainer.count_tokens', '--model', model_ref],
-            cwd=ADDON_ROOT, env=dict(os.environ, PYTHONPATH=ADDON_ROOT),
+            cwd=ADDON_ROOT, env=trainer_env(),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def __call__(self, messages, limit=None):
@@ -134,34 +132,53 @@ class LlmProvider(models.Model):
                            level='warning')
 
     def _openai_start_training_job(self, job):
+        """Create the job at OpenAI, or find the one a previous start of this attempt created
+        (by the job key in its metadata). Never waits: files OpenAI has not processed yet make a
+        retry later that goes on with the same uploads (kept through the retry)."""
         import openai
         client = self._openai_client()
-        uploaded = []
+        existing = self._openai_find_job(client, job.job_key)
+        if existing:
+            job._set_provider_data(last_event_id=None, checkpoints=[])
+            job._add_event(_('OpenAI job %s of this attempt found: adopted') % existing)
+            return existing
+        data = job._get_provider_data()
+        files = {'training_file': data.get('training_file'), 'validation_file': data.get('validation_file')}
         try:
-            training_file = self._openai_upload(client, job, 'train.jsonl')
-            uploaded.append(training_file)
-            validation_file = None
-            if job.validation_examples:
-                validation_file = self._openai_upload(client, job, 'validation.jsonl')
-                uploaded.append(validation_file)
-            for file_id in uploaded:
-                self._openai_wait_for_file(client, file_id)
+            if not files['training_file']:
+                files['training_file'] = self._openai_upload(client, job, 'train.jsonl')
+            if job.validation_examples and not files['validation_file']:
+                files['validation_file'] = self._openai_upload(client, job, 'validation.jsonl')
+            for file_id in filter(None, files.values()):
+                self._openai_check_file(client, file_id, files)
             body = {'method': openai_jobs.method_payload(
                 job._get_hyperparameters(), 'dpo' if job._data_format() == 'preference' else 'supervised'),
-                    'metadata': {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname}}
+                    'metadata': {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname,
+                                 'llm_training_job_key': job.job_key}}
             with self._openai_errors(_('creating the fine-tuning job')):
                 created = client.fine_tuning.jobs.create(
-                    model=job.base_model_id.model_ref, training_file=training_file,
-                    validation_file=validation_file or openai.NOT_GIVEN, seed=job.seed,
+                    model=job.base_model_id.model_ref, training_file=files['training_file'],
+                    validation_file=files['validation_file'] or openai.NOT_GIVEN, seed=job.seed,
                     suffix=(job.suffix or '').strip()[:openai_jobs.SUFFIX_MAX] or openai.NOT_GIVEN,
                     extra_body=body)
-        except Exception:
-            self._openai_delete_files(client, uploaded)  # nothing left behind at OpenAI
+        except TrainingRetryableError as e:
+            e.keep.update(files)  # the uploads so far, for the retry
             raise
-        job._set_provider_data(training_file=training_file, validation_file=validation_file,
-                               last_event_id=None, checkpoints=[])
+        except Exception:
+            self._openai_delete_files(client, list(filter(None, files.values())))  # nothing left behind at OpenAI
+            raise
+        job._set_provider_data(last_event_id=None, checkpoints=[], **files)
         _logger.info('Training job %s: OpenAI job %s created', job.id, created.id)
         return created.id
+
+    def _openai_find_job(self, client, job_key):
+        """The id of the OpenAI job whose metadata carries `job_key`, or None."""
+        with self._openai_errors(_('looking for this attempt\'s job')):
+            page = client.fine_tuning.jobs.list(limit=100, extra_query={'metadata[llm_training_job_key]': job_key})
+        for remote in page.data:
+            if ((remote.to_dict().get('metadata') or {}).get('llm_training_job_key')) == job_key:
+                return remote.id
+        return None
 
     def _openai_upload(self, client, job, name):
         path = os.path.join(job.work_dir, name)
@@ -170,20 +187,16 @@ class LlmProvider(models.Model):
         job._add_event(_('Uploaded %s as %s') % (name, uploaded.id))
         return uploaded.id
 
-    def _openai_wait_for_file(self, client, file_id):
-        deadline = time.time() + FILE_WAIT_SECONDS
-        while True:
-            with self._openai_errors(_('checking file %s') % file_id):
-                uploaded = client.files.retrieve(file_id)
-            if uploaded.status == 'processed':
-                return
-            if uploaded.status == 'error':
-                raise TrainingFailedError(_('OpenAI could not process file %s: %s')
-                                          % (file_id, uploaded.status_details or _('no details')))
-            if time.time() > deadline:
-                raise TrainingRetryableError(_('OpenAI has not processed file %s after %d s; the upload is '
-                                               'tried again on the next run.') % (file_id, FILE_WAIT_SECONDS))
-            time.sleep(FILE_POLL_SECONDS)
+    def _openai_check_file(self, client, file_id, files):
+        """Go on when OpenAI has processed the file; fail on its error; else try again shortly."""
+        with self._openai_errors(_('checking file %s') % file_id):
+            uploaded = client.files.retrieve(file_id)
+        if uploaded.status == 'error':
+            raise TrainingFailedError(_('OpenAI could not process file %s: %s')
+                                      % (file_id, uploaded.status_details or _('no details')))
+        if uploaded.status != 'processed':
+            raise TrainingRetryableError(_('OpenAI is still processing file %s; checked again in %d s.')
+                                         % (file_id, FILE_POLL_SECONDS), seconds=FILE_POLL_SECONDS, keep=dict(files))
 
     def _openai_delete_files(self, client, file_ids):
         for file_id in file_ids:

@@ -2,18 +2,14 @@
 import json
 import logging
 import os
-import threading
-from datetime import datetime, timedelta
-
-import psycopg2
 
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
+from ..lib.exceptions import TrainingFailedError, TrainingRetryableError  # noqa: F401 (providers import them here)
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
-from .llm_training_dataset import DatasetBusyError
 
 _logger = logging.getLogger(__name__)
 
@@ -41,22 +37,7 @@ TRANSITIONS = {
 # Timestamps stamped when a job enters a state.
 STATE_STAMPS = {'validating': 'submitted_at', 'training': 'started_at', 'completed': 'finished_at',
                 'failed': 'finished_at', 'cancelled': 'finished_at'}
-MAX_RETRIES = 5
 LOCAL_DEFAULT_EPOCHS = 3  # what trainer/train.py runs for epochs 0
-RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
-DEFAULT_STUCK_HOURS = 24
-
-
-class TrainingRetryableError(Exception):
-    """A transient failure (network, rate limit): try again later, the job keeps its state."""
-
-    def __init__(self, message, seconds=None):
-        super(TrainingRetryableError, self).__init__(message)
-        self.seconds = seconds
-
-
-class TrainingFailedError(Exception):
-    """A failure no retry will fix (bad credentials, invalid data): the job fails now."""
 
 
 def _now():
@@ -107,6 +88,15 @@ class LlmTrainingJob(models.Model):
     state = fields.Selection(STATES, default='draft', required=True, readonly=True, index=True,
                              copy=False, track_visibility='onchange')
     external_job_id = fields.Char(readonly=True, copy=False, index=True)
+    attempt = fields.Integer(readonly=True, copy=False, default=1,
+                             help='Bumped by Resume and Reset: a new attempt is a new run at the provider.')
+    job_key = fields.Char(compute='_compute_job_key', help='Stable key of this attempt, given to the provider '
+                                                           'so that a repeated start finds the run it began.')
+    start_pending = fields.Boolean(readonly=True, copy=False,
+                                   help='A start was committed and may have reached the provider; the next pass '
+                                        'starts again with the same key, which finds the run instead of making one.')
+    last_synced_at = fields.Datetime(readonly=True, copy=False, help='Last visit of the engine: the cron visits the '
+                                                                     'least recently synced jobs first.')
     provider_data = fields.Text(readonly=True, copy=False, default='{}',
                                 help="The provider's own bookkeeping for this job (JSON).")
     cancel_requested = fields.Boolean(readonly=True, copy=False)
@@ -143,6 +133,11 @@ class LlmTrainingJob(models.Model):
     metric_ids = fields.One2many('llm.training.job.metric', 'job_id', string='Metrics', readonly=True)
     log = fields.Text(readonly=True, copy=False, help='Tail of the trainer or provider log.')
     work_dir = fields.Char(compute='_compute_work_dir', help='Folder holding the prepared data.')
+
+    @api.depends('attempt')
+    def _compute_job_key(self):
+        for job in self:
+            job.job_key = 'llm-training-%s-%d-%d' % (self.env.cr.dbname, job.id, job.attempt) if job.id else False
 
     @api.depends()
     def _compute_work_dir(self):
@@ -246,27 +241,14 @@ class LlmTrainingJob(models.Model):
 
     @api.multi
     def action_check_status(self):
-        """Move the job on now, as the cron would (same code path, same idempotency)."""
+        """Move the job on now, as the cron would (same code path, same claim)."""
         self._check_write_access()
-        for job in self:
-            job._sync_one()
-        return True
+        return self.env['llm.training.engine'].sync(self)
 
     @api.multi
     def action_cancel(self):
         self._check_write_access()
-        for job in self:
-            if job.state in job_status.FINAL_STATES:
-                raise UserError(_('Job "%s" is already %s.') % (job.name, job.state))
-            if job.external_job_id and job.state in ('queued', 'training'):
-                # The provider confirms the cancel; the poller then moves the job to Cancelled.
-                job.provider_id.cancel_training_job(job)
-                job.write({'cancel_requested': True})
-                job._add_event('Cancel requested', level='warning')
-                job._sync_one()
-            else:
-                job._change_state('cancelled')
-        return True
+        return self.env['llm.training.engine'].cancel(self)
 
     @api.multi
     def action_resume(self):
@@ -277,7 +259,8 @@ class LlmTrainingJob(models.Model):
                 raise UserError(_('Only a failed or cancelled job of a local provider can be resumed.'))
             job._set_provider_data(resume=True)
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
-                              next_attempt_at=False, cancel_requested=False, finished_at=False)
+                              next_attempt_at=False, cancel_requested=False, finished_at=False,
+                              attempt=job.attempt + 1, start_pending=False)
         return True
 
     @api.multi
@@ -286,7 +269,8 @@ class LlmTrainingJob(models.Model):
         for job in self:
             job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',
                               progress=0.0, current_step=0, total_steps=0, current_epoch=0.0,
-                              retry_count=0, next_attempt_at=False, cancel_requested=False)
+                              retry_count=0, next_attempt_at=False, cancel_requested=False,
+                              attempt=job.attempt + 1, start_pending=False)
         return True
 
     # -- state machine ---------------------------------------------------------------------------
@@ -343,108 +327,19 @@ class LlmTrainingJob(models.Model):
                              'external_id': external_id, 'data': json.dumps(data) if data else False,
                              'event_time': created_at or _now()})
 
-    # -- the reconcile loop ------------------------------------------------------------------------
+    # -- the engine's hooks ------------------------------------------------------------------------
     @api.model
-    def _cron_sync_training_jobs(self, limit=50):
-        """Move every active job one step on. Each job is claimed with FOR UPDATE SKIP LOCKED and
-        handled in its own transaction, so several workers can run this at once."""
-        auto_commit = not getattr(threading.currentThread(), 'testing', False)
-        self._sweep_stuck_jobs()
-        now = _now()
-        self.env.cr.execute("""
-            SELECT id FROM llm_training_job
-             WHERE state IN %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
-             ORDER BY id LIMIT %s""", (job_status.ACTIVE_STATES, now, limit))
-        for job_id in [row[0] for row in self.env.cr.fetchall()]:
-            if not self._claim(job_id):
-                continue  # another worker holds it
-            self.browse(job_id)._sync_one()
-            if auto_commit:
-                # Ends this job's transaction: keeps its progress and releases its row lock.
-                self.env.cr.commit()
+    def _cron_sync_training_jobs(self):
+        """The cron's entry point (data/llm_training_data.xml): the engine does the work."""
+        self.env['llm.training.engine'].cron()
         return True
 
-    def _claim(self, job_id):
-        """Lock the job's row, or say no when another worker holds it or has just changed it
-        (under REPEATABLE READ, a row updated since our snapshot fails with a serialization error)."""
-        try:
-            with self.env.cr.savepoint():
-                self.env.cr.execute("""
-                    SELECT id FROM llm_training_job
-                     WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""",
-                                    (job_id, job_status.ACTIVE_STATES))
-                return bool(self.env.cr.fetchone())
-        except psycopg2.extensions.TransactionRollbackError:
-            return False
+    def _write_workflow(self, values):
+        """Write workflow fields; the setup lock in write() is for people, not for the engine."""
+        return super(LlmTrainingJob, self).write(values)
 
-    def _sync_one(self):
-        """One reconcile pass for one job. Each phase runs in its own savepoint, so what earlier
-        phases did is kept when a later one fails; errors end up on this job only."""
-        self.ensure_one()
-        for phase in (self._phase_validate, self._phase_prepare, self._phase_start, self._phase_poll):
-            try:
-                with self.env.cr.savepoint():
-                    phase()
-            except psycopg2.extensions.TransactionRollbackError:
-                # Another worker changed a row we need (e.g. the same dataset) since our snapshot:
-                # nothing was lost, the next run picks the job up again.
-                _logger.info('Training job %s: concurrent update, retried on the next run', self.id)
-                return
-            except (psycopg2.Error, MemoryError):
-                raise
-            except TrainingRetryableError as e:
-                # A job already at the provider goes on there whatever our calls hit: never give up.
-                return self._postpone(str(e), e.seconds, give_up=not self.external_job_id)
-            except (TrainingFailedError, UserError, ValidationError) as e:
-                return self._fail_safely(e.name if hasattr(e, 'name') else str(e))
-            except Exception as e:
-                _logger.exception('Training job %s: unexpected error', self.id)
-                return self._postpone('%s: %s' % (type(e).__name__, e))
-        if self.retry_count:
-            super(LlmTrainingJob, self).write({'retry_count': 0, 'next_attempt_at': False})
-
-    def _postpone(self, message, seconds=None, give_up=True):
-        self.invalidate_cache()
-        if give_up and self.retry_count + 1 >= MAX_RETRIES:
-            self._fail_safely(_('Gave up after %d attempts: %s') % (MAX_RETRIES, message))
-            return
-        delay = seconds or RETRY_DELAYS[min(self.retry_count, len(RETRY_DELAYS) - 1)]
-        super(LlmTrainingJob, self).write({
-            'retry_count': self.retry_count + 1,
-            'next_attempt_at': fields.Datetime.to_string(datetime.utcnow() + timedelta(seconds=delay)),
-        })
-        self._add_event(_('Attempt %d failed, retrying in %d s: %s') % (self.retry_count, delay, message),
-                        level='warning')
-
-    def _fail_safely(self, message):
-        self.invalidate_cache()
-        if self.state in job_status.ACTIVE_STATES:
-            self._set_failed(message)
-
-    def _phase_validate(self):
-        if self.state != 'validating':
-            return
-        problems = []
-        for dataset in self.dataset_ids | self.validation_dataset_ids:
-            try:
-                report = dataset._validate(self.base_model_id)
-            except DatasetBusyError as e:
-                raise TrainingRetryableError(e.name, seconds=30)
-            if not report.valid:
-                problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
-        if problems:
-            # Not raised: the datasets' reports are kept for the user to act on.
-            return self._set_failed('\n\n'.join(problems))
-        hyper = self._get_hyperparameters()
-        if self.validation_dataset_ids and hyper['validation_split']:
-            raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
-        self._data_format()
-        self.provider_id._dispatch_optional('validate_training_job', self)
-        self._change_state('preparing')
-
-    def _phase_prepare(self):
-        if self.state != 'preparing':
-            return
+    def _prepare_files(self):
+        """Merge the datasets into the job folder's train.jsonl (+ validation.jsonl)."""
         hyper = self._get_hyperparameters()
         os.makedirs(self.work_dir, exist_ok=True)
         counts = merge_examples(
@@ -454,72 +349,17 @@ class LlmTrainingJob(models.Model):
             validation_split=hyper['validation_split'], seed=hyper['seed'], data_format=self._data_format())
         if counts['train'] < 1:
             raise TrainingFailedError(_('No training examples are left after the validation split.'))
-        super(LlmTrainingJob, self).write({
+        self._write_workflow({
             'train_examples': counts['train'], 'validation_examples': counts['validation'],
             'train_tokens': sum(d.token_total for d in self.dataset_ids)})
         self._add_event(_('Prepared %d training and %d validation examples')
                         % (counts['train'], counts['validation']))
-        self._change_state('queued')
-
-    def _phase_start(self):
-        if self.state != 'queued' or self.external_job_id:
-            return
-        if self.cancel_requested:
-            self._change_state('cancelled')
-            return
-        if not self.provider_id._has_free_slot():
-            return  # stays Queued until a slot frees
-        external_id = self.provider_id.start_training_job(self)
-        if not external_id:
-            raise TrainingFailedError(_('The provider did not return a job id.'))
-        super(LlmTrainingJob, self).write({'external_job_id': external_id, 'last_progress_at': _now()})
-        self._add_event(_('Started at the provider as %s') % external_id)
-
-    def _phase_poll(self):
-        if self.state in ('queued', 'training') and self.external_job_id:
-            self._apply_status(self.provider_id.check_training_job_status(self))
-
-    def _apply_status(self, report):
-        """Bring the job in line with what the provider reports. Idempotent."""
-        status = report['status']
-        if status == 'failed' and self.cancel_requested:
-            status = 'cancelled'  # stopped because we asked: a cancel, whatever way it ended
-        values = {}
-        for key, field in (('progress', 'progress'), ('step', 'current_step'), ('total_steps', 'total_steps'),
-                           ('epoch', 'current_epoch'), ('trained_tokens', 'trained_tokens'), ('log', 'log')):
-            if report.get(key) is not None and report[key] != self[field]:
-                values[field] = report[key]
-        if report.get('eta'):
-            values['estimated_finish'] = fields.Datetime.to_string(datetime.utcfromtimestamp(report['eta']))
-        if set(values) & {'progress', 'current_step'}:
-            values['last_progress_at'] = _now()
-        if values:
-            super(LlmTrainingJob, self).write(values)
-        for event in report.get('events') or ():
-            self._add_event(event.get('message') or '', level=event.get('level') or 'info',
-                            external_id=str(event['id']) if event.get('id') is not None else False,
-                            data=event.get('data'),
-                            created_at=event.get('created_at') and fields.Datetime.to_string(
-                                datetime.utcfromtimestamp(event['created_at'])))
-        self.env['llm.training.job.metric'].sudo()._record(self, report.get('metrics') or ())
-        for new_state in job_status.plan_transitions(self.state, status):
-            if new_state == 'completed':
-                self._register_result(report.get('result') or {})
-                if report.get('tokens_per_second'):
-                    self.env['llm.provider.throughput'].sudo()._record(self, report['tokens_per_second'],
-                                                                       report.get('precision'))
-                self._change_state('completed', final_cost=openai_jobs.cost(
-                    self.trained_tokens, self.base_model_id.training_price))
-            elif new_state == 'failed':
-                self._set_failed(report.get('error') or _('The provider reported the job as failed.'))
-            else:
-                self._change_state(new_state)
 
     def _register_result(self, result):
         if not result.get('model_ref'):
             raise TrainingFailedError(_('The provider reported success but no resulting model.'))
         model = self._register_model(result['model_ref'], result.get('name') or self.name, result.get('description'))
-        super(LlmTrainingJob, self).write({'result_model_id': model.id})
+        self._write_workflow({'result_model_id': model.id})
 
     def _register_model(self, model_ref, name, description=None):
         """Create or update the fine-tuned `llm.model` with this technical id, with the rights of
@@ -549,26 +389,3 @@ class LlmTrainingJob(models.Model):
                                     _('Checkpoint at step %d of job %s; metrics: %s')
                                     % (checkpoint['step'], job.name, json.dumps(checkpoint.get('metrics') or {})))
         return True
-
-    @api.model
-    def _sweep_stuck_jobs(self):
-        """Fail jobs at a provider that have not moved for longer than the deadline."""
-        hours = float(self.env['ir.config_parameter'].sudo().get_param(
-            'llm_training.stuck_job_hours', DEFAULT_STUCK_HOURS))
-        deadline = fields.Datetime.to_string(datetime.utcnow() - timedelta(hours=hours))
-        stuck = self.search([('state', 'in', ('validating', 'preparing', 'training')),
-                             ('last_progress_at', '<', deadline)])
-        stuck |= self.search([('state', '=', 'queued'), ('external_job_id', '!=', False),
-                              ('last_progress_at', '<', deadline)])
-        for job in stuck:
-            if not self._claim(job.id):
-                continue
-            message = _('No progress for %s hours (since %s); marked as failed. Check the provider, then '
-                        'resume or resubmit.') % (hours, job.last_progress_at)
-            if job.external_job_id:
-                try:
-                    with self.env.cr.savepoint():
-                        job.provider_id.cancel_training_job(job)
-                except Exception:
-                    _logger.exception('Training job %s: cancel of a stuck job failed', job.id)
-            job._set_failed(message)

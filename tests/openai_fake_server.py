@@ -187,6 +187,12 @@ class FakeOpenAI(object):
         if parts[:2] == ['fine_tuning', 'jobs']:
             if len(parts) == 2 and method == 'POST':
                 return self._create_job(body)
+            if len(parts) == 2 and method == 'GET':  # newest first, metadata[k]=v filters
+                jobs = [self._public(j) for j in reversed(list(self.jobs.values()))]
+                for key, value in query.items():
+                    if key.startswith('metadata[') and key.endswith(']'):
+                        jobs = [j for j in jobs if (j.get('metadata') or {}).get(key[len('metadata['):-1]) == value]
+                return 200, self._page(jobs, query)
             job = self.jobs.get(parts[2]) if len(parts) > 2 else None
             if job is None:
                 return _error(404, 'Could not find fine-tune: %s' % (parts[2] if len(parts) > 2 else ''))

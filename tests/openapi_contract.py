@@ -83,6 +83,12 @@ class Contract(object):
         problems = []
         parameters = {p['name']: p for p in operation.get('parameters', ()) if p.get('in') == 'query'}
         for name, value in query.items():
+            base = name.split('[', 1)[0]
+            if name.endswith(']') and parameters.get(base, {}).get('style') == 'deepObject':
+                # metadata[k]=v: one property of an object parameter
+                schema = parameters[base].get('schema', {}).get('additionalProperties') or {}
+                problems += self._errors(schema, _coerce(value, schema), '%s query %s' % (where, name))
+                continue
             if name not in parameters:
                 problems.append('%s: unknown query parameter %r' % (where, name))
                 continue

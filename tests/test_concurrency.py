@@ -48,12 +48,12 @@ class TestConcurrentCron(unittest.TestCase):
                 env.cr.execute('UPDATE llm_training_job SET state = %s WHERE id IN %s', ('cancelled', tuple(records.ids) or (0,)))
             records.exists().unlink()
 
-    def _setup_jobs(self, n, max_concurrent, delay):
-        return in_new_thread(self.registry, lambda env: self._create_jobs(env, n, max_concurrent, delay))
+    def _setup_jobs(self, n, max_concurrent, delay, behavior='succeed'):
+        return in_new_thread(self.registry, lambda env: self._create_jobs(env, n, max_concurrent, delay, behavior))
 
-    def _create_jobs(self, env, n, max_concurrent, delay):
+    def _create_jobs(self, env, n, max_concurrent, delay, behavior):
         provider = env['llm.provider'].create({'name': 'Race', 'service': 'test', 'max_concurrent_jobs': max_concurrent,
-                                               'test_start_delay': delay})
+                                               'test_start_delay': delay, 'test_behavior': behavior})
         model = env['llm.model'].create({'name': 'M', 'provider_id': provider.id, 'model_ref': 'race-m'})
         attachment = env['ir.attachment'].create({'name': 'd.jsonl', 'datas_fname': 'd.jsonl',
                                                   'datas': base64.b64encode(jsonl(valid_examples()))})
@@ -68,21 +68,29 @@ class TestConcurrentCron(unittest.TestCase):
                         'llm.model': model.ids, 'llm.provider': provider.ids}
         return jobs.ids
 
-    def _run_two_workers(self):
+    def _run_workers(self, work, n=2):
+        """`work(env)` in `n` threads on their own cursors, released together by a barrier."""
         errors = []
+        barrier = threading.Barrier(n)
 
         def worker():
             try:
-                in_new_thread(self.registry, lambda env: env['llm.training.job']._cron_sync_training_jobs())
-            except Exception as e:  # noqa: a crash of either worker fails the test below
+                def run(env):
+                    barrier.wait(30)
+                    return work(env)
+                in_new_thread(self.registry, run)
+            except Exception as e:  # noqa: a crash of any worker fails the test below
                 errors.append(e)
 
-        threads = [threading.Thread(target=worker) for _ in range(2)]
+        threads = [threading.Thread(target=worker) for _ in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
         self.assertEqual(errors, [])
+
+    def _run_two_workers(self):
+        self._run_workers(lambda env: env['llm.training.job']._cron_sync_training_jobs())
 
     def _starts(self, job_ids):
         return in_new_thread(self.registry, lambda env: self._count_starts(env.cr, job_ids))
@@ -100,10 +108,22 @@ class TestConcurrentCron(unittest.TestCase):
         self.assertEqual(starts, {job_id: 1 for job_id in job_ids})
 
     def test_concurrency_limit_holds_across_workers(self):
-        job_ids = self._setup_jobs(3, max_concurrent=1, delay=0.5)
+        # 'hold': the first job never finishes, so its slot is never legitimately freed
+        job_ids = self._setup_jobs(3, max_concurrent=1, delay=0.5, behavior='hold')
         self._run_two_workers()
         self._run_two_workers()
         self.assertEqual(sum(self._starts(job_ids).values()), 1)
         started = in_new_thread(self.registry, lambda env: env['llm.training.job'].search_count(
             [('id', 'in', job_ids), ('external_job_id', '!=', False)]))
         self.assertEqual(started, 1)
+
+    def test_parallel_check_status_starts_one_run(self):
+        """4 Check Status at once on a queued job with no concurrency limit: one run at the
+        provider (the claim, the committed intent and the keyed start)."""
+        job_id, = self._setup_jobs(1, max_concurrent=0, delay=0.5)
+        in_new_thread(self.registry, lambda env: env['llm.training.job'].browse(job_id)._write_workflow(
+            {'state': 'queued'}))  # as prepared: the test provider needs no files
+        self._run_workers(lambda env: env['llm.training.job'].browse(job_id).action_check_status(), n=4)
+        self.assertEqual(self._starts([job_id]), {job_id: 1})
+        external = in_new_thread(self.registry, lambda env: env['llm.training.job'].browse(job_id).external_job_id)
+        self.assertEqual(external, 'test-job-%d-1' % job_id)

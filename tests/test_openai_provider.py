@@ -2,7 +2,6 @@
 OpenAI-compatible server (tests/openai_fake_server.py) that checks every request and response
 against OpenAI's published schema."""
 import json
-from unittest import mock
 
 from odoo.exceptions import UserError
 from odoo.tests.common import SavepointCase
@@ -71,7 +70,8 @@ class TestOpenAIWorkflow(OpenAICase):
         self.assertEqual(remote['model'], 'gpt-4o-mini-2024-07-18')
         self.assertEqual(remote['method'], {'type': 'supervised', 'supervised': {'hyperparameters': {
             'n_epochs': 2, 'batch_size': 'auto', 'learning_rate_multiplier': 'auto'}}})
-        self.assertEqual(remote['metadata'], {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname})
+        self.assertEqual(remote['metadata'], {'odoo_job_id': str(job.id), 'odoo_database': self.env.cr.dbname,
+                                              'llm_training_job_key': job.job_key})
         self.assertEqual((remote['_suffix'], remote['seed']), ('support-bot', 7))
         files = self.server.files
         self.assertEqual(files[remote['training_file']]['purpose'], 'fine-tune')
@@ -241,18 +241,35 @@ class TestOpenAIFaults(OpenAICase):
         self.assertEqual(self.server.count('DELETE', r'^/files/'), 2)
         self.assertEqual(self.server.files, {}, 'nothing left at OpenAI')
 
-    def test_file_not_processed_in_time_is_retried_without_leftovers(self):
-        self.server.file_processing_reads = 1000
-        self.enterContext(mock.patch.object(llm_provider_openai, 'FILE_WAIT_SECONDS', 0))
+    def test_file_not_processed_yet_is_checked_again_with_the_same_upload(self):
+        self.server.file_processing_reads = 3
         job = self.make_openai_job()
         job.action_submit()
         self.run_cron()
-        self.assertEqual((job.state, job.retry_count), ('queued', 1))
-        self.assertEqual(self.server.files, {})
-        self.server.file_processing_reads = 1
-        job.write({'next_attempt_at': False})
-        self.run_cron()
+        # no waiting in the cron: the job waits, holding its upload and its slot
+        self.assertEqual((job.state, job.retry_count, job.start_pending, job.external_job_id),
+                         ('queued', 1, True, False))
+        self.assertEqual(len(self.server.files), 1)
+        for _pass in range(2):
+            job._write_workflow({'next_attempt_at': False})
+            self.run_cron()
         self.assertTrue(job.external_job_id)
+        self.assertFalse(job.start_pending)
+        self.assertEqual(self.server.count('POST', r'^/files$'), 1, 'uploaded once')
+        self.assertEqual(self.remote(job)['training_file'], list(self.server.files)[0])
+
+    def test_repeated_start_of_an_attempt_finds_its_openai_job(self):
+        job = self.make_openai_job()
+        job.action_submit()
+        self.run_cron()
+        created = job.external_job_id
+        self.assertTrue(created)
+        # as if the transaction that recorded the start had been lost after the call
+        job._write_workflow({'external_job_id': False, 'start_pending': True})
+        self.run_cron()
+        self.assertEqual(job.external_job_id, created)
+        self.assertEqual(self.server.count('POST', r'^/fine_tuning/jobs$'), 1, 'no second OpenAI job')
+        self.assertIn('adopted', ' '.join(job.event_ids.mapped('message')))
 
     def test_file_rejected_by_openai_fails_the_job(self):
         self.server.file_status_final = 'error'

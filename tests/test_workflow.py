@@ -12,7 +12,7 @@ class TestWorkflow(TrainingCase):
         job.action_submit()
         self.run_cron()  # validating -> preparing -> queued -> started; provider says queued
         self.assertEqual(job.state, 'queued')
-        self.assertEqual(job.external_job_id, 'test-job-%d' % job.id)
+        self.assertEqual(job.external_job_id, 'test-job-%d-1' % job.id)
         self.assertEqual(job.train_examples + job.validation_examples, 12)
         self.assertTrue(job.validation_examples)
         self.run_cron()  # provider: running
@@ -210,3 +210,45 @@ class TestDatasetModel(TrainingCase):
         dataset = self.env['llm.training.dataset'].create({'name': 'empty'})
         with self.assertRaises(Exception):
             dataset.action_validate()
+
+
+class TestEngine(TrainingCase):
+    """The sync engine: fair, prompt, and never failing a job that may still run."""
+
+    def test_unexpected_poll_errors_never_fail_a_job_at_the_provider(self):
+        crashing = self.env['llm.provider'].create({'name': 'Crashes on check', 'service': 'test',
+                                                    'test_behavior': 'crash_check'})
+        job = self.make_job(provider=crashing)
+        job.action_submit()
+        self.run_cron()
+        self.assertTrue(job.external_job_id)
+        for _attempt in range(8):  # well past MAX_RETRIES
+            job._write_workflow({'next_attempt_at': False})
+            self.run_cron()
+        self.assertEqual(job.state, 'queued', 'it may still be training there: never failed blindly')
+        self.assertEqual(job.retry_count, 9)
+        retries = job.event_ids.filtered(lambda e: 'unexpected payload' in e.message and e.level == 'warning')
+        self.assertEqual(len(retries), 9, 'each failed attempt is an event')
+
+    def test_cron_visits_least_recently_synced_first(self):
+        jobs = [self.make_job() for _ in range(3)]
+        for job in jobs:
+            job.action_submit()
+        jobs[0]._write_workflow({'last_synced_at': '2026-01-02 00:00:00'})
+        jobs[1]._write_workflow({'last_synced_at': '2026-01-01 00:00:00'})
+        due = [i for i in self.env['llm.training.engine']._due_job_ids() if i in [j.id for j in jobs]]
+        self.assertEqual(due, [jobs[2].id, jobs[1].id, jobs[0].id])
+
+    def test_one_pass_moves_every_submitted_job_behind_a_limit(self):
+        limited = self.env['llm.provider'].create({'name': 'One at a time', 'service': 'test',
+                                                   'max_concurrent_jobs': 1, 'test_behavior': 'hold'})
+        dataset = self.make_dataset()
+        jobs = self.env['llm.training.job']
+        for _i in range(30):
+            jobs |= self.make_job(dataset=dataset, provider=limited)
+        jobs.action_submit()
+        self.run_cron()
+        # validate, prepare and start chain in one pass; the limit keeps the rest Queued
+        self.assertEqual(sorted(set(jobs.mapped('state'))), ['queued'])
+        self.assertEqual(len(jobs.filtered('external_job_id')), 1)
+        self.assertTrue(all(jobs.mapped('last_synced_at')), 'every job was visited')

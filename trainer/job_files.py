@@ -3,7 +3,8 @@
 Odoo writes   config.json, train.jsonl, validation.jsonl
 The trainer   status.json  (rewritten atomically: temp file + os.replace, never half-read)
 writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
-              trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer)
+              trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
+              precision.json (the precision chosen, kept for a resume), trainer.lock
 The Odoo side reads the same names in lib/trainer_folder.py (Python 3.7, no trainer import).
 """
 import json
@@ -18,6 +19,7 @@ CHECKPOINTS = 'checkpoints'
 RESULT = 'result'
 TRAIN_FILE = 'train.jsonl'
 VALIDATION_FILE = 'validation.jsonl'
+TRAINER_LOCK = 'trainer.lock'  # held (flock) by the one trainer that writes this folder
 
 
 def write_json_atomic(path, data):

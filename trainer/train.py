@@ -374,9 +374,27 @@ def train(folder, config):
     return final, result_dir
 
 
+def hold_folder_lock(folder):
+    """Hold the job folder's trainer lock for this process's life, or None when another trainer
+    holds it: two trainers must never write one folder."""
+    import fcntl
+    lock = open(folder.file(job_files.TRAINER_LOCK), 'w')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
     folder = JobFolder(os.path.abspath(args.job_dir))
+    lock = hold_folder_lock(folder)
+    if lock is None:
+        # Not a failure of the job: the trainer that holds the folder goes on and reports.
+        print('another trainer holds %s; this one exits without touching the job' % folder.path, file=sys.stderr)
+        return 3
 
     def on_sigterm(signum, frame):
         # Installed first thing: a Cancel during start-up still ends as "cancelled", not killed.

@@ -86,6 +86,12 @@ def test_cancel_saves_checkpoint_then_resume_continues(tmp_path, model_dir):
     job = write_job(str(tmp_path / 'cancel'), model_dir, epochs=20, save_steps=1000)
     proc = launch(job)
     wait_for_step(job, 3)
+    # a second trainer on the same folder is refused by the folder lock and touches nothing
+    status_before = read_status(job)
+    second = launch(job)
+    assert second.wait(60) == 3
+    assert proc.poll() is None, 'the first trainer goes on'
+    assert read_status(job)['pid'] == status_before['pid'] == proc.pid
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(120) == 0
     status = read_status(job)

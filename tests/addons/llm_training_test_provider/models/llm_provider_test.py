@@ -1,11 +1,17 @@
 # -*- coding: utf-8 -*-
 """A scripted provider: each status check moves its job one step along a script chosen on the
 provider, so the tests drive the whole workflow through the real dispatch, cron and ORM."""
+import threading
 import time
 
 from odoo import fields, models
 
-from odoo.addons.llm_training.models.llm_training_job import TrainingFailedError, TrainingRetryableError
+from odoo.addons.llm_training.lib.exceptions import TrainingFailedError, TrainingRetryableError
+
+# The "remote service": runs by job key, visible to every worker at once (as a job folder, Ray's
+# submission ids or OpenAI's job metadata are), so a repeated start finds its run.
+_RUNS = {}
+_RUNS_LOCK = threading.Lock()
 
 
 class LlmProvider(models.Model):
@@ -18,6 +24,7 @@ class LlmProvider(models.Model):
         ('fail_start', 'start refused for good'),
         ('crash_start', 'start raises an unexpected error'),
         ('retry_check', 'status checks hit a transient error'),
+        ('hold', 'queued -> running, and stays running'),
         ('crash_check', 'status checks raise an unexpected error'),
     ], default='succeed')
     test_start_delay = fields.Float(help='Seconds the start call sleeps, to widen race windows.')
@@ -26,15 +33,21 @@ class LlmProvider(models.Model):
         self.env['llm.test.provider.call'].sudo().create({'job_id': job.id, 'method': method})
 
     def _test_start_training_job(self, job):
-        self._log_call(job, 'start')
-        if self.test_start_delay:
-            time.sleep(self.test_start_delay)
-        if self.test_behavior == 'fail_start':
-            raise TrainingFailedError('test provider: start refused (quota exceeded)')
-        if self.test_behavior == 'crash_start':
-            raise RuntimeError('test provider: connection reset')
+        key = '%s:%s' % (self.env.cr.dbname, job.job_key)
+        with _RUNS_LOCK:  # creating a run at the service is atomic, as it is at real ones
+            if key in _RUNS:
+                self._log_call(job, 'adopt')
+                return _RUNS[key]
+            self._log_call(job, 'start')
+            if self.test_start_delay:
+                time.sleep(self.test_start_delay)
+            if self.test_behavior == 'fail_start':
+                raise TrainingFailedError('test provider: start refused (quota exceeded)')
+            if self.test_behavior == 'crash_start':
+                raise RuntimeError('test provider: connection reset')
+            _RUNS[key] = 'test-job-%d-%d' % (job.id, job.attempt)
         job._set_provider_data(polls=0)
-        return 'test-job-%d' % job.id
+        return _RUNS[key]
 
     def _test_check_training_job_status(self, job):
         self._log_call(job, 'check')
@@ -50,7 +63,7 @@ class LlmProvider(models.Model):
         if polls == 1:
             return {'status': 'queued', 'progress': 0.0,
                     'events': [{'id': 'ev-1', 'message': 'Job queued', 'created_at': 1700000000}]}
-        if polls == 2:
+        if polls == 2 or self.test_behavior == 'hold':
             return {'status': 'running', 'progress': 50.0, 'step': 5, 'total_steps': 10, 'epoch': 1.0,
                     'events': [{'id': 'ev-1', 'message': 'Job queued'},
                                {'id': 'ev-2', 'message': 'Training started'}],

@@ -1,0 +1,306 @@
+# -*- coding: utf-8 -*-
+"""The sync engine: the only code that moves a training job between states.
+
+A reconcile loop. For each job it claims the row (FOR UPDATE SKIP LOCKED, so two workers or a
+worker and a button never act on one job), then runs the cheap steps in a chain (validate,
+prepare, start, poll) until the job waits on something, each in a savepoint so a failing step
+keeps what earlier ones did. Before a provider is asked to start a job, the engine commits the
+intent (`start_pending`, which also holds the provider slot): a crash or rollback after the call
+is reconciled on the next pass by starting again, which every provider makes idempotent with the
+job's key (`job_key`). The cron, Submit, Check Status, Cancel and XML-RPC all come here.
+"""
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+
+import psycopg2
+
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError, ValidationError
+
+from ..lib import job_status, openai_jobs
+from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
+from .llm_training_dataset import DatasetBusyError
+
+_logger = logging.getLogger(__name__)
+
+MAX_RETRIES = 5  # before a job reaches its provider; after, it goes on there and is never given up
+RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
+CRON_BUDGET_SECONDS = 45  # one cron run; the rest waits for the next run, oldest-synced first
+DEFAULT_STUCK_HOURS = 24
+COMMIT = 'commit'  # what a step returns to have its writes committed before the next step
+
+
+def _now():
+    return fields.Datetime.now()
+
+
+class LlmTrainingEngine(models.AbstractModel):
+    _name = 'llm.training.engine'
+    _description = 'LLM Training Sync Engine'
+
+    # -- entry points ------------------------------------------------------------------------
+    @api.model
+    def sync(self, jobs):
+        """Move `jobs` on now (buttons, XML-RPC), as the cron would. A job another worker holds
+        is left to it. The caller has checked access."""
+        for job in jobs:
+            if self._claim(job.id):
+                self._step(job)
+        return True
+
+    @api.model
+    def cron(self, budget=CRON_BUDGET_SECONDS):
+        """Visit every active job that is due, least recently synced first, within `budget`
+        seconds; what is left is first in line next run, so no job starves."""
+        started = time.time()
+        self._sweep_stuck_jobs()
+        visited = 0
+        for job_id in self._due_job_ids():
+            if time.time() - started > budget:
+                break
+            if not self._claim(job_id):
+                continue  # another worker holds it
+            self._step(self.env['llm.training.job'].browse(job_id))
+            visited += 1
+            # Ends this job's transaction: keeps its progress and releases its row lock.
+            self._commit()
+        return visited
+
+    @api.model
+    def _due_job_ids(self):
+        """Active jobs not waiting for a retry, least recently synced (never synced) first."""
+        self.env.cr.execute("""
+            SELECT id FROM llm_training_job
+             WHERE state IN %s AND (next_attempt_at IS NULL OR next_attempt_at <= %s)
+             ORDER BY last_synced_at ASC NULLS FIRST, id""", (job_status.ACTIVE_STATES, _now()))
+        return [row[0] for row in self.env.cr.fetchall()]
+
+    # -- claim and commit --------------------------------------------------------------------
+    def _auto_commit(self):
+        return not getattr(threading.currentThread(), 'testing', False)
+
+    def _commit(self):
+        """Commit when not in a test (Odoo's test transaction must not be committed)."""
+        if self._auto_commit():
+            self.env.cr.commit()
+
+    def _claim(self, job_id):
+        """Lock the job's row, or say no when another worker holds it or has just changed it
+        (under REPEATABLE READ, a row updated since our snapshot fails with a serialization error)."""
+        try:
+            with self.env.cr.savepoint():
+                self.env.cr.execute("""
+                    SELECT id FROM llm_training_job
+                     WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""", (job_id, job_status.ACTIVE_STATES))
+                return bool(self.env.cr.fetchone())
+        except psycopg2.extensions.TransactionRollbackError:
+            return False
+
+    # -- one reconcile pass ------------------------------------------------------------------
+    def _step(self, job):
+        """The chain of steps for one claimed job; errors end up on this job only. A step returns
+        True to go on, False when the job must wait, COMMIT to have what it wrote committed (and
+        the row claimed again) before the next step: a commit cannot happen inside a savepoint."""
+        job._write_workflow({'last_synced_at': _now()})
+        for step in (self._validate, self._prepare, self._reserve_start, self._start, self._poll):
+            try:
+                with self.env.cr.savepoint():
+                    keep_going = step(job)
+            except psycopg2.extensions.TransactionRollbackError:
+                # Another worker changed a row we need (e.g. the same dataset) since our snapshot:
+                # nothing was lost, the next run picks the job up again.
+                _logger.info('Training job %s: concurrent update, retried on the next run', job.id)
+                return
+            except (psycopg2.Error, MemoryError):
+                raise
+            except TrainingRetryableError as e:
+                if e.keep:
+                    job._set_provider_data(**e.keep)
+                return self._postpone(job, str(e), e.seconds)
+            except (TrainingFailedError, UserError, ValidationError) as e:
+                return self._fail(job, e.name if hasattr(e, 'name') else str(e))
+            except Exception as e:
+                _logger.exception('Training job %s: unexpected error', job.id)
+                return self._postpone(job, '%s: %s' % (type(e).__name__, e))
+            if keep_going is COMMIT and self._auto_commit():
+                self._commit()
+                if not self._claim(job.id):
+                    return  # another worker took the job between our commit and now: it goes on
+            elif keep_going is False:
+                break
+        if job.retry_count:
+            job._write_workflow({'retry_count': 0, 'next_attempt_at': False})
+
+    def _postpone(self, job, message, seconds=None):
+        """Try again later, with backoff. Before the provider has the job, give up after
+        MAX_RETRIES (a failing start is retried with the same key, so a run it made would have
+        been found); once it has it, never: it may still be training (and billing) there."""
+        job.invalidate_cache()
+        at_provider = bool(job.external_job_id)
+        if not at_provider and job.retry_count + 1 >= MAX_RETRIES:
+            return self._fail(job, _('Gave up after %d attempts: %s') % (MAX_RETRIES, message))
+        delay = seconds or RETRY_DELAYS[min(job.retry_count, len(RETRY_DELAYS) - 1)]
+        job._write_workflow({
+            'retry_count': job.retry_count + 1,
+            'next_attempt_at': fields.Datetime.to_string(datetime.utcnow() + timedelta(seconds=delay)),
+        })
+        job._add_event(_('Attempt %d failed, retrying in %d s: %s') % (job.retry_count, delay, message),
+                       level='warning')
+
+    def _fail(self, job, message):
+        job.invalidate_cache()
+        if job.state in job_status.ACTIVE_STATES:
+            job._set_failed(message)
+
+    # -- the steps: each returns False when the job must wait ----------------------------------
+    def _validate(self, job):
+        if job.state != 'validating':
+            return True
+        problems = []
+        for dataset in job.dataset_ids | job.validation_dataset_ids:
+            try:
+                report = dataset._validate(job.base_model_id)
+            except DatasetBusyError as e:
+                raise TrainingRetryableError(e.name, seconds=30)
+            if not report.valid:
+                problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
+        if problems:
+            # Not raised: the datasets' reports are kept for the user to act on.
+            job._set_failed('\n\n'.join(problems))
+            return False
+        hyper = job._get_hyperparameters()
+        if job.validation_dataset_ids and hyper['validation_split']:
+            raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
+        job._data_format()
+        job.provider_id._dispatch_optional('validate_training_job', job)
+        job._change_state('preparing')
+        return True
+
+    def _prepare(self, job):
+        if job.state != 'preparing':
+            return True
+        job._prepare_files()
+        job._change_state('queued')
+        return True
+
+    def _reserve_start(self, job):
+        """Take a provider slot and record the intent to start, committed before any call: if
+        anything fails after the call, the next pass starts again with the same key, which finds
+        the run instead of making a second one."""
+        if job.state != 'queued' or job.external_job_id or job.start_pending:
+            return True
+        if job.cancel_requested:
+            job._change_state('cancelled')
+            return False
+        if not job.provider_id._has_free_slot():
+            return False  # stays Queued until a slot frees
+        job._write_workflow({'start_pending': True})
+        return COMMIT
+
+    def _start(self, job):
+        if job.state != 'queued' or job.external_job_id or not job.start_pending:
+            return True
+        external_id = job.provider_id.start_training_job(job)
+        if not external_id:
+            raise TrainingFailedError(_('The provider did not return a job id.'))
+        job._write_workflow({'external_job_id': external_id, 'start_pending': False, 'last_progress_at': _now()})
+        job._add_event(_('Started at the provider as %s') % external_id)
+        if job.cancel_requested:  # cancelled while the start was pending: stop it there too
+            job.provider_id.cancel_training_job(job)
+            job._add_event(_('Cancel sent to the provider'), level='warning')
+        return True
+
+    def _poll(self, job):
+        if job.state in ('queued', 'training') and job.external_job_id:
+            self._apply_report(job, job.provider_id.check_training_job_status(job))
+        return True
+
+    def _apply_report(self, job, report):
+        """Bring the job in line with what the provider reports. Idempotent."""
+        status = report['status']
+        if status == 'failed' and job.cancel_requested:
+            status = 'cancelled'  # stopped because we asked: a cancel, whatever way it ended
+        values = {}
+        for key, field in (('progress', 'progress'), ('step', 'current_step'), ('total_steps', 'total_steps'),
+                           ('epoch', 'current_epoch'), ('trained_tokens', 'trained_tokens'), ('log', 'log')):
+            if report.get(key) is not None and report[key] != job[field]:
+                values[field] = report[key]
+        if report.get('eta'):
+            values['estimated_finish'] = fields.Datetime.to_string(datetime.utcfromtimestamp(report['eta']))
+        if set(values) & {'progress', 'current_step'}:
+            values['last_progress_at'] = _now()
+        if values:
+            job._write_workflow(values)
+        for event in report.get('events') or ():
+            job._add_event(event.get('message') or '', level=event.get('level') or 'info',
+                           external_id=str(event['id']) if event.get('id') is not None else False,
+                           data=event.get('data'),
+                           created_at=event.get('created_at') and fields.Datetime.to_string(
+                               datetime.utcfromtimestamp(event['created_at'])))
+        self.env['llm.training.job.metric'].sudo()._record(job, report.get('metrics') or ())
+        for new_state in job_status.plan_transitions(job.state, status):
+            if new_state == 'completed':
+                job._register_result(report.get('result') or {})
+                if report.get('tokens_per_second'):
+                    self.env['llm.provider.throughput'].sudo()._record(job, report['tokens_per_second'],
+                                                                       report.get('precision'))
+                job._change_state('completed', final_cost=openai_jobs.cost(
+                    job.trained_tokens, job.base_model_id.training_price))
+            elif new_state == 'failed':
+                job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
+            else:
+                job._change_state(new_state)
+
+    # -- cancel --------------------------------------------------------------------------------
+    @api.model
+    def cancel(self, jobs):
+        """Cancel `jobs`: at the provider when it has them (it confirms, the poll then moves the
+        job to Cancelled), at once otherwise. The caller has checked access."""
+        for job in jobs:
+            if job.state in job_status.FINAL_STATES:
+                raise UserError(_('Job "%s" is already %s.') % (job.name, job.state))
+            if not self._claim(job.id):
+                raise UserError(_('Job "%s" is being updated right now; try again in a moment.') % job.name)
+            if job.external_job_id and job.state in ('queued', 'training'):
+                job.provider_id.cancel_training_job(job)
+                job._write_workflow({'cancel_requested': True})
+                job._add_event(_('Cancel requested'), level='warning')
+                self._step(job)
+            elif job.start_pending:
+                # the start may have reached the provider: stop it there on the next pass
+                job._write_workflow({'cancel_requested': True})
+                job._add_event(_('Cancel requested while starting'), level='warning')
+            else:
+                job._change_state('cancelled')
+        return True
+
+    # -- the stuck-job sweep ---------------------------------------------------------------------
+    @api.model
+    def _sweep_stuck_jobs(self):
+        """Jobs that have not moved for longer than the deadline: cancelled at their provider,
+        then failed with the reason. A cancel that does not go through leaves the job as it is
+        (with an event): it may still be running there."""
+        Job = self.env['llm.training.job']
+        hours = float(self.env['ir.config_parameter'].sudo().get_param(
+            'llm_training.stuck_job_hours', DEFAULT_STUCK_HOURS))
+        deadline = fields.Datetime.to_string(datetime.utcnow() - timedelta(hours=hours))
+        stuck = Job.search([('state', 'in', ('validating', 'preparing', 'training')),
+                            ('last_progress_at', '<', deadline)])
+        stuck |= Job.search([('state', '=', 'queued'), ('external_job_id', '!=', False),
+                             ('last_progress_at', '<', deadline)])
+        for job in stuck:
+            if not self._claim(job.id):
+                continue
+            if job.external_job_id:
+                try:
+                    with self.env.cr.savepoint():
+                        job.provider_id.cancel_training_job(job)
+                except Exception as e:
+                    _logger.exception('Training job %s: cancel of a stuck job failed', job.id)
+                    job._add_event(_('No progress for %s hours, and the cancel at the provider failed (%s); '
+                                     'the job is kept and the cancel tried again.') % (hours, e), level='error')
+                    continue
+            job._set_failed(_('No progress for %s hours (since %s); cancelled at the provider and marked as '
+                              'failed. Check the provider, then resume or resubmit.') % (hours, job.last_progress_at))
