@@ -9,7 +9,8 @@
     'license': 'LGPL-3',
     'author': 'llm_training',
     'depends': ['mail'],
-    'external_dependencies': {'python': []},
+    # orjson is optional (lib/dataset_validator.py falls back to json); jsonschema is for the tests only
+    'external_dependencies': {'python': ['psutil', 'openai', 'tokenizers']},
     'data': [
         'security/llm_training_security.xml',
         'security/ir.model.access.csv',

@@ -39,11 +39,31 @@ class LlmProvider(models.Model):
     request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
     max_concurrent_jobs = fields.Integer(default=1, help='Jobs running at once on this provider; '
                                                          'extra jobs wait in Queued. 0 means no limit.')
+    # What the service can do, declared by its `_<service>_capabilities()`: views and the engine
+    # read these instead of comparing service names.
+    can_resume = fields.Boolean(compute='_compute_capabilities', help='Restarts a job from its last checkpoint.')
+    can_pause = fields.Boolean(compute='_compute_capabilities')
+    supports_dpo = fields.Boolean(compute='_compute_capabilities', help='Trains preference (DPO) datasets.')
+    registers_checkpoints = fields.Boolean(compute='_compute_capabilities',
+                                           help='Keeps intermediate checkpoints that can be registered as models.')
+    uses_api_key = fields.Boolean(compute='_compute_capabilities')
+    lists_models = fields.Boolean(compute='_compute_capabilities', help='Fetch Models lists the account\'s models.')
+    techniques = fields.Char(compute='_compute_capabilities',
+                             help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     model_ids = fields.One2many('llm.model', 'provider_id', string='Models')
     job_ids = fields.One2many('llm.training.job', 'provider_id', string='Training Jobs')
     throughput_ids = fields.One2many('llm.provider.throughput', 'provider_id', string='Measured Throughput',
                                      readonly=True, help="Training speed this provider's machine reached, "
                                                          "per base model and technique.")
+
+    @api.depends('service')
+    def _compute_capabilities(self):
+        for provider in self:
+            capabilities = (provider.service and provider._dispatch_optional('capabilities')) or {}
+            for name in ('can_resume', 'can_pause', 'supports_dpo', 'registers_checkpoints', 'uses_api_key',
+                         'lists_models'):
+                provider[name] = bool(capabilities.get(name))
+            provider.techniques = ','.join(capabilities.get('techniques') or ())
 
     @api.depends()
     def _compute_api_key(self):
@@ -63,6 +83,15 @@ class LlmProvider(models.Model):
         """A credential for the adapter that calls the service (see llm.secret)."""
         self.ensure_one()
         return self.env['llm.secret']._read_value(self, field_name)
+
+    @api.multi
+    def action_fetch_models(self):
+        """List the service's models (base and fine-tuned) into the model registry."""
+        self._check_manager_action()  # before the key is read or the service called
+        self.env['llm.model'].check_access_rights('create')
+        for provider in self:
+            provider._dispatch('fetch_models')
+        return True
 
     @api.multi
     def action_clear_api_key(self):

@@ -74,11 +74,11 @@ class LlmProvider(models.Model):
         except ImportError:
             return None
 
+    def _local_capabilities(self):
+        return {'can_resume': True, 'techniques': ('lora', 'qlora', 'full')}
+
     def _local_validate_training_job(self, job):
         self._local_model_path(job.base_model_id)
-        if job._data_format() != 'chat':
-            raise TrainingFailedError(_('The local trainer does supervised fine-tuning on chat datasets; '
-                                        'preference (DPO) datasets need the OpenAI provider.'))
         if job.technique == 'qlora':
             probe = run_trainer_module(['trainer.env_info'], PROBE_TIMEOUT)
             info = json.loads(probe.stdout.decode() or '{}')

@@ -14,7 +14,7 @@ import os
 import subprocess
 import threading
 
-from odoo import _, api, fields, models
+from odoo import _, fields, models
 from odoo.exceptions import UserError
 
 from ..lib import openai_jobs
@@ -123,6 +123,10 @@ class LlmProvider(models.Model):
             return None
 
     # -- the provider contract ------------------------------------------------------------------
+    def _openai_capabilities(self):
+        # techniques: none listed, OpenAI chooses its own (a warning says the choice is ignored)
+        return {'supports_dpo': True, 'registers_checkpoints': True, 'uses_api_key': True, 'lists_models': True}
+
     def _openai_validate_training_job(self, job):
         if not self._openai_api_key():
             raise TrainingFailedError(_('Provider "%s" has no API key; a manager can set it on the provider.')
@@ -290,22 +294,15 @@ class LlmProvider(models.Model):
             return None
 
     # -- models -----------------------------------------------------------------------------------
-    @api.multi
-    def action_fetch_models(self):
+    def _openai_fetch_models(self):
         """List the account's models (base and fine-tuned) into the model registry."""
-        self._check_manager_action()  # before the key is read or the service called
-        self.env['llm.model'].check_access_rights('create')
-        for provider in self:
-            if provider.service != 'openai':
-                continue
-            client = provider._openai_client()
-            try:
-                with provider._openai_errors(_('listing models')):
-                    remote_models = [m.to_dict() for m in client.models.list()]
-            except (TrainingFailedError, TrainingRetryableError) as e:
-                raise UserError(str(e))
-            provider._openai_register_models(remote_models)
-        return True
+        client = self._openai_client()
+        try:
+            with self._openai_errors(_('listing models')):
+                remote_models = [m.to_dict() for m in client.models.list()]
+        except (TrainingFailedError, TrainingRetryableError) as e:
+            raise UserError(str(e))
+        self._openai_register_models(remote_models)
 
     def _openai_register_models(self, remote_models):
         Model = self.env['llm.model'].with_context(active_test=False)

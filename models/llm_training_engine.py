@@ -104,7 +104,9 @@ class LlmTrainingEngine(models.AbstractModel):
         True to go on, False when the job must wait, COMMIT to have what it wrote committed (and
         the row claimed again) before the next step: a commit cannot happen inside a savepoint."""
         job._write_workflow({'last_synced_at': _now()})
-        for step in (self._validate, self._prepare, self._reserve_start, self._start, self._poll):
+        for step, due in self._steps(job):
+            if not due():
+                continue  # checked before the savepoint: a polled job pays for one step, not five
             try:
                 with self.env.cr.savepoint():
                     keep_going = step(job)
@@ -155,9 +157,16 @@ class LlmTrainingEngine(models.AbstractModel):
             job._set_failed(message)
 
     # -- the steps: each returns False when the job must wait ----------------------------------
+    def _steps(self, job):
+        """(step, when it is due) in chain order; `due` is read again after each step."""
+        at_provider = lambda: job.state == 'queued' and not job.external_job_id  # noqa: E731
+        return ((self._validate, lambda: job.state == 'validating'),
+                (self._prepare, lambda: job.state == 'preparing'),
+                (self._reserve_start, lambda: at_provider() and not job.start_pending),
+                (self._start, lambda: at_provider() and job.start_pending),
+                (self._poll, lambda: job.state in ('queued', 'training') and bool(job.external_job_id)))
+
     def _validate(self, job):
-        if job.state != 'validating':
-            return True
         problems = []
         for dataset in job.dataset_ids | job.validation_dataset_ids:
             try:
@@ -173,14 +182,18 @@ class LlmTrainingEngine(models.AbstractModel):
         hyper = job._get_hyperparameters()
         if job.validation_dataset_ids and hyper['validation_split']:
             raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
-        job._data_format()
-        job.provider_id._dispatch_optional('validate_training_job', job)
+        provider = job.provider_id
+        if job._data_format() == 'preference' and not provider.supports_dpo:
+            raise TrainingFailedError(_('Provider "%s" does supervised fine-tuning on chat datasets only; preference '
+                                        '(DPO) datasets need a provider that trains them (OpenAI).') % provider.name)
+        if provider.techniques and job.technique not in provider.techniques.split(','):
+            raise TrainingFailedError(_('Provider "%s" does not train with %s; choose one of %s.')
+                                      % (provider.name, job.technique, provider.techniques.replace(',', ', ')))
+        provider._dispatch_optional('validate_training_job', job)
         job._change_state('preparing')
         return True
 
     def _prepare(self, job):
-        if job.state != 'preparing':
-            return True
         job._prepare_files()
         job._change_state('queued')
         return True
@@ -189,8 +202,6 @@ class LlmTrainingEngine(models.AbstractModel):
         """Take a provider slot and record the intent to start, committed before any call: if
         anything fails after the call, the next pass starts again with the same key, which finds
         the run instead of making a second one."""
-        if job.state != 'queued' or job.external_job_id or job.start_pending:
-            return True
         if job.cancel_requested:
             job._change_state('cancelled')
             return False
@@ -200,8 +211,6 @@ class LlmTrainingEngine(models.AbstractModel):
         return COMMIT
 
     def _start(self, job):
-        if job.state != 'queued' or job.external_job_id or not job.start_pending:
-            return True
         external_id = job.provider_id.start_training_job(job)
         if not external_id:
             raise TrainingFailedError(_('The provider did not return a job id.'))
@@ -213,8 +222,7 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     def _poll(self, job):
-        if job.state in ('queued', 'training') and job.external_job_id:
-            self._apply_report(job, job.provider_id.check_training_job_status(job))
+        self._apply_report(job, job.provider_id.check_training_job_status(job))
         return True
 
     def _apply_report(self, job, report):
@@ -233,9 +241,13 @@ class LlmTrainingEngine(models.AbstractModel):
             values['last_progress_at'] = _now()
         if values:
             job._write_workflow(values)
-        for event in report.get('events') or ():
-            job._add_event(event.get('message') or '', level=event.get('level') or 'info',
-                           external_id=str(event['id']) if event.get('id') is not None else False,
+        events = report.get('events') or ()
+        known = job._known_event_ids([str(e['id']) for e in events if e.get('id') is not None])
+        for event in events:
+            external_id = str(event['id']) if event.get('id') is not None else False
+            if external_id in known:
+                continue
+            job._add_event(event.get('message') or '', level=event.get('level') or 'info', external_id=external_id,
                            data=event.get('data'),
                            created_at=event.get('created_at') and fields.Datetime.to_string(
                                datetime.utcfromtimestamp(event['created_at'])))

@@ -61,6 +61,8 @@ class LlmTrainingJob(models.Model):
     provider_id = fields.Many2one('llm.provider', required=True, default=_default_provider,
                                   ondelete='restrict', track_visibility='onchange')
     service = fields.Selection(related='provider_id.service', readonly=True)
+    provider_can_resume = fields.Boolean(related='provider_id.can_resume', readonly=True)
+    provider_registers_checkpoints = fields.Boolean(related='provider_id.registers_checkpoints', readonly=True)
     base_model_id = fields.Many2one('llm.model', string='Base Model', required=True, ondelete='restrict',
                                     domain="[('provider_id', '=', provider_id)]")
     dataset_ids = fields.Many2many('llm.training.dataset', 'llm_training_job_dataset_rel', 'job_id',
@@ -74,7 +76,9 @@ class LlmTrainingJob(models.Model):
     epochs = fields.Integer(default=3, help='0 lets the provider choose (OpenAI "auto").')
     batch_size = fields.Integer(default=4, help='0 lets the provider choose (OpenAI "auto").')
     learning_rate = fields.Float(default=2e-4, digits=(16, 8), help='Local trainer learning rate.')
-    learning_rate_multiplier = fields.Float(default=0.0, help='OpenAI multiplier; 0 means "auto".')
+    learning_rate_multiplier = fields.Float(default=0.0, help='0 means "auto". OpenAI: its multiplier; local trainer: '
+                                                                 'multiplies its default learning rate (2e-4) '
+                                                                 'instead of using the learning rate above.')
     lora_r = fields.Integer(string='LoRA rank', default=16)
     lora_alpha = fields.Integer(string='LoRA alpha', default=32)
     lora_dropout = fields.Float(string='LoRA dropout', default=0.05)
@@ -252,11 +256,12 @@ class LlmTrainingJob(models.Model):
 
     @api.multi
     def action_resume(self):
-        """Start a failed or cancelled local job again from its last checkpoint."""
+        """Start a failed or cancelled job again from its last checkpoint, as a new attempt."""
         self._check_write_access()
         for job in self:
-            if job.service != 'local' or job.state not in ('failed', 'cancelled'):
-                raise UserError(_('Only a failed or cancelled job of a local provider can be resumed.'))
+            if not job.provider_can_resume or job.state not in ('failed', 'cancelled'):
+                raise UserError(_('Only a failed or cancelled job of a provider that can resume (%s cannot) can be '
+                                  'resumed.') % job.provider_id.name)
             job._set_provider_data(resume=True)
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
                               next_attempt_at=False, cancel_requested=False, finished_at=False,
@@ -316,16 +321,25 @@ class LlmTrainingJob(models.Model):
     def _set_provider_data(self, **values):
         data = self._get_provider_data()
         data.update(values)
-        super(LlmTrainingJob, self).write({'provider_data': json.dumps(data, sort_keys=True)})
+        self._write_workflow({'provider_data': json.dumps(data, sort_keys=True)})
 
     def _add_event(self, message, level='info', external_id=False, data=None, created_at=None):
+        """Record an event; one with a provider id already recorded is skipped (idempotent)."""
         self.ensure_one()
         Event = self.env['llm.training.job.event'].sudo()
-        if external_id and Event.search_count([('job_id', '=', self.id), ('external_id', '=', external_id)]):
+        if external_id and external_id in self._known_event_ids([external_id]):
             return Event.browse()
-        return Event.create({'job_id': self.id, 'message': message, 'level': level,
+        return Event.create({'job_id': self.id, 'company_id': self.company_id.id, 'message': message, 'level': level,
                              'external_id': external_id, 'data': json.dumps(data) if data else False,
                              'event_time': created_at or _now()})
+
+    def _known_event_ids(self, external_ids):
+        """Which of these provider event ids this job has recorded already (one query)."""
+        if not external_ids:
+            return set()
+        self.env.cr.execute('SELECT external_id FROM llm_training_job_event WHERE job_id = %s AND external_id IN %s',
+                            (self.id, tuple(external_ids)))
+        return {row[0] for row in self.env.cr.fetchall()}
 
     # -- the engine's hooks ------------------------------------------------------------------------
     @api.model
@@ -335,8 +349,12 @@ class LlmTrainingJob(models.Model):
         return True
 
     def _write_workflow(self, values):
-        """Write workflow fields; the setup lock in write() is for people, not for the engine."""
-        return super(LlmTrainingJob, self).write(values)
+        """Write workflow fields; the setup lock in write() is for people, not for the engine.
+        Progress fields are not tracked in the chatter, so their writes skip mail's tracking
+        (which costs more than the write itself on every poll); state changes go through
+        _change_state and are tracked."""
+        record = self if 'state' in values else self.with_context(tracking_disable=True)
+        return super(LlmTrainingJob, record).write(values)
 
     def _prepare_files(self):
         """Merge the datasets into the job folder's train.jsonl (+ validation.jsonl)."""

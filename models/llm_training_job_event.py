@@ -9,7 +9,9 @@ class LlmTrainingJobEvent(models.Model):
     _order = 'event_time desc, id desc'
 
     job_id = fields.Many2one('llm.training.job', required=True, ondelete='cascade', index=True)
-    company_id = fields.Many2one(related='job_id.company_id', store=True, readonly=True, index=True)
+    # the job's company, set on create (not a related field: its recompute on every insert cost
+    # more than the insert on each poll); record rules read it
+    company_id = fields.Many2one('res.company', readonly=True, index=True)
     event_time = fields.Datetime(required=True, default=fields.Datetime.now)
     level = fields.Selection([('info', 'Info'), ('warning', 'Warning'), ('error', 'Error')], default='info',
                              required=True)

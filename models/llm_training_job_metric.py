@@ -12,7 +12,9 @@ class LlmTrainingJobMetric(models.Model):
     _order = 'job_id, step'
 
     job_id = fields.Many2one('llm.training.job', required=True, ondelete='cascade', index=True)
-    company_id = fields.Many2one(related='job_id.company_id', store=True, readonly=True, index=True)
+    # the job's company, set on create (not a related field: its recompute on every insert cost
+    # more than the insert on each poll); record rules read it
+    company_id = fields.Many2one('res.company', readonly=True, index=True)
     step = fields.Integer(required=True)
     epoch = fields.Float(digits=(16, 3))
     train_loss = fields.Float(digits=(16, 5))
@@ -36,6 +38,9 @@ class LlmTrainingJobMetric(models.Model):
             values = {k: metric[k] for k in METRIC_FIELDS if metric.get(k) is not None}
             record = existing.get(metric['step'])
             if record:
-                record.write(values)
+                changed = {k: v for k, v in values.items() if record[k] != v}
+                if changed:  # a provider may send the same step again
+                    record.write(changed)
             else:
-                existing[metric['step']] = self.create(dict(values, job_id=job.id, step=metric['step']))
+                existing[metric['step']] = self.create(dict(values, job_id=job.id, step=metric['step'],
+                                                            company_id=job.company_id.id))

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# `make bench`: both benchmarks, each printing its figures and the ratio to its baseline.
+# `make bench`: every benchmark, each printing its figures and the ratio to its baseline.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$here/scripts/setup.sh"
 source "$here/scripts/env.sh"
+llmt_link_addon
 echo "== dataset validation (Odoo's Python) =="
-"$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_validation.py" "$@"
+LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_validation.py"
+echo "== sync engine at scale (Odoo, PostgreSQL) =="
+DB=${LLMT_BENCH_DB:-llm_bench}
+conf="$LLMT_RUN/bench/odoo.conf"
+llmt_write_config "$conf" "$DB" "${LLMT_BENCH_PORT:-8269}" "$LLMT_RUN/bench/data" "$LLMT_ROOT/tests/addons"
+dropdb --if-exists "$DB"
+llmt_odoo -c "$conf" -d "$DB" -i llm_training,llm_training_test_provider --without-demo=all --stop-after-init \
+  --logfile="$LLMT_RUN/bench/install.log"
+"$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_cron.py" -c "$conf" -d "$DB"
 echo "== training throughput (trainer venv) =="
 cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_training

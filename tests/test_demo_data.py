@@ -21,6 +21,13 @@ class TestDemoData(TransactionCase):
             self.assertTrue(self.env.ref('llm_training.' + xmlid).action)
         self.assertEqual(self.env.ref('llm_training.llm_training_job_menu').complete_name, 'LLM/Training/Jobs')
 
-    def test_cron_runs(self):
-        cron = self.env.ref('llm_training.ir_cron_sync_training_jobs')
-        cron.method_direct_trigger()
+    def test_cron_record_moves_a_submitted_job(self):
+        """The cron record's own code (noupdate data) reaches the engine."""
+        provider = self.env['llm.provider'].create({'name': 'Scripted', 'service': 'test', 'test_behavior': 'hold'})
+        model = self.env['llm.model'].create({'name': 'M', 'provider_id': provider.id, 'model_ref': 'demo-cron-m'})
+        job = self.env.ref('llm_training.demo_job_northwind').copy({'provider_id': provider.id, 'base_model_id': model.id})
+        job.action_submit()
+        self.env.ref('llm_training.ir_cron_sync_training_jobs').method_direct_trigger()
+        job.invalidate_cache()
+        self.assertEqual(job.state, 'queued')
+        self.assertTrue(job.external_job_id)

@@ -143,4 +143,4 @@ class TestLocalProvider(TrainingCase):
         job.action_submit()
         self.run_cron()
         self.assertEqual(job.state, 'failed')
-        self.assertIn('preference (DPO) datasets need the OpenAI provider', job.error_message)
+        self.assertIn('preference (DPO) datasets need a provider that trains them', job.error_message)

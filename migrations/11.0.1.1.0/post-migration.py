@@ -4,6 +4,7 @@
 - `llm_provider.api_key` was a plain column that any internal user could reach through
   read_group, domains and ORDER BY: its values move into llm.secret (managers only) and the column
   is dropped, so no copy of a key stays readable.
+- Events and metrics get their job's company, which their new record rules read.
 - Dataset files uploaded before this version belong to no record, which lets Odoo 11 show them to
   every internal user: each gets its dataset as owner (a file shared by two datasets is copied).
 """
@@ -35,5 +36,8 @@ def migrate(cr, version):
         return
     env = api.Environment(cr, SUPERUSER_ID, {})
     keys = move_api_keys(env)
+    for table in ('llm_training_job_event', 'llm_training_job_metric'):  # company rules read company_id
+        env.cr.execute('UPDATE %s AS r SET company_id = j.company_id FROM llm_training_job j '  # noqa: not user input
+                       'WHERE r.job_id = j.id AND r.company_id IS NULL' % table)
     env['llm.training.dataset'].with_context(active_test=False).search([])._own_attachments()
     _logger.info('llm_training %s: %d API key(s) moved to llm.secret, dataset files owned', version, keys)

@@ -27,8 +27,8 @@ def test_weight_zero_turn_is_masked(tokenizer):
 
 
 def test_collator_masks_padding_only(tokenizer):
-    # pad == eos for SmolLM2: the real <|im_end|> of a reply must stay learned after padding
-    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids('<|im_end|>') or tokenizer.pad_token_id is not None
+    # pad == eos == <|im_end|> for SmolLM2: the real <|im_end|> of a reply must stay learned after padding
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids('<|im_end|>')
     short = tokenize_example(tokenizer, {'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]})
     long = tokenize_example(tokenizer, {'messages': [{'role': 'user', 'content': 'a longer question here'},
                                                      {'role': 'assistant', 'content': 'a longer answer here'}]})

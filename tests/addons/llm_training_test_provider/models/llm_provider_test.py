@@ -63,6 +63,8 @@ class LlmProvider(models.Model):
         if polls == 1:
             return {'status': 'queued', 'progress': 0.0,
                     'events': [{'id': 'ev-1', 'message': 'Job queued', 'created_at': 1700000000}]}
+        if polls > 2 and self.test_behavior == 'hold':
+            return {'status': 'running', 'progress': 50.0}  # nothing new to say
         if polls == 2 or self.test_behavior == 'hold':
             return {'status': 'running', 'progress': 50.0, 'step': 5, 'total_steps': 10, 'epoch': 1.0,
                     'events': [{'id': 'ev-1', 'message': 'Job queued'},
