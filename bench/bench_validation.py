@@ -18,6 +18,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_DIR = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
 
 
 def generate(path, n, seed=0):
@@ -76,8 +77,7 @@ def huge_line(path):
     model's own tokenizer, its context as the limit). Returns seconds and the RSS it added."""
     from lib.dataset_validator import DatasetValidator
     from lib.token_count import tokenizer_counter
-    model_dir = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
-    counter = tokenizer_counter(os.path.join(model_dir, 'tokenizer.json'))
+    counter = tokenizer_counter(os.path.join(MODEL_DIR, 'tokenizer.json'))
     counter([{'role': 'user', 'content': 'warm up'}])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     start = time.perf_counter()
@@ -91,11 +91,49 @@ def huge_line(path):
             'refused': refused[0] if refused else None}
 
 
+def tokens_baseline(path):
+    """The cookbook's loop with real token counts: load all, check, apply_chat_template each
+    (trainer venv: transformers renders the template)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    start = time.perf_counter()
+    with open(path, 'r', encoding='utf-8') as f:
+        dataset = [json.loads(line) for line in f]
+    errors, total = 0, 0
+    for ex in dataset:
+        messages = ex.get('messages') if isinstance(ex, dict) else None
+        if not messages or any(m.get('role') not in ('system', 'user', 'assistant') or not isinstance(m.get('content'), str)
+                               for m in messages):
+            errors += 1
+            continue
+        total += len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    return len(dataset), errors, total, time.perf_counter() - start
+
+
+def tokens_ours(path):
+    """Our streaming validator counting through the template table (Odoo's venv)."""
+    from lib.dataset_validator import DatasetValidator
+    from lib.token_count import TemplateCounter
+    table = json.loads(os.environ['LLMT_TEMPLATE_TABLE'])
+    counter = TemplateCounter(os.path.join(MODEL_DIR, 'tokenizer.json'), table)
+    start = time.perf_counter()
+    validator = DatasetValidator(count_tokens=counter, max_tokens=8192)
+    with open(path, 'rb') as f:
+        validator.validate_file(f, os.path.basename(path))
+    report = validator.finish()
+    return report.examples, report.error_count, report.tokens_total, time.perf_counter() - start
+
+
 def run_one(which, path):
     """Child process: time one validator, print JSON with its figures."""
     sys.path.insert(0, ROOT)
     if which == 'huge_line':
         print(json.dumps(huge_line(path)))
+        return
+    if which.startswith('tokens_'):
+        examples, errors, tokens, seconds = {'tokens_baseline': tokens_baseline, 'tokens_ours': tokens_ours}[which](path)
+        print(json.dumps({'examples': examples, 'errors': errors, 'tokens': tokens, 'seconds': seconds,
+                          'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
         return
     start = time.perf_counter()
     examples, errors = {'baseline': baseline, 'ours': ours}[which](path)
@@ -118,6 +156,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--examples', type=int, default=100000)
     parser.add_argument('--repeat', type=int, default=3, help='runs of each; the fastest counts')
+    parser.add_argument('--token-examples', type=int, nargs='+', default=[10000, 40000],
+                        help='file sizes of the token-count comparison')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -147,6 +187,36 @@ def main():
         r = json.loads(out.decode().strip().splitlines()[-1])
         print('30 MB line: refused in %.2f s, RSS +%.0f MB (goal: under 5 s and 200 MB): %s'
               % (r['seconds'], r['rss_added_mb'], r['refused']))
+        token_bench(tmp, args.token_examples)
+
+
+def token_bench(tmp, sizes):
+    """Validation with token counts as the trainer sees them (SmolLM2's chat template): the
+    cookbook's loop with apply_chat_template (trainer venv) vs our streaming validator with the
+    template table (Odoo's venv), same files; ours at two sizes to show its memory is flat."""
+    trainer_python = os.environ.get('LLMT_TRAINER_PYTHON')
+    if not trainer_python:
+        print('token counts: skipped (set LLMT_TRAINER_PYTHON to the trainer venv python)')
+        return
+    start = time.perf_counter()
+    table = subprocess.check_output([trainer_python, '-m', 'trainer.chat_template_costs', '--model', MODEL_DIR],
+                                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)).decode().strip().splitlines()[-1]
+    print('token counts: chat template table measured once per model in %.1f s: %s'
+          % (time.perf_counter() - start, table))
+    env = dict(os.environ, LLMT_TEMPLATE_TABLE=table, PYTHONPATH=ROOT)
+    for n in sizes:
+        path = os.path.join(tmp, 'tokens-%d.jsonl' % n)
+        generate(path, n, seed=1)
+        runs = {}
+        for which, python in (('tokens_baseline', trainer_python), ('tokens_ours', sys.executable)):
+            out = subprocess.check_output([python, __file__, '--child', which, path], env=env)
+            runs[which] = json.loads(out.decode().strip().splitlines()[-1])
+        b, o = runs['tokens_baseline'], runs['tokens_ours']
+        for label, r in (('baseline', b), ('ours', o)):
+            print('  %6d examples %-9s %6.2f s %8.0f examples/s  peak RSS %6.1f MB  tokens %d'
+                  % (n, label, r['seconds'], r['examples'] / r['seconds'], r['rss_mb'], r['tokens']))
+        print('  %6d examples: ours is %.2fx the baseline, %.2fx its peak memory, same token total: %s'
+              % (n, b['seconds'] / o['seconds'], o['rss_mb'] / b['rss_mb'], b['tokens'] == o['tokens']))
 
 
 if __name__ == '__main__':

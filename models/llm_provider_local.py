@@ -15,13 +15,14 @@ from odoo import _, models, tools
 
 from ..lib import trainer_folder
 from ..lib.hyperparameters import trainer_config
-from ..lib.token_count import tokenizer_counter
+from ..lib.token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from ..lib.exceptions import TrainingFailedError
 
 _logger = logging.getLogger(__name__)
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_TIMEOUT = 120
 GENERATE_TIMEOUT = 300
+_TEMPLATE_TABLES = {}  # (model folder, tokenizer config mtime) -> chat template table
 
 
 def trainer_python():
@@ -35,6 +36,20 @@ def models_dir():
 def trainer_env():
     """The environment of every trainer-env process (one place)."""
     return dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
+
+
+def chat_template_table(path):
+    """What the model's chat template adds around messages (trainer/chat_template_costs.py),
+    measured once per model folder and Odoo process; None when the trainer environment fails."""
+    key = (path, os.path.getmtime(os.path.join(path, 'tokenizer_config.json'))
+           if os.path.exists(os.path.join(path, 'tokenizer_config.json')) else 0)
+    if key not in _TEMPLATE_TABLES:
+        try:
+            result = run_trainer_module(['trainer.chat_template_costs', '--model', path], PROBE_TIMEOUT)
+            _TEMPLATE_TABLES[key] = json.loads(result.stdout.decode().strip().splitlines()[-1])
+        except (TrainingFailedError, ValueError, IndexError):
+            return None
+    return _TEMPLATE_TABLES[key]
 
 
 def run_trainer_module(args, timeout):
@@ -62,17 +77,25 @@ class LlmProvider(models.Model):
         return path
 
     def _local_token_counter(self, model):
-        """Count with the model's own tokenizer (tokenizer.json); None when it has none."""
+        """Count as the trainer will see it: the model's chat template (measured once per model
+        in the trainer environment) around contents counted with its tokenizer.json; None when
+        the model has no tokenizer (the estimate is used)."""
         try:
-            path = os.path.join(self._local_model_path(model), 'tokenizer.json')
-        except TrainingFailedError:
+            path = self._local_model_path(model)
+            from tokenizers import Tokenizer  # noqa: F401
+        except (TrainingFailedError, ImportError):
             return None
-        if not os.path.exists(path):
+        tokenizer_json = os.path.join(path, 'tokenizer.json')
+        if not os.path.exists(tokenizer_json):
             return None
-        try:
-            return tokenizer_counter(path)
-        except ImportError:
-            return None
+        exact = PipeCounter([trainer_python(), '-m', 'trainer.chat_template_costs', '--model', path, '--serve'],
+                            env=trainer_env(), cwd=ADDON_ROOT, timeout=PROBE_TIMEOUT)
+        table = chat_template_table(path)
+        if table is None:
+            _logger.warning('Model %s: the chat template could not be measured; contents are counted with '
+                            'ChatML framing.', path)
+            return tokenizer_counter(tokenizer_json)
+        return TemplateCounter(tokenizer_json, table, exact=exact)
 
     def _local_capabilities(self):
         return {'can_resume': True, 'techniques': ('lora', 'qlora', 'full')}

@@ -8,59 +8,23 @@ and the job is Cancelled once OpenAI reports it so. The SDK retries 429/5xx/time
 retry fixes (key, permission, quota, invalid request) fail the job with a clear message.
 The API key comes from llm.secret only to build the client and is redacted from every message."""
 import contextlib
-import json
 import logging
 import os
-import subprocess
-import threading
 
 from odoo import _, fields, models
 from odoo.exceptions import UserError
 
 from ..lib import openai_jobs
-from ..lib.dataset_validator import estimate_tokens
+from ..lib.token_count import PipeCounter
 from ..models.llm_provider_local import ADDON_ROOT, trainer_env, trainer_python
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 
 _logger = logging.getLogger(__name__)
 MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff
+COUNTER_TIMEOUT = 60       # seconds the token counter may take to answer one example
 FILE_POLL_SECONDS = 10     # a file OpenAI is still processing is checked again after this
 EVENT_PAGE_SIZE = 100
 EVENT_MAX_PAGES = 50
-
-
-class TokenCounterProcess(object):
-    """tiktoken in the trainer env (it does not install on Odoo's Python 3.7), kept open for one
-    validation: one JSON example per line in, one count per line out."""
-
-    def __init__(self, model_ref):
-        self._lock = threading.Lock()
-        self._process = subprocess.Popen(
-            [trainer_python(), '-m', 'trainer.count_tokens', '--model', model_ref],
-            cwd=ADDON_ROOT, env=trainer_env(),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-
-    def __call__(self, messages, limit=None):
-        with self._lock:
-            try:
-                self._process.stdin.write(json.dumps({'messages': messages}).encode('utf-8') + b'\n')
-                self._process.stdin.flush()
-                answer = self._process.stdout.readline()
-            except OSError:
-                answer = b''
-        if not answer:
-            raise UserError(_('The token counter of the trainer environment stopped (%s -m trainer.count_tokens); '
-                              'check llm_training_trainer_python or run scripts/setup.sh.') % trainer_python())
-        count = int(answer)
-        return count if count >= 0 else estimate_tokens(messages)
-
-    def close(self):
-        if self._process.poll() is None:
-            self._process.stdin.close()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
 
 
 class LlmProvider(models.Model):
@@ -286,12 +250,9 @@ class LlmProvider(models.Model):
         return True
 
     def _openai_token_counter(self, model):
-        try:
-            return TokenCounterProcess(model.model_ref)
-        except OSError as e:
-            _logger.warning('No tiktoken counter (%s -m trainer.count_tokens: %s); token counts are estimates.',
-                            trainer_python(), e)
-            return None
+        """tiktoken in the trainer env (it does not install on Odoo's Python 3.7), counting as OpenAI bills."""
+        return PipeCounter([trainer_python(), '-m', 'trainer.count_tokens', '--model', model.model_ref],
+                           env=trainer_env(), cwd=ADDON_ROOT, timeout=COUNTER_TIMEOUT)
 
     # -- models -----------------------------------------------------------------------------------
     def _openai_fetch_models(self):

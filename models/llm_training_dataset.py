@@ -9,6 +9,7 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
 from ..lib.dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator
+from ..lib.token_count import CounterUnavailable
 
 
 class DatasetBusyError(UserError):
@@ -136,6 +137,9 @@ class LlmTrainingDataset(models.Model):
         try:
             for filename, stream in self._attachment_streams():
                 validator.validate_file(stream, filename)
+        except CounterUnavailable as e:
+            raise UserError(_('The token counter of the trainer environment did not answer (%s); check '
+                              'llm_training_trainer_python in the Odoo configuration or run scripts/setup.sh.') % e)
         finally:
             if hasattr(options.get('count_tokens'), 'close'):
                 options['count_tokens'].close()  # a counter process (OpenAI's tiktoken)

@@ -6,7 +6,7 @@ bash "$here/scripts/setup.sh"
 source "$here/scripts/env.sh"
 llmt_link_addon
 echo "== dataset validation (Odoo's Python) =="
-LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_validation.py"
+LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" LLMT_TRAINER_PYTHON="$LLMT_TRAINER_VENV/bin/python" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_validation.py"
 echo "== sync engine at scale (Odoo, PostgreSQL) =="
 DB=${LLMT_BENCH_DB:-llm_bench}
 conf="$LLMT_RUN/bench/odoo.conf"

@@ -84,11 +84,27 @@ class TestLocalProvider(TrainingCase):
         self.assertIn('MANGO', model.test_reply)
         self.assertTrue(model.test_base_reply)
 
-    def test_token_counting_uses_the_model_tokenizer(self):
+    def test_token_counts_match_the_chat_template_exactly(self):
+        """Odoo's counts (template table + tokenizer.json in Rust) equal apply_chat_template's in
+        the trainer environment, default system prompt included, on examples of every shape."""
         count = self.local._local_token_counter(self.smol)
-        self.assertEqual(count([{'role': 'user', 'content': 'Hello'}]), 6)  # "Hello" is one token + 5
+        exact = count.exact  # the trainer env's apply_chat_template, one example per line
+        examples = [m['messages'] for m in code_word_examples(4)] + [
+            [{'role': 'user', 'content': 'Hello'}],
+            [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '\nLeading newline'},
+             {'role': 'assistant', 'content': '  two spaces  '}, {'role': 'user', 'content': 'Ünïcödé 東京 – ok?'},
+             {'role': 'assistant', 'content': 'ends with a newline\n'}],
+            [{'role': 'user', 'content': [{'type': 'text', 'text': 'parts '}, {'type': 'text', 'text': 'joined'}]},
+             {'role': 'assistant', 'content': 'x' * 500}]]
+        try:
+            for messages in examples:
+                self.assertEqual(count(messages), exact(messages), messages)
+        finally:
+            count.close()
+        # "Hello" alone: SmolLM2's template adds its default system prompt (about 20 tokens)
+        self.assertGreater(count([{'role': 'user', 'content': 'Hello'}]), 20)
         self.data._validate(self.smol)
-        self.assertTrue(0 < self.data.token_min <= self.data.token_max < 40)
+        self.assertTrue(30 < self.data.token_min <= self.data.token_max < 80)
 
     def test_sigkill_fails_the_job_then_resume_continues(self):
         job = self.local_job(epochs=30, hyperparameters='{"save_steps": 2}')
