@@ -273,6 +273,9 @@ class LlmTrainingEngine(models.AbstractModel):
         for job in jobs:
             if job.state in job_status.FINAL_STATES:
                 raise UserError(_('Job "%s" is already %s.') % (job.name, job.state))
+            if job.state == 'draft':
+                job._change_state('cancelled')
+                continue
             if not self._claim(job.id):
                 raise UserError(_('Job "%s" is being updated right now; try again in a moment.') % job.name)
             if job.external_job_id and job.state in ('queued', 'training'):

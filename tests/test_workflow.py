@@ -126,6 +126,20 @@ class TestWorkflow(TrainingCase):
         self.assertEqual(job.state, 'cancelled')
         self.run_cron()
         self.assertEqual(self.calls(job, 'start'), 0)
+        draft = self.make_job()
+        draft.action_cancel()
+        self.assertEqual(draft.state, 'cancelled')
+
+    def test_cancel_while_the_start_is_pending_stops_the_run_too(self):
+        job = self.make_job()
+        job.action_submit()
+        job._write_workflow({'state': 'queued', 'start_pending': True})  # committed intent, call not recorded
+        job.action_cancel()
+        self.assertEqual((job.state, job.cancel_requested), ('queued', True))
+        self.run_cron()  # the keyed start finds or makes the run, then cancels it there
+        self.assertEqual(self.calls(job, 'cancel'), 1)
+        self.run_cron()
+        self.assertEqual(job.state, 'cancelled')
 
     def test_cancel_at_provider_waits_for_confirmation(self):
         job = self.make_job()
