@@ -36,23 +36,14 @@ MAX_LINE_BYTES = 1 << 20  # one example; a longer line is refused unread (odoo.c
 MAX_FILE_BYTES = 512 << 20  # OpenAI's limit for a fine-tuning file
 
 
-def read_lines(stream, max_line_bytes):
-    """Yield each line of a binary stream, or, for a line over `max_line_bytes`, its length (an
-    int) after skipping it in bounded pieces: one huge line never sits in memory."""
+def skip_rest_of_line(stream, read):
+    """Read past the rest of an over-long line in bounded pieces; the line's full length."""
+    size = read
     while True:
-        raw = stream.readline(max_line_bytes + 1)
-        if not raw:
-            return
-        if len(raw) > max_line_bytes and not raw.endswith(b'\n'):
-            size = len(raw)
-            while True:
-                piece = stream.readline(1 << 20)
-                size += len(piece)
-                if not piece or piece.endswith(b'\n'):
-                    break
-            yield size
-        else:
-            yield raw
+        piece = stream.readline(1 << 20)
+        size += len(piece)
+        if not piece or piece.endswith(b'\n'):
+            return size
 
 
 def estimate_tokens(messages, limit=None):
@@ -332,17 +323,25 @@ class DatasetValidator(object):
         crlf_reported = False
         line_no = 0
         size = 0
-        for raw in read_lines(stream, self.max_line_bytes):
+        readline, limit = stream.readline, self.max_line_bytes + 1
+        while True:
+            raw = readline(limit)  # never more than one line's limit in memory
+            if not raw:
+                break
             line_no += 1
-            size += raw if isinstance(raw, int) else len(raw)
+            length = len(raw)
+            if length == limit and not raw.endswith(b'\n'):
+                length = skip_rest_of_line(stream, length)
+                raw = None
+            size += length
             if size > self.max_file_bytes:
                 report.add_error(Problem(filename, line_no, '', 'the file is over the limit of %d MB; split it '
                                          'into several files (the rest of this file was not read)'
                                          % (self.max_file_bytes >> 20)))
                 return
-            if isinstance(raw, int):
+            if raw is None:
                 report.add_error(Problem(filename, line_no, '', 'the line is %d bytes, over the limit of %d '
-                                         'for one example; shorten or split it' % (raw, self.max_line_bytes)))
+                                         'for one example; shorten or split it' % (length, self.max_line_bytes)))
                 continue
             if line_no == 1 and raw.startswith(BOM):
                 report.add_error(Problem(filename, 1, '', 'the file starts with a byte-order mark '
