@@ -4,11 +4,11 @@
 
 Runs in Odoo's venv on a database with llm_training and the scripted test provider
 (tests/addons), as scripts/bench.sh makes it. For each job count it creates that many jobs
-training on an instant provider (the scripted one, which answers at once and keeps them
-running), commits, then runs the cron's engine pass exactly as production does (a claim and a
-commit per job) and prints: the time of the pass, the SQL queries per job (which must not grow
-with the job count) and how many jobs the pass visited (all of them). A second pass shows the
-steady state. The jobs are deleted at the end.
+training on an instant provider (the scripted one in its 'instant' behaviour: it answers
+"running" at once and keeps nothing, so the figures are the engine's own), commits, then runs the
+cron's engine pass exactly as production does (a claim and a commit per job) and prints: the time
+of the pass, the SQL queries per job (which must not grow with the job count) and how many jobs
+the pass visited (all of them), twice. The jobs are deleted at the end.
 """
 import argparse
 import base64
@@ -21,7 +21,7 @@ from odoo import SUPERUSER_ID, api
 
 def make_jobs(env, n):
     provider = env['llm.provider'].create({'name': 'Bench instant', 'service': 'test', 'max_concurrent_jobs': 0,
-                                           'test_behavior': 'hold'})
+                                           'test_behavior': 'instant'})
     model = env['llm.model'].create({'name': 'Bench model', 'provider_id': provider.id, 'model_ref': 'bench-%d' % n})
     lines = ''.join(json.dumps({'messages': [{'role': 'user', 'content': 'Q%d' % i},
                                              {'role': 'assistant', 'content': 'A%d' % i}]}) + '\n' for i in range(12))
@@ -45,7 +45,7 @@ def one_pass(registry):
         env = api.Environment(cr, SUPERUSER_ID, {})
         before = cr.sql_log_count
         start = time.perf_counter()
-        visited = env['llm.training.engine'].cron(budget=600)
+        visited = env['llm.training.engine']._cron(budget=600)
         seconds = time.perf_counter() - start
         queries = cr.sql_log_count - before
         cr.commit()
@@ -68,7 +68,7 @@ def main():
             provider, model, dataset, job_ids = make_jobs(env, n)
             cr.commit()
         try:
-            for label in ('first pass', 'steady pass'):
+            for label in ('first pass', 'second pass'):
                 seconds, queries, visited = one_pass(registry)
                 print('%5d active jobs, %-11s %6.2f s (%5.2f s per 1,000)  %5.1f SQL queries per job  '
                       'visited %d of %d' % (n, label, seconds, seconds * 1000.0 / n, queries / float(max(visited, 1)),

@@ -132,17 +132,27 @@ class LlmProvider(models.Model):
         implementation = getattr(self, '_%s_%s' % (self.service, method), None)
         return implementation(*args) if implementation else None
 
+    # The provider interface the engine calls. Public names (other addons implement them), so
+    # each checks that the caller may change the job: over XML-RPC nobody reaches a service
+    # through them without that right.
     def start_training_job(self, job):
         """Hand the prepared job to the service. Returns the external job id."""
-        return self._dispatch('start_training_job', job)
+        return self._dispatch('start_training_job', self._checked_job(job))
 
     def check_training_job_status(self, job):
         """Ask the service where the job stands. Returns a dict (see lib/job_status.py)."""
-        return self._dispatch('check_training_job_status', job)
+        return self._dispatch('check_training_job_status', self._checked_job(job))
 
     def cancel_training_job(self, job):
         """Ask the service to stop the job; the next status check confirms it."""
-        return self._dispatch('cancel_training_job', job)
+        return self._dispatch('cancel_training_job', self._checked_job(job))
+
+    def _checked_job(self, job):
+        if not isinstance(job, models.BaseModel) or job._name != 'llm.training.job':
+            raise UserError(_('Provider methods take a training job record.'))
+        job.check_access_rights('write')
+        job.check_access_rule('write')
+        return job
 
     def _count_running_jobs(self):
         """Jobs holding a slot: handed to the service (or being handed) and not finished."""

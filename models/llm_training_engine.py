@@ -37,12 +37,14 @@ def _now():
 
 
 class LlmTrainingEngine(models.AbstractModel):
+    """Every method is private (underscore): XML-RPC reaches the engine only through the job's
+    actions, which check access first."""
     _name = 'llm.training.engine'
     _description = 'LLM Training Sync Engine'
 
     # -- entry points ------------------------------------------------------------------------
     @api.model
-    def sync(self, jobs):
+    def _sync(self, jobs):
         """Move `jobs` on now (buttons, XML-RPC), as the cron would. A job another worker holds
         is left to it. The caller has checked access."""
         for job in jobs:
@@ -51,16 +53,18 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     @api.model
-    def cron(self, budget=CRON_BUDGET_SECONDS):
+    def _cron(self, budget=CRON_BUDGET_SECONDS):
         """Visit every active job that is due, least recently synced first, within `budget`
         seconds; what is left is first in line next run, so no job starves."""
         started = time.time()
         self._sweep_stuck_jobs()
+        due = self._due_job_ids()
+        self._commit()  # the sweep's work is kept; each claim below starts from a clean transaction
         visited = 0
-        for job_id in self._due_job_ids():
+        for job_id in due:
             if time.time() - started > budget:
                 break
-            if not self._claim(job_id):
+            if not self._claim(job_id, own_transaction=self._auto_commit()):
                 continue  # another worker holds it
             self._step(self.env['llm.training.job'].browse(job_id))
             visited += 1
@@ -86,24 +90,37 @@ class LlmTrainingEngine(models.AbstractModel):
         if self._auto_commit():
             self.env.cr.commit()
 
-    def _claim(self, job_id):
-        """Lock the job's row, or say no when another worker holds it or has just changed it
-        (under REPEATABLE READ, a row updated since our snapshot fails with a serialization error)."""
+    def _claim(self, job_id, own_transaction=False):
+        """Lock the job's row and stamp the visit, or say no when another worker holds it or has
+        just changed it (under REPEATABLE READ, a row updated since our snapshot fails with a
+        serialization error). `own_transaction`: the claim is the first statement of a
+        transaction that holds nothing else (the cron's), so a refusal rolls it back whole
+        instead of paying for a savepoint."""
+        query = ("""UPDATE llm_training_job SET last_synced_at = %s
+                     WHERE id = (SELECT id FROM llm_training_job WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED)
+                    RETURNING id""", (_now(), job_id, job_status.ACTIVE_STATES))
         try:
-            with self.env.cr.savepoint():
-                self.env.cr.execute("""
-                    SELECT id FROM llm_training_job
-                     WHERE id = %s AND state IN %s FOR UPDATE SKIP LOCKED""", (job_id, job_status.ACTIVE_STATES))
-                return bool(self.env.cr.fetchone())
+            if own_transaction:
+                self.env.cr.execute(*query)
+                claimed = bool(self.env.cr.fetchone())
+            else:
+                with self.env.cr.savepoint():
+                    self.env.cr.execute(*query)
+                    claimed = bool(self.env.cr.fetchone())
         except psycopg2.extensions.TransactionRollbackError:
+            if own_transaction:
+                self.env.cr.rollback()
+                self.env.clear()
             return False
+        if claimed:
+            self.env['llm.training.job'].browse(job_id).invalidate_cache(['last_synced_at'])
+        return claimed
 
     # -- one reconcile pass ------------------------------------------------------------------
     def _step(self, job):
         """The chain of steps for one claimed job; errors end up on this job only. A step returns
         True to go on, False when the job must wait, COMMIT to have what it wrote committed (and
         the row claimed again) before the next step: a commit cannot happen inside a savepoint."""
-        job._write_workflow({'last_synced_at': _now()})
         for step, due in self._steps(job):
             if not due():
                 continue  # checked before the savepoint: a polled job pays for one step, not five
@@ -267,7 +284,7 @@ class LlmTrainingEngine(models.AbstractModel):
 
     # -- cancel --------------------------------------------------------------------------------
     @api.model
-    def cancel(self, jobs):
+    def _cancel(self, jobs):
         """Cancel `jobs`: at the provider when it has them (it confirms, the poll then moves the
         job to Cancelled), at once otherwise. The caller has checked access."""
         for job in jobs:

@@ -247,21 +247,23 @@ class LlmTrainingJob(models.Model):
     def action_check_status(self):
         """Move the job on now, as the cron would (same code path, same claim)."""
         self._check_write_access()
-        return self.env['llm.training.engine'].sync(self)
+        return self.env['llm.training.engine']._sync(self)
 
     @api.multi
     def action_cancel(self):
         self._check_write_access()
-        return self.env['llm.training.engine'].cancel(self)
+        return self.env['llm.training.engine']._cancel(self)
 
     @api.multi
     def action_resume(self):
         """Start a failed or cancelled job again from its last checkpoint, as a new attempt."""
         self._check_write_access()
         for job in self:
-            if not job.provider_can_resume or job.state not in ('failed', 'cancelled'):
-                raise UserError(_('Only a failed or cancelled job of a provider that can resume (%s cannot) can be '
-                                  'resumed.') % job.provider_id.name)
+            if job.state not in ('failed', 'cancelled'):
+                raise UserError(_('Job "%s" is %s; only a failed or cancelled job can be resumed.') % (job.name, job.state))
+            if not job.provider_can_resume:
+                raise UserError(_('Provider "%s" cannot resume a job from a checkpoint; submit a copy instead.')
+                                % job.provider_id.name)
             job._set_provider_data(resume=True)
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
                               next_attempt_at=False, cancel_requested=False, finished_at=False,
@@ -345,7 +347,7 @@ class LlmTrainingJob(models.Model):
     @api.model
     def _cron_sync_training_jobs(self):
         """The cron's entry point (data/llm_training_data.xml): the engine does the work."""
-        self.env['llm.training.engine'].cron()
+        self.env['llm.training.engine']._cron()
         return True
 
     def _write_workflow(self, values):

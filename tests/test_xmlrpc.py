@@ -113,3 +113,41 @@ class TestXmlRpc(HttpCase):
         self.assertEqual((result['kind'], result['base_model_id'][0]), ('fine_tuned', model_id))
         self.assertTrue(result['model_ref'].startswith('ft:gpt-4o-mini-2024-07-18:llmt-test:rpc:'))
         self.assertEqual(server.violations, [])
+
+
+class TestXmlRpcAccess(HttpCase):
+    """What an internal user (read-only) can reach over XML-RPC: no engine, no service."""
+
+    @classmethod
+    def setUpClass(cls):
+        ensure_http_server()
+        super(TestXmlRpcAccess, cls).setUpClass()
+
+    def test_internal_user_reaches_no_service(self):
+        url = 'http://127.0.0.1:%d/xmlrpc/2/object' % odoo.tools.config['http_port']
+        rpc = xmlrpc.client.ServerProxy(url)
+        reader = self.env['res.users'].with_context(no_reset_password=True).create({
+            'name': 'RPC reader', 'login': 'llm_rpc_reader', 'password': 'llm_rpc_reader',
+            'groups_id': [(6, 0, [self.env.ref('base.group_user').id])]})
+        provider = self.env['llm.provider'].create({'name': 'RPC scripted', 'service': 'test', 'test_behavior': 'hold'})
+        model = self.env['llm.model'].create({'name': 'M', 'provider_id': provider.id, 'model_ref': 'rpc-access'})
+        attachment = self.env['ir.attachment'].create({'name': 'a.jsonl', 'datas_fname': 'a.jsonl',
+                                                       'datas': base64.b64encode(jsonl(valid_examples()))})
+        dataset = self.env['llm.training.dataset'].create({'name': 'a', 'attachment_ids': [(6, 0, attachment.ids)]})
+        job = self.env['llm.training.job'].create({'name': 'rpc access', 'provider_id': provider.id,
+                                                   'base_model_id': model.id, 'dataset_ids': [(6, 0, dataset.ids)]})
+        job.action_submit()
+        for _pass in range(2):
+            self.env['llm.training.job']._cron_sync_training_jobs()
+        job.invalidate_cache()
+        self.assertEqual(job.state, 'training')
+        probes = (('llm.training.engine', '_cron', []), ('llm.training.job', '_cron_sync_training_jobs', []),
+                  ('llm.provider', 'cancel_training_job', [[provider.id], job.id]),
+                  ('llm.training.job', 'action_cancel', [[job.id]]),
+                  ('llm.training.job', 'action_check_status', [[job.id]]))
+        for model_name, method, args in probes:
+            with self.assertRaises(xmlrpc.client.Fault, msg=method):
+                rpc.execute_kw(self.env.cr.dbname, reader.id, 'llm_rpc_reader', model_name, method, args)
+        job.invalidate_cache()
+        self.assertEqual((job.state, job.cancel_requested), ('training', False))
+        self.assertFalse(self.env['llm.test.provider.call'].search_count([('job_id', '=', job.id), ('method', '=', 'cancel')]))

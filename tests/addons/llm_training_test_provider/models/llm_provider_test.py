@@ -25,6 +25,7 @@ class LlmProvider(models.Model):
         ('crash_start', 'start raises an unexpected error'),
         ('retry_check', 'status checks hit a transient error'),
         ('hold', 'queued -> running, and stays running'),
+        ('instant', 'running at once, keeps nothing (the engine benchmark)'),
         ('crash_check', 'status checks raise an unexpected error'),
     ], default='succeed')
     test_start_delay = fields.Float(help='Seconds the start call sleeps, to widen race windows.')
@@ -50,6 +51,8 @@ class LlmProvider(models.Model):
         return _RUNS[key]
 
     def _test_check_training_job_status(self, job):
+        if self.test_behavior == 'instant':
+            return {'status': 'running', 'progress': 50.0}
         self._log_call(job, 'check')
         if self.test_behavior == 'retry_check':
             raise TrainingRetryableError('test provider: 503 Service Unavailable', seconds=5)
