@@ -133,9 +133,11 @@ class LlmTrainingJob(models.Model):
     next_attempt_at = fields.Datetime(readonly=True, copy=False)
     error_message = fields.Text(readonly=True, copy=False)
     result_model_id = fields.Many2one('llm.model', string='Result Model', readonly=True, copy=False)
-    event_ids = fields.One2many('llm.training.job.event', 'job_id', string='Events', readonly=True)
-    metric_ids = fields.One2many('llm.training.job.metric', 'job_id', string='Metrics', readonly=True)
-    log = fields.Text(readonly=True, copy=False, help='Tail of the trainer or provider log.')
+    # Not prefetched: reading a job's state on every engine visit must not also load its
+    # thousands of events and metrics, nor the log's text.
+    event_ids = fields.One2many('llm.training.job.event', 'job_id', string='Events', readonly=True, prefetch=False)
+    metric_ids = fields.One2many('llm.training.job.metric', 'job_id', string='Metrics', readonly=True, prefetch=False)
+    log = fields.Text(readonly=True, copy=False, prefetch=False, help='Tail of the trainer or provider log.')
     work_dir = fields.Char(compute='_compute_work_dir', help='Folder holding the prepared data.')
 
     @api.depends('attempt')
