@@ -17,7 +17,7 @@ from odoo.exceptions import UserError
 from ..lib import openai_jobs
 from ..lib.token_count import PipeCounter
 from ..models.llm_provider_local import ADDON_ROOT, trainer_env, trainer_python
-from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
+from ..lib.exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 
 _logger = logging.getLogger(__name__)
 MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff
@@ -70,7 +70,8 @@ class LlmProvider(models.Model):
                 429: _('The OpenAI account is out of quota; check its billing.'),
                 404: _('Check the base model and the base URL of provider "%s".') % self.name,
             }.get(status, _('Fix the request and submit again.'))
-            raise TrainingFailedError(_('OpenAI refused %s (HTTP %s): %s %s') % (action, status, message, hint))
+            kind = TrainingAuthError if status in (401, 403, 429) else TrainingFailedError  # credentials, quota
+            raise kind(_('OpenAI refused %s (HTTP %s): %s %s') % (action, status, message, hint))
 
     def _openai_error_text(self, error):
         body = _error_body(error)

@@ -45,8 +45,8 @@ class LlmTrainingEngine(models.AbstractModel):
     # -- entry points ------------------------------------------------------------------------
     @api.model
     def _sync(self, jobs):
-        """Move `jobs` on now (buttons, XML-RPC), as the cron would. A job another worker holds
-        is left to it. The caller has checked access."""
+        """Move `jobs` on now (the job's buttons, also over XML-RPC), as the cron would. A job
+        another worker holds is left to it. The caller has checked access."""
         for job in jobs:
             if self._claim(job.id):
                 self._step(job)
@@ -188,8 +188,11 @@ class LlmTrainingEngine(models.AbstractModel):
         for dataset in job.dataset_ids | job.validation_dataset_ids:
             try:
                 report = dataset._validate(job.base_model_id)
-            except DatasetBusyError as e:
-                raise TrainingRetryableError(e.name, seconds=30)
+            except DatasetBusyError:
+                # Another job or person is validating this dataset right now: not a failure, the
+                # job waits for the next pass (as for a concurrent update).
+                _logger.info('Training job %s: dataset %s is being validated elsewhere; next pass', job.id, dataset.id)
+                return False
             if not report.valid:
                 problems.append(_('Dataset "%s":\n%s') % (dataset.name, report.as_text()))
         if problems:

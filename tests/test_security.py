@@ -274,13 +274,13 @@ class TestBoundedWork(SecurityCase):
             other.execute('SELECT id FROM llm_training_dataset WHERE id = %s FOR NO KEY UPDATE', (dataset.id,))
             with self.assertRaises(DatasetBusyError):
                 dataset._validate()
-            # a job on it is postponed, not failed
+            # a job on it waits for the next pass: not failed, no attempt spent
             job.action_submit()
             self.run_cron()
-            self.assertEqual(job.state, 'validating')
-            self.assertEqual(job.retry_count, 1)
-            self.assertIn('being validated by another request', job.event_ids[:1].message)
+            self.assertEqual((job.state, job.retry_count), ('validating', 0))
             other.rollback()
+        self.run_cron()
+        self.assertEqual(job.state, 'queued', 'validated once the other validation is over')
 
 
 class _config(object):
