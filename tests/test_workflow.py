@@ -1,6 +1,7 @@
 from datetime import datetime, timedelta
 
 from odoo import fields
+from odoo.exceptions import UserError
 
 from .common import TrainingCase, jsonl, valid_examples
 
@@ -163,9 +164,8 @@ class TestWorkflow(TrainingCase):
 
     def test_missing_service_implementation_is_a_clear_error(self):
         provider = self.env['llm.provider'].create({'name': 'Bare', 'service': 'test'})
-        with self.assertRaises(Exception) as ctx:
+        with self.assertRaisesRegex(UserError, 'cannot train faster'):
             provider._dispatch('train_faster', None)
-        self.assertIn('cannot train faster', str(ctx.exception))
 
     def test_concurrency_limit_keeps_extra_jobs_queued(self):
         limited = self.env['llm.provider'].create({'name': 'Two slots', 'service': 'test', 'max_concurrent_jobs': 2})
@@ -222,7 +222,7 @@ class TestDatasetModel(TrainingCase):
 
     def test_no_file(self):
         dataset = self.env['llm.training.dataset'].create({'name': 'empty'})
-        with self.assertRaises(Exception):
+        with self.assertRaisesRegex(UserError, 'has no file; upload at least one JSONL file'):
             dataset.action_validate()
 
 
