@@ -118,6 +118,24 @@ def write_pid_file(folder, pid, start_time, job_key):
     write_json_atomic(os.path.join(folder, PID_FILE), {'pid': pid, 'start_time': start_time, 'job_key': job_key})
 
 
+def prepare_run(folder, config, resume):
+    """Write the run's config.json. A fresh status always (a stale "running" must not be read as
+    this run's); the metrics and events of an earlier run are kept on resume, with the offsets
+    already read."""
+    write_json_atomic(os.path.join(folder, CONFIG), config)
+    for name in (STATUS,) if resume else (STATUS, METRICS, EVENTS):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def mark_cancelled(folder):
+    """A run with no live trainer is cancelled by saying so in its status (unless it ended)."""
+    status = read_status(folder) or {}
+    if status.get('state') not in ('completed', 'failed', 'cancelled'):
+        status['state'] = 'cancelled'
+        write_json_atomic(os.path.join(folder, STATUS), status)
+
+
 def provider_report(folder, offsets, alive):
     """A status report (lib/job_status.py) from the folder; offsets = {'metrics': n, 'events': m}."""
     status = read_status(folder) or {'state': 'starting'}

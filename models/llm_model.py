@@ -41,9 +41,9 @@ class LlmModel(models.Model):
         self.check_access_rule('write')
         if not (self.test_prompt or '').strip():
             raise UserError(_('Write a prompt to test the model with.'))
-        values = {'test_reply': self.provider_id._dispatch('generate', self, self.test_prompt)}
+        values = {'test_reply': self.provider_id._call_adapter('generate', self.model_ref, self.test_prompt)}
         if self.kind == 'fine_tuned' and self.base_model_id:
-            values['test_base_reply'] = self.base_model_id.provider_id._dispatch('generate', self.base_model_id,
-                                                                                 self.test_prompt)
+            values['test_base_reply'] = self.base_model_id.provider_id._call_adapter(
+                'generate', self.base_model_id.model_ref, self.test_prompt)
         self.write(values)
         return True

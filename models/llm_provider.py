@@ -1,21 +1,22 @@
 # -*- coding: utf-8 -*-
 import logging
+import os
 
 import psycopg2
 
-from odoo import _, api, fields, models
+from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
+
+from ..lib import openai_jobs, providers
+from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
+from ..lib.providers.base import CAPABILITIES
 
 _logger = logging.getLogger(__name__)
 
-# The three calls every training backend implements as `_<service>_<method>`.
-PROVIDER_METHODS = ('start_training_job', 'check_training_job_status', 'cancel_training_job')
-
 
 class LlmProvider(models.Model):
-    """A training backend. Each service adds itself to `service` with `selection_add` and
-    implements `_<service>_start_training_job`, `_<service>_check_training_job_status` and
-    `_<service>_cancel_training_job` (see models/llm_provider_local.py)."""
+    """A training backend: its configuration, credentials and capabilities. The work is done by
+    the service's adapter (lib/providers/), which the engine calls with a plain job spec."""
     _name = 'llm.provider'
     _description = 'LLM Provider'
     _order = 'sequence, name'
@@ -34,13 +35,14 @@ class LlmProvider(models.Model):
                           help='Paste a key to set or replace it; it is never shown again.')
     api_key_hint = fields.Char(string='Current Key', compute='_compute_api_key',
                                groups='llm_training.group_llm_manager')
+    organization = fields.Char(help='OpenAI organization id (optional).')
     base_url = fields.Char(string='Base URL', help='Endpoint of the service, for OpenAI-compatible '
                                                    'services; empty for the default.')
     request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
     max_concurrent_jobs = fields.Integer(default=1, help='Jobs running at once on this provider; '
                                                          'extra jobs wait in Queued. 0 means no limit.')
-    # What the service can do, declared by its `_<service>_capabilities()`: views and the engine
-    # read these instead of comparing service names.
+    # What the service can do, declared by its adapter's `capabilities`: views and the engine read
+    # these instead of comparing service names.
     can_resume = fields.Boolean(compute='_compute_capabilities', help='Restarts a job from its last checkpoint.')
     can_pause = fields.Boolean(compute='_compute_capabilities')
     supports_dpo = fields.Boolean(compute='_compute_capabilities', help='Trains preference (DPO) datasets.')
@@ -48,8 +50,11 @@ class LlmProvider(models.Model):
                                            help='Keeps intermediate checkpoints that can be registered as models.')
     uses_api_key = fields.Boolean(compute='_compute_capabilities')
     lists_models = fields.Boolean(compute='_compute_capabilities', help='Fetch Models lists the account\'s models.')
+    tests_connection = fields.Boolean(compute='_compute_capabilities')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
+    connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')
+    connection_checked_at = fields.Datetime(readonly=True, copy=False)
     model_ids = fields.One2many('llm.model', 'provider_id', string='Models')
     job_ids = fields.One2many('llm.training.job', 'provider_id', string='Training Jobs')
     throughput_ids = fields.One2many('llm.provider.throughput', 'provider_id', string='Measured Throughput',
@@ -59,9 +64,9 @@ class LlmProvider(models.Model):
     @api.depends('service')
     def _compute_capabilities(self):
         for provider in self:
-            capabilities = (provider.service and provider._dispatch_optional('capabilities')) or {}
-            for name in ('can_resume', 'can_pause', 'supports_dpo', 'registers_checkpoints', 'uses_api_key',
-                         'lists_models'):
+            adapter = providers.adapter_class(provider.service)
+            capabilities = adapter.capabilities if adapter else {}
+            for name in CAPABILITIES:
                 provider[name] = bool(capabilities.get(name))
             provider.techniques = ','.join(capabilities.get('techniques') or ())
 
@@ -90,7 +95,20 @@ class LlmProvider(models.Model):
         self._check_manager_action()  # before the key is read or the service called
         self.env['llm.model'].check_access_rights('create')
         for provider in self:
-            provider._dispatch('fetch_models')
+            provider._register_remote_models(provider._call_adapter('list_models'))
+        return True
+
+    @api.multi
+    def action_test_connection(self):
+        """Ask the service whether it answers with these settings; the answer (or what is wrong)
+        is kept on the provider."""
+        self._check_manager_action()
+        for provider in self:
+            try:
+                answer = _('OK: %s') % provider._call_adapter('test_connection')
+            except UserError as e:
+                answer = _('Failed: %s') % e.name
+            provider.write({'connection_status': answer, 'connection_checked_at': fields.Datetime.now()})
         return True
 
     @api.multi
@@ -116,43 +134,49 @@ class LlmProvider(models.Model):
             if provider.max_concurrent_jobs < 0 or provider.request_timeout <= 0:
                 raise UserError(_('Concurrency limit must be 0 or more and the timeout positive.'))
 
-    def _dispatch(self, method, *args, **kwargs):
-        """Call `_<service>_<method>`; a service without it is an error, never a silent no-op."""
+    # -- the adapter ---------------------------------------------------------------------------
+    def _adapter(self):
+        """The service's adapter, configured with this provider's settings (the engine's only way
+        to a service). Credentials are read when a call needs them, not before."""
         self.ensure_one()
-        implementation = getattr(self, '_%s_%s' % (self.service, method), None)
-        if implementation is None:
-            raise UserError(_('Provider "%s" (service %s) cannot %s: the service has no '
-                              'implementation installed.') % (self.name, self.service, method.replace('_', ' ')))
-        return implementation(*args, **kwargs)
+        adapter_class = providers.adapter_class(self.service)
+        if adapter_class is None:
+            raise UserError(_('Provider "%s": service %s has no adapter installed.') % (self.name, self.service))
+        return adapter_class(self._adapter_config(), secret=self._get_secret)
 
-    def _dispatch_optional(self, method, *args):
-        """Call `_<service>_<method>` if the service has one (optional hooks such as a GPU check
-        or a tokenizer); None otherwise."""
-        self.ensure_one()
-        implementation = getattr(self, '_%s_%s' % (self.service, method), None)
-        return implementation(*args) if implementation else None
+    def _adapter_config(self):
+        """The settings an adapter reads (a plain dict); services extend it with their fields."""
+        return {
+            'name': self.name, 'base_url': self.base_url, 'request_timeout': self.request_timeout,
+            'organization': self.organization,
+            'trainer_python': tools.config.get('llm_training_trainer_python') or 'python3',
+            'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
+                tools.config['data_dir'], 'llm_training', 'models'),
+        }
 
-    # The provider interface the engine calls. Public names (other addons implement them), so
-    # each checks that the caller may change the job: over XML-RPC nobody reaches a service
-    # through them without that right.
-    def start_training_job(self, job):
-        """Hand the prepared job to the service. Returns the external job id."""
-        return self._dispatch('start_training_job', self._checked_job(job))
+    def _call_adapter(self, method, *args):
+        """A button's call to the service: what goes wrong becomes a message for the user."""
+        try:
+            return getattr(self._adapter(), method)(*args)
+        except (TrainingFailedError, TrainingRetryableError) as e:
+            raise UserError(str(e))
 
-    def check_training_job_status(self, job):
-        """Ask the service where the job stands. Returns a dict (see lib/job_status.py)."""
-        return self._dispatch('check_training_job_status', self._checked_job(job))
-
-    def cancel_training_job(self, job):
-        """Ask the service to stop the job; the next status check confirms it."""
-        return self._dispatch('cancel_training_job', self._checked_job(job))
-
-    def _checked_job(self, job):
-        if not isinstance(job, models.BaseModel) or job._name != 'llm.training.job':
-            raise UserError(_('Provider methods take a training job record.'))
-        job.check_access_rights('write')
-        job.check_access_rule('write')
-        return job
+    def _register_remote_models(self, remote_models):
+        """Create or update one llm.model per model the service lists ({'id': ...}); a
+        fine-tuned model's base is linked when the service names it (OpenAI's ft:base:...)."""
+        Model = self.env['llm.model'].with_context(active_test=False)
+        existing = {m.model_ref: m for m in Model.search([('provider_id', '=', self.id)])}
+        for remote in sorted(remote_models, key=lambda m: m['id'].startswith('ft:')):  # bases first
+            base_ref = openai_jobs.base_of_fine_tuned(remote['id'])
+            values = {'name': remote['id'], 'provider_id': self.id, 'model_ref': remote['id'],
+                      'kind': 'fine_tuned' if base_ref else 'base'}
+            if base_ref and existing.get(base_ref):
+                values['base_model_id'] = existing[base_ref].id
+            if remote['id'] in existing:
+                existing[remote['id']].write({k: v for k, v in values.items() if k != 'name'})
+            else:
+                existing[remote['id']] = Model.create(values)
+        return True
 
     def _count_running_jobs(self):
         """Jobs holding a slot: handed to the service (or being handed) and not finished."""

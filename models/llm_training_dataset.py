@@ -130,7 +130,7 @@ class LlmTrainingDataset(models.Model):
         if base_model:
             options['max_tokens'] = base_model.context_length or None
             # the provider's own tokenizer when it has one, else the estimate
-            counter = base_model.provider_id._dispatch_optional('token_counter', base_model)
+            counter = base_model.provider_id._adapter().token_counter(base_model.model_ref)
             if counter:
                 options['count_tokens'] = counter
         validator = DatasetValidator(**options)

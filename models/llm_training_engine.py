@@ -9,6 +9,7 @@ intent (`start_pending`, which also holds the provider slot): a crash or rollbac
 is reconciled on the next pass by starting again, which every provider makes idempotent with the
 job's key (`job_key`). The cron, Submit, Check Status, Cancel and XML-RPC all come here.
 """
+import json
 import logging
 import threading
 import time
@@ -209,7 +210,7 @@ class LlmTrainingEngine(models.AbstractModel):
         if provider.techniques and job.technique not in provider.techniques.split(','):
             raise TrainingFailedError(_('Provider "%s" does not train with %s; choose one of %s.')
                                       % (provider.name, job.technique, provider.techniques.replace(',', ', ')))
-        provider._dispatch_optional('validate_training_job', job)
+        self._call(job, 'validate')
         job._change_state('preparing')
         return True
 
@@ -231,19 +232,33 @@ class LlmTrainingEngine(models.AbstractModel):
         return COMMIT
 
     def _start(self, job):
-        external_id = job.provider_id.start_training_job(job)
+        external_id = self._call(job, 'start')
         if not external_id:
             raise TrainingFailedError(_('The provider did not return a job id.'))
         job._write_workflow({'external_job_id': external_id, 'start_pending': False, 'last_progress_at': _now()})
         job._add_event(_('Started at the provider as %s') % external_id)
         if job.cancel_requested:  # cancelled while the start was pending: stop it there too
-            job.provider_id.cancel_training_job(job)
+            self._call(job, 'cancel')
             job._add_event(_('Cancel sent to the provider'), level='warning')
         return True
 
     def _poll(self, job):
-        self._apply_report(job, job.provider_id.check_training_job_status(job))
+        self._apply_report(job, self._call(job, 'check'))
         return True
+
+    def _call(self, job, method):
+        """Call the provider's adapter with the job's spec, then keep what the adapter changed in
+        its provider data and the events it noted (a failing call keeps nothing: its savepoint
+        is rolled back, and a retry's `keep` says what must survive)."""
+        spec = job._job_spec()
+        before = json.dumps(spec.provider_data, sort_keys=True)  # a deep snapshot: adapters change nested values
+        result = getattr(job.provider_id._adapter(), method)(spec)
+        after = json.dumps(spec.provider_data, sort_keys=True)
+        if after != before:
+            job._write_workflow({'provider_data': after})
+        for event in spec.events:
+            job._add_event(event['message'], level=event['level'])
+        return result
 
     def _apply_report(self, job, report):
         """Bring the job in line with what the provider reports. Idempotent."""
@@ -299,7 +314,7 @@ class LlmTrainingEngine(models.AbstractModel):
             if not self._claim(job.id):
                 raise UserError(_('Job "%s" is being updated right now; try again in a moment.') % job.name)
             if job.external_job_id and job.state in ('queued', 'training'):
-                job.provider_id.cancel_training_job(job)
+                self._call(job, 'cancel')
                 job._write_workflow({'cancel_requested': True})
                 job._add_event(_('Cancel requested'), level='warning')
                 self._step(job)
@@ -331,7 +346,7 @@ class LlmTrainingEngine(models.AbstractModel):
             if job.external_job_id:
                 try:
                     with self.env.cr.savepoint():
-                        job.provider_id.cancel_training_job(job)
+                        self._call(job, 'cancel')
                 except Exception as e:
                     _logger.exception('Training job %s: cancel of a stuck job failed', job.id)
                     job._add_event(_('No progress for %s hours, and the cancel at the provider failed (%s); '

@@ -7,7 +7,8 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
-from ..lib.exceptions import TrainingFailedError, TrainingRetryableError  # noqa: F401 (providers import them here)
+from ..lib.exceptions import TrainingFailedError
+from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
 
@@ -318,6 +319,20 @@ class LlmTrainingJob(models.Model):
             raise TrainingFailedError(_('The datasets mix chat and preference (DPO) formats; a job trains on '
                                         'one format. Split them into two jobs.'))
         return formats.pop() if formats else 'chat'
+
+    def _job_spec(self):
+        """The plain spec of this attempt that provider adapters work from (lib/providers/base.py)."""
+        self.ensure_one()
+        data = self._get_provider_data()
+        return JobSpec(
+            job_key=self.job_key, attempt=self.attempt, database=self.env.cr.dbname, job_id=self.id, name=self.name,
+            base_model=self.base_model_id.model_ref, base_model_name=self.base_model_id.name,
+            technique=self.technique, hyperparameters=self._get_hyperparameters(),
+            # what a start needs; a started run no longer does (and a poll saves the datasets' queries)
+            data_format=None if self.external_job_id else self._data_format(),
+            work_dir=self.work_dir, validation_examples=self.validation_examples, seed=self.seed,
+            suffix=self.suffix, state=self.state, external_id=self.external_job_id or None,
+            resume=bool(data.get('resume')), provider_data=data)
 
     def _get_provider_data(self):
         return json.loads(self.provider_data or '{}')

@@ -7,7 +7,7 @@ import time
 from odoo.exceptions import AccessError
 
 from odoo.addons.llm_training.lib import trainer_folder
-from odoo.addons.llm_training.models.llm_provider_local import run_trainer_module
+from odoo.addons.llm_training.lib.providers.local import run_trainer_module
 
 from .common import TrainingCase, jsonl
 
@@ -87,7 +87,7 @@ class TestLocalProvider(TrainingCase):
     def test_token_counts_match_the_chat_template_exactly(self):
         """Odoo's counts (template table + tokenizer.json in Rust) equal apply_chat_template's in
         the trainer environment, default system prompt included, on examples of every shape."""
-        count = self.local._local_token_counter(self.smol)
+        count = self.local._adapter().token_counter(self.smol.model_ref)
         exact = count.exact  # the trainer env's apply_chat_template, one example per line
         examples = [m['messages'] for m in code_word_examples(4)] + [
             [{'role': 'user', 'content': 'Hello'}],
@@ -139,7 +139,7 @@ class TestLocalProvider(TrainingCase):
         self.assertTrue(job.cancel_requested)
 
     def test_qlora_on_cpu_fails_at_validating(self):
-        info = json.loads(run_trainer_module(['trainer.env_info'], 120).stdout.decode())
+        info = json.loads(run_trainer_module(self.local._adapter().python, ['trainer.env_info'], 120).stdout.decode())
         if info['cuda']:
             self.skipTest('the trainer environment has a CUDA GPU')
         job = self.local_job(technique='qlora')

@@ -6,7 +6,7 @@ import json
 from odoo.exceptions import UserError
 from odoo.tests.common import SavepointCase
 
-from odoo.addons.llm_training.models import llm_provider_openai
+from odoo.addons.llm_training.lib.providers import openai_fine_tuning
 
 from .common import TrainingCase, chat, jsonl, valid_examples
 from .openai_fake_server import FakeOpenAI
@@ -199,7 +199,7 @@ class TestOpenAIFaults(OpenAICase):
         self.run_cron(3)
         self.assertEqual(job.state, 'training')
         # More 500s than the SDK retries, for more cron runs than the retry limit.
-        self.server.inject('GET', r'^/fine_tuning/jobs/[^/]+$', 500, times=(llm_provider_openai.MAX_RETRIES + 1) * 6)
+        self.server.inject('GET', r'^/fine_tuning/jobs/[^/]+$', 500, times=(openai_fine_tuning.MAX_RETRIES + 1) * 6)
         for attempt in range(6):
             job.write({'next_attempt_at': False})
             self.run_cron()
@@ -312,7 +312,7 @@ class TestOpenAIModelsAndTokens(OpenAICase):
             self.openai.action_fetch_models()
 
     def test_tokens_counted_with_tiktoken_and_cost_estimated(self):
-        counter = self.openai._openai_token_counter(self.gpt)
+        counter = self.openai._adapter().token_counter(self.gpt.model_ref)
         try:
             # 3 (frame) + 1 ("user") + 2 ("Hello world") + 3 (reply priming)
             self.assertEqual(counter([{'role': 'user', 'content': 'Hello world'}]), 9)

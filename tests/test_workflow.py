@@ -164,8 +164,8 @@ class TestWorkflow(TrainingCase):
 
     def test_missing_service_implementation_is_a_clear_error(self):
         provider = self.env['llm.provider'].create({'name': 'Bare', 'service': 'test'})
-        with self.assertRaisesRegex(UserError, 'cannot train faster'):
-            provider._dispatch('train_faster', None)
+        with self.assertRaisesRegex(UserError, 'Provider "Bare" cannot generate replies'):
+            provider._call_adapter('generate', 'test-model', 'Hello')
 
     def test_concurrency_limit_keeps_extra_jobs_queued(self):
         limited = self.env['llm.provider'].create({'name': 'Two slots', 'service': 'test', 'max_concurrent_jobs': 2})

@@ -142,7 +142,7 @@ class TestXmlRpcAccess(HttpCase):
         job.invalidate_cache()
         self.assertEqual(job.state, 'training')
         probes = (('llm.training.engine', '_cron', []), ('llm.training.job', '_cron_sync_training_jobs', []),
-                  ('llm.provider', 'cancel_training_job', [[provider.id], job.id]),
+                  ('llm.provider', 'action_test_connection', [[provider.id]]),
                   ('llm.training.job', 'action_cancel', [[job.id]]),
                   ('llm.training.job', 'action_check_status', [[job.id]]))
         for model_name, method, args in probes:

@@ -1,0 +1,114 @@
+"""The contract between the engine and a training service.
+
+An adapter is a plain class: it gets a `JobSpec` (what one attempt of a job is) and returns plain
+dicts, and never sees the ORM, so it can be read, tested and reused alone. The engine
+(models/llm_training_engine.py) is its only caller: it builds the spec from the job, calls the
+adapter, and writes back what the adapter reports, the events it noted and the provider data it
+changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
+
+`check` returns a report, a dict with these keys (all optional but `status`):
+    status          one of lib/job_status.PROVIDER_STATUSES
+    progress        0-100
+    step, total_steps, epoch, eta (unix seconds), trained_tokens
+    error           text, when status is failed
+    events          [{'id', 'created_at' (unix), 'level', 'message', 'data'}]  (ids make them idempotent)
+    metrics         [{'step', 'epoch', 'train_loss', 'valid_loss', 'valid_token_accuracy',
+                      'learning_rate', 'tokens_per_second'}]
+    result          {'name', 'model_ref', 'description'} when succeeded: the model to register
+    tokens_per_second, precision   the speed reached, for later jobs' estimates
+    log             the tail of the provider's log
+"""
+from ..exceptions import TrainingFailedError
+
+CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'registers_checkpoints', 'uses_api_key',
+                'lists_models', 'tests_connection')
+
+
+class JobSpec(object):
+    """One attempt of a job, as a provider sees it.
+
+    job_key           stable for the attempt: a repeated start sends the same one (idempotence)
+    attempt           1, 2, ...: a resume is a new attempt
+    database, job_id, name
+    base_model        the base model's technical id (model_ref); base_model_name for messages
+    technique         lora / qlora / full
+    hyperparameters   canonical names (lib/hyperparameters.py)
+    data_format       chat / preference
+    work_dir          the job folder: train.jsonl (+ validation.jsonl) prepared there
+    validation_examples, seed, suffix
+    state             the job's state (queued / training)
+    external_id       the provider's id of the run, once started
+    resume            start from the folder's last checkpoint
+    provider_data     the adapter's own memory across calls (JSON-able); changes are kept
+    events            what the adapter noted during a call ({'message', 'level'}), recorded by the engine
+    """
+    __slots__ = ('job_key', 'attempt', 'database', 'job_id', 'name', 'base_model', 'base_model_name', 'technique',
+                 'hyperparameters', 'data_format', 'work_dir', 'validation_examples', 'seed', 'suffix', 'state',
+                 'external_id', 'resume', 'provider_data', 'events')
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.__slots__)
+        if unknown:
+            raise TypeError('JobSpec has no %s' % ', '.join(sorted(unknown)))
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+        self.provider_data = dict(self.provider_data or {})
+        self.hyperparameters = dict(self.hyperparameters or {})
+        self.events = []
+
+    def note(self, message, level='info'):
+        self.events.append({'message': message, 'level': level})
+
+
+class TrainingProvider(object):
+    """Base of every adapter. `config`: the provider's settings as a dict (name, base_url,
+    request_timeout, trainer_python, models_dir and the service's own); `secret(name)` reads a
+    credential only when a call needs it (never stored on the adapter's config)."""
+    service = None
+    capabilities = {}  # see CAPABILITIES; 'techniques': a tuple, empty when the service chooses its own
+
+    def __init__(self, config, secret=None):
+        self.config = dict(config)
+        self._secret = secret
+
+    @property
+    def name(self):
+        return self.config.get('name') or self.service
+
+    def secret(self, name):
+        return self._secret(name) if self._secret else None
+
+    # -- what the engine calls -----------------------------------------------------------------
+    def validate(self, spec):
+        """Refuse (TrainingFailedError) what this service cannot train, before any file is prepared.
+        Nothing to check by default."""
+        return None
+
+    def start(self, spec):
+        """Start the attempt, or find the run a previous start of `spec.job_key` made. Returns the
+        provider's id of the run."""
+        raise NotImplementedError
+
+    def check(self, spec):
+        """Where the run stands: a report (see the module's docstring)."""
+        raise NotImplementedError
+
+    def cancel(self, spec):
+        """Ask the service to stop the run; a later `check` confirms it."""
+        raise NotImplementedError
+
+    # -- optional services ---------------------------------------------------------------------------
+    def token_counter(self, model_ref):
+        """A callable counting an example's tokens as this service will, or None (estimated)."""
+        return None
+
+    def generate(self, model_ref, prompt, max_new_tokens=128):
+        raise TrainingFailedError('Provider "%s" cannot generate replies.' % self.name)
+
+    def list_models(self):
+        """The service's models: [{'id': model_ref}]."""
+        raise TrainingFailedError('Provider "%s" cannot list its models.' % self.name)
+
+    def test_connection(self):
+        """A short text saying the service answers; TrainingFailedError saying what is wrong."""
+        raise TrainingFailedError('Provider "%s" has no connection test.' % self.name)
