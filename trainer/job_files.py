@@ -6,6 +6,7 @@ writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
               trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
               precision.json (the precision chosen, kept for a resume), trainer.lock
 The Odoo side reads the same names in lib/trainer_folder.py (Python 3.7, no trainer import).
+With several training processes (distributed.py) only rank 0 writes: the others' writes are no-ops.
 """
 import json
 import os
@@ -40,9 +41,12 @@ def append_jsonl(path, record):
 class JobFolder(object):
     def __init__(self, path):
         self.path = path
+        # RANK: set by torchrun for each worker; the folder has one writer, rank 0.
+        self.writes = os.environ.get('RANK', '0') == '0'
+        # The pid whoever started the trainer tracks: the launcher's, also seen from its workers.
+        pid = int(os.environ.get('TRAINER_LAUNCHER_PID') or os.getpid())
         self.status = {'state': 'starting', 'step': 0, 'total_steps': 0, 'epoch': 0.0, 'progress': 0.0,
-                       'eta': None, 'tokens_seen': 0, 'error': None, 'pid': os.getpid(),
-                       'updated_at': time.time()}
+                       'eta': None, 'tokens_seen': 0, 'error': None, 'pid': pid, 'updated_at': time.time()}
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -53,11 +57,14 @@ class JobFolder(object):
 
     def update_status(self, **values):
         self.status.update(values, updated_at=time.time())
-        write_json_atomic(self.file(STATUS), self.status)
+        if self.writes:
+            write_json_atomic(self.file(STATUS), self.status)
 
     def event(self, message, level='info', **data):
-        append_jsonl(self.file(EVENTS), {'id': '%d-%s' % (os.getpid(), time.time()), 'created_at': int(time.time()),
-                                         'level': level, 'message': message, 'data': data or None})
+        if self.writes:
+            append_jsonl(self.file(EVENTS), {'id': '%d-%s' % (os.getpid(), time.time()), 'created_at': int(time.time()),
+                                             'level': level, 'message': message, 'data': data or None})
 
     def metric(self, record):
-        append_jsonl(self.file(METRICS), record)
+        if self.writes:
+            append_jsonl(self.file(METRICS), record)

@@ -8,6 +8,8 @@ faster. A small slice of rows is timed first, so a CPU where bf16 is pathologica
 found in milliseconds, and the full-size timing is sized from the slice so it stays bounded on
 any model. The choice is recorded in the job folder (precision.json) so a resumed run keeps it.
 On CUDA: bf16 where the GPU supports it. `bf16` true/false in the config always wins.
+With several training processes, rank 0 alone measures (with its share of the cores, while the
+others wait) and the trainer broadcasts its choice: all ranks must compute in one precision.
 """
 import json
 import math
@@ -145,13 +147,15 @@ def describe(choice):
     return 'precision: %s (%s%s, %s threads)' % (choice['precision'], figures, choice['source'], choice['threads'])
 
 
-def choose(folder_path, forced, cuda, bf16_supported_on_cuda, shapes_fn, path, resume=False, timer=time_matmul):
+def choose(folder_path, forced, cuda, bf16_supported_on_cuda, shapes_fn, path, resume=False, timer=time_matmul,
+           threads=None):
     """Decide bf16 or fp32 for this job, record the decision in the job folder and return it.
 
     `forced`: the config's `bf16` (True/False) or None; `shapes_fn()` gives layer_shapes lazily
-    (only a measurement needs them)."""
+    (only a measurement needs them); `threads`: this process's threads (default: every available
+    core), as the measurement runs with them."""
     record_path = os.path.join(folder_path, RECORD)
-    threads = available_cores()
+    threads = threads or available_cores()
     if forced is not None:
         choice = {'precision': 'bf16' if forced else 'fp32', 'source': 'set in the hyperparameters'}
     elif resume and os.path.exists(record_path):

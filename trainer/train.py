@@ -4,7 +4,10 @@
 
 Reads DIR/config.json, trains with transformers.Trainer (+ peft), and reports through DIR:
 status.json, metrics.jsonl, events.jsonl, checkpoints/ and result/. SIGTERM (Cancel in Odoo)
-saves a checkpoint and ends with state "cancelled".
+saves a checkpoint at the next step end and ends with state "cancelled".
+
+With `num_processes` N > 1 the same command becomes data-parallel training: it takes the folder
+lock and execs itself into torchrun with N workers, rank 0 reporting (distributed.py).
 """
 import argparse
 import math
@@ -15,7 +18,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
 
-from . import job_files
+from . import distributed, job_files
 from .job_files import JobFolder
 
 
@@ -24,7 +27,9 @@ class TrainConfig:
     base_model_path: str = field(metadata={'help': 'Hugging Face model folder to start from'})
     technique: str = field(default='lora', metadata={'help': 'lora, qlora or full'})
     epochs: int = field(default=3, metadata={'help': 'passes over the training data (0: 3)'})
-    batch_size: int = field(default=4, metadata={'help': 'examples per step (0: 4)'})
+    batch_size: int = field(default=4, metadata={'help': 'examples per step, all processes together (0: 4)'})
+    num_processes: int = field(default=1, metadata={'help': 'data-parallel training processes (torchrun): '
+                                                            'one per GPU, or a share of the CPU cores each'})
     learning_rate: float = field(default=2e-4, metadata={'help': 'peak learning rate'})
     lora_r: int = field(default=16, metadata={'help': 'LoRA rank'})
     lora_alpha: int = field(default=32, metadata={'help': 'LoRA scaling'})
@@ -102,7 +107,7 @@ def load_model(config):
         from transformers import BitsAndBytesConfig
         kwargs = {'quantization_config': BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16), 'device_map': {'': 0}}
+            bnb_4bit_compute_dtype=torch.bfloat16), 'device_map': {'': distributed.local_rank()}}
     model = AutoModelForCausalLM.from_pretrained(config.base_model_path, **kwargs)
     model.config.use_cache = False  # training needs no KV cache (and packed batches must not have one)
     peft_config = make_lora_config(config)
@@ -113,7 +118,7 @@ def load_model(config):
         model = get_peft_model(model, peft_config)
         if not torch.cuda.is_available():
             from .fast_dropout import use_fast_dropout
-            use_fast_dropout(model, config.seed)
+            use_fast_dropout(model, config.seed + distributed.rank())  # each rank its own masks
     return model
 
 
@@ -126,18 +131,21 @@ def make_lora_config(config):
                       target_modules=config.target_modules or 'all-linear', task_type='CAUSAL_LM')
 
 
-def choose_precision(folder, config, model):
-    """bf16 or fp32 for this run, measured on this machine (precision.py), reported as an event."""
+def choose_precision(folder, config, model, threads):
+    """bf16 or fp32 for this run, measured on this machine (precision.py), reported as an event.
+    Rank 0 decides for all the processes (one precision for all of them)."""
     import torch
 
     from . import precision
-    cuda = torch.cuda.is_available()
-    lora = config.technique != 'full'
-    choice = precision.choose(folder.path, config.bf16, cuda, cuda and torch.cuda.is_bf16_supported(),
-                              lambda: precision.layer_shapes(model, lora), 'lora' if lora else 'full',
-                              resume=config.resume)
-    folder.event(precision.describe(choice), **{k: v for k, v in choice.items() if k != 'source'})
-    return choice
+    choice = None
+    if distributed.rank() == 0:
+        cuda = torch.cuda.is_available()
+        lora = config.technique != 'full'
+        choice = precision.choose(folder.path, config.bf16, cuda, cuda and torch.cuda.is_bf16_supported(),
+                                  lambda: precision.layer_shapes(model, lora), 'lora' if lora else 'full',
+                                  resume=config.resume, threads=threads)
+        folder.event(precision.describe(choice), **{k: v for k, v in choice.items() if k != 'source'})
+    return distributed.broadcast(choice)
 
 
 class ListDataset(object):
@@ -151,16 +159,18 @@ class ListDataset(object):
         return self.features[index]
 
 
-def make_progress_callback(folder, cancel_flag, n_train_tokens):
+def make_progress_callback(folder, cancel_flag, n_train_tokens, device):
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
-        """Reports every log and step to the job folder; honours Cancel between steps."""
+        """Reports every log and step to the job folder; honours Cancel between steps, at the same
+        step on every rank (`cancelled`: the stop they agreed on)."""
 
         def __init__(self):
             self.started = None
             self.start_step = 0
             self.start_epoch = 0.0
+            self.cancelled = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
@@ -169,6 +179,13 @@ def make_progress_callback(folder, cancel_flag, n_train_tokens):
             folder.update_status(state='running', total_steps=state.max_steps, step=state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
+            # Every rank, every step: the collective save and stop must happen on all or none.
+            if distributed.any_rank(cancel_flag['set'] or distributed.launcher_cancelled(), device):
+                self.cancelled = True
+                control.should_save = True
+                control.should_training_stop = True
+                folder.event('Cancel received: saving a checkpoint at step %d and stopping' % state.global_step,
+                             level='warning')
             if not state.is_world_process_zero:
                 return
             done = state.global_step - self.start_step
@@ -178,9 +195,6 @@ def make_progress_callback(folder, cancel_flag, n_train_tokens):
                                  epoch=state.epoch or 0.0, progress=100.0 * state.global_step / max(state.max_steps, 1),
                                  eta=time.time() + remaining if remaining is not None else None,
                                  tokens_seen=int(n_train_tokens * (state.epoch or 0.0)))
-            if cancel_flag['set']:
-                control.should_save = True
-                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -214,24 +228,30 @@ def make_trainer_class():
             if return_outputs or not model.training:
                 return super(TargetLogitsTrainer, self).compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            # Accelerate applies bf16 autocast by wrapping model.forward; this path calls the decoder
-            # and the head directly, so it enters autocast itself.
-            with self.accelerator.autocast():
-                return target_only_loss(model, inputs, num_items_in_batch)
+            with self.accelerator.autocast():  # where accelerate's forward wrapper does not already
+                loss = target_only_loss(model, inputs, num_items_in_batch)
+            # As Trainer.compute_loss: with several processes num_items_in_batch counts all of their
+            # targets, and DDP averages the gradients over the processes, so scale back up.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
 
     return TargetLogitsTrainer
 
 
 def target_only_loss(model, inputs, num_items_in_batch=None):
-    """Causal-LM loss with logits only at predicting positions (padded or packed batches)."""
+    """Causal-LM loss with logits only at predicting positions (padded or packed batches).
+
+    Through the model's own forward (the head applied where `logits_to_keep` is true), not its
+    decoder and head separately: under DDP, the wrapper's forward is what syncs the gradients."""
+    import torch
     import torch.nn.functional as F
-    base = model.get_base_model() if hasattr(model, 'get_base_model') else model  # peft or plain
+    labels = inputs['labels']
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
     model_inputs = {k: v for k, v in inputs.items() if k != 'labels'}
-    hidden = base.get_decoder()(**model_inputs).last_hidden_state
-    targets = inputs['labels'][:, 1:]
-    keep = targets != -100  # position t predicts token t + 1
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction='sum')
+    logits = model(**model_inputs, logits_to_keep=keep).logits.float()  # [targets, vocabulary]
+    loss = F.cross_entropy(logits, labels[:, 1:][keep[:, :-1]], reduction='sum')
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1))
 
 
@@ -262,12 +282,18 @@ def train(folder, config):
 
     from .data import ChatCollator, PackingCollator, tokenize_file
 
-    from .precision import available_cores
-
     check_technique(config)
+    cuda = torch.cuda.is_available()
+    processes = distributed.world_size()
+    per_process_batch = distributed.per_process_batch(config.batch_size or 4, processes)
+    if cuda and processes > torch.cuda.device_count():  # NCCL refuses two processes on one GPU
+        raise RuntimeError('num_processes %d needs a GPU per process; this machine has %d'
+                           % (processes, torch.cuda.device_count()))
+    distributed.init(cuda)
     torch.manual_seed(config.seed)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(available_cores())  # the cores this process may use, not the host's
+    threads = distributed.threads_per_process()  # the cores this process may use, not the host's
+    if not cuda:
+        torch.set_num_threads(threads)
     folder.update_status(state='starting')
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_path)
     if tokenizer.pad_token_id is None:
@@ -289,9 +315,9 @@ def train(folder, config):
     n_train_tokens = sum(len(f['input_ids']) for f in train_features)  # real tokens, no padding
 
     model = load_model(config)
-    choice = choose_precision(folder, config, model)
+    choice = choose_precision(folder, config, model, threads)
     bf16 = choice['precision'] == 'bf16'
-    if bf16 and config.technique != 'full' and not torch.cuda.is_available():
+    if bf16 and config.technique != 'full' and not cuda:
         from .bf16_matmul import use_bf16_matmuls
         use_bf16_matmuls(model)
     if config.packing:
@@ -302,17 +328,21 @@ def train(folder, config):
     folder.event('Loaded %s (%s): %.1fM parameters, %.2fM trainable; %d training, %d validation examples'
                  % (os.path.basename(config.base_model_path.rstrip('/')), config.technique, total / 1e6,
                     trainable / 1e6, len(train_features), len(eval_features)))
+    if processes > 1:
+        folder.event('Data parallel: %d processes (%s), %d examples each per step%s'
+                     % (processes, 'nccl' if cuda else 'gloo', per_process_batch,
+                        '' if cuda else ', %d CPU thread(s) each' % threads))
 
     # On CPU, LoRA's bf16 is done by bf16_matmul above; autocast only where that is not.
-    autocast_bf16 = bf16 and (torch.cuda.is_available() or config.technique == 'full')
+    autocast_bf16 = bf16 and (cuda or config.technique == 'full')
     preprocess, compute = token_accuracy_metrics()
-    progress = make_progress_callback(folder, CANCEL, n_train_tokens)
+    progress = make_progress_callback(folder, CANCEL, n_train_tokens, distributed.device(cuda))
     args = TrainingArguments(
         output_dir=folder.file(job_files.CHECKPOINTS),
         num_train_epochs=config.epochs or 3,
         max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size or 4,
-        per_device_eval_batch_size=config.batch_size or 4,
+        per_device_train_batch_size=per_process_batch,
+        per_device_eval_batch_size=per_process_batch,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
@@ -327,7 +357,9 @@ def train(folder, config):
         save_steps=config.save_steps or 500,
         save_total_limit=2,
         bf16=autocast_bf16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda,
+        ddp_backend=('nccl' if cuda else 'gloo') if processes > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable weight is used: skip DDP's graph search
         seed=config.seed,
         report_to='none',
         remove_unused_columns=False,
@@ -345,7 +377,7 @@ def train(folder, config):
         folder.event('Resuming from %s' % os.path.basename(resume_from))
     started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
-    if CANCEL['set']:
+    if progress.cancelled:  # agreed by all ranks; a SIGTERM after the last step end is too late
         trainer.save_state()
         raise TrainingCancelled()
 
@@ -361,10 +393,12 @@ def train(folder, config):
         if final['valid_loss'] is not None:
             final['perplexity'] = math.exp(min(final['valid_loss'], 50))
     result_dir = folder.file(job_files.RESULT)
-    trainer.save_model(result_dir)
-    tokenizer.save_pretrained(result_dir)
+    trainer.save_model(result_dir)  # Trainer writes on rank 0 only (as save_metrics and save_state)
     trainer.save_metrics('all', final)
     trainer.save_state()
+    if distributed.rank() != 0:
+        return final, result_dir
+    tokenizer.save_pretrained(result_dir)
     if config.merge_adapter and config.technique == 'lora':
         merged = model.merge_and_unload()
         merged.save_pretrained(os.path.join(result_dir, 'merged'))
@@ -390,8 +424,9 @@ def hold_folder_lock(folder):
 def main(argv=None):
     args = make_parser().parse_args(argv)
     folder = JobFolder(os.path.abspath(args.job_dir))
-    lock = hold_folder_lock(folder)
-    if lock is None:
+    worker = distributed.is_worker()
+    lock = None if worker else hold_folder_lock(folder)  # a worker's launcher holds it
+    if lock is None and not worker:
         # Not a failure of the job: the trainer that holds the folder goes on and reports.
         print('another trainer holds %s; this one exits without touching the job' % folder.path, file=sys.stderr)
         return 3
@@ -399,14 +434,20 @@ def main(argv=None):
     def on_sigterm(signum, frame):
         # Installed first thing: a Cancel during start-up still ends as "cancelled", not killed.
         CANCEL['set'] = True
-        folder.event('Cancel received: saving a checkpoint and stopping', level='warning')
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a worker inherits it blocked
     try:
         raw = folder.read_config()
         if args.resume:
             raw['resume'] = True
         config = TrainConfig.from_dict(raw)
+        if config.num_processes > 1 and not worker:
+            distributed.per_process_batch(config.batch_size or 4, config.num_processes)  # before starting them
+            distributed.block_sigterm()  # from here on a Cancel waits, pending, for the workers
+            if CANCEL['set']:
+                raise TrainingCancelled()
+            distributed.exec_torchrun(folder.path, config.num_processes, lock, ['--resume'] if args.resume else [])
         final, result_dir = train(folder, config)
         folder.update_status(state='completed', progress=100.0, final_metrics=final,
                              result={'model_ref': result_dir, 'technique': config.technique,
@@ -422,6 +463,9 @@ def main(argv=None):
         folder.update_status(state='failed', error='%s: %s' % (type(e).__name__, e))
         folder.event('Training failed: %s' % e, level='error')
         return 1
+    finally:
+        if worker:
+            distributed.finish()
 
 
 if __name__ == '__main__':
