@@ -38,6 +38,7 @@ CANONICAL = {
     'bf16': (bool, None, None),
     'packing': (bool, None, None),
     'merge_adapter': (bool, None, None),
+    'num_processes': (int, 1, 64),
 }
 
 ALIASES = {
@@ -50,6 +51,8 @@ ALIASES = {
     'max_length': 'max_seq_length',
     # peft LoraConfig
     'r': 'lora_r',
+    # torchrun
+    'nproc_per_node': 'num_processes',
 }
 
 # OpenAI's "auto": the provider chooses. Stored as 0 in our fields.
@@ -143,3 +146,12 @@ def trainer_config(settings):
     if settings.get('learning_rate_multiplier'):
         config['learning_rate'] = LOCAL_DEFAULT_LEARNING_RATE * settings['learning_rate_multiplier']
     return config
+
+
+def check_processes(settings):
+    """`batch_size` is the global batch, shared by the processes: refuse one that does not divide."""
+    processes = settings.get('num_processes') or 1
+    batch = settings.get('batch_size') or 4  # the trainer's default for 0
+    if batch % processes:
+        raise ValueError('batch_size %d cannot be shared by %d processes (num_processes): use a multiple of %d, '
+                         'e.g. %d' % (batch, processes, processes, max(processes, batch - batch % processes)))

@@ -1,19 +1,11 @@
-"""What a provider reports about a job, and how our state follows from it.
+"""How a job's state follows from what its provider reports (reports: lib/providers/base.py).
 
-Every provider's `check_training_job_status` returns a dict with these keys (all optional but
-`status`):
-    status          one of PROVIDER_STATUSES
-    progress        0-100
-    step, total_steps, epoch, eta (unix seconds), trained_tokens
-    error           text, when status is failed
-    events          [{'id', 'created_at' (unix), 'level', 'message', 'data'}]  (ids make them idempotent)
-    metrics         [{'step', 'epoch', 'train_loss', 'valid_loss', 'valid_token_accuracy',
-                      'learning_rate', 'tokens_per_second'}]
-    result          {'name', 'model_ref', ...} when succeeded: the model to register
-    log             the tail of the provider's log
+`lost`: the provider no longer knows the run (a Ray head restarted without its job history); the
+engine resubmits it from its last checkpoint as a new attempt, a bounded number of times.
 """
 
-PROVIDER_STATUSES = ('queued', 'running', 'succeeded', 'failed', 'cancelled')
+
+PROVIDER_STATUSES = ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'lost')
 ACTIVE_STATES = ('validating', 'preparing', 'queued', 'training')
 FINAL_STATES = ('completed', 'failed', 'cancelled')
 

@@ -146,6 +146,10 @@ def provider_report(folder, offsets, alive):
               'total_steps': status.get('total_steps'), 'epoch': status.get('epoch'),
               'eta': status.get('eta'), 'trained_tokens': status.get('tokens_seen'),
               'metrics': metrics, 'events': events, 'log': tail(folder)}
+    if report['status'] in ('succeeded', 'failed', 'cancelled') and alive:
+        # The trainer writes its final state just before it exits: the job ends once the process
+        # has, so a resume never meets the old trainer still holding the folder.
+        report['status'] = 'running'
     if report['status'] == 'failed':
         report['error'] = 'The trainer failed: %s' % status.get('error')
     elif report['status'] in ('queued', 'running') and not alive:

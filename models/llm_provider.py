@@ -12,6 +12,8 @@ from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..lib.providers.base import CAPABILITIES
 
 _logger = logging.getLogger(__name__)
+# Credentials kept in llm.secret; each field only takes a new value and has a `<name>_hint`.
+SECRET_FIELDS = ('api_key', 'ray_auth_header')
 
 
 class LlmProvider(models.Model):
@@ -25,7 +27,7 @@ class LlmProvider(models.Model):
     sequence = fields.Integer(default=10)
     active = fields.Boolean(default=True)
     company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
-    service = fields.Selection([('local', 'Local (Hugging Face)'), ('openai', 'OpenAI')],
+    service = fields.Selection([('local', 'Local (Hugging Face)'), ('openai', 'OpenAI'), ('ray', 'Ray cluster')],
                                required=True, default='local')
     # The key lives in llm.secret (managers only by ACL, closed on every ORM path). This field
     # only takes a new value from the form: it always reads empty, so the key never goes back to
@@ -35,7 +37,24 @@ class LlmProvider(models.Model):
                           help='Paste a key to set or replace it; it is never shown again.')
     api_key_hint = fields.Char(string='Current Key', compute='_compute_api_key',
                                groups='llm_training.group_llm_manager')
+    ray_auth_header = fields.Char(string='Auth Header', compute='_compute_api_key', inverse='_inverse_ray_auth_header',
+                                  groups='llm_training.group_llm_manager', copy=False,
+                                  help='Sent with every call to the Ray dashboard, as "Name: value" (e.g. '
+                                       '"Authorization: Bearer ..."); never shown again.')
+    ray_auth_header_hint = fields.Char(string='Current Auth Header', compute='_compute_api_key',
+                                       groups='llm_training.group_llm_manager')
     organization = fields.Char(help='OpenAI organization id (optional).')
+    ray_dashboard_url = fields.Char(string='Dashboard URL', default='http://127.0.0.1:8265',
+                                    help="The Ray head's dashboard, which serves the Jobs API.")
+    storage_path = fields.Char(help='Root of the job folders as Odoo sees it (empty: Odoo\'s data folder). For '
+                                    'Ray: storage shared with the workers (NFS, a mounted bucket).')
+    worker_storage_path = fields.Char(help='The same shared storage as the Ray workers see it (empty: the same path).')
+    worker_python = fields.Char(default='python3', help='The trainer environment\'s Python on the Ray workers '
+                                                        '(torch, transformers, peft).')
+    cpus_per_job = fields.Float(default=1.0, help='CPUs Ray reserves for each job.')
+    gpus_per_job = fields.Float(default=0.0, help='GPUs Ray reserves for each job.')
+    num_processes = fields.Integer(default=1, help='Training processes per job (data parallel, one per GPU or a '
+                                                   'share of the CPUs); a job\'s num_processes setting wins.')
     base_url = fields.Char(string='Base URL', help='Endpoint of the service, for OpenAI-compatible '
                                                    'services; empty for the default.')
     request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
@@ -76,13 +95,20 @@ class LlmProvider(models.Model):
         # groups= does not guard export_data in Odoo 11: the hint is computed for managers only
         manager = self.env.user.has_group('llm_training.group_llm_manager')
         for provider in self:
-            provider.api_key = False
-            provider.api_key_hint = Secret._hint(provider, 'api_key') if provider.id and manager else False
+            for name in SECRET_FIELDS:
+                provider[name] = False
+                provider[name + '_hint'] = Secret._hint(provider, name) if provider.id and manager else False
 
     def _inverse_api_key(self):
+        self._store_secret('api_key')
+
+    def _inverse_ray_auth_header(self):
+        self._store_secret('ray_auth_header')
+
+    def _store_secret(self, name):
         for provider in self:
-            if provider.api_key:  # empty: keep the current key
-                self.env['llm.secret']._write_value(provider, 'api_key', provider.api_key)
+            if provider[name]:  # empty: keep the current value
+                self.env['llm.secret']._write_value(provider, name, provider[name])
 
     def _get_secret(self, field_name):
         """A credential for the adapter that calls the service (see llm.secret)."""
@@ -113,9 +139,16 @@ class LlmProvider(models.Model):
 
     @api.multi
     def action_clear_api_key(self):
+        return self._clear_secret('api_key')
+
+    @api.multi
+    def action_clear_ray_auth_header(self):
+        return self._clear_secret('ray_auth_header')
+
+    def _clear_secret(self, name):
         self._check_manager_action()
         for provider in self:
-            self.env['llm.secret']._write_value(provider, 'api_key', False)
+            self.env['llm.secret']._write_value(provider, name, False)
         return True
 
     def _check_manager_action(self):
@@ -128,11 +161,13 @@ class LlmProvider(models.Model):
         self.env['llm.secret']._unlink_for(self)
         return super(LlmProvider, self).unlink()
 
-    @api.constrains('max_concurrent_jobs', 'request_timeout')
+    @api.constrains('max_concurrent_jobs', 'request_timeout', 'num_processes', 'cpus_per_job', 'gpus_per_job')
     def _check_limits(self):
         for provider in self:
             if provider.max_concurrent_jobs < 0 or provider.request_timeout <= 0:
                 raise UserError(_('Concurrency limit must be 0 or more and the timeout positive.'))
+            if provider.num_processes < 1 or provider.cpus_per_job < 0 or provider.gpus_per_job < 0:
+                raise UserError(_('Processes per job must be 1 or more, CPUs and GPUs per job 0 or more.'))
 
     # -- the adapter ---------------------------------------------------------------------------
     def _adapter(self):
@@ -148,7 +183,9 @@ class LlmProvider(models.Model):
         """The settings an adapter reads (a plain dict); services extend it with their fields."""
         return {
             'name': self.name, 'base_url': self.base_url, 'request_timeout': self.request_timeout,
-            'organization': self.organization,
+            'organization': self.organization, 'dashboard_url': self.ray_dashboard_url,
+            'storage_path': self.storage_path, 'worker_storage_path': self.worker_storage_path,
+            'worker_python': self.worker_python, 'cpus_per_job': self.cpus_per_job, 'gpus_per_job': self.gpus_per_job,
             'trainer_python': tools.config.get('llm_training_trainer_python') or 'python3',
             'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
                 tools.config['data_dir'], 'llm_training', 'models'),

@@ -26,6 +26,7 @@ from .llm_training_dataset import DatasetBusyError
 
 _logger = logging.getLogger(__name__)
 
+MAX_RESUBMITS = 3  # runs the provider lost (a restarted Ray head) started again from their checkpoint
 MAX_RETRIES = 5  # before a job reaches its provider; after, it goes on there and is never given up
 RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
 CRON_BUDGET_SECONDS = 45  # one cron run; the rest waits for the next run, oldest-synced first
@@ -263,6 +264,8 @@ class LlmTrainingEngine(models.AbstractModel):
     def _apply_report(self, job, report):
         """Bring the job in line with what the provider reports. Idempotent."""
         status = report['status']
+        if status == 'lost':
+            return self._resubmit(job, report.get('error') or _('The provider no longer knows the run.'))
         if status == 'failed' and job.cancel_requested:
             status = 'cancelled'  # stopped because we asked: a cancel, whatever way it ended
         values = {}
@@ -299,6 +302,26 @@ class LlmTrainingEngine(models.AbstractModel):
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
             else:
                 job._change_state(new_state)
+
+    def _resubmit(self, job, reason):
+        """The provider lost the run (it is not running there any more): start it again from its
+        last checkpoint as a new attempt, MAX_RESUBMITS times at most, then fail with the reason."""
+        if job.cancel_requested:
+            job._change_state('cancelled')
+            return
+        if job.resubmit_count >= MAX_RESUBMITS or not job.provider_can_resume:
+            job._set_failed(_('%s Resubmitted %d times already; not again. Resume the job once the provider '
+                              'is stable.') % (reason, job.resubmit_count))
+            return
+        job._set_provider_data(resume=True)
+        values = dict(external_job_id=False, start_pending=False, attempt=job.attempt + 1,
+                      resubmit_count=job.resubmit_count + 1)
+        if job.state == 'queued':
+            job._write_workflow(values)
+        else:
+            job._change_state('queued', **values)
+        job._add_event(_('%s Resubmitted from the last checkpoint as attempt %d (%d of %d).')
+                       % (reason, job.attempt, job.resubmit_count, MAX_RESUBMITS), level='warning')
 
     # -- cancel --------------------------------------------------------------------------------
     @api.model

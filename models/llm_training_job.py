@@ -30,7 +30,7 @@ TRANSITIONS = {
     'validating': ('preparing', 'failed', 'cancelled'),
     'preparing': ('queued', 'failed', 'cancelled'),
     'queued': ('training', 'failed', 'cancelled'),
-    'training': ('completed', 'failed', 'cancelled'),
+    'training': ('completed', 'failed', 'cancelled', 'queued'),  # queued: lost at the provider, resubmitted
     'completed': (),
     'failed': ('draft', 'queued'),
     'cancelled': ('draft', 'queued'),
@@ -131,6 +131,9 @@ class LlmTrainingJob(models.Model):
     last_progress_at = fields.Datetime(readonly=True, copy=False,
                                        help='Last time the job moved; the stuck-job sweep reads it.')
     retry_count = fields.Integer(readonly=True, copy=False)
+    resubmit_count = fields.Integer(readonly=True, copy=False,
+                                    help='Times the provider lost the run (e.g. a restarted Ray head) and the job '
+                                         'was resubmitted from its last checkpoint.')
     next_attempt_at = fields.Datetime(readonly=True, copy=False)
     error_message = fields.Text(readonly=True, copy=False)
     result_model_id = fields.Many2one('llm.model', string='Result Model', readonly=True, copy=False)
@@ -146,11 +149,12 @@ class LlmTrainingJob(models.Model):
         for job in self:
             job.job_key = 'llm-training-%s-%d-%d' % (self.env.cr.dbname, job.id, job.attempt) if job.id else False
 
-    @api.depends()
+    @api.depends('provider_id.storage_path')
     def _compute_work_dir(self):
-        root = os.path.join(tools.config['data_dir'], 'llm_training', self.env.cr.dbname)
+        default_root = os.path.join(tools.config['data_dir'], 'llm_training')
         for job in self:
-            job.work_dir = os.path.join(root, 'job-%d' % job.id) if job.id else False
+            root = job.provider_id.storage_path or default_root
+            job.work_dir = os.path.join(root, self.env.cr.dbname, 'job-%d' % job.id) if job.id else False
 
     @api.depends('dataset_ids.token_total', 'dataset_ids.example_count', 'epochs', 'validation_split',
                  'base_model_id.training_price', 'provider_id.service', 'technique',
@@ -270,7 +274,7 @@ class LlmTrainingJob(models.Model):
             job._set_provider_data(resume=True)
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
                               next_attempt_at=False, cancel_requested=False, finished_at=False,
-                              attempt=job.attempt + 1, start_pending=False)
+                              attempt=job.attempt + 1, start_pending=False, resubmit_count=0)
         return True
 
     @api.multi
@@ -327,12 +331,20 @@ class LlmTrainingJob(models.Model):
         return JobSpec(
             job_key=self.job_key, attempt=self.attempt, database=self.env.cr.dbname, job_id=self.id, name=self.name,
             base_model=self.base_model_id.model_ref, base_model_name=self.base_model_id.name,
-            technique=self.technique, hyperparameters=self._get_hyperparameters(),
+            technique=self.technique, hyperparameters=self._spec_hyperparameters(),
             # what a start needs; a started run no longer does (and a poll saves the datasets' queries)
             data_format=None if self.external_job_id else self._data_format(),
             work_dir=self.work_dir, validation_examples=self.validation_examples, seed=self.seed,
             suffix=self.suffix, state=self.state, external_id=self.external_job_id or None,
             resume=bool(data.get('resume')), provider_data=data)
+
+    def _spec_hyperparameters(self):
+        """The settings the provider gets: the job's, with the provider's processes per job
+        unless the job names its own."""
+        hyper = self._get_hyperparameters()
+        if 'num_processes' not in hyper and self.provider_id.num_processes > 1:
+            hyper['num_processes'] = self.provider_id.num_processes
+        return hyper
 
     def _get_provider_data(self):
         return json.loads(self.provider_data or '{}')

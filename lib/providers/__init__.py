@@ -12,4 +12,4 @@ def adapter_class(service):
     return ADAPTERS.get(service)
 
 
-from . import local, openai_fine_tuning  # noqa: E402,F401  (they register themselves)
+from . import local, openai_fine_tuning, ray_jobs  # noqa: E402,F401  (they register themselves)

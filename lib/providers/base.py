@@ -7,7 +7,7 @@ adapter, and writes back what the adapter reports, the events it noted and the p
 changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
 
 `check` returns a report, a dict with these keys (all optional but `status`):
-    status          one of lib/job_status.PROVIDER_STATUSES
+    status          one of lib/job_status.PROVIDER_STATUSES ('lost': the service no longer knows the run)
     progress        0-100
     step, total_steps, epoch, eta (unix seconds), trained_tokens
     error           text, when status is failed

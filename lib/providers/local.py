@@ -12,7 +12,7 @@ import subprocess
 from . import register
 from .. import trainer_folder
 from ..exceptions import TrainingFailedError
-from ..hyperparameters import trainer_config
+from ..hyperparameters import check_processes, trainer_config
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from .base import TrainingProvider
 
@@ -78,6 +78,10 @@ class LocalTrainer(TrainingProvider):
                     base_model_path=self.model_path(spec.base_model, spec.base_model_name))
 
     def validate(self, spec):
+        try:
+            check_processes(spec.hyperparameters)
+        except ValueError as e:
+            raise TrainingFailedError(str(e))
         self.model_path(spec.base_model, spec.base_model_name)
         if spec.technique == 'qlora':
             probe = run_trainer_module(self.python, ['trainer.env_info'], PROBE_TIMEOUT)

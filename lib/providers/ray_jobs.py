@@ -1,0 +1,232 @@
+"""The Ray provider: each attempt is a Ray job, submitted through the Jobs REST API of the head's
+dashboard (plain HTTP with `requests`; Odoo never imports ray).
+
+The job folder lives on storage shared with the workers (`storage_path` as Odoo sees it,
+`worker_storage_path` as the workers do): Odoo prepares the data there, the trainer writes its
+status, metrics, events, checkpoints and result there, exactly as for the local provider, and the
+trainer's code is copied there once per version. Ray's own job status says whether the run is
+alive. `submission_id` is the attempt's job key: a repeated start is refused by Ray ("already
+exists") and adopted; a resume is a new attempt, so a new submission. A head that restarts
+without the job reports it unknown (HTTP 404): the engine resubmits it from the last checkpoint."""
+import hashlib
+import logging
+import os
+import shutil
+
+import requests
+
+from . import register
+from .. import trainer_folder
+from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
+from ..hyperparameters import check_processes, trainer_config
+from .base import TrainingProvider
+from .local import ADDON_ROOT
+
+_logger = logging.getLogger(__name__)
+RAY_STATUS = {'PENDING': 'queued', 'RUNNING': 'running', 'SUCCEEDED': 'succeeded', 'FAILED': 'failed',
+              'STOPPED': 'cancelled'}
+ALIVE = ('PENDING', 'RUNNING')
+# Seconds Ray waits after its SIGTERM before it kills the job: the trainer saves a checkpoint in
+# that time (Ray's default, 3 s, is too short for a large model).
+STOP_WAIT_SECONDS = 120
+_CODE_VERSIONS = {}  # trainer folder -> hash of its files, computed once per process
+
+
+def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
+    if root not in _CODE_VERSIONS:
+        digest = hashlib.sha1()
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs[:] = sorted(d for d in dirs if d not in ('__pycache__', 'tests'))
+            for name in sorted(f for f in files if f.endswith('.py')):
+                digest.update(os.path.relpath(os.path.join(folder, name), root).encode())
+                with open(os.path.join(folder, name), 'rb') as f:
+                    digest.update(f.read())
+        _CODE_VERSIONS[root] = digest.hexdigest()[:12]
+    return _CODE_VERSIONS[root]
+
+
+@register
+class RayJobs(TrainingProvider):
+    service = 'ray'
+    capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True,
+                    'techniques': ('lora', 'qlora', 'full')}
+
+    # -- paths: Odoo's view and the workers' view of the shared storage ----------------------------
+    @property
+    def storage(self):
+        path = self.config.get('storage_path')
+        if not path:
+            raise TrainingFailedError('Provider "%s" has no shared storage path; set the folder that Odoo and the '
+                                      'Ray workers both see.' % self.name)
+        return path
+
+    def on_workers(self, path):
+        """`path` (under the storage, as Odoo sees it) as the workers see it."""
+        worker_root = self.config.get('worker_storage_path') or self.storage
+        return os.path.join(worker_root, os.path.relpath(path, self.storage))
+
+    def worker_model_path(self, model_ref):
+        """An absolute technical id as is; a relative one under the storage's models/ folder."""
+        return model_ref if os.path.isabs(model_ref) else self.on_workers(os.path.join(self.storage, 'models', model_ref))
+
+    def code_dir(self):
+        """The trainer's code on the shared storage (copied once per version): workers need only
+        the trainer's Python environment, not this addon."""
+        target = os.path.join(self.storage, 'code', 'trainer-%s' % trainer_code_version())
+        if not os.path.isdir(target):
+            tmp = '%s.tmp.%d' % (target, os.getpid())
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(os.path.join(ADDON_ROOT, 'trainer'), os.path.join(tmp, 'trainer'),
+                            ignore=shutil.ignore_patterns('__pycache__', 'tests'))
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another worker copied it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    # -- HTTP --------------------------------------------------------------------------------------
+    def url(self, path):
+        return (self.config.get('dashboard_url') or 'http://127.0.0.1:8265').rstrip('/') + path
+
+    def request(self, method, path, action, **kwargs):
+        """One call to the Jobs API; errors become ours, with the auth header never in a message."""
+        headers = {}
+        header = self.secret('ray_auth_header')  # "Name: value", e.g. "Authorization: Bearer ..."
+        if header:
+            name, _sep, value = header.partition(':')
+            headers[name.strip()] = value.strip()
+        try:
+            response = requests.request(method, self.url(path), headers=headers,
+                                        timeout=float(self.config.get('request_timeout') or 60), **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise TrainingRetryableError('The Ray head at %s did not answer while %s (%s); tried again later.'
+                                         % (self.url(''), action, type(e).__name__))
+        if response.status_code in (401, 403):
+            raise TrainingAuthError('The Ray head refused %s (HTTP %d): check the auth header of provider "%s".'
+                                    % (action, response.status_code, self.name))
+        return response
+
+    def error_text(self, response):
+        text = (response.text or '').strip()[-1000:]
+        header = self.secret('ray_auth_header')
+        for secret in filter(None, (header, header and header.partition(':')[2].strip())):
+            text = text.replace(secret, '[auth header]')
+        return text
+
+    def job_info(self, submission_id):
+        """Ray's details of the job, or None when the head does not know it."""
+        response = self.request('GET', '/api/jobs/%s' % submission_id, 'reading job %s' % submission_id)
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 500:
+            raise TrainingRetryableError('The Ray head had an error (HTTP %d) reading job %s: %s'
+                                         % (response.status_code, submission_id, self.error_text(response)))
+        if response.status_code != 200:
+            raise TrainingFailedError('The Ray head refused to read job %s (HTTP %d): %s'
+                                      % (submission_id, response.status_code, self.error_text(response)))
+        return response.json()
+
+    # -- the provider contract -----------------------------------------------------------------------
+    def validate(self, spec):
+        try:
+            check_processes(spec.hyperparameters)
+        except ValueError as e:
+            raise TrainingFailedError(str(e))
+        if not os.path.isdir(self.storage) or not os.access(self.storage, os.W_OK):
+            raise TrainingFailedError('Shared storage %s of provider "%s" is missing or not writable from Odoo.'
+                                      % (self.storage, self.name))
+        if spec.technique == 'qlora' and not float(self.config.get('gpus_per_job') or 0):
+            raise TrainingFailedError('QLoRA needs a GPU: set "GPUs per job" on provider "%s", or choose LoRA.'
+                                      % self.name)
+
+    def entrypoint(self, spec):
+        folder = self.on_workers(spec.work_dir)
+        python = self.config.get('worker_python') or 'python3'
+        # The log goes to the shared folder (the Log tab reads it there); exec: Ray's SIGTERM
+        # reaches the trainer itself.
+        return "cd '%s' && exec '%s' -m trainer.train --job-dir '%s' >> '%s' 2>&1" % (
+            self.on_workers(self.code_dir()), python, folder, os.path.join(folder, trainer_folder.LOG))
+
+    def start(self, spec):
+        data = spec.provider_data
+        resume = bool(spec.resume) and trainer_folder.has_checkpoint(spec.work_dir)
+        info = self.job_info(spec.job_key)
+        if info is not None:  # a previous start of this attempt reached Ray
+            data.update(resume=False)
+            spec.note('Ray job %s of this attempt found (%s): adopted' % (spec.job_key, info.get('status')))
+            return spec.job_key
+        config = dict(trainer_config(spec.hyperparameters), technique=spec.technique, resume=resume,
+                      base_model_path=self.worker_model_path(spec.base_model))
+        trainer_folder.prepare_run(spec.work_dir, config, resume)
+        if not resume:
+            data['offsets'] = {}
+        body = {
+            'entrypoint': self.entrypoint(spec),
+            'submission_id': spec.job_key,
+            'runtime_env': {'env_vars': {'TOKENIZERS_PARALLELISM': 'false',
+                                         'RAY_JOB_STOP_WAIT_TIME_S': str(STOP_WAIT_SECONDS)}},
+            'metadata': {'llm_training_job_key': spec.job_key, 'odoo_database': spec.database,
+                         'odoo_job_id': str(spec.job_id)},
+            'entrypoint_num_cpus': float(self.config.get('cpus_per_job') or 1),
+            'entrypoint_num_gpus': float(self.config.get('gpus_per_job') or 0),
+        }
+        response = self.request('POST', '/api/jobs/', 'submitting the job', json=body)
+        if response.status_code == 500 and 'already exists' in response.text:
+            spec.note('Ray job %s of this attempt already submitted: adopted' % spec.job_key)
+        elif response.status_code >= 500:
+            raise TrainingRetryableError('The Ray head had an error (HTTP %d) submitting the job: %s'
+                                         % (response.status_code, self.error_text(response)))
+        elif response.status_code != 200:
+            raise TrainingFailedError('The Ray head refused the job (HTTP %d): %s'
+                                      % (response.status_code, self.error_text(response)))
+        data.update(resume=False)
+        _logger.info('Training job %s: Ray job %s submitted', spec.job_id, spec.job_key)
+        return spec.job_key
+
+    def check(self, spec):
+        info = self.job_info(spec.external_id)
+        if info is None:
+            return {'status': 'lost', 'error': 'The Ray head no longer knows job %s (it was restarted without '
+                                               'its job history).' % spec.external_id}
+        ray_status = info.get('status')
+        report = trainer_folder.provider_report(spec.work_dir, spec.provider_data.setdefault('offsets', {}),
+                                                ray_status in ALIVE)
+        if ray_status == 'PENDING':
+            report['status'] = 'queued'
+        elif ray_status == 'STOPPED' and report['status'] != 'succeeded':
+            report['status'] = 'cancelled'
+        elif ray_status == 'FAILED' and report['status'] != 'succeeded':
+            report['status'] = 'failed'
+            report['error'] = '%s\nRay: %s' % (report.get('error') or 'The Ray job failed.',
+                                               info.get('message') or info.get('error_type') or 'no message')
+        elif ray_status == 'SUCCEEDED' and report['status'] != 'succeeded':
+            report['status'] = 'failed'
+            report['error'] = 'The Ray job ended without the trainer reporting a result; see the log.'
+        return report
+
+    def cancel(self, spec):
+        response = self.request('POST', '/api/jobs/%s/stop' % spec.external_id, 'stopping the job')
+        if response.status_code == 404:
+            trainer_folder.mark_cancelled(spec.work_dir)  # Ray no longer runs it: nothing to stop
+        elif response.status_code != 200:
+            raise TrainingRetryableError('The Ray head did not stop job %s (HTTP %d): %s'
+                                         % (spec.external_id, response.status_code, self.error_text(response)))
+
+    def test_connection(self):
+        try:
+            response = self.request('GET', '/api/version', 'reading its version')
+        except TrainingRetryableError as e:
+            raise TrainingFailedError(str(e))
+        if response.status_code != 200:
+            raise TrainingFailedError('The Ray dashboard at %s answered HTTP %d to /api/version: %s'
+                                      % (self.url(''), response.status_code, self.error_text(response)))
+        version = response.json().get('ray_version') or '?'
+        probe = os.path.join(self.storage, '.llm_training_probe.%d' % os.getpid())
+        try:
+            with open(probe, 'w') as f:
+                f.write('ok')
+            os.remove(probe)
+        except OSError as e:
+            raise TrainingFailedError('Ray %s answers, but the shared storage %s is not writable from Odoo: %s'
+                                      % (version, self.storage, e))
+        return 'Ray %s at %s; shared storage %s writable.' % (version, self.url(''), self.storage)
