@@ -34,6 +34,8 @@ BOM = b'\xef\xbb\xbf'
 MAX_REPORTED = 200  # problems kept in the report per kind; the counts stay exact
 MAX_LINE_BYTES = 1 << 20  # one example; a longer line is refused unread (odoo.conf can change it)
 MAX_FILE_BYTES = 512 << 20  # OpenAI's limit for a fine-tuning file
+COUNT_BATCH = 256  # examples whose tokens are counted in one call
+COUNT_BATCH_BYTES = 4 << 20  # and at most this much of them held at once (memory stays flat)
 
 
 def skip_rest_of_line(stream, read):
@@ -317,65 +319,37 @@ class DatasetValidator(object):
 
     def add_file(self, stream, filename):
         """Validate a binary stream of JSONL. Valid examples are yielded (line, example), so a
-        caller can write a merged file in the same pass; iterate to the end to validate all."""
+        caller can write a merged file in the same pass; iterate to the end to validate all.
+
+        Lines are parsed and checked one by one; their tokens are counted a batch at a time
+        (one call into the tokenizer, and its threads, for COUNT_BATCH examples), and what is
+        found is recorded in line order."""
+        self.report.files.append(filename)
+        pending, examples, size = [], 0, 0
+        for item in self._parse(stream, filename):
+            pending.append(item)
+            if isinstance(item, tuple):
+                examples, size = examples + 1, size + len(item[1])
+            if examples >= COUNT_BATCH or size >= COUNT_BATCH_BYTES:
+                for found in self._count(pending, filename):
+                    yield found
+                pending, examples, size = [], 0, 0
+        for found in self._count(pending, filename):
+            yield found
+
+    def _count(self, pending, filename):
+        """Count the tokens of the pending examples, then record everything in line order."""
         report = self.report
-        report.files.append(filename)
-        crlf_reported = False
-        line_no = 0
-        size = 0
-        readline, limit = stream.readline, self.max_line_bytes + 1
-        while True:
-            raw = readline(limit)  # never more than one line's limit in memory
-            if not raw:
-                break
-            line_no += 1
-            length = len(raw)
-            if length == limit and not raw.endswith(b'\n'):
-                length = skip_rest_of_line(stream, length)
-                raw = None
-            size += length
-            if size > self.max_file_bytes:
-                report.add_error(Problem(filename, line_no, '', 'the file is over the limit of %d MB; split it '
-                                         'into several files (the rest of this file was not read)'
-                                         % (self.max_file_bytes >> 20)))
-                return
-            if raw is None:
-                report.add_error(Problem(filename, line_no, '', 'the line is %d bytes, over the limit of %d '
-                                         'for one example; shorten or split it' % (length, self.max_line_bytes)))
+        examples = [item[3] for item in pending if isinstance(item, tuple)]
+        count_many = getattr(self.count_tokens, 'count_many', None)
+        counts = iter(count_many(examples, limit=self.max_tokens) if count_many
+                      else [self.count_tokens(messages, limit=self.max_tokens) for messages in examples])
+        for item in pending:
+            if isinstance(item, Problem):
+                report.add_error(item)
                 continue
-            if line_no == 1 and raw.startswith(BOM):
-                report.add_error(Problem(filename, 1, '', 'the file starts with a byte-order mark '
-                                         '(BOM); save it as UTF-8 without BOM'))
-                raw = raw[len(BOM):]
-            if raw.endswith(b'\r\n'):
-                if not crlf_reported:
-                    report.add_error(Problem(filename, line_no, '', 'Windows line ending (CRLF); save '
-                                             'the file with Unix line endings (LF)'))
-                    crlf_reported = True
-                raw = raw[:-2]
-            elif raw.endswith(b'\n'):
-                raw = raw[:-1]
-            if not raw.strip():
-                report.add_error(Problem(filename, line_no, '', 'empty line; remove it (every line '
-                                         'must be one JSON example)'))
-                continue
-            try:
-                raw.decode('utf-8')
-            except UnicodeDecodeError as e:
-                report.add_error(Problem(filename, line_no, '', 'not valid UTF-8 (byte %d); save the '
-                                         'file as UTF-8' % (e.start + 1)))
-                continue
-            try:
-                example = _loads(raw)
-            except ValueError as e:
-                report.add_error(Problem(filename, line_no, '', 'malformed JSON: %s' % e))
-                continue
-            try:
-                messages = self.check(example)
-            except InvalidExample as e:
-                report.add_error(Problem(filename, line_no, e.field, e.message))
-                continue
-            tokens = self.count_tokens(messages, limit=self.max_tokens)
+            line_no, raw, example, messages = item
+            tokens = next(counts)
             if self.max_tokens and tokens > self.max_tokens:
                 # the count may have stopped early: "over", not an exact number
                 report.add_error(Problem(filename, line_no, 'messages', "over the model's context of %d "
@@ -399,6 +373,63 @@ class DatasetValidator(object):
             report.tokens_max = max(report.tokens_max, tokens)
             report.tokens_min = tokens if report.examples == 1 else min(report.tokens_min, tokens)
             yield line_no, example
+
+    def _parse(self, stream, filename):
+        """Each line as (line, raw, example, messages) when its format is right, else the Problem."""
+        crlf_reported = False
+        line_no = 0
+        size = 0
+        readline, limit = stream.readline, self.max_line_bytes + 1
+        while True:
+            raw = readline(limit)  # never more than one line's limit in memory
+            if not raw:
+                break
+            line_no += 1
+            length = len(raw)
+            if length == limit and not raw.endswith(b'\n'):
+                length = skip_rest_of_line(stream, length)
+                raw = None
+            size += length
+            if size > self.max_file_bytes:
+                yield Problem(filename, line_no, '', 'the file is over the limit of %d MB; split it into several '
+                              'files (the rest of this file was not read)' % (self.max_file_bytes >> 20))
+                return
+            if raw is None:
+                yield Problem(filename, line_no, '', 'the line is %d bytes, over the limit of %d for one example; '
+                              'shorten or split it' % (length, self.max_line_bytes))
+                continue
+            if line_no == 1 and raw.startswith(BOM):
+                yield Problem(filename, 1, '', 'the file starts with a byte-order mark (BOM); save it as UTF-8 '
+                              'without BOM')
+                raw = raw[len(BOM):]
+            if raw.endswith(b'\r\n'):
+                if not crlf_reported:
+                    yield Problem(filename, line_no, '', 'Windows line ending (CRLF); save the file with Unix '
+                                  'line endings (LF)')
+                    crlf_reported = True
+                raw = raw[:-2]
+            elif raw.endswith(b'\n'):
+                raw = raw[:-1]
+            if not raw.strip():
+                yield Problem(filename, line_no, '', 'empty line; remove it (every line must be one JSON example)')
+                continue
+            try:
+                raw.decode('utf-8')
+            except UnicodeDecodeError as e:
+                yield Problem(filename, line_no, '', 'not valid UTF-8 (byte %d); save the file as UTF-8'
+                              % (e.start + 1))
+                continue
+            try:
+                example = _loads(raw)
+            except ValueError as e:
+                yield Problem(filename, line_no, '', 'malformed JSON: %s' % e)
+                continue
+            try:
+                messages = self.check(example)
+            except InvalidExample as e:
+                yield Problem(filename, line_no, e.field, e.message)
+                continue
+            yield line_no, raw, example, messages
 
     def validate_file(self, stream, filename):
         for _ in self.add_file(stream, filename):

@@ -17,6 +17,8 @@ import threading
 from .dataset_validator import estimate_tokens, message_text
 
 PIECE_CHARS = 32768  # longer contents are counted in pieces (a piece boundary may add a token)
+KNOWN_TEXTS = 10000  # texts whose counts are kept across batches (repeated prompts)...
+KNOWN_TEXT_CHARS = 2000  # ...if no longer than this
 _TOKENIZERS = {}
 
 
@@ -93,6 +95,7 @@ class TemplateCounter(object):
         self.tokenizer = tokenizer_of(tokenizer_json)
         self.table = table
         self.exact = exact
+        self._known = {}  # short text -> its token count (bounded: memory stays flat)
 
     def _countable(self, messages):
         frame = self.table['frame']
@@ -115,6 +118,34 @@ class TemplateCounter(object):
                 if limit and total > limit:
                     return total
         return total
+
+    def count_many(self, examples, limit=None):
+        """The counts of many examples: one call into Rust (and its threads) for all their texts,
+        each distinct text once (a dataset's shared system prompt is encoded once, and kept)."""
+        counts, owned, new = [], [], {}  # new: text -> its position in the call
+        known = self._known
+        for i, messages in enumerate(examples):
+            pieces = [self.table['header'][m['role']] + message_text(m.get('content'))
+                      for m in messages] if self._countable(messages) else None
+            if pieces is None or sum(len(p) for p in pieces) > PIECE_CHARS:
+                counts.append(self(messages, limit))  # the exact counter, or piece by piece with the limit
+                continue
+            total = self.table['prefix'] if messages[0].get('role') != 'system' else 0
+            total += sum(self.table['frame'][m['role']] for m in messages)
+            for piece in pieces:
+                if piece in known:
+                    total += known[piece]
+                else:
+                    owned.append((i, new.setdefault(piece, len(new))))
+            counts.append(total)
+        if new:
+            lengths = [len(e.ids) for e in self.tokenizer.encode_batch(list(new), add_special_tokens=False)]
+            for i, position in owned:
+                counts[i] += lengths[position]
+            for text, position in new.items():
+                if len(known) < KNOWN_TEXTS and len(text) <= KNOWN_TEXT_CHARS:
+                    known[text] = lengths[position]
+        return counts
 
     def close(self):
         if self.exact:

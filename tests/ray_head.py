@@ -58,29 +58,31 @@ class RayHead(object):
 
     def kill(self):
         """The head machine dies: every process of it, the jobs it runs too, at once."""
-        processes = self.processes()
-        for process in processes:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(processes, timeout=30)
+        self._end(grace=0)
 
     def stop(self):
-        processes = self.processes()
-        for process in processes:
-            try:
-                process.terminate()
-            except psutil.Error:
-                pass
-        _gone, alive = psutil.wait_procs(processes, timeout=10)
-        for process in alive:  # gcs_server, raylet and the monitor ignore SIGTERM
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=30)
+        self._end(grace=10)  # gcs_server, raylet and the monitor ignore SIGTERM: killed after
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _end(self, grace):
+        # Until none is left: a raylet still alive restarts the agents we end before it.
+        for _round in range(10):
+            processes = self.processes()
+            if not processes:
+                return
+            for process in processes:
+                try:
+                    process.terminate() if grace else process.kill()
+                except psutil.Error:
+                    pass
+            _gone, alive = psutil.wait_procs(processes, timeout=grace or 30)
+            for process in alive:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(alive, timeout=30)
+        raise RuntimeError('processes of the Ray head in %s survive: %s' % (self.tmp, self.processes()))
 
     def jobs(self):
         return requests.get(self.url + '/api/jobs/', timeout=10).json()

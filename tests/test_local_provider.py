@@ -97,8 +97,11 @@ class TestLocalProvider(TrainingCase):
             [{'role': 'user', 'content': [{'type': 'text', 'text': 'parts '}, {'type': 'text', 'text': 'joined'}]},
              {'role': 'assistant', 'content': 'x' * 500}]]
         try:
-            for messages in examples:
-                self.assertEqual(count(messages), exact(messages), messages)
+            expected = [exact(messages) for messages in examples]
+            self.assertEqual([count(messages) for messages in examples], expected)
+            # the validator's batches: each distinct text encoded once, kept for the next batch
+            self.assertEqual(count.count_many(examples + examples), expected + expected)
+            self.assertEqual(count.count_many(examples[::-1]), expected[::-1])
         finally:
             count.close()
         # "Hello" alone: SmolLM2's template adds its default system prompt (about 20 tokens)
