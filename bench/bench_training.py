@@ -1,7 +1,7 @@
 """Training throughput: our trainer vs a plain transformers.Trainer + peft LoRA baseline.
 
     bash scripts/bench.sh            (runs this in the trainer venv)
-    python -m bench.bench_training [--examples 48] [--epochs 2] [--repeats 2]
+    python -m bench.bench_training [--examples 48] [--epochs 2] [--repeats 2] [--scale]
 
 Same model (SmolLM2-135M-Instruct), same tokenized chat data (assistant-only labels), same LoRA
 (r=16, all linear projections, dropout 0.05), batch size, learning rate and seed, run back to back
@@ -14,6 +14,11 @@ and the share of the measured matmul limit (6 N FLOPs per token) for the precisi
 chose. First it prints the machine (CPU model, torch's CPU capability, bf16/amx flags, cores) and
 the matmul GFLOP/s of both precisions; last, a capped run forced to the other precision, so the
 output shows the automatic choice is the faster one on this machine.
+
+Then the scale line (alone with --scale): the same job through the trainer's CLI with 1 and with
+2 data-parallel processes (num_processes, same global batch), `--repeats` times in alternation:
+the trainer's tokens/s (training loop), the wall time of the whole run (start-up, torchrun,
+model load, saving included) and the ratios, 2 processes over 1.
 """
 import argparse
 import json
@@ -158,6 +163,7 @@ def main():
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--other-steps', type=int, default=4,
                         help='step cap of the run forced to the precision the trainer did not choose')
+    parser.add_argument('--scale', action='store_true', help='only the machine and the 1 vs 2 processes line')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -172,6 +178,8 @@ def main():
     limits = model_matmul_gflops()
     print('matmul on the model\'s layer shapes: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s'
           % (limits['fp32'], limits['bf16']))
+    if args.scale:
+        return scale(args, limits)
     ratios, baseline_tps, chosen = [], [], None
     for attempt in range(args.repeats):
         results = {which: run_child(which, args) for which in ('baseline', 'ours')}
@@ -194,17 +202,57 @@ def main():
     print('forced %s (%d steps): %.0f tokens/s, %.2fx the baseline; the automatic choice (%s) was %.2fx'
           % (other, args.other_steps, r['tokens_per_second'], r['tokens_per_second'] / statistics.median(baseline_tps),
              chosen, statistics.median(ratios)))
+    scale(args, limits)
+
+
+def write_job(folder, args, **config):
+    """The benchmark's job folder; `config` overrides the job's settings."""
+    with open(os.path.join(folder, 'train.jsonl'), 'w') as f:
+        f.writelines(json.dumps(e) + '\n' for e in make_examples(args.examples))
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': 4,
+                   'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32, 'max_seq_length': 256,
+                   'seed': 42, 'save_steps': 100000, **config}, f)
+
+
+def run_scaled(args, processes, bf16):
+    """The trainer's CLI on the benchmark job with `processes` data-parallel processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_job(tmp, args, num_processes=processes, bf16=bf16)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, '-m', 'trainer.train', '--job-dir', tmp], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=ROOT))
+        wall = time.perf_counter() - start
+        status = json.load(open(os.path.join(tmp, 'status.json')))
+    if status['state'] != 'completed':
+        sys.exit('%d-process run failed: %s\n%s' % (processes, status.get('error'), out.stdout.decode()[-3000:]))
+    return dict(status['final_metrics'], wall=wall)
+
+
+def scale(args, limits):
+    """1 against 2 processes, same job, same global batch, in alternation. Both in the precision
+    faster on this machine (`limits`): each run's own measurement, with 2 threads or 1, could pick
+    differently and the ratio would then compare precisions, not process counts."""
+    bf16 = limits['bf16'] > limits['fp32']
+    tps_ratios, wall_ratios = [], []
+    for attempt in range(args.repeats):
+        runs = {n: run_scaled(args, n, bf16) for n in (1, 2)}
+        for n, r in runs.items():
+            print('scale: %d process%s x %d thread%s: %6.1f tokens/s, wall %5.1f s, train loss %.4f, %s'
+                  % (n, 'es' if n > 1 else '  ', r['threads'], 's' if r['threads'] > 1 else ' ',
+                     r['tokens_per_second'], r['wall'], r['train_loss'], r['precision']))
+        tps_ratios.append(runs[2]['tokens_per_second'] / runs[1]['tokens_per_second'])
+        wall_ratios.append(runs[2]['wall'] / runs[1]['wall'])
+        print('scale pair %d: 2 processes are %.2fx the tokens/s of 1, %.2fx its wall time'
+              % (attempt + 1, tps_ratios[-1], wall_ratios[-1]))
+    print('scale (median of %d pairs): 2 processes vs 1: %.2fx tokens/s, %.2fx wall time'
+          % (len(tps_ratios), statistics.median(tps_ratios), statistics.median(wall_ratios)))
 
 
 def run_child(which, args, **config):
     """One training run in a fresh process, on its own job folder; `config` overrides the job's."""
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, 'train.jsonl'), 'w') as f:
-            f.writelines(json.dumps(e) + '\n' for e in make_examples(args.examples))
-        with open(os.path.join(tmp, 'config.json'), 'w') as f:
-            json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': 4,
-                       'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32, 'max_seq_length': 256,
-                       'seed': 42, 'save_steps': 100000, **config}, f)
+        write_job(tmp, args, **config)
         out = subprocess.run([sys.executable, '-m', 'bench.bench_training', '--child', which, tmp],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=dict(os.environ, PYTHONPATH=ROOT))

@@ -73,7 +73,8 @@ def exec_torchrun(job_dir, processes, lock, extra_args=()):
     from .precision import available_cores
     os.set_inheritable(lock.fileno(), True)  # Python opens files close-on-exec; this one must stay
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    # torchrun would set 1 thread per worker; on CPU they share the cores, set explicitly in train().
+    # Each worker's share of the cores (train() sets it too); set, it keeps torchrun (1) and
+    # accelerate (physical cores // N) from choosing their own.
     os.environ.setdefault('OMP_NUM_THREADS', str(max(1, available_cores() // processes)))
     sys.stdout.flush()
     sys.stderr.flush()

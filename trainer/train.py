@@ -409,8 +409,8 @@ def train(folder, config):
 
 
 def hold_folder_lock(folder):
-    """Hold the job folder's trainer lock for this process's life, or None when another trainer
-    holds it: two trainers must never write one folder."""
+    """Hold the job folder's trainer lock for this process's life (kept through the exec into
+    torchrun), or None when another trainer holds it: two trainers must never write one folder."""
     import fcntl
     lock = open(folder.file(job_files.TRAINER_LOCK), 'w')
     try:
