@@ -85,10 +85,13 @@ def exec_torchrun(job_dir, processes, lock, extra_args=()):
 
 
 def launcher_cancelled():
-    """True when a SIGTERM waits, blocked, at our launcher (a Cancel sent to its process group)."""
+    """True when a SIGTERM waits, blocked, at our launcher (a Cancel sent to its process group), or
+    when the launcher is gone (killed): the folder lock went with it, so the workers stop too."""
     pid = os.environ.get(LAUNCHER_PID)
     if not pid:
         return False
+    if os.getppid() != int(pid):  # torchrun starts the workers itself
+        return True
     try:
         with open('/proc/%s/status' % pid) as f:
             for line in f:

@@ -116,6 +116,8 @@ def test_a_sigterm_blocked_at_the_launcher_is_seen_by_its_workers(monkeypatch):
     try:
         assert launcher.stdout.readline().strip() == b'ready'
         monkeypatch.setenv(distributed.LAUNCHER_PID, str(launcher.pid))
+        assert distributed.launcher_cancelled(), 'not our parent: a launcher gone'
+        monkeypatch.setattr(os, 'getppid', lambda: launcher.pid)  # as in a worker
         assert not distributed.launcher_cancelled()
         launcher.send_signal(signal.SIGTERM)
         deadline = time.time() + 10
