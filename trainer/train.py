@@ -53,7 +53,10 @@ class TrainConfig:
     # Random batches, as plain Trainer: length-grouped ones weigh short examples' tokens more and
     # cost final loss on the benchmark; packing removes the padding that grouping would save.
     group_by_length: bool = field(default=False, metadata={'help': 'batch similar lengths (padded batches)'})
-    packing: bool = field(default=True, metadata={'help': 'padding-free batches (examples end to end)'})
+    # Packing's per-example attention pays on a CPU; on CUDA padded batches were 3.5x faster
+    # (H100, SmolLM2-135M LoRA: 5847 vs 1647 tokens/s, same loss), so the default follows the device.
+    packing: bool = field(default=None, metadata={'help': 'padding-free batches (examples end to end); '
+                                                          'default: on CPU, off on CUDA'})
     merge_adapter: bool = field(default=False, metadata={'help': 'also save base + adapter merged'})
     resume: bool = field(default=False, metadata={'help': 'continue from the last checkpoint'})
 
@@ -284,6 +287,8 @@ def train(folder, config):
 
     check_technique(config)
     cuda = torch.cuda.is_available()
+    if config.packing is None:
+        config.packing = not cuda
     processes = distributed.world_size()
     per_process_batch = distributed.per_process_batch(config.batch_size or 4, processes)
     if cuda and processes > torch.cuda.device_count():  # NCCL refuses two processes on one GPU
