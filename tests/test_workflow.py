@@ -266,3 +266,22 @@ class TestEngine(TrainingCase):
         self.assertEqual(sorted(set(jobs.mapped('state'))), ['queued'])
         self.assertEqual(len(jobs.filtered('external_job_id')), 1)
         self.assertTrue(all(jobs.mapped('last_synced_at')), 'every job was visited')
+
+    def test_a_job_read_ahead_then_changed_elsewhere_is_read_again_at_its_claim(self):
+        engine = self.env['llm.training.engine']
+        job = self.make_job(provider=self.env['llm.provider'].create(
+            {'name': 'Holding', 'service': 'test', 'test_behavior': 'hold'}))
+        job.action_submit()
+        self.run_cron(2)
+        self.assertEqual((job.state, job.cancel_requested), ('training', False))
+        seen = engine._read_ahead([job.id])
+        self.assertTrue(job._cache.has_value('cancel_requested'))
+        # unchanged since the read: the claim keeps what was read (no second query for it)
+        self.assertTrue(engine._claim(job.id, seen=seen[job.id]))
+        self.assertTrue(job._cache.has_value('cancel_requested'))
+        # another worker's write (its own transaction, so its own time) after the read-ahead
+        self.env.cr.execute("UPDATE llm_training_job SET cancel_requested = true, write_date = clock_timestamp() "
+                            "AT TIME ZONE 'UTC' WHERE id = %s", (job.id,))
+        self.assertFalse(job.cancel_requested, 'the cache still holds what was read ahead')
+        self.assertTrue(engine._claim(job.id, seen=seen[job.id]))
+        self.assertTrue(job.cancel_requested, 'the claim dropped the stale read')
