@@ -139,7 +139,9 @@ class TemplateCounter(object):
                     owned.append((i, new.setdefault(piece, len(new))))
             counts.append(total)
         if new:
-            lengths = [len(e.ids) for e in self.tokenizer.encode_batch(list(new), add_special_tokens=False)]
+            # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use
+            encode = getattr(self.tokenizer, 'encode_batch_fast', self.tokenizer.encode_batch)
+            lengths = [len(e.ids) for e in encode(list(new), add_special_tokens=False)]
             for i, position in owned:
                 counts[i] += lengths[position]
             for text, position in new.items():

@@ -47,14 +47,17 @@ class RayHead(object):
         raise RuntimeError('the Ray head did not serve %s within %d s' % (self.url, timeout))
 
     def processes(self):
-        mine = []
+        """The head's processes: those with our marker, and their descendants (Ray's agents
+        rewrite their process title over their environment, so the marker is lost there)."""
+        mine = set()
         for process in psutil.process_iter():
             try:
                 if process.environ().get(MARKER) == self.tmp:
-                    mine.append(process)
+                    mine.add(process)
+                    mine.update(process.children(recursive=True))
             except psutil.Error:
                 continue
-        return mine
+        return list(mine)
 
     def kill(self):
         """The head machine dies: every process of it, the jobs it runs too, at once."""
