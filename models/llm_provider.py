@@ -7,7 +7,7 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
-from ..lib import openai_jobs, providers
+from ..lib import job_status, openai_jobs, providers
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..lib.providers.base import CAPABILITIES
 
@@ -60,6 +60,11 @@ class LlmProvider(models.Model):
     request_timeout = fields.Integer(default=60, help='Seconds before any call to the service gives up.')
     max_concurrent_jobs = fields.Integer(default=1, help='Jobs running at once on this provider; '
                                                          'extra jobs wait in Queued. 0 means no limit.')
+    monthly_budget = fields.Float(digits=(16, 2), help='USD its jobs may cost in a calendar month (0: no budget). '
+                                                       'The job wizard warns before a job would go over it.')
+    month_cost = fields.Float(compute='_compute_month_cost', digits=(16, 2), string='Cost this month',
+                              help='Final cost of the jobs finished this month plus the estimated cost of the '
+                                   'active ones (USD).')
     # What the service can do, declared by its adapter's `capabilities`: views and the engine read
     # these instead of comparing service names.
     can_resume = fields.Boolean(compute='_compute_capabilities', help='Restarts a job from its last checkpoint.')
@@ -88,6 +93,20 @@ class LlmProvider(models.Model):
             for name in CAPABILITIES:
                 provider[name] = bool(capabilities.get(name))
             provider.techniques = ','.join(capabilities.get('techniques') or ())
+
+    @api.depends('job_ids.state', 'job_ids.final_cost', 'job_ids.finished_at')
+    def _compute_month_cost(self):
+        # with the reader's own rights: record rules keep other companies' jobs out
+        month_start = fields.Date.to_string(fields.Date.from_string(fields.Date.context_today(self)).replace(day=1))
+        Job = self.env['llm.training.job']
+        for provider in self:
+            if not provider.id:
+                provider.month_cost = 0.0
+                continue
+            finished = Job.search([('provider_id', '=', provider.id), ('state', 'in', job_status.FINAL_STATES),
+                                   ('finished_at', '>=', month_start)])
+            active = Job.search([('provider_id', '=', provider.id), ('state', 'in', job_status.ACTIVE_STATES)])
+            provider.month_cost = sum(finished.mapped('final_cost')) + sum(active.mapped('estimated_cost'))
 
     @api.depends()
     def _compute_api_key(self):
