@@ -2,9 +2,13 @@
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
+MODEL_STATES = [('draft', 'Draft'), ('deployed', 'Deployed'), ('archived', 'Archived')]
+
 
 class LlmModel(models.Model):
-    """The model registry: base models a provider offers and the models fine-tuning produced."""
+    """The model registry: base models a provider offers and the models fine-tuning produced.
+    A model is deployed for a purpose (e.g. "support"): other addons ask `get_deployed(purpose)`
+    for the one to use, so a new version goes live by deploying it, without touching them."""
     _name = 'llm.model'
     _description = 'LLM Model'
     _order = 'provider_id, name'
@@ -24,6 +28,14 @@ class LlmModel(models.Model):
     context_length = fields.Integer(default=8192, help='Longest example, in tokens, the model accepts.')
     training_price = fields.Float(digits=(16, 6), help='Training cost per 1M tokens, in USD.')
     description = fields.Text()
+    # -- lifecycle (written by the buttons) ------------------------------------------------------
+    state = fields.Selection(MODEL_STATES, default='draft', required=True, readonly=True, index=True, copy=False)
+    purpose = fields.Char(index=True, help='What the model is for (e.g. "support"); other addons ask for the '
+                                           'deployed model of a purpose.')
+    version = fields.Integer(default=1, readonly=True, copy=False,
+                             help='Fine-tunes of the same base model with the same suffix are numbered 1, 2, ...')
+    suffix = fields.Char(readonly=True, copy=False, help='The producing job\'s suffix: with the base model, the '
+                                                         'line of versions this model belongs to.')
     test_prompt = fields.Text(help='A message to send to the model from the Test button.')
     test_reply = fields.Text(readonly=True)
     test_base_reply = fields.Text(readonly=True, help='What the base model answers, to compare.')
@@ -33,12 +45,15 @@ class LlmModel(models.Model):
          'A model with this technical id already exists for this provider.'),
     ]
 
+    def _check_write_access(self):
+        self.check_access_rights('write')
+        self.check_access_rule('write')
+
     @api.multi
     def action_test_model(self):
         """Answer `test_prompt` with this model and, for a fine-tuned one, with its base model."""
         self.ensure_one()
-        self.check_access_rights('write')  # the answers are written on the model: check before generating
-        self.check_access_rule('write')
+        self._check_write_access()  # the answers are written on the model: check before generating
         if not (self.test_prompt or '').strip():
             raise UserError(_('Write a prompt to test the model with.'))
         values = {'test_reply': self.provider_id._call_adapter('generate', self.model_ref, self.test_prompt)}
@@ -47,3 +62,57 @@ class LlmModel(models.Model):
                 'generate', self.base_model_id.model_ref, self.test_prompt)
         self.write(values)
         return True
+
+    @api.multi
+    def action_deploy(self):
+        """Make each model the company's deployed model for its purpose; the one deployed before for
+        that purpose goes back to draft (one deployed model per purpose and company)."""
+        self._check_write_access()
+        for model in self:
+            if not (model.purpose or '').strip():
+                raise UserError(_('Model "%s" has no purpose: set one (e.g. "support") before deploying it, so '
+                                  'that other addons can ask for it.') % model.name)
+            if model.state == 'archived':
+                raise UserError(_('Model "%s" is archived; restore it before deploying it.') % model.name)
+            previous = self.search([('state', '=', 'deployed'), ('purpose', '=', model.purpose),
+                                    ('company_id', '=', model.company_id.id), ('id', '!=', model.id)])
+            previous.write({'state': 'draft'})
+            model.write({'state': 'deployed'})
+        return True
+
+    @api.multi
+    def action_archive_model(self):
+        """Retire the model: archived, and no longer deployed nor offered in lists."""
+        self._check_write_access()
+        self.write({'state': 'archived', 'active': False})
+        return True
+
+    @api.multi
+    def action_restore_model(self):
+        self._check_write_access()
+        self.write({'state': 'draft', 'active': True})
+        return True
+
+    @api.model
+    @api.returns('self', lambda value: value.id or False)
+    def get_deployed(self, purpose):
+        """The model deployed for `purpose` in the user's company (one deployed for no company
+        serves every company that has none of its own), or an empty recordset.
+
+        ORM: ``env['llm.model'].get_deployed('support')``; over XML-RPC it returns the model's id,
+        or False: ``execute_kw(db, uid, pw, 'llm.model', 'get_deployed', ['support'])``."""
+        company = self.env.user.company_id
+        models = self.search([('state', '=', 'deployed'), ('purpose', '=', purpose),
+                              '|', ('company_id', '=', company.id), ('company_id', '=', False)])
+        # the company's own first
+        return models.filtered(lambda m: m.company_id == company)[:1] or models[:1]
+
+    def _next_version(self, base_model, suffix, job):
+        """The version of a model `job` produces: the one its earlier results of this line have
+        (a checkpoint and the final model are one version), else one more than the line's last."""
+        line = self.with_context(active_test=False).search([
+            ('kind', '=', 'fine_tuned'), ('base_model_id', '=', base_model.id), ('suffix', '=', suffix or False)])
+        same_job = line.filtered(lambda m: m.job_id == job)
+        if same_job:
+            return same_job[0].version
+        return max(line.mapped('version') or [0]) + 1
