@@ -4,9 +4,10 @@ import logging
 import os
 
 from odoo import _, api, fields, models, tools
+from odoo.tools import html_escape
 from odoo.exceptions import UserError, ValidationError
 
-from ..lib import job_status, openai_jobs
+from ..lib import job_status, job_summary, openai_jobs
 from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
@@ -48,7 +49,7 @@ def _now():
 class LlmTrainingJob(models.Model):
     _name = 'llm.training.job'
     _description = 'LLM Training Job'
-    _inherit = ['mail.thread']
+    _inherit = ['mail.thread', 'mail.activity.mixin']
     _order = 'id desc'
 
     def _default_provider(self):
@@ -142,12 +143,35 @@ class LlmTrainingJob(models.Model):
     event_ids = fields.One2many('llm.training.job.event', 'job_id', string='Events', readonly=True, prefetch=False)
     metric_ids = fields.One2many('llm.training.job.metric', 'job_id', string='Metrics', readonly=True, prefetch=False)
     log = fields.Text(readonly=True, copy=False, prefetch=False, help='Tail of the trainer or provider log.')
+    log_text = fields.Text(compute='_compute_log_text', string='Log',
+                           help='The events, oldest first, then the trainer log without library warnings.')
+    # The last measured losses; Odoo 11 reads an unmeasured (NULL) float as 0.0, so the has_*
+    # flags say whether there is a value at all (the form hides the figure otherwise).
+    final_train_loss = fields.Float(compute='_compute_final_metrics', digits=(16, 5))
+    final_valid_loss = fields.Float(compute='_compute_final_metrics', digits=(16, 5))
+    has_final_train_loss = fields.Boolean(compute='_compute_final_metrics')
+    has_final_valid_loss = fields.Boolean(compute='_compute_final_metrics')
     work_dir = fields.Char(compute='_compute_work_dir', help='Folder holding the prepared data.')
 
     @api.depends('attempt')
     def _compute_job_key(self):
         for job in self:
             job.job_key = 'llm-training-%s-%d-%d' % (self.env.cr.dbname, job.id, job.attempt) if job.id else False
+
+    @api.depends('metric_ids.train_loss', 'metric_ids.valid_loss')
+    def _compute_final_metrics(self):
+        for job in self:
+            values = job._final_losses()
+            job.final_train_loss = values['train_loss'] or 0.0
+            job.final_valid_loss = values['valid_loss'] or 0.0
+            job.has_final_train_loss = values['train_loss'] is not None
+            job.has_final_valid_loss = values['valid_loss'] is not None
+
+    @api.depends('event_ids', 'log')
+    def _compute_log_text(self):
+        for job in self:
+            events = [(event.event_time, event.level, event.message) for event in job.event_ids.sorted('id')]
+            job.log_text = job_summary.readable_log(events, job.log)
 
     @api.depends('provider_id.storage_path')
     def _compute_work_dir(self):
@@ -215,7 +239,11 @@ class LlmTrainingJob(models.Model):
 
     @api.model
     def create(self, vals):
-        return super(LlmTrainingJob, self).create(self._split_hyperparameters(vals))
+        job = super(LlmTrainingJob, self).create(self._split_hyperparameters(vals))
+        # The creator follows the job, so its summary at the end reaches them (explicit: mail's own
+        # subscription is skipped under tracking_disable, which RPC clients and imports use).
+        job.message_subscribe(partner_ids=(self.env.user.partner_id | job.user_id.partner_id).ids)
+        return job
 
     @api.multi
     def write(self, vals):
@@ -304,11 +332,66 @@ class LlmTrainingJob(models.Model):
         # super().write: the setup lock in write() is for people, not for the workflow.
         super(LlmTrainingJob, self).write(values)
         self._add_event('State: %s' % dict(STATES)[new_state])
+        if new_state in job_status.FINAL_STATES:
+            self._notify_finished()
 
     def _set_failed(self, message):
         self.ensure_one()
         _logger.warning('Training job %s failed: %s', self.id, message)
         self._change_state('failed', error_message=message)
+
+    # -- notifications -------------------------------------------------------------------------
+    def _final_losses(self):
+        """{'train_loss', 'valid_loss'}: the last measured value of each (None: never measured)."""
+        self.ensure_one()
+        values = {'train_loss': None, 'valid_loss': None}
+        if self.id:
+            metrics = self.env['llm.training.job.metric'].search([('job_id', '=', self.id)], order='step desc')
+            for name in values:
+                measured = metrics.filtered('has_' + name)[:1]
+                if measured:
+                    values[name] = measured[name]
+        return values
+
+    def _seconds_between(self, start, end):
+        if not (start and end):
+            return None
+        return (fields.Datetime.from_string(end) - fields.Datetime.from_string(start)).total_seconds()
+
+    def _notify_finished(self):
+        """Tell the followers how the job ended (a chatter summary); on a failure, give the owner
+        a To Do saying why and what to do next."""
+        self.ensure_one()
+        losses = self._final_losses()
+        priced = bool(self.base_model_id.training_price)
+        title, rows = job_summary.summary_lines(
+            self.state, duration=self._seconds_between(self.submitted_at, self.finished_at),
+            trained_tokens=self.trained_tokens, train_loss=losses['train_loss'], valid_loss=losses['valid_loss'],
+            cost=self.final_cost if priced else None,
+            compute_seconds=self._seconds_between(self.started_at, self.finished_at),
+            result_model=self.result_model_id.display_name, error=self.error_message if self.state == 'failed' else None)
+        body = '<p><strong>%s</strong></p><ul>%s</ul>' % (html_escape(title), ''.join(
+            '<li>%s: %s</li>' % (html_escape(label), html_escape(value)) for label, value in rows))
+        # e-mails to followers go through the mail queue's cron: no SMTP call inside the engine's pass
+        self.with_context(mail_notify_force_send=False).message_post(
+            body=body, subject=title, subtype='mail.mt_comment', message_type='notification')
+        if self.state == 'failed':
+            self._schedule_failure_activity()
+
+    def _schedule_failure_activity(self):
+        owner = self.user_id or self.create_uid
+        if self.provider_can_resume:
+            todo = _('Resume it from its last checkpoint once the cause is fixed, or fix the setup, Reset to Draft '
+                     'and Submit again.')
+        else:
+            todo = _('Fix the cause (datasets, settings or provider), then Reset to Draft and Submit again.')
+        self.env['mail.activity'].create({
+            'res_model_id': self.env['ir.model']._get(self._name).id, 'res_id': self.id,
+            'activity_type_id': self.env.ref('mail.mail_activity_data_todo').id,
+            'user_id': owner.id, 'summary': _('Training job "%s" failed') % self.name,
+            'note': '<p>%s</p><p>%s</p>' % (html_escape(self.error_message or _('No reason was given.')),
+                                            html_escape(todo)),
+        })
 
     # -- helpers -------------------------------------------------------------------------------
     def _get_hyperparameters(self):
@@ -421,6 +504,9 @@ class LlmTrainingJob(models.Model):
         if model:
             model.write(values)
         else:
+            # a new model of this base and suffix: the next version of that line
+            values.update(suffix=self.suffix or False,
+                          version=Model._next_version(self.base_model_id, self.suffix, self))
             model = Model.create(values)
         return model
 

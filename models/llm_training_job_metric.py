@@ -3,6 +3,7 @@ from odoo import api, fields, models
 
 METRIC_FIELDS = ('epoch', 'train_loss', 'valid_loss', 'valid_token_accuracy', 'learning_rate',
                  'tokens_per_second')
+MEASURED_FLAGS = ('train_loss', 'valid_loss', 'valid_token_accuracy')  # each with a has_<name> field
 
 
 class LlmTrainingJobMetric(models.Model):
@@ -22,6 +23,12 @@ class LlmTrainingJobMetric(models.Model):
     valid_token_accuracy = fields.Float(digits=(16, 5))
     learning_rate = fields.Float(digits=(16, 10))
     tokens_per_second = fields.Float(digits=(16, 1))
+    # Odoo 11 reads an unmeasured (NULL) float as 0.0: these say whether a value was measured at
+    # all, so views show blank instead of a loss of 0.00 (a train log and an eval log fill
+    # different ones of the same step).
+    has_train_loss = fields.Boolean(readonly=True)
+    has_valid_loss = fields.Boolean(readonly=True)
+    has_valid_token_accuracy = fields.Boolean(readonly=True)
 
     _sql_constraints = [
         ('job_step_unique', 'unique(job_id, step)', 'One metrics record per job and step.'),
@@ -36,6 +43,7 @@ class LlmTrainingJobMetric(models.Model):
                                                     ('step', 'in', [m['step'] for m in metrics])])}
         for metric in metrics:
             values = {k: metric[k] for k in METRIC_FIELDS if metric.get(k) is not None}
+            values.update({'has_' + k: True for k in MEASURED_FLAGS if k in values})
             record = existing.get(metric['step'])
             if record:
                 changed = {k: v for k, v in values.items() if record[k] != v}

@@ -1,0 +1,73 @@
+"""Texts about a finished job: the chatter summary and the readable Log tab (plain functions,
+tested alone in tests/test_notifications.py)."""
+import re
+
+
+def format_duration(seconds):
+    """'2 h 05 min', '12 min', '45 s'."""
+    seconds = int(round(seconds or 0))
+    if seconds < 60:
+        return '%d s' % seconds
+    minutes = seconds // 60
+    if minutes < 60:
+        return '%d min' % minutes
+    return '%d h %02d min' % (minutes // 60, minutes % 60)
+
+
+TITLES = {'completed': 'Training completed', 'failed': 'Training failed', 'cancelled': 'Training cancelled'}
+
+# Python's warnings module writes "path.py:LINE: SomethingWarning: text" then the source line,
+# indented: library noise (FutureWarning, UserWarning...) the person cannot act on.
+_WARNING_LINE = re.compile(r'^\S.*:\d+: \w*Warning: ')
+_LEVEL_WIDTH = 7
+
+
+def summary_lines(state, duration=None, trained_tokens=0, train_loss=None, valid_loss=None, cost=None,
+                  compute_seconds=None, result_model=None, error=None):
+    """(title, [(label, value)]) of a job that reached `state`. Unmeasured values (None) show
+    blank; cost when the provider bills (priced), compute time otherwise."""
+    blank = lambda value, fmt='%s': '' if value is None else fmt % value  # noqa: E731
+    rows = [('Duration', blank(duration is not None and format_duration(duration) or None)),
+            ('Trained tokens', blank(trained_tokens or None, '%d')),
+            ('Final train loss', blank(train_loss, '%.4f')),
+            ('Final valid loss', blank(valid_loss, '%.4f'))]
+    if cost is not None:
+        rows.append(('Cost', '%.2f USD' % cost))
+    else:
+        rows.append(('Compute time', blank(compute_seconds is not None and format_duration(compute_seconds) or None)))
+    rows.append(('Result model', result_model or ''))
+    if error:
+        rows.append(('Reason', error))
+    return TITLES[state], rows
+
+
+def clean_log(text):
+    """The trainer's log tail without Python library warnings (the warning line and the source
+    line the warnings module prints under it)."""
+    kept, skip_source = [], False
+    for line in (text or '').splitlines():
+        if _WARNING_LINE.match(line):
+            skip_source = True
+            continue
+        if skip_source and line.startswith((' ', '\t')):
+            continue
+        skip_source = False
+        kept.append(line)
+    return '\n'.join(kept)
+
+
+def readable_log(events, log_tail=''):
+    """The Log tab: one line per event, oldest first ("time  LEVEL  message"; continuation
+    lines of a message indented under it), then the cleaned trainer log tail.
+
+    events: [(time text, level, message)] in any order."""
+    lines = []
+    for time_text, level, message in sorted(events, key=lambda e: e[0] or ''):
+        parts = (message or '').splitlines() or ['']
+        lines.append('%s  %s  %s' % (time_text, (level or 'info').upper().ljust(_LEVEL_WIDTH), parts[0]))
+        indent = ' ' * (len(time_text or '') + _LEVEL_WIDTH + 4)
+        lines.extend(indent + part for part in parts[1:])
+    tail = clean_log(log_tail)
+    if tail.strip():
+        lines += ['', '--- trainer log (last lines) ---', tail]
+    return '\n'.join(lines)
