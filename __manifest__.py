@@ -20,6 +20,7 @@
         'views/llm_training_dataset_views.xml',
         'views/llm_training_job_views.xml',
         'wizards/llm_training_job_wizard_views.xml',
+        'wizards/llm_model_compare_wizard_views.xml',
         'views/llm_training_menus.xml',
     ],
     'demo': [

@@ -1,1 +1,2 @@
 from . import llm_training_job_wizard
+from . import llm_model_compare_wizard
