@@ -19,6 +19,7 @@
         'views/llm_model_views.xml',
         'views/llm_training_dataset_views.xml',
         'views/llm_training_job_views.xml',
+        'wizards/llm_training_dataset_import_wizard_views.xml',
         'views/llm_training_menus.xml',
     ],
     'demo': [

@@ -1,0 +1,1 @@
+from . import llm_training_dataset_import_wizard
