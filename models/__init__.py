@@ -7,3 +7,4 @@ from . import llm_training_job_event
 from . import llm_training_job_metric
 from . import llm_training_job
 from . import llm_training_engine
+from . import llm_training_schedule

@@ -138,6 +138,8 @@ class LlmTrainingJob(models.Model):
     next_attempt_at = fields.Datetime(readonly=True, copy=False)
     error_message = fields.Text(readonly=True, copy=False)
     result_model_id = fields.Many2one('llm.model', string='Result Model', readonly=True, copy=False)
+    schedule_id = fields.Many2one('llm.training.schedule', string='Schedule', readonly=True, copy=False,
+                                  index=True, ondelete='set null', help='The scheduled retraining that created this job.')
     # Not prefetched: reading a job's state on every engine visit must not also load its
     # thousands of events and metrics, nor the log's text.
     event_ids = fields.One2many('llm.training.job.event', 'job_id', string='Events', readonly=True, prefetch=False)

@@ -1,0 +1,171 @@
+# -*- coding: utf-8 -*-
+import logging
+import threading
+
+import psycopg2
+from dateutil.relativedelta import relativedelta
+
+from odoo import _, api, fields, models
+from odoo.exceptions import ValidationError
+from odoo.tools import html_escape
+
+from ..lib.conversations import SOURCES
+
+_logger = logging.getLogger(__name__)
+
+INTERVAL_TYPES = [('days', 'Days'), ('weeks', 'Weeks'), ('months', 'Months')]
+CRON_BATCH = 50  # due schedules per cron run; the rest wait for the next one
+
+
+def _now():
+    return fields.Datetime.now()
+
+
+class LlmTrainingSchedule(models.Model):
+    """Retrain on new conversations at regular intervals: each run builds a dataset from the
+    conversations since the previous job (through the import wizard), copies the template job onto
+    it and submits it. Runs with the owner's rights (user_id), so it reads only what the owner may.
+
+    TODO (keep_models): archive the oldest fine-tuned models beyond keep_models once llm.model has
+    its lifecycle fields (state, version); another branch adds them, this one must not.
+    """
+    _name = 'llm.training.schedule'
+    _description = 'LLM Training Schedule'
+    _inherit = ['mail.thread']
+    _order = 'next_run, id'
+
+    name = fields.Char(required=True, track_visibility='onchange')
+    active = fields.Boolean(default=True, track_visibility='onchange')
+    company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
+    user_id = fields.Many2one('res.users', string='Owner', required=True, default=lambda self: self.env.user,
+                              track_visibility='onchange',
+                              help='Runs with this user\'s rights and owns the jobs it creates.')
+    template_job_id = fields.Many2one('llm.training.job', string='Template Job', required=True, ondelete='restrict',
+                                      help='Provider, base model and settings are copied from this job.')
+    # what to read: the same fields as the import wizard
+    source = fields.Selection(SOURCES, required=True, default='channel')
+    channel_ids = fields.Many2many('mail.channel', 'llm_training_schedule_channel_rel', 'schedule_id', 'channel_id',
+                                   string='Channels')
+    res_model = fields.Char(string='Model', help='Technical name of a model with a chatter, e.g. res.partner.')
+    assistant_partner_ids = fields.Many2many('res.partner', 'llm_training_schedule_assistant_rel', 'schedule_id',
+                                             'partner_id', string='Assistant',
+                                             help="Whose messages are the assistant's; everyone else's are the user's.")
+    system_prompt = fields.Text()
+    gap_minutes = fields.Integer(string='Gap (minutes)', default=60)
+    min_turns = fields.Integer(string='Minimum turns', default=2)
+    max_examples = fields.Integer(help='0: all.')
+    scrub_pii = fields.Boolean(string='Scrub personal data', default=True)
+    # when
+    interval_number = fields.Integer(string='Every', default=1, required=True)
+    interval_type = fields.Selection(INTERVAL_TYPES, default='weeks', required=True)
+    next_run = fields.Datetime(required=True, default=fields.Datetime.now, track_visibility='onchange')
+    min_new_examples = fields.Integer(default=10, help='A run with fewer new examples creates nothing and '
+                                                       'leaves them for the next run (a dataset needs 10).')
+    keep_models = fields.Integer(default=3, help='Fine-tuned versions kept before the oldest are archived '
+                                                 '(not applied yet: needs the model lifecycle fields).')
+    last_run = fields.Datetime(readonly=True, copy=False,
+                               help='Conversations up to this moment went into the last job; the next run '
+                                    'reads only what came after.')
+    last_job_id = fields.Many2one('llm.training.job', string='Last Job', readonly=True, copy=False)
+    job_ids = fields.One2many('llm.training.job', 'schedule_id', string='Jobs', readonly=True)
+
+    @api.constrains('source', 'res_model')
+    def _check_res_model(self):
+        for schedule in self.filtered(lambda s: s.source == 'chatter'):
+            if not schedule.res_model:
+                raise ValidationError(_('Schedule "%s": give the technical name of the model whose chatter '
+                                        'to read, e.g. res.partner.') % schedule.name)
+            self.env['llm.training.dataset.import.wizard'].new({'res_model': schedule.res_model})._chatter_model()
+
+    @api.constrains('interval_number', 'min_new_examples', 'keep_models', 'gap_minutes')
+    def _check_numbers(self):
+        for schedule in self:
+            if schedule.interval_number < 1:
+                raise ValidationError(_('Schedule "%s": "Every" must be at least 1.') % schedule.name)
+            if schedule.gap_minutes <= 0:
+                raise ValidationError(_('Schedule "%s": Gap (minutes) must be above 0.') % schedule.name)
+            if schedule.min_new_examples < 0 or schedule.keep_models < 0:
+                raise ValidationError(_('Schedule "%s": min new examples and keep models cannot be negative.')
+                                      % schedule.name)
+
+    # -- buttons ---------------------------------------------------------------------------------
+    @api.multi
+    def action_run_now(self):
+        """One run at once (next_run stays as it is)."""
+        self.check_access_rights('write')
+        self.check_access_rule('write')
+        for schedule in self:
+            schedule._run(_now())
+        return True
+
+    # -- cron ------------------------------------------------------------------------------------
+    @api.model
+    def _cron_run_schedules(self):
+        now = _now()
+        for schedule in self.search([('next_run', '<=', now)], limit=CRON_BATCH):
+            try:
+                with self.env.cr.savepoint():  # a failed run leaves no half-made dataset or job
+                    schedule._run(now)
+            except (psycopg2.Error, MemoryError):
+                raise
+            except Exception as e:
+                _logger.exception('Training schedule %s failed', schedule.id)
+                schedule._note(_('Run failed: %s') % html_escape(getattr(e, 'name', None) or str(e)))
+            schedule.next_run = schedule._next_run_after(now)
+            if not getattr(threading.currentThread(), 'testing', False):
+                self.env.cr.commit()  # this schedule's run is done and noted; a later failure cannot undo it
+        return True
+
+    # -- business ----------------------------------------------------------------------------------
+    def _next_run_after(self, now):
+        """next_run moved on by whole intervals until it is after now (missed runs are not caught up)."""
+        step = relativedelta(**{self.interval_type: self.interval_number})
+        moment = fields.Datetime.from_string(self.next_run)
+        limit = fields.Datetime.from_string(now)
+        while moment <= limit:
+            moment += step
+        return fields.Datetime.to_string(moment)
+
+    def _note(self, body):
+        """An internal note in the schedule's chatter."""
+        self.message_post(body=body, message_type='comment', subtype='mail.mt_note')
+
+    def _wizard_values(self, now):
+        # The chosen channels as configured (sudo reads the ids only): the wizard then reads, with
+        # the owner's rights, only the readable ones and reports the others as left out.
+        return {
+            'source': self.source, 'channel_ids': [(6, 0, self.sudo().channel_ids.ids)], 'res_model': self.res_model,
+            'date_from': self.last_run or False, 'date_to': now,
+            'assistant_partner_ids': [(6, 0, self.assistant_partner_ids.ids)],
+            'system_prompt': self.system_prompt, 'gap_minutes': self.gap_minutes, 'min_turns': self.min_turns,
+            'max_examples': self.max_examples, 'scrub_pii': self.scrub_pii,
+            'name': '%s %s' % (self.name, now),
+        }
+
+    def _run(self, now):
+        """Build a dataset from the conversations since the last job and submit a copy of the
+        template on it, as the owner. Returns the job, or False when there were too few examples."""
+        self.ensure_one()
+        owner = self.sudo(self.user_id)  # the owner's rights: their messages, datasets and jobs only
+        wizard = owner.env['llm.training.dataset.import.wizard'].create(owner._wizard_values(now))
+        result = wizard._build()
+        since = _('since %s') % self.last_run if self.last_run else _('so far')
+        if len(result.examples) < self.min_new_examples:
+            owner._note(_('Skipped: %d new examples %s, fewer than the %d needed (Min new examples); they wait '
+                          'for the next run.<br/>%s') % (len(result.examples), since, self.min_new_examples,
+                                                         wizard._summary(result).replace('\n', '<br/>')))
+            return False
+        dataset = wizard._create_dataset(result)
+        if dataset.state != 'valid':
+            owner._note(_('Dataset "%s" is not valid, so no job was created; see its validation report.')
+                        % html_escape(dataset.name))
+            return False
+        job = owner.template_job_id.copy({
+            'name': '%s %s' % (self.name, now[:10]), 'dataset_ids': [(6, 0, dataset.ids)],
+            'user_id': self.user_id.id, 'schedule_id': self.id,
+        })
+        job.action_submit()
+        owner.write({'last_run': now, 'last_job_id': job.id})
+        owner._note(_('Submitted job "%s" on dataset "%s": %d examples %s.')
+                    % (html_escape(job.name), html_escape(dataset.name), len(result.examples), since))
+        return job
