@@ -25,9 +25,8 @@ class LlmTrainingSchedule(models.Model):
     """Retrain on new conversations at regular intervals: each run builds a dataset from the
     conversations since the previous job (through the import wizard), copies the template job onto
     it and submits it. Runs with the owner's rights (user_id), so it reads only what the owner may.
-
-    TODO (keep_models): archive the oldest fine-tuned models beyond keep_models once llm.model has
-    its lifecycle fields (state, version); another branch adds them, this one must not.
+    Each run also archives this schedule's fine-tuned models beyond the newest `keep_models` that
+    are neither deployed nor archived.
     """
     _name = 'llm.training.schedule'
     _description = 'LLM Training Schedule'
@@ -126,6 +125,18 @@ class LlmTrainingSchedule(models.Model):
             moment += step
         return fields.Datetime.to_string(moment)
 
+    def _archive_old_models(self):
+        """Archive this schedule's draft fine-tuned models beyond the newest keep_models (0: keep all)."""
+        if not self.keep_models:
+            return
+        drafts = self.env['llm.model'].search([('job_id.schedule_id', '=', self.id), ('kind', '=', 'fine_tuned'),
+                                               ('state', '=', 'draft')], order='version desc, id desc')
+        old = drafts[self.keep_models:]
+        if old:
+            old.action_archive_model()
+            self._note(_('Archived %d older model(s), keeping the newest %d: %s')
+                       % (len(old), self.keep_models, html_escape(', '.join(old.mapped('name')))))
+
     def _note(self, body):
         """An internal note in the schedule's chatter."""
         self.message_post(body=body, message_type='comment', subtype='mail.mt_note')
@@ -166,6 +177,7 @@ class LlmTrainingSchedule(models.Model):
         })
         job.action_submit()
         owner.write({'last_run': now, 'last_job_id': job.id})
+        owner._archive_old_models()
         owner._note(_('Submitted job "%s" on dataset "%s": %d examples %s.')
                     % (html_escape(job.name), html_escape(dataset.name), len(result.examples), since))
         return job

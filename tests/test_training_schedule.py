@@ -119,3 +119,19 @@ class TestTrainingSchedule(TrainingCase, ConversationCase):
         self.assertTrue(schedule.sudo(self.manager).action_run_now())
         self.assertEqual(len(schedule.job_ids), 1)
         self.assertEqual(schedule.next_run, '2020-03-09 00:00:00', 'Run Now leaves the next run as it is')
+
+    def test_a_run_archives_the_draft_models_beyond_keep_models(self):
+        schedule = self.make_schedule(keep_models=2)
+        Model = self.env['llm.model']
+        made = Model.browse()
+        for version in (1, 2, 3, 4):
+            job = self.template.copy({'name': 'run %d' % version, 'schedule_id': schedule.id})
+            made |= Model.create({'name': 'support v%d' % version, 'provider_id': self.provider.id, 'kind': 'fine_tuned',
+                                  'model_ref': 'support-v%d' % version, 'job_id': job.id, 'version': version})
+        made[3].write({'purpose': 'support'})
+        made[3].action_deploy()  # deployed: never archived by the schedule
+        schedule.sudo(self.manager)._archive_old_models()
+        self.assertEqual([m.state for m in made.with_context(active_test=False)],
+                         ['archived', 'draft', 'draft', 'deployed'])
+        self.assertFalse(made[0].active)
+        self.assertIn('Archived 1 older model(s), keeping the newest 2', ' '.join(self.notes(schedule)))
