@@ -19,6 +19,7 @@
         'views/llm_provider_views.xml',
         'views/llm_model_views.xml',
         'views/llm_training_dataset_views.xml',
+        'views/llm_training_job_metric_views.xml',
         'views/llm_training_job_views.xml',
         'wizards/llm_training_job_wizard_views.xml',
         'wizards/llm_model_compare_wizard_views.xml',

@@ -513,6 +513,15 @@ class LlmTrainingJob(models.Model):
         return model
 
     @api.multi
+    def action_open_loss_curve(self):
+        """The job's metrics as a line graph per step (and a pivot), measured steps only."""
+        self.ensure_one()
+        action = self.env.ref('llm_training.llm_training_job_metric_action').read()[0]
+        action.update(domain=[('job_id', '=', self.id)], name=_('Loss Curve: %s') % self.name,
+                      context={'search_default_train_measured': 1})
+        return action
+
+    @api.multi
     def action_register_checkpoints(self):
         """Register the intermediate checkpoints the provider kept (OpenAI keeps the last few) as models."""
         self._check_write_access()

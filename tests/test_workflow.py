@@ -285,3 +285,20 @@ class TestEngine(TrainingCase):
         self.assertFalse(job.cancel_requested, 'the cache still holds what was read ahead')
         self.assertTrue(engine._claim(job.id, seen=seen[job.id]))
         self.assertTrue(job.cancel_requested, 'the claim dropped the stale read')
+
+    def test_loss_curve_opens_the_job_measured_losses_by_step(self):
+        job = self.make_job()
+        job.action_submit()
+        self.run_cron(3)
+        self.assertEqual(job.state, 'completed')
+        action = job.action_open_loss_curve()
+        self.assertEqual((action['res_model'], action['view_mode']), ('llm.training.job.metric', 'graph,pivot'))
+        self.assertEqual(action['context'], {'search_default_train_measured': 1})
+        Metric = self.env[action['res_model']]
+        # what the graph draws: train loss per step over the measured steps of this job only
+        groups = Metric.read_group(action['domain'] + [('has_train_loss', '=', True)], ['step', 'train_loss'],
+                                   ['step'], orderby='step')
+        self.assertEqual([(g['step'], g['train_loss']) for g in groups], [(1, 2.5), (5, 1.5), (10, 0.9)])
+        valid = Metric.read_group(action['domain'] + [('has_valid_loss', '=', True)], ['step', 'valid_loss'],
+                                  ['step'], orderby='step')
+        self.assertEqual([(g['step'], g['valid_loss']) for g in valid], [(5, 1.7)])
