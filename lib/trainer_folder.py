@@ -56,8 +56,12 @@ def tail(folder, name=LOG, size=4000):
 
 
 def has_checkpoint(folder):
+    """Whether the folder holds a complete checkpoint (trainer_state.json is written last; see
+    trainer/train.py's last_checkpoint)."""
     path = os.path.join(folder, CHECKPOINTS)
-    return os.path.isdir(path) and any(d.startswith('checkpoint-') for d in os.listdir(path))
+    return os.path.isdir(path) and any(
+        d.startswith('checkpoint-') and os.path.isfile(os.path.join(path, d, 'trainer_state.json'))
+        for d in os.listdir(path))
 
 
 def process_start_time(pid):

@@ -1,5 +1,6 @@
 import base64
 import json
+import time
 
 from odoo.tests.common import SavepointCase
 
@@ -52,6 +53,25 @@ class TrainingCase(SavepointCase):
         for _ in range(times):
             self.env['llm.training.job']._cron_sync_training_jobs()
             self.env['llm.training.job'].invalidate_cache()
+
+    def wait_until(self, job, predicate, timeout=600):
+        """Run the cron until `predicate(job)` holds while a real trainer works, or fail after
+        `timeout` seconds with the job's state, error and log."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.run_cron()
+            if predicate(job):
+                return
+            time.sleep(1)
+        self.fail('job %s stuck in %s: %s\n%s' % (job.id, job.state, job.error_message, job.log))
+
+    @classmethod
+    def trainer_job(cls, dataset, provider, base_model, **values):
+        """A small real training job (SmolLM2, 2 epochs of short examples)."""
+        vals = dict(provider_id=provider.id, base_model_id=base_model.id, epochs=2, batch_size=4,
+                    learning_rate=1e-3, max_seq_length=128, validation_split=0.25, seed=3)
+        vals.update(values)
+        return cls.make_job(dataset, **vals)
 
     def calls(self, job, method):
         return self.env['llm.test.provider.call'].search_count([('job_id', '=', job.id), ('method', '=', method)])

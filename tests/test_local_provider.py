@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import time
 
 from odoo.exceptions import AccessError
 
@@ -37,19 +36,8 @@ class TestLocalProvider(TrainingCase):
         super(TestLocalProvider, self).tearDown()
 
     def local_job(self, **values):
-        vals = dict(provider_id=self.local.id, base_model_id=self.smol.id, epochs=2, batch_size=4,
-                    learning_rate=1e-3, max_seq_length=128, validation_split=0.25, seed=3)
-        vals.update(values)
-        return self.make_job(self.data, **vals)
+        return self.trainer_job(self.data, self.local, self.smol, **values)
 
-    def wait_until(self, job, predicate, timeout=600):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            self.run_cron()
-            if predicate(job):
-                return
-            time.sleep(1)
-        self.fail('job %s stuck in %s: %s\n%s' % (job.id, job.state, job.error_message, job.log))
 
     def test_submit_train_complete_register(self):
         job = self.local_job()

@@ -3,7 +3,6 @@ trainer and SmolLM2, driven by the cron."""
 import os
 import shutil
 import tempfile
-import time
 
 import requests
 
@@ -39,19 +38,8 @@ class TestRayProvider(TrainingCase):
         super(TestRayProvider, cls).tearDownClass()
 
     def ray_job(self, **values):
-        vals = dict(provider_id=self.ray.id, base_model_id=self.smol.id, epochs=2, batch_size=4,
-                    learning_rate=1e-3, max_seq_length=128, validation_split=0.25, seed=3)
-        vals.update(values)
-        return self.make_job(self.data, **vals)
+        return self.trainer_job(self.data, self.ray, self.smol, **values)
 
-    def wait_until(self, job, predicate, timeout=300):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            self.run_cron()
-            if predicate(job):
-                return
-            time.sleep(1)
-        self.fail('job %s stuck in %s: %s\n%s' % (job.id, job.state, job.error_message, job.log))
 
     def ray_jobs_of(self, job):
         return [j for j in self.head.jobs() if (j.get('metadata') or {}).get('odoo_job_id') == str(job.id)]

@@ -272,8 +272,17 @@ def token_accuracy_metrics():
 
 
 def last_checkpoint(checkpoints_dir):
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
+    """The newest complete checkpoint, or None. Trainer writes trainer_state.json last: a folder
+    without it was being saved when the trainer was killed (a lost node, an OOM) and cannot be
+    resumed from, so the one before it is used (rotation deletes that one only after a save ends)."""
+    if not os.path.isdir(checkpoints_dir):
+        return None
+    complete = [name for name in os.listdir(checkpoints_dir) if name.startswith('checkpoint-')
+                and name[len('checkpoint-'):].isdigit()
+                and os.path.isfile(os.path.join(checkpoints_dir, name, 'trainer_state.json'))]
+    if not complete:
+        return None
+    return os.path.join(checkpoints_dir, max(complete, key=lambda name: int(name[len('checkpoint-'):])))
 
 
 CANCEL = {'set': False}  # set by SIGTERM; the progress callback stops at the next step end

@@ -34,3 +34,18 @@ def test_unknown_setting_is_refused():
     with pytest.raises(ValueError, match='unknown setting.*lora_rank'):
         TrainConfig.from_dict({'base_model_path': '/m', 'lora_rank': 8})
     assert TrainConfig.from_dict({'base_model_path': '/m', 'lora_r': 8}).lora_r == 8
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    """trainer_state.json is the last file a save writes: a folder without it is incomplete."""
+    from trainer.train import last_checkpoint
+    assert last_checkpoint(str(tmp_path / 'missing')) is None
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
+        folder = tmp_path / ('checkpoint-%d' % step)
+        folder.mkdir()
+        (folder / 'adapter_model.safetensors').write_bytes(b'partial')
+        if complete:
+            (folder / 'trainer_state.json').write_text('{}')
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-4')
+    (tmp_path / 'checkpoint-10' / 'trainer_state.json').write_text('{}')
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-10')
