@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what llm_training needs, each step only when missing, so a re-run takes seconds:
 # PostgreSQL 15 (apt, started, superuser role), the Odoo 11 venv on pyenv's Python 3.7 (pinned,
-# broken addons pruned), lessc 3, and the trainer venv on Python 3.11 with the SmolLM2 model
-# converted once to a plain Hugging Face folder.
+# broken addons pruned), lessc 3, the trainer venv on Python 3.11 with the SmolLM2 model
+# converted once to a plain Hugging Face folder, and a client venv (playwright, openai SDK) with
+# Debian's chromium for the browser and API tests.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 source "$here/scripts/env.sh"
@@ -62,5 +63,17 @@ fi
 if [ ! -f "$LLMT_BASE_MODEL_DIR/config.json" ]; then
   log "converting SmolLM2-135M-Instruct to a plain Hugging Face folder (once)"
   PYTHONPATH="$here" "$LLMT_TRAINER_VENV/bin/python" -m trainer.convert_model --out "$LLMT_BASE_MODEL_DIR"
+fi
+# -- Client venv (Python 3.11) and Chromium: the browser tests and the OpenAI SDK tests --------
+if [ ! -x "$LLMT_CHROMIUM" ]; then
+  log "installing Debian's chromium (browser tests)"
+  apt_install chromium
+fi
+if [ ! -f "$LLMT_CLIENT_VENV/.complete" ]; then
+  log "creating the client venv in $LLMT_CLIENT_VENV (playwright, openai)"
+  rm -rf "$LLMT_CLIENT_VENV"
+  "$LLMT_PY311" -m venv "$LLMT_CLIENT_VENV"
+  "$LLMT_CLIENT_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-client.txt"
+  touch "$LLMT_CLIENT_VENV/.complete"
 fi
 log "ready"
