@@ -16,6 +16,7 @@
         'security/ir.model.access.csv',
         'data/llm_training_data.xml',
         'data/llm_training_schedule_data.xml',
+        'views/assets.xml',
         'views/llm_provider_views.xml',
         'views/llm_model_views.xml',
         'views/llm_training_dataset_views.xml',

@@ -71,3 +71,20 @@ def readable_log(events, log_tail=''):
     if tail.strip():
         lines += ['', '--- trainer log (last lines) ---', tail]
     return '\n'.join(lines)
+
+
+LOSS_SERIES = (('train_loss', 'Training loss'), ('valid_loss', 'Validation loss'))
+
+
+def loss_curve(rows):
+    """The Results tab's chart data: one nvd3 series per loss, each with every measured step.
+
+    `rows` are (step, {'train_loss': float or None, 'valid_loss': ...}) in step order; a loss that
+    was not measured at a step is None there and leaves no point (never a 0). A loss never
+    measured gives no series."""
+    series = []
+    for field, label in LOSS_SERIES:
+        values = [{'x': step, 'y': losses[field]} for step, losses in rows if losses.get(field) is not None]
+        if values:
+            series.append({'key': label, 'values': values})
+    return series

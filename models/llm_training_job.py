@@ -153,6 +153,8 @@ class LlmTrainingJob(models.Model):
     final_valid_loss = fields.Float(compute='_compute_final_metrics', digits=(16, 5))
     has_final_train_loss = fields.Boolean(compute='_compute_final_metrics')
     has_final_valid_loss = fields.Boolean(compute='_compute_final_metrics')
+    loss_curve = fields.Text(compute='_compute_loss_curve',
+                             help='Training and validation loss per measured step, as JSON for the chart.')
     work_dir = fields.Char(compute='_compute_work_dir', help='Folder holding the prepared data.')
 
     @api.depends('attempt')
@@ -168,6 +170,17 @@ class LlmTrainingJob(models.Model):
             job.final_valid_loss = values['valid_loss'] or 0.0
             job.has_final_train_loss = values['train_loss'] is not None
             job.has_final_valid_loss = values['valid_loss'] is not None
+
+    @api.depends('metric_ids.train_loss', 'metric_ids.valid_loss')
+    def _compute_loss_curve(self):
+        Metric = self.env['llm.training.job.metric']
+        for job in self:
+            rows = Metric.search_read([('job_id', '=', job.id), '|', ('has_train_loss', '=', True),
+                                       ('has_valid_loss', '=', True)] if job.id else [('id', '=', 0)],
+                                      ['step', 'train_loss', 'valid_loss', 'has_train_loss', 'has_valid_loss'])
+            job.loss_curve = json.dumps(job_summary.loss_curve(
+                [(row['step'], {name: row[name] if row['has_' + name] else None for name in ('train_loss', 'valid_loss')})
+                 for row in rows]))
 
     @api.depends('event_ids', 'log')
     def _compute_log_text(self):

@@ -1,5 +1,6 @@
 """How a finished job tells people: a chatter summary, a To Do for the owner on failure, the
 creator following; unmeasured values blank; a readable log."""
+import json
 import unittest
 
 from odoo.addons.llm_training.lib import job_summary
@@ -117,6 +118,16 @@ class TestUnmeasuredMetrics(TrainingCase):
         self.assertIsNone(self.env.cr.fetchone()[0], 'stored as not measured, not 0')
         self.assertTrue(job.has_final_valid_loss)
         self.assertAlmostEqual(job.final_valid_loss, 1.7, places=5)
+
+    def test_the_loss_curve_has_a_point_per_measured_step_and_none_for_unmeasured(self):
+        job = self.make_job()
+        self.assertEqual(json.loads(job.loss_curve), [], 'no metrics: no series')
+        job.action_submit()
+        self.run_cron(2)  # steps 1 (train loss only) and 5 (train and valid)
+        job.invalidate_cache()
+        self.assertEqual(json.loads(job.loss_curve), [
+            {'key': 'Training loss', 'values': [{'x': 1, 'y': 2.5}, {'x': 5, 'y': 1.5}]},
+            {'key': 'Validation loss', 'values': [{'x': 5, 'y': 1.7}]}])
 
     def test_a_job_without_metrics_has_no_final_losses(self):
         job = self.make_job()
