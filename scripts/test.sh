@@ -30,7 +30,7 @@ count() { report "$1" | grep -oE "[0-9]+ $2" | grep -oE '[0-9]+' || echo 0; }
 
 echo "[test] addon tests (pytest-odoo)"
 (cd "$LLMT_RUN/test" && "$LLMT_ODOO_VENV/bin/pytest" -p no:cacheprovider --odoo-database="$DB" --odoo-config="$conf" \
-   --odoo-log-level=warn -q -rfE -p no:warnings --rootdir="$LLMT_RUN/test" "$addon/tests") 2>&1 | tee "$LLMT_RUN/test/addon.out"
+   --odoo-log-level=warn -q -rfE -p no:warnings --durations=15 --rootdir="$LLMT_RUN/test" "$addon/tests") 2>&1 | tee "$LLMT_RUN/test/addon.out"
 addon_rc=${PIPESTATUS[0]}
 
 trainer_rc=0
@@ -42,7 +42,7 @@ if [ -d "$here/trainer/tests" ]; then
   link="$LLMT_CACHE/trainer-$(printf %s "$LLMT_ROOT" | sha1sum | cut -c1-10)"
   mkdir -p "$link" && ln -sfn "$LLMT_ROOT/trainer" "$link/trainer"
   (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" \
-     -m pytest -p no:cacheprovider -q -rfE --rootdir="$link" "$link/trainer/tests") 2>&1 | tee "$LLMT_RUN/test/trainer.out"
+     -m pytest -p no:cacheprovider -q -rfE --durations=10 --rootdir="$link" "$link/trainer/tests") 2>&1 | tee "$LLMT_RUN/test/trainer.out"
   trainer_rc=${PIPESTATUS[0]}
 fi
 
