@@ -296,6 +296,14 @@ def run_chat(cache, request, emit):
     return {'finish_reason': finish, 'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens}
 
 
+def chat(cache, model, messages, **options):
+    """One whole answer in this process (no HTTP): {'text', 'finish_reason', 'prompt_tokens',
+    'completion_tokens'}; options as in /chat."""
+    parts = []
+    final = run_chat(cache, parse_chat_request(dict(options, model=model, messages=messages)), parts.append)
+    return dict(final, text=''.join(parts))
+
+
 def _eos_ids(model, tokenizer):
     ids = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -350,16 +358,15 @@ class Handler(BaseHTTPRequestHandler):
             self._whole(request)
 
     def _whole(self, request):
-        parts = []
         try:
             with self.server.lock:
-                final = run_chat(self.server.cache, request, parts.append)
+                answer = chat(self.server.cache, **request)
         except RequestError as e:
             return self._json(e.status, {'error': str(e)})
         except Exception as e:  # a failed generation answers 500 and the server goes on
             self.log_error('chat failed: %r', e)
             return self._json(500, {'error': '%s: %s' % (type(e).__name__, e)})
-        self._json(200, dict(final, text=''.join(parts)))
+        self._json(200, answer)
 
     def _stream(self, request):
         """NDJSON in chunked encoding. The status line goes out only once the model is loaded and
