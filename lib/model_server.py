@@ -252,3 +252,20 @@ class ModelServer(object):
             raise ModelServerError('the model server\'s answer broke off: %s' % e)
         finally:
             answer.close()
+
+
+def main(argv=None):
+    """`python lib/model_server.py stop RUN_DIR...`: what `make stop` runs (no Odoo needed)."""
+    import argparse
+    parser = argparse.ArgumentParser(description='Stop the model servers of these run folders.')
+    parser.add_argument('action', choices=['stop'])
+    parser.add_argument('run_dirs', nargs='+')
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        stopped = ModelServer(None, run_dir).stop()
+        print('[stop] model server in %s %s' % (run_dir, 'stopped' if stopped else 'was not running'))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
