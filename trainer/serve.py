@@ -188,9 +188,10 @@ class ModelCache(object):
         self.model = None  # the base, or a PeftModel around it once an adapter was loaded
         self.tokenizers = collections.OrderedDict()  # folder -> tokenizer (a few)
         self.adapters = collections.OrderedDict()  # adapter name -> folder, least recent first
+        self.loaded = {'base': None, 'adapters': []}  # a snapshot /health reads without the lock
 
     def describe(self):
-        return {'base': self.base_key[0] if self.base_key else None, 'adapters': list(self.adapters.values())}
+        return self.loaded
 
     def get(self, path):
         """(model to call generate on, tokenizer, adapter name or None) for a model folder; the
@@ -202,6 +203,7 @@ class ModelCache(object):
         if kind == 'adapter':
             name = 'a' + folder_version(path)
             self._load_adapter(name, path)
+        self.loaded = {'base': base, 'adapters': list(self.adapters.values())}  # replaced whole, never changed
         return self.model, self._tokenizer(path if _has_tokenizer(path) else base), name
 
     def _load_base(self, base):
@@ -419,7 +421,7 @@ class ModelServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
 
     def describe(self):
-        # read without the lock: a health check must answer while a generation runs
+        # without the lock: a health check must answer while a generation runs
         return self.cache.describe()
 
     def stop_soon(self):
