@@ -319,6 +319,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'llm-training-serve'
 
+    def log_request(self, code='-', size='-'):
+        if self.path != '/health':  # every Odoo call checks health first: not worth a line each
+            super().log_request(code, size)
+
     def log_message(self, fmt, *args):
         sys.stderr.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), fmt % args))
 
@@ -339,6 +343,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get('Content-Length') or 0)
             if length > MAX_BODY:
+                self.close_connection = True  # its body stays unread: this connection cannot go on
                 raise RequestError('the body is over %d bytes' % MAX_BODY, 413)
             raw = self.rfile.read(length) if length else b''
             if self.path == '/shutdown':
