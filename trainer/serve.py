@@ -429,6 +429,11 @@ class ModelServer(ThreadingHTTPServer):
         # without the lock: a health check must answer while a generation runs
         return self.cache.describe()
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that closed its kept-alive connection: nothing went wrong here
+        super().handle_error(request, client_address)
+
     def stop_soon(self):
         """shutdown() waits for serve_forever to return: call it from another thread."""
         threading.Thread(target=self.shutdown, daemon=True).start()
