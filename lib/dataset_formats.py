@@ -150,10 +150,10 @@ def _missing_columns_problem(row, missing, found, data_format):
 
 
 # -- readers: a file -> (row number, {column: value}) ------------------------------------------
-def _bounded_lines(stream, max_line_bytes, max_file_bytes, first_row):
+def _bounded_lines(stream, max_line_bytes, max_file_bytes, row):
     """Decoded lines of a binary stream, none longer than max_line_bytes held in memory; a line
     or file over its limit, or bytes that are not UTF-8, stop the file with a FileProblem. The
-    row number in such problems is the CSV row being read (first_row() tells it)."""
+    row number in such problems is the CSV row being read (row() tells it)."""
     size, limit, line_no = 0, max_line_bytes + 1, 0
     while True:
         raw = stream.readline(limit)
@@ -162,17 +162,17 @@ def _bounded_lines(stream, max_line_bytes, max_file_bytes, first_row):
         line_no += 1
         size += len(raw)
         if size > max_file_bytes:
-            raise FileProblem(first_row(), '', 'the file is over the limit of %d MB; split it into several files '
+            raise FileProblem(row(), '', 'the file is over the limit of %d MB; split it into several files '
                                                '(the rest of this file was not read)' % (max_file_bytes >> 20))
         if len(raw) == limit and not raw.endswith(b'\n'):
-            raise FileProblem(first_row(), '', 'a line of this row is over the limit of %d bytes for one example; '
+            raise FileProblem(row(), '', 'a line of this row is over the limit of %d bytes for one example; '
                                                'shorten it (the rest of this file was not read)' % max_line_bytes)
         if line_no == 1 and raw.startswith(b'\xef\xbb\xbf'):
             raw = raw[3:]  # spreadsheets write a BOM before UTF-8 CSV: it is not part of the header
         try:
             yield raw.decode('utf-8')
         except UnicodeDecodeError as e:
-            raise FileProblem(first_row(), '', 'not valid UTF-8 (byte %d of line %d); save the file as UTF-8 '
+            raise FileProblem(row(), '', 'not valid UTF-8 (byte %d of line %d); save the file as UTF-8 '
                                                '(the rest of this file was not read)' % (e.start + 1, line_no))
 
 
@@ -182,10 +182,11 @@ def csv_rows(stream, data_format, max_line_bytes, max_file_bytes, **columns):
     malformed CSV (which ends the file: after a quoting error the rest cannot be trusted)."""
     # The limit is the process's (csv keeps one); raising it to one example's limit is harmless.
     csv.field_size_limit(max(csv.field_size_limit(), max_line_bytes))
-    state = {'row': 1}
-    reader = csv.reader(_bounded_lines(stream, max_line_bytes, max_file_bytes, lambda: state['row']))
+    state = {'row': 0}  # the last row read whole (the header is row 1): a problem mid-read is in the next
+    reader = csv.reader(_bounded_lines(stream, max_line_bytes, max_file_bytes, lambda: state['row'] + 1))
     try:
         header = next(reader, None)
+        state['row'] = 1
         if not header or not any(h.strip() for h in header):
             raise FileProblem(1, '', 'no header row; the first row must name the columns (e.g. %s)'
                               % ','.join(needed_columns(data_format, **columns)))
