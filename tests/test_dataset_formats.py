@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import tempfile
+import unittest
 from unittest import mock
 
 import pyarrow
@@ -17,6 +18,7 @@ from odoo.exceptions import AccessError, UserError
 from odoo.tools import config
 
 from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.lib.dataset_validator import validate_files
 
 from .common import TrainingCase, jsonl
 
@@ -38,6 +40,36 @@ def parquet_bytes(columns, row_group_size=4):
 def read_jsonl(path):
     with open(path, encoding='utf-8') as f:
         return [json.loads(line) for line in f]
+
+
+class TestReaders(unittest.TestCase):
+    """The readers as plain functions: files as spreadsheets and other tools write them."""
+
+    def validate(self, name, content, **options):
+        options.setdefault('data_format', 'prompt_completion')
+        return validate_files([(name, io.BytesIO(content))], **options)
+
+    def test_spreadsheet_csv_with_bom_and_crlf(self):
+        rows = ''.join('Q%d,A%d\r\n' % (i, i) for i in range(10))
+        report = self.validate('excel.csv', b'\xef\xbb\xbfprompt,completion\r\n' + rows.encode(), file_type='csv')
+        self.assertEqual((report.error_count, report.examples), (0, 10), report.as_text())
+
+    def test_csv_line_over_the_limit_stops_the_file_at_its_row(self):
+        rows = ''.join('Q%d,A%d\n' % (i, i) for i in range(10)).encode()
+        content = b'prompt,completion\n' + rows + b'"' + b'x' * 5000 + b'",y\nQ,A\n'
+        report = self.validate('big.csv', content, file_type='csv', max_line_bytes=4096)
+        self.assertEqual(report.examples, 10)
+        self.assertEqual([str(p) for p in report.errors], [
+            'big.csv:12: a line of this row is over the limit of 4096 bytes for one example; shorten it (the rest '
+            'of this file was not read)'])
+
+    def test_csv_not_utf8_names_its_row(self):
+        report = self.validate('latin.csv', b'prompt,completion\nQ,A\nQ\xe9,A\n', file_type='csv')
+        self.assertIn('latin.csv:3: not valid UTF-8 (byte 2 of line 3)', str(report.errors[0]))
+
+    def test_not_a_parquet_file(self):
+        report = self.validate('fake.parquet', b'prompt,completion\n', file_type='parquet')
+        self.assertIn('fake.parquet: not a Parquet file', str(report.errors[0]))
 
 
 class FormatsCase(TrainingCase):
