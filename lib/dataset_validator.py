@@ -10,13 +10,14 @@ Preference datasets (DPO) follow OpenAI's format: an `input` with the messages, 
 Prompt/completion and text data, and CSV or Parquet files, are read and converted row by row
 by dataset_formats.py; each converted row then gets the same checks (text: {"text": ...}).
 
-Every problem names the file, the line (row) and the field (column), and says what to do. Memory stays flat: a
-line is parsed, checked and dropped; only an 8-byte digest per example is kept (duplicates).
+Every problem names the file, the line (row) and the field (column), and says what to do. Memory
+stays flat: a line is parsed, checked and dropped; only an 8-byte digest per example is kept
+(duplicates).
 """
 import hashlib
 import json
 
-from .dataset_formats import (FILE_TYPES, FORMATS, FileProblem, InvalidExample, csv_rows, file_type_mismatch,
+from .dataset_formats import (FileProblem, InvalidExample, csv_rows, file_type_mismatch,
                               make_converter, parquet_rows, type_name as _type_name)
 
 try:
