@@ -2,13 +2,14 @@
 import base64
 import io
 import json
+import os
 
 import psycopg2
 
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import AccessError, UserError
 
-from ..lib.dataset_formats import DEFAULT_COLUMNS
+from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
 from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator, preview_examples,
                                      render_preview)
 from ..lib.server_files import ServerPathError, resolve_server_path
@@ -114,6 +115,16 @@ class LlmTrainingDataset(models.Model):
                 dataset.preview = render_preview(examples, problems)
             except (UserError, ValueError, OSError) as e:  # the form still opens, saying why
                 dataset.preview = '<p><i>%s</i></p>' % tools.html_escape(tools.ustr(e))
+
+    @api.onchange('attachment_ids', 'server_path')
+    def _onchange_file_type(self):
+        """Take the File Type from the first file's extension (validation still checks each)."""
+        names = [a.datas_fname or a.name or '' for a in self.attachment_ids] + [self.server_path or '']
+        for name in names:
+            extension = os.path.splitext(name.lower())[1]
+            if extension in EXTENSIONS:
+                self.file_type = EXTENSIONS[extension]
+                return
 
     @api.model
     def create(self, vals):

@@ -152,6 +152,16 @@ class TestConversions(FormatsCase):
         self.assertIn("faq.parquet: the file is named .parquet but the dataset's File Type is JSONL; set File Type "
                       "to PARQUET", dataset.validation_report)
 
+    def test_file_type_follows_the_file_name_in_the_form(self):
+        attachment = self.env['ir.attachment'].create({'name': 'faq.CSV', 'datas_fname': 'faq.CSV',
+                                                       'datas': base64.b64encode(b'prompt,completion\n')})
+        form = self.env['llm.training.dataset'].new({'attachment_ids': [(6, 0, attachment.ids)], 'file_type': 'jsonl'})
+        form._onchange_file_type()
+        self.assertEqual(form.file_type, 'csv')
+        form = self.env['llm.training.dataset'].new({'server_path': 'exports/faq.parquet', 'file_type': 'csv'})
+        form._onchange_file_type()
+        self.assertEqual(form.file_type, 'parquet')
+
     def test_jsonl_prompt_completion_openai_legacy_keys(self):
         lines = [{'prompt': 'P%d' % i, 'completion': 'C%d' % i} for i in range(10)] + [{'prompt': 'P10'}]
         dataset = self.dataset(jsonl(lines), 'legacy.jsonl', data_format='prompt_completion')
