@@ -318,7 +318,8 @@ class DatasetValidator(object):
         # raises ValueError for an unknown format or file type, or a pair that cannot be read
         self.convert = make_converter(data_format, file_type, system_prompt=system_prompt, **self.columns)
         self.data_format, self.file_type = data_format, file_type
-        self.check = {'preference': check_preference_example, 'text': check_text_example}.get(data_format, check_example)
+        self.check = {'preference': check_preference_example,
+                      'text': check_text_example}.get(data_format, check_example)
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.long_tokens = long_tokens

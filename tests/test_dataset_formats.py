@@ -171,8 +171,8 @@ class TestConversions(FormatsCase):
                       dataset.validation_report)
 
     def test_chat_in_csv_and_parquet_from_a_messages_column(self):
-        messages = [json.dumps([{'role': 'user', 'content': 'Hi %d' % i}, {'role': 'assistant', 'content': 'Yo %d' % i}])
-                    for i in range(10)]
+        messages = [json.dumps([{'role': 'user', 'content': 'Hi %d' % i},
+                                {'role': 'assistant', 'content': 'Yo %d' % i}]) for i in range(10)]
         for name, content, file_type in (
                 ('chat.csv', csv_bytes(['messages'], [[m] for m in messages] + [['[{"role": "bot"}]']]), 'csv'),
                 ('chat.parquet', parquet_bytes({'messages': messages + ['[{"role": "bot"}]']}), 'parquet')):
