@@ -5,7 +5,8 @@
 Generates a chat JSONL file, then validates it (each in a fresh subprocess, so peak RSS is per
 run) with (1) a baseline written the way OpenAI's cookbook validator works: read every line
 into a list with json.loads, then the per-field checks, and (2) lib/dataset_validator.py with the
-same token estimate. Prints examples/s and peak RSS of both, and the ratios.
+same token estimate. Prints examples/s and peak RSS of both, and the ratios. Then the same for
+prompt/completion rows in CSV and Parquet: ours (streamed, converted, checked) vs loading all rows.
 """
 import argparse
 import json
@@ -72,6 +73,64 @@ def ours(path):
     return report.examples, report.error_count
 
 
+def generate_rows(tmp, n, seed=0):
+    """The same prompt/completion rows as a CSV and a Parquet file (row groups of 10,000)."""
+    import csv
+    import pyarrow
+    import pyarrow.parquet as pq
+    rng = random.Random(seed)
+    words = 'invoice order delivery refund stock price customer support warehouse product'.split()
+    prompts = [' '.join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(n)]
+    completions = [' '.join(rng.choice(words) for _ in range(rng.randint(10, 120))) for _ in range(n)]
+    paths = {'csv': os.path.join(tmp, 'rows.csv'), 'parquet': os.path.join(tmp, 'rows.parquet')}
+    with open(paths['csv'], 'w', newline='', encoding='utf-8') as f:
+        writer = csv.writer(f)
+        writer.writerow(['prompt', 'completion'])
+        writer.writerows(zip(prompts, completions))
+    pq.write_table(pyarrow.table({'prompt': prompts, 'completion': completions}), paths['parquet'],
+                   row_group_size=10000)
+    return paths
+
+
+def rows_baseline(path):
+    """Load every row (csv.DictReader into a list; pyarrow's read_table().to_pylist()), then
+    convert each to the chat shape: the usual short script."""
+    from lib.dataset_formats import prompt_completion_example
+    if path.endswith('.csv'):
+        import csv
+        with open(path, newline='', encoding='utf-8') as f:
+            rows = list(csv.DictReader(f))
+    else:
+        import pyarrow.parquet as pq
+        rows = pq.read_table(path).to_pylist()
+    examples = [prompt_completion_example(row) for row in rows]
+    return len(examples), 0
+
+
+def rows_ours(path):
+    from lib.dataset_validator import validate_files
+    with open(path, 'rb') as f:
+        report = validate_files([(os.path.basename(path), f)], data_format='prompt_completion',
+                                file_type='csv' if path.endswith('.csv') else 'parquet')
+    return report.examples, report.error_count
+
+
+def formats_bench(tmp, n, repeat):
+    """CSV and Parquet prompt/completion files: ours (row by row / batch by batch, converted and
+    checked) vs loading all rows first."""
+    try:
+        paths = generate_rows(tmp, n)
+    except ImportError:
+        print('CSV/Parquet: skipped (pyarrow is not installed in this Python)')
+        return
+    for kind, path in sorted(paths.items()):
+        b, o = measure('rows_baseline', path, repeat), measure('rows_ours', path, repeat)
+        print('%-7s %d rows, %.1f MB: load-all %.2f s %.0f MB, ours %.2f s %.0f MB (checked, converted): '
+              '%.2fx the throughput, %.2fx the peak memory'
+              % (kind, n, os.path.getsize(path) / 1e6, b['seconds'], b['rss_mb'], o['seconds'], o['rss_mb'],
+                 b['seconds'] / o['seconds'], o['rss_mb'] / b['rss_mb']))
+
+
 def huge_line(path):
     """The security probe: 12 good examples and one 30 MB line, validated as a job would (the
     model's own tokenizer, its context as the limit). Returns seconds and the RSS it added."""
@@ -136,7 +195,8 @@ def run_one(which, path):
                           'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
         return
     start = time.perf_counter()
-    examples, errors = {'baseline': baseline, 'ours': ours}[which](path)
+    examples, errors = {'baseline': baseline, 'ours': ours, 'rows_baseline': rows_baseline,
+                        'rows_ours': rows_ours}[which](path)
     seconds = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps({'examples': examples, 'errors': errors, 'seconds': seconds, 'rss_mb': rss_mb}))
@@ -187,6 +247,7 @@ def main():
         r = json.loads(out.decode().strip().splitlines()[-1])
         print('30 MB line: refused in %.2f s, RSS +%.0f MB (goal: under 5 s and 200 MB): %s'
               % (r['seconds'], r['rss_added_mb'], r['refused']))
+        formats_bench(tmp, args.examples, args.repeat)
         token_bench(tmp, args.token_examples)
 
 

@@ -7,26 +7,38 @@ dataset needs at least MIN_EXAMPLES examples; no example may exceed the model's 
 Preference datasets (DPO) follow OpenAI's format: an `input` with the messages, then one
 `preferred_output` and one `non_preferred_output` assistant message.
 
-Every problem names the file, the line and the field, and says what to do. Memory stays flat: a
-line is parsed, checked and dropped; only an 8-byte digest per example is kept (duplicates).
+Prompt/completion and text data, and CSV or Parquet files, are read and converted row by row
+by dataset_formats.py; each converted row then gets the same checks (text: {"text": ...}).
+
+Every problem names the file, the line (row) and the field (column), and says what to do. Memory
+stays flat: a line is parsed, checked and dropped; only an 8-byte digest per example is kept
+(duplicates).
 """
 import hashlib
 import json
+
+from .dataset_formats import (FileProblem, InvalidExample, csv_rows, file_type_mismatch,
+                              make_converter, parquet_rows, type_name as _type_name)
 
 try:
     import orjson
 
     def _loads(raw):
         return orjson.loads(raw)
+
+    def _dumps(example):  # a converted row's bytes: what its duplicates and size are judged by
+        return orjson.dumps(example, option=orjson.OPT_SORT_KEYS)
 except ImportError:  # the stdlib parser gives the same results, about 2x slower
     def _loads(raw):
         return json.loads(raw.decode('utf-8'))
+
+    def _dumps(example):
+        return json.dumps(example, sort_keys=True, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
 
 MIN_EXAMPLES = 10
 ROLES = ('system', 'user', 'assistant', 'tool')
 EXAMPLE_KEYS = frozenset(('messages', 'tools', 'parallel_tool_calls', 'functions'))
 PREFERENCE_KEYS = frozenset(('input', 'preferred_output', 'non_preferred_output'))
-FORMATS = ('chat', 'preference')
 MESSAGE_KEYS = frozenset(('role', 'content', 'name', 'weight', 'tool_calls', 'tool_call_id',
                           'function_call', 'refusal'))
 CONTENT_PART_TYPES = ('text', 'image_url')
@@ -58,6 +70,11 @@ def estimate_tokens(messages, limit=None):
     return chars // 4 + 4 * len(messages) + 3
 
 
+def estimate_text_tokens(text, limit=None):
+    """A tokenizer-free estimate for plain text: ~4 characters a token, plus the end token."""
+    return len(text) // 4 + 1
+
+
 def message_text(content):
     """The text of a message's content, whether a string or a list of parts."""
     if isinstance(content, str):
@@ -81,18 +98,6 @@ class Problem(object):
         return {'file': self.file, 'line': self.line, 'field': self.field, 'message': self.message}
 
 
-class InvalidExample(Exception):
-    def __init__(self, field, message):
-        super(InvalidExample, self).__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _type_name(value):
-    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', int: 'a number',
-            float: 'a number', type(None): 'null'}.get(type(value), type(value).__name__)
-
-
 def _check_line_object(example, keys, shape, kind):
     if not isinstance(example, dict):
         raise InvalidExample('', 'the line is %s; each line must be a JSON object like %s'
@@ -108,6 +113,14 @@ def check_example(example):
     messages = _check_messages(example.get('messages'), 'messages')
     _check_tools(example, '')
     return messages
+
+
+def check_text_example(example):
+    """Check one converted text example ({"text": "..."}); text has no messages."""
+    _check_line_object(example, ('text',), '{"text": "..."}', 'a text example')
+    if not isinstance(example.get('text'), str) or not example['text'].strip():
+        raise InvalidExample('text', 'missing or empty; give the text to learn')
+    return ()
 
 
 def check_preference_example(example):
@@ -304,10 +317,15 @@ class DatasetValidator(object):
 
     def __init__(self, count_tokens=estimate_tokens, max_tokens=None, long_tokens=None,
                  min_examples=MIN_EXAMPLES, data_format='chat', max_line_bytes=MAX_LINE_BYTES,
-                 max_file_bytes=MAX_FILE_BYTES):
-        if data_format not in FORMATS:
-            raise ValueError('unknown dataset format %r; use one of %s' % (data_format, ', '.join(FORMATS)))
-        self.check = check_preference_example if data_format == 'preference' else check_example
+                 max_file_bytes=MAX_FILE_BYTES, file_type='jsonl', prompt_column=None, completion_column=None,
+                 text_column=None, system_prompt=None):
+        self.columns = {'prompt_column': prompt_column, 'completion_column': completion_column,
+                        'text_column': text_column}
+        # raises ValueError for an unknown format or file type, or a pair that cannot be read
+        self.convert = make_converter(data_format, file_type, system_prompt=system_prompt, **self.columns)
+        self.data_format, self.file_type = data_format, file_type
+        self.check = {'preference': check_preference_example,
+                      'text': check_text_example}.get(data_format, check_example)
         self.count_tokens = count_tokens
         self.max_tokens = max_tokens
         self.long_tokens = long_tokens
@@ -340,10 +358,15 @@ class DatasetValidator(object):
     def _count(self, pending, filename):
         """Count the tokens of the pending examples, then record everything in line order."""
         report = self.report
-        examples = [item[3] for item in pending if isinstance(item, tuple)]
-        count_many = getattr(self.count_tokens, 'count_many', None)
-        counts = iter(count_many(examples, limit=self.max_tokens) if count_many
-                      else [self.count_tokens(messages, limit=self.max_tokens) for messages in examples])
+        if self.data_format == 'text':
+            count_text = getattr(self.count_tokens, 'count_text', None) or estimate_text_tokens
+            counts = iter([count_text(item[2]['text'], limit=self.max_tokens)
+                           for item in pending if isinstance(item, tuple)])
+        else:
+            examples = [item[3] for item in pending if isinstance(item, tuple)]
+            count_many = getattr(self.count_tokens, 'count_many', None)
+            counts = iter(count_many(examples, limit=self.max_tokens) if count_many
+                          else [self.count_tokens(messages, limit=self.max_tokens) for messages in examples])
         for item in pending:
             if isinstance(item, Problem):
                 report.add_error(item)
@@ -352,12 +375,14 @@ class DatasetValidator(object):
             tokens = next(counts)
             if self.max_tokens and tokens > self.max_tokens:
                 # the count may have stopped early: "over", not an exact number
-                report.add_error(Problem(filename, line_no, 'messages', "over the model's context of %d "
-                                         'tokens; shorten or split this example' % self.max_tokens))
+                report.add_error(Problem(filename, line_no, 'text' if self.data_format == 'text' else 'messages',
+                                         "over the model's context of %d tokens; shorten or split this example"
+                                         % self.max_tokens))
                 continue
             if self.long_tokens and tokens > self.long_tokens:
                 report.long_examples += 1
-                report.add_warning(Problem(filename, line_no, 'messages', 'long example (%d tokens, '
+                report.add_warning(Problem(filename, line_no, 'text' if self.data_format == 'text' else 'messages',
+                                           'long example (%d tokens, '
                                            'over %d); it costs more and may be truncated'
                                            % (tokens, self.long_tokens)))
             digest = hashlib.blake2b(raw.strip(), digest_size=8).digest()
@@ -375,7 +400,51 @@ class DatasetValidator(object):
             yield line_no, example
 
     def _parse(self, stream, filename):
-        """Each line as (line, raw, example, messages) when its format is right, else the Problem."""
+        """Each row as (row, raw, example, messages) when its format is right, else the Problem:
+        JSONL lines as they are (chat, preference) or converted (prompt/completion, text), CSV and
+        Parquet rows converted. `raw` is what duplicates are recognised by."""
+        mismatch = file_type_mismatch(filename, self.file_type)
+        if mismatch:
+            yield Problem(filename, 0, '', mismatch)
+            return
+        if self.file_type == 'jsonl':
+            rows = self._jsonl_rows(stream, filename)
+        elif self.file_type == 'csv':
+            rows = csv_rows(stream, self.data_format, self.max_line_bytes, self.max_file_bytes, **self.columns)
+        else:
+            rows = parquet_rows(stream, self.data_format, self.max_file_bytes, **self.columns)
+        try:
+            for item in rows:
+                if isinstance(item, Problem):
+                    yield item
+                    continue
+                if isinstance(item, FileProblem):
+                    yield Problem(filename, item.row, item.field, item.message)
+                    continue
+                line_no, raw, row = item if len(item) == 3 else (item[0], None, item[1])
+                try:
+                    example = row
+                    if self.convert:
+                        if not isinstance(row, dict):
+                            raise InvalidExample('', 'the line is %s; each line must be a JSON object with the '
+                                                     'mapped keys' % _type_name(row))
+                        example = self.convert(row)
+                    messages = self.check(example)
+                except InvalidExample as e:
+                    yield Problem(filename, line_no, e.field, e.message)
+                    continue
+                if raw is None or self.convert:
+                    raw = _dumps(example)
+                    if len(raw) > self.max_line_bytes:
+                        yield Problem(filename, line_no, '', 'the example is %d bytes, over the limit of %d for one '
+                                      'example; shorten or split it' % (len(raw), self.max_line_bytes))
+                        continue
+                yield line_no, raw, example, messages
+        except FileProblem as e:  # the rest of the file cannot be read
+            yield Problem(filename, e.row, e.field, e.message)
+
+    def _jsonl_rows(self, stream, filename):
+        """Each JSONL line as (line, raw, parsed object), else the Problem (bounded line by line)."""
         crlf_reported = False
         line_no = 0
         size = 0
@@ -424,12 +493,7 @@ class DatasetValidator(object):
             except ValueError as e:
                 yield Problem(filename, line_no, '', 'malformed JSON: %s' % e)
                 continue
-            try:
-                messages = self.check(example)
-            except InvalidExample as e:
-                yield Problem(filename, line_no, e.field, e.message)
-                continue
-            yield line_no, raw, example, messages
+            yield line_no, raw, example
 
     def validate_file(self, stream, filename):
         for _ in self.add_file(stream, filename):
@@ -450,3 +514,46 @@ def validate_files(named_streams, **options):
     for filename, stream in named_streams:
         validator.validate_file(stream, filename)
     return validator.finish()
+
+
+def preview_examples(named_streams, limit=5, max_rows=200, **options):
+    """The first `limit` examples as the trainer will get them (converted, checked), and the
+    problems met on the way; reads at most `max_rows` rows, so a form never reads a whole file."""
+    validator = DatasetValidator(min_examples=0, **options)
+    examples, problems, rows = [], [], 0
+    for filename, stream in named_streams:
+        for item in validator._parse(stream, filename):
+            rows += 1
+            if isinstance(item, Problem):
+                problems.append(item)
+            else:
+                examples.append(item[2])
+            if len(examples) >= limit or rows >= max_rows:
+                return examples, problems
+    return examples, problems
+
+
+def render_preview(examples, problems=(), max_chars=600):
+    """HTML (escaped) of examples: `role: content` lines for chat, the text for text data."""
+    import html
+
+    def cut(text):
+        return text if len(text) <= max_chars else text[:max_chars] + ' [...]'
+
+    parts = []
+    for index, example in enumerate(examples, 1):
+        if 'text' in example:
+            body = '<pre style="white-space: pre-wrap">%s</pre>' % html.escape(cut(example['text']))
+        else:
+            messages = (example.get('input') or example).get('messages') or []
+            messages = messages + example.get('preferred_output', [])
+            body = ''.join('<div><b>%s</b>: %s</div>' % (html.escape(m.get('role') or ''),
+                                                          html.escape(cut(message_text(m.get('content')))))
+                           for m in messages)
+        parts.append('<div><p><i>Example %d</i></p>%s</div>' % (index, body))
+    if problems:
+        parts.append('<p><i>%s</i></p>' % html.escape('%d problem(s) on the way, e.g. %s; Validate for the full '
+                                                      'report.' % (len(problems), problems[0])))
+    if not examples:
+        parts.insert(0, '<p><i>No valid example in the first rows.</i></p>')
+    return '<hr/>'.join(parts)

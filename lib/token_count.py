@@ -119,6 +119,16 @@ class TemplateCounter(object):
                     return total
         return total
 
+    def count_text(self, text, limit=None):
+        """Plain text as the trainer tokenizes it for continued pre-training: no chat template,
+        the text's tokens and one end token; stops once past `limit`."""
+        total = 1
+        for start in range(0, max(len(text), 1), PIECE_CHARS):
+            total += len(self.tokenizer.encode(text[start:start + PIECE_CHARS], add_special_tokens=False).ids)
+            if limit and total > limit:
+                break
+        return total
+
     def count_many(self, examples, limit=None):
         """The counts of many examples: one call into Rust (and its threads) for all their texts,
         each distinct text once (a dataset's shared system prompt is encoded once, and kept)."""

@@ -82,6 +82,8 @@ class LlmProvider(models.Model):
     can_resume = fields.Boolean(compute='_compute_capabilities', help='Restarts a job from its last checkpoint.')
     can_pause = fields.Boolean(compute='_compute_capabilities')
     supports_dpo = fields.Boolean(compute='_compute_capabilities', help='Trains preference (DPO) datasets.')
+    supports_text = fields.Boolean(compute='_compute_capabilities',
+                                   help='Trains plain text datasets (continued pre-training, loss on every token).')
     registers_checkpoints = fields.Boolean(compute='_compute_capabilities',
                                            help='Keeps intermediate checkpoints that can be registered as models.')
     uses_api_key = fields.Boolean(compute='_compute_capabilities')

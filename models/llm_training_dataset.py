@@ -2,14 +2,24 @@
 import base64
 import io
 import json
+import os
 
 import psycopg2
 
 from odoo import _, api, fields, models, tools
-from odoo.exceptions import UserError
+from odoo.exceptions import AccessError, UserError
 
-from ..lib.dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator
+from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
+from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator, preview_examples,
+                                     render_preview)
+from ..lib.server_files import ServerPathError, resolve_server_path
 from ..lib.token_count import CounterUnavailable
+
+# Fields that change what the files mean: a change sends the dataset back to "Not validated".
+READING_FIELDS = ('attachment_ids', 'server_path', 'data_format', 'file_type', 'prompt_column', 'completion_column',
+                  'text_column', 'system_prompt')
+# What each format trains as: prompt/completion rows become chat examples.
+TRAINING_FORMATS = {'chat': 'chat', 'prompt_completion': 'chat', 'preference': 'preference', 'text': 'text'}
 
 
 class DatasetBusyError(UserError):
@@ -22,8 +32,14 @@ def size_limits():
             int(tools.config.get('llm_training_max_file_bytes') or MAX_FILE_BYTES))
 
 
+def data_root():
+    """The folder under which datasets may name files on the server (odoo.conf), or None."""
+    return tools.config.get('llm_training_data_root') or None
+
+
 class LlmTrainingDataset(models.Model):
-    """One or more JSONL files in chat format, validated before any job uses them."""
+    """One or more files (JSONL, CSV, Parquet; uploaded, or one on the training storage), validated
+    and converted to training examples before any job uses them."""
     _name = 'llm.training.dataset'
     _description = 'LLM Training Dataset'
     _inherit = ['mail.thread']
@@ -33,15 +49,39 @@ class LlmTrainingDataset(models.Model):
     description = fields.Text()
     company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
     attachment_ids = fields.Many2many('ir.attachment', 'llm_training_dataset_attachment_rel', 'dataset_id',
-                                      'attachment_id', string='JSONL Files',
-                                      help='Chat-format JSONL: one {"messages": [...]} object per line.')
+                                      'attachment_id', string='Files',
+                                      help='JSONL, CSV or Parquet files (see File Type), one example per row.')
+    server_path = fields.Char(
+        track_visibility='onchange',
+        help='A file already on the training storage, read in place (nothing is copied into the database): '
+             'a path under llm_training_data_root of the Odoo configuration, absolute or relative to it. '
+             'Managers only.')
     state = fields.Selection([('draft', 'Not validated'), ('valid', 'Valid'), ('invalid', 'Invalid')],
                              default='draft', required=True, readonly=True, copy=False,
                              track_visibility='onchange')
-    data_format = fields.Selection([('chat', 'Chat (supervised)'), ('preference', 'Preference pairs (DPO)')],
+    data_format = fields.Selection([('chat', 'Chat (supervised)'), ('prompt_completion', 'Prompt / completion'),
+                                    ('preference', 'Preference pairs (DPO)'),
+                                    ('text', 'Plain text (continued pre-training)')],
                                    string='Format', default='chat', required=True, track_visibility='onchange',
-                                   help='Chat: {"messages": [...]} per line. Preference: {"input": {"messages": '
-                                        '[...]}, "preferred_output": [...], "non_preferred_output": [...]} per line.')
+                                   help='Chat: {"messages": [...]} per line (CSV/Parquet: a "messages" column '
+                                        'holding them as JSON). Prompt / completion: a prompt and a completion '
+                                        'column, trained as a user and an assistant message. Preference (JSONL '
+                                        'only): {"input": {"messages": [...]}, "preferred_output": [...], '
+                                        '"non_preferred_output": [...]} per line. Plain text: a text column, '
+                                        'trained on all its tokens with no chat template.')
+    file_type = fields.Selection([('jsonl', 'JSONL'), ('csv', 'CSV'), ('parquet', 'Parquet')], default='jsonl',
+                                 required=True, track_visibility='onchange',
+                                 help='JSONL: one JSON object per line. CSV: a header row naming the columns. '
+                                      'Parquet: read a batch of rows at a time.')
+    prompt_column = fields.Char(default=DEFAULT_COLUMNS['prompt_column'],
+                                help='The column (JSONL: key) holding the prompt.')
+    completion_column = fields.Char(default=DEFAULT_COLUMNS['completion_column'],
+                                    help='The column (JSONL: key) holding the completion the model learns.')
+    text_column = fields.Char(default=DEFAULT_COLUMNS['text_column'],
+                              help='The column (JSONL: key) holding the text.')
+    system_prompt = fields.Text(help='Prompt / completion data: put before each example as a system message.')
+    preview = fields.Html(compute='_compute_preview', sanitize=False,
+                          help='The first examples as the trainer will see them, after conversion.')
     validated_at = fields.Datetime(readonly=True, copy=False)
     example_count = fields.Integer(readonly=True, copy=False)
     message_count = fields.Integer(readonly=True, copy=False)
@@ -59,16 +99,47 @@ class LlmTrainingDataset(models.Model):
     job_ids = fields.Many2many('llm.training.job', 'llm_training_job_dataset_rel', 'dataset_id', 'job_id',
                                string='Jobs', readonly=True)
 
+    @api.depends(*READING_FIELDS)
+    def _compute_preview(self):
+        for dataset in self:
+            if not dataset.attachment_ids and not dataset.server_path:
+                dataset.preview = False
+                continue
+            if dataset.server_path and not dataset.id and \
+                    not self.env.user.has_group('llm_training.group_llm_manager'):
+                # an unsaved form (onchange) must not become a way to read files the saved check refuses
+                dataset.preview = False
+                continue
+            try:
+                examples, problems = preview_examples(dataset._data_streams(), **dataset._reader_options())
+                dataset.preview = render_preview(examples, problems)
+            except (UserError, ValueError, OSError) as e:  # the form still opens, saying why
+                dataset.preview = '<p><i>%s</i></p>' % tools.html_escape(tools.ustr(e))
+
+    @api.onchange('attachment_ids', 'server_path')
+    def _onchange_file_type(self):
+        """Take the File Type from the first file's extension (validation still checks each)."""
+        names = [a.datas_fname or a.name or '' for a in self.attachment_ids] + [self.server_path or '']
+        for name in names:
+            extension = os.path.splitext(name.lower())[1]
+            if extension in EXTENSIONS:
+                self.file_type = EXTENSIONS[extension]
+                return
+
     @api.model
     def create(self, vals):
+        if vals.get('server_path'):
+            self._check_server_path(vals['server_path'])
         dataset = super(LlmTrainingDataset, self).create(vals)
         dataset._own_attachments()
         return dataset
 
     @api.multi
     def write(self, vals):
-        if 'attachment_ids' in vals or 'data_format' in vals:
-            vals = dict(vals, state='draft')  # new files: the old verdict no longer holds
+        if 'server_path' in vals:
+            self._check_server_path(vals['server_path'])
+        if any(name in vals for name in READING_FIELDS):
+            vals = dict(vals, state='draft')  # new files or a new reading: the old verdict no longer holds
         result = super(LlmTrainingDataset, self).write(vals)
         if 'attachment_ids' in vals:
             self._own_attachments()
@@ -108,8 +179,46 @@ class LlmTrainingDataset(models.Model):
             raise DatasetBusyError(_('Dataset "%s" is being validated by another request; try again in a '
                                      'moment.') % self.name)
 
+    @api.model
+    def _check_server_path(self, path):
+        """Only managers name files on the server (here, not only in the view: RPC skips views),
+        and only under the configured root."""
+        if not self.env.user.has_group('llm_training.group_llm_manager'):
+            raise AccessError(_('Only LLM Managers may set a server path on a dataset; upload the file instead.'))
+        if path:
+            try:
+                resolve_server_path(path, data_root())
+            except ServerPathError as e:
+                raise UserError(tools.ustr(e))
+
+    def _reader_options(self):
+        """How lib/dataset_validator reads this dataset's files (format, file type, columns)."""
+        self.ensure_one()
+        return {'data_format': self.data_format, 'file_type': self.file_type, 'prompt_column': self.prompt_column,
+                'completion_column': self.completion_column, 'text_column': self.text_column,
+                'system_prompt': self.system_prompt}
+
+    def _training_format(self):
+        """What the trainer trains this dataset as: chat, preference or text."""
+        self.ensure_one()
+        return TRAINING_FORMATS[self.data_format]
+
+    def _data_streams(self):
+        """(file name, binary stream) per file, opened one at a time so memory stays flat: the
+        uploaded files, then the server file, read in place (its path checked again on open:
+        a link may have changed since it was saved)."""
+        for item in self._attachment_streams():
+            yield item
+        if self.server_path:
+            try:
+                real = resolve_server_path(self.server_path, data_root())
+            except ServerPathError as e:
+                raise UserError(tools.ustr(e))
+            with open(real, 'rb') as stream:
+                yield self.server_path, stream
+
     def _attachment_streams(self):
-        """(file name, binary stream) per file, opened one at a time so memory stays flat."""
+        """(file name, binary stream) per uploaded file."""
         for attachment in self.attachment_ids.sudo():
             if attachment.store_fname:
                 stream = open(attachment._full_path(attachment.store_fname), 'rb')
@@ -121,21 +230,23 @@ class LlmTrainingDataset(models.Model):
     def _validate(self, base_model=None):
         """Validate all files as one dataset, store the verdict and statistics, return the report."""
         self.ensure_one()
-        if not self.attachment_ids:
-            raise UserError(_('Dataset "%s" has no file; upload at least one JSONL file.') % self.name)
+        if not self.attachment_ids and not self.server_path:
+            raise UserError(_('Dataset "%s" has no file; upload at least one file or set a server path.') % self.name)
         self._lock_for_validation()
         max_line, max_file = size_limits()
-        options = {'long_tokens': 4096, 'data_format': self.data_format, 'max_line_bytes': max_line,
-                   'max_file_bytes': max_file}
+        options = dict(self._reader_options(), long_tokens=4096, max_line_bytes=max_line, max_file_bytes=max_file)
         if base_model:
             options['max_tokens'] = base_model.context_length or None
             # the provider's own tokenizer when it has one, else the estimate
             counter = base_model.provider_id._adapter().token_counter(base_model.model_ref)
             if counter:
                 options['count_tokens'] = counter
-        validator = DatasetValidator(**options)
         try:
-            for filename, stream in self._attachment_streams():
+            try:
+                validator = DatasetValidator(**options)
+            except ValueError as e:  # a format the file type cannot hold (preference in CSV)
+                raise UserError(_('Dataset "%s": %s') % (self.name, e))
+            for filename, stream in self._data_streams():
                 validator.validate_file(stream, filename)
         except CounterUnavailable as e:
             raise UserError(_('The token counter of the trainer environment did not answer (%s); check '

@@ -224,6 +224,10 @@ class LlmTrainingEngine(models.AbstractModel):
         if job._data_format() == 'preference' and not provider.supports_dpo:
             raise TrainingFailedError(_('Provider "%s" does supervised fine-tuning on chat datasets only; preference '
                                         '(DPO) datasets need a provider that trains them (OpenAI).') % provider.name)
+        if job._data_format() == 'text' and not provider.supports_text:
+            raise TrainingFailedError(_('Provider "%s" cannot train plain text (continued pre-training); train text '
+                                        'datasets on a provider that does (the local trainer, Ray), or convert them '
+                                        'to chat or prompt / completion data.') % provider.name)
         if provider.techniques and job.technique not in provider.techniques.split(','):
             raise TrainingFailedError(_('Provider "%s" does not train with %s; choose one of %s.')
                                       % (provider.name, job.technique, provider.techniques.replace(',', ', ')))

@@ -415,11 +415,12 @@ class LlmTrainingJob(models.Model):
         return parse_hyperparameters(self.hyperparameters, {name: self[name] for name in FORM_FIELDS})
 
     def _data_format(self):
-        """'chat' or 'preference': the format all of the job's datasets share."""
-        formats = set((self.dataset_ids | self.validation_dataset_ids).mapped('data_format'))
+        """'chat', 'preference' or 'text': what all of the job's datasets train as (prompt /
+        completion data trains as chat)."""
+        formats = {d._training_format() for d in self.dataset_ids | self.validation_dataset_ids}
         if len(formats) > 1:
-            raise TrainingFailedError(_('The datasets mix chat and preference (DPO) formats; a job trains on '
-                                        'one format. Split them into two jobs.'))
+            raise TrainingFailedError(_('The datasets mix %s formats; a job trains on one format. Split them into '
+                                        'separate jobs.') % ' and '.join(sorted(formats)))
         return formats.pop() if formats else 'chat'
 
     def _job_spec(self):
@@ -489,11 +490,12 @@ class LlmTrainingJob(models.Model):
         """Merge the datasets into the job folder's train.jsonl (+ validation.jsonl)."""
         hyper = self._get_hyperparameters()
         os.makedirs(self.work_dir, exist_ok=True)
+        self._data_format()  # refuses datasets that mix formats
         counts = merge_examples(
-            [d._attachment_streams() for d in self.dataset_ids],
-            [d._attachment_streams() for d in self.validation_dataset_ids],
+            [(d._data_streams(), d._reader_options()) for d in self.dataset_ids],
+            [(d._data_streams(), d._reader_options()) for d in self.validation_dataset_ids],
             os.path.join(self.work_dir, 'train.jsonl'), os.path.join(self.work_dir, 'validation.jsonl'),
-            validation_split=hyper['validation_split'], seed=hyper['seed'], data_format=self._data_format())
+            validation_split=hyper['validation_split'], seed=hyper['seed'])
         if counts['train'] < 1:
             raise TrainingFailedError(_('No training examples are left after the validation split.'))
         self._write_workflow({

@@ -222,7 +222,7 @@ class TestDatasetModel(TrainingCase):
 
     def test_no_file(self):
         dataset = self.env['llm.training.dataset'].create({'name': 'empty'})
-        with self.assertRaisesRegex(UserError, 'has no file; upload at least one JSONL file'):
+        with self.assertRaisesRegex(UserError, 'has no file; upload at least one file or set a server path'):
             dataset.action_validate()
 
 

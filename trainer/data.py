@@ -1,4 +1,5 @@
-"""Chat examples -> token ids and labels, with the loss on assistant replies only.
+"""Chat examples -> token ids and labels, with the loss on assistant replies only; text examples
+({"text": ...}, continued pre-training) -> the text's tokens and an end token, all learned.
 
 Each message's tokens are found by rendering the chat template on growing prefixes of the
 conversation, so any template works (ChatML for SmolLM2). For an assistant message, the
@@ -7,6 +8,7 @@ are learned, unless the message has weight 0. Labels are built before any paddin
 for SmolLM2, so masking "pad" tokens afterwards would also mask the real end-of-turn tokens.
 """
 import json
+import os
 
 IGNORE_INDEX = -100
 
@@ -55,17 +57,40 @@ def tokenize_example(tokenizer, example):
     return {'input_ids': input_ids, 'labels': labels}
 
 
+def tokenize_text(tokenizer, example, max_length):
+    """One text example as pieces of at most max_length tokens, every token learned: no chat
+    template (the model reads documents, not turns), the tokenizer's own special tokens (a BOS
+    where the model uses one) and the end token, so the model learns where a text ends. A long
+    text is split, not cut: continued pre-training keeps all of it."""
+    ids = list(tokenizer(example['text'], add_special_tokens=True)['input_ids'])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return [{'input_ids': ids[start:start + max_length], 'labels': ids[start:start + max_length]}
+            for start in range(0, len(ids), max_length)]
+
+
 def load_examples(path):
     with open(path, encoding='utf-8') as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def tokenize_file(tokenizer, path, max_length):
+def tokenize_file(tokenizer, path, max_length, data_format='chat'):
     """Tokenize every example. Returns (features, too_long, nothing_to_learn): examples longer than
-    max_length are cut and listed as (line, length); those with no learnable token left (weight 0
-    everywhere, or the reply cut off) are dropped and listed by line. The caller reports both."""
+    max_length are cut (chat) or split (text) and listed as (line, length); those with no learnable
+    token left (weight 0 everywhere, or the reply cut off) are dropped and listed by line. The
+    caller reports both."""
     features, too_long, nothing_to_learn = [], [], []
     for line_no, example in enumerate(load_examples(path), 1):
+        expected = 'text' if data_format == 'text' else 'messages'
+        if not isinstance(example, dict) or expected not in example:
+            raise ValueError('%s line %d: a %s job needs {"%s": ...} examples; prepare the job again'
+                             % (os.path.basename(path), line_no, data_format, expected))
+        if data_format == 'text':
+            pieces = tokenize_text(tokenizer, example, max_length)
+            if len(pieces) > 1:
+                too_long.append((line_no, sum(len(p['input_ids']) for p in pieces)))
+            features.extend(pieces)
+            continue
         feature = tokenize_example(tokenizer, example)
         if len(feature['input_ids']) > max_length:
             too_long.append((line_no, len(feature['input_ids'])))

@@ -26,6 +26,8 @@ from .job_files import JobFolder
 class TrainConfig:
     base_model_path: str = field(metadata={'help': 'Hugging Face model folder to start from'})
     technique: str = field(default='lora', metadata={'help': 'lora, qlora or full'})
+    data_format: str = field(default='chat', metadata={'help': 'chat (loss on assistant replies) or text (continued '
+                                                               'pre-training: no chat template, loss on every token)'})
     epochs: int = field(default=3, metadata={'help': 'passes over the training data (0: 3)'})
     batch_size: int = field(default=4, metadata={'help': 'examples per step, all processes together (0: 4)'})
     num_processes: int = field(default=1, metadata={'help': 'data-parallel training processes (torchrun): '
@@ -91,6 +93,8 @@ def check_technique(config):
     """Refuse what cannot run here, with a message a person can act on. Never fall back silently."""
     if config.technique not in ('lora', 'qlora', 'full'):
         raise ValueError('unknown technique %r; use lora, qlora or full' % config.technique)
+    if config.data_format not in ('chat', 'text'):
+        raise ValueError("unknown data_format %r; the trainer trains 'chat' or 'text'" % config.data_format)
     if config.technique == 'qlora':
         if not cuda_available():
             raise RuntimeError('QLoRA needs a CUDA GPU and none is available on this machine; '
@@ -312,10 +316,12 @@ def train(folder, config):
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_features, too_long, empty = tokenize_file(tokenizer, folder.file(job_files.TRAIN_FILE), config.max_seq_length)
+    train_features, too_long, empty = tokenize_file(tokenizer, folder.file(job_files.TRAIN_FILE), config.max_seq_length,
+                                                    config.data_format)
     if too_long:
-        folder.event('%d training example(s) longer than max_seq_length=%d were cut: %s'
+        folder.event('%d training example(s) longer than max_seq_length=%d were %s: %s'
                      % (len(too_long), config.max_seq_length,
+                        'split into pieces' if config.data_format == 'text' else 'cut',
                         ', '.join('line %d (%d tokens)' % item for item in too_long[:20])), level='warning')
     if empty:
         folder.event('%d example(s) have nothing to learn (weight 0 or reply cut off) and were left out: lines %s'
@@ -325,7 +331,8 @@ def train(folder, config):
     eval_features = []
     validation_path = folder.file(job_files.VALIDATION_FILE)
     if os.path.exists(validation_path) and os.path.getsize(validation_path):
-        eval_features, _long, _empty = tokenize_file(tokenizer, validation_path, config.max_seq_length)
+        eval_features, _long, _empty = tokenize_file(tokenizer, validation_path, config.max_seq_length,
+                                                     config.data_format)
     n_train_tokens = sum(len(f['input_ids']) for f in train_features)  # real tokens, no padding
 
     model = load_model(config)

@@ -20,7 +20,7 @@ changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
 """
 from ..exceptions import TrainingFailedError
 
-CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'registers_checkpoints', 'uses_api_key',
+CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat')
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed')
@@ -35,7 +35,7 @@ class JobSpec(object):
     base_model        the base model's technical id (model_ref); base_model_name for messages
     technique         lora / qlora / full
     hyperparameters   canonical names (lib/hyperparameters.py)
-    data_format       chat / preference
+    data_format       chat / preference / text (continued pre-training: {"text"} examples)
     work_dir          the job folder: train.jsonl (+ validation.jsonl) prepared there
     validation_examples, seed, suffix
     state             the job's state (queued / training)

@@ -57,7 +57,7 @@ def chat_template_table(python, path):
 @register
 class LocalTrainer(TrainingProvider):
     service = 'local'
-    capabilities = {'can_resume': True, 'can_chat': True, 'techniques': ('lora', 'qlora', 'full')}
+    capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'techniques': ('lora', 'qlora', 'full')}
 
     @property
     def python(self):
@@ -75,6 +75,7 @@ class LocalTrainer(TrainingProvider):
     def trainer_config(self, spec, resume):
         """What the trainer reads from the job folder's config.json."""
         return dict(trainer_config(spec.hyperparameters), technique=spec.technique, resume=resume,
+                    data_format=spec.data_format or 'chat',
                     base_model_path=self.model_path(spec.base_model, spec.base_model_name))
 
     def validate(self, spec):

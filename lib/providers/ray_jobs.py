@@ -48,7 +48,7 @@ def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
 @register
 class RayJobs(TrainingProvider):
     service = 'ray'
-    capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True,
+    capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True, 'supports_text': True,
                     'techniques': ('lora', 'qlora', 'full')}
 
     # -- paths: Odoo's view and the workers' view of the shared storage ----------------------------
@@ -156,7 +156,7 @@ class RayJobs(TrainingProvider):
             spec.note('Ray job %s of this attempt found (%s): adopted' % (spec.job_key, info.get('status')))
             return spec.job_key
         config = dict(trainer_config(spec.hyperparameters), technique=spec.technique, resume=resume,
-                      base_model_path=self.worker_model_path(spec.base_model))
+                      data_format=spec.data_format or 'chat', base_model_path=self.worker_model_path(spec.base_model))
         trainer_folder.prepare_run(spec.work_dir, config, resume)
         if not resume:
             data['offsets'] = {}
