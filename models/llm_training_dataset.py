@@ -2,6 +2,8 @@
 import base64
 import io
 import json
+import logging
+import threading
 
 import psycopg2
 
@@ -10,6 +12,8 @@ from odoo.exceptions import UserError
 
 from ..lib.dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator
 from ..lib.token_count import CounterUnavailable
+
+_logger = logging.getLogger(__name__)
 
 
 class DatasetBusyError(UserError):
@@ -58,6 +62,9 @@ class LlmTrainingDataset(models.Model):
                                       help='The same problems as JSON, for other programs.')
     job_ids = fields.Many2many('llm.training.job', 'llm_training_job_dataset_rel', 'dataset_id', 'job_id',
                                string='Jobs', readonly=True)
+    api_uploaded = fields.Boolean(readonly=True, copy=False, index=True,
+                                  help='Uploaded through the OpenAI-compatible API (/v1/files): validated by a cron '
+                                       'after the upload answers.')
 
     @api.model
     def create(self, vals):
@@ -94,6 +101,26 @@ class LlmTrainingDataset(models.Model):
         self.check_access_rule('write')
         for dataset in self:
             dataset._validate()
+        return True
+
+    @api.model
+    def _cron_validate_uploaded(self, limit=20):
+        """Validate the files uploaded through /v1/files (their status goes from uploaded to
+        processed or error); a file a job validated first is skipped."""
+        testing = getattr(threading.currentThread(), 'testing', False)
+        for dataset in self.search([('api_uploaded', '=', True), ('state', '=', 'draft')], limit=limit, order='id'):
+            try:
+                with self.env.cr.savepoint():
+                    dataset._validate()
+            except DatasetBusyError:
+                continue  # a job is validating it right now
+            except (psycopg2.Error, MemoryError):
+                raise
+            except Exception as e:
+                _logger.exception('Dataset %s: validation failed', dataset.id)
+                dataset.write({'state': 'invalid', 'validation_report': str(e)})
+            if not testing:
+                self.env.cr.commit()  # one file's verdict is kept whatever the next one does
         return True
 
     def _lock_for_validation(self):
