@@ -10,7 +10,7 @@
     'author': 'llm_training',
     'depends': ['mail'],
     # orjson is optional (lib/dataset_validator.py falls back to json); jsonschema is for the tests only
-    'external_dependencies': {'python': ['psutil', 'openai', 'tokenizers']},
+    'external_dependencies': {'python': ['psutil', 'requests', 'openai', 'tokenizers']},
     'data': [
         'security/llm_training_security.xml',
         'security/ir.model.access.csv',

@@ -1,6 +1,7 @@
 # -*- coding: utf-8 -*-
 import logging
 import os
+import types
 
 import psycopg2
 
@@ -14,6 +15,17 @@ from ..lib.providers.base import CAPABILITIES
 _logger = logging.getLogger(__name__)
 # Credentials kept in llm.secret; each field only takes a new value and has a `<name>_hint`.
 SECRET_FIELDS = ('api_key', 'ray_auth_header')
+
+
+def _user_errors(items):
+    """Yield what `items` yields, its provider errors raised as UserError; closing this closes it."""
+    try:
+        for item in items:
+            yield item
+    except (TrainingFailedError, TrainingRetryableError) as e:
+        raise UserError(str(e))
+    finally:
+        items.close()
 
 
 class LlmProvider(models.Model):
@@ -75,6 +87,8 @@ class LlmProvider(models.Model):
     uses_api_key = fields.Boolean(compute='_compute_capabilities')
     lists_models = fields.Boolean(compute='_compute_capabilities', help='Fetch Models lists the account\'s models.')
     tests_connection = fields.Boolean(compute='_compute_capabilities')
+    can_chat = fields.Boolean(compute='_compute_capabilities', help='Answers conversations with its models '
+                                                                    '(chat, chat_stream).')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')
@@ -206,16 +220,20 @@ class LlmProvider(models.Model):
             'storage_path': self.storage_path, 'worker_storage_path': self.worker_storage_path,
             'worker_python': self.worker_python, 'cpus_per_job': self.cpus_per_job, 'gpus_per_job': self.gpus_per_job,
             'trainer_python': tools.config.get('llm_training_trainer_python') or 'python3',
+            # one model server per data folder, shared by the workers; `make stop` looks there too
+            'model_server_dir': os.path.join(tools.config['data_dir'], 'llm_training', 'model_server'),
             'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
                 tools.config['data_dir'], 'llm_training', 'models'),
         }
 
     def _call_adapter(self, method, *args):
-        """A button's call to the service: what goes wrong becomes a message for the user."""
+        """A button's call to the service: what goes wrong becomes a message for the user. A
+        generator (chat_stream) comes back wrapped, so an error while it is read does too."""
         try:
-            return getattr(self._adapter(), method)(*args)
+            result = getattr(self._adapter(), method)(*args)
         except (TrainingFailedError, TrainingRetryableError) as e:
             raise UserError(str(e))
+        return _user_errors(result) if isinstance(result, types.GeneratorType) else result
 
     def _register_remote_models(self, remote_models):
         """Create or update one llm.model per model the service lists ({'id': ...}); a

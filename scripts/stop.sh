@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make stop`: stop the demo Odoo server started by `make demo`.
+# `make stop`: stop the demo Odoo server started by `make demo`, and the model server its local
+# provider started (one per Odoo data folder: <data_dir>/llm_training/model_server/).
 set -uo pipefail
 source "$(cd "$(dirname "$0")/.." && pwd)/scripts/env.sh"
 pidfile="$LLMT_RUN/demo/odoo.pid"
@@ -12,3 +13,4 @@ else
   echo "[stop] no demo Odoo running"
 fi
 rm -f "$pidfile"
+"$LLMT_ODOO_VENV/bin/python" "$LLMT_ROOT/lib/model_server.py" stop "$LLMT_RUN/demo/data/llm_training/model_server"

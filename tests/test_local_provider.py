@@ -27,6 +27,11 @@ class TestLocalProvider(TrainingCase):
                                                 'model_ref': 'SmolLM2-135M-Instruct', 'context_length': 8192})
         cls.data = cls.make_dataset(jsonl(code_word_examples(16)), name='codes.jsonl')
 
+    @classmethod
+    def tearDownClass(cls):
+        cls.local._adapter().model_server().stop()  # the Test button started it
+        super(TestLocalProvider, cls).tearDownClass()
+
     def tearDown(self):
         # Trainers are detached processes: stop any a test left running, or they eat the CPU.
         for job in self.env['llm.training.job'].search([('provider_id', '=', self.local.id)]):

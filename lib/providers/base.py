@@ -21,7 +21,9 @@ changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
 from ..exceptions import TrainingFailedError
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'registers_checkpoints', 'uses_api_key',
-                'lists_models', 'tests_connection')
+                'lists_models', 'tests_connection', 'can_chat')
+# The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
+CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed')
 
 
 class JobSpec(object):
@@ -104,6 +106,17 @@ class TrainingProvider(object):
 
     def generate(self, model_ref, prompt, max_new_tokens=128):
         raise TrainingFailedError('Provider "%s" cannot generate replies.' % self.name)
+
+    def chat(self, model_ref, messages, options=None):
+        """Answer a conversation ([{'role', 'content'}]) with the model: {'text', 'finish_reason'
+        ('stop' or 'length'), 'prompt_tokens', 'completion_tokens'}. `options`: CHAT_OPTIONS."""
+        raise TrainingFailedError('Provider "%s" cannot chat with its models.' % self.name)
+
+    def chat_stream(self, model_ref, messages, options=None):
+        """The same answer as it is produced: an iterator of {'delta': str}, then one
+        {'finish_reason', 'prompt_tokens', 'completion_tokens'}. The request is checked and sent
+        before this returns, so refusals raise here, not at the first item."""
+        raise TrainingFailedError('Provider "%s" cannot chat with its models.' % self.name)
 
     def list_models(self):
         """The service's models: [{'id': model_ref}]."""

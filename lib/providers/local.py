@@ -13,13 +13,13 @@ from . import register
 from .. import trainer_folder
 from ..exceptions import TrainingFailedError
 from ..hyperparameters import check_processes, trainer_config
+from ..model_server import ModelServer, ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
-from .base import TrainingProvider
+from .base import CHAT_OPTIONS, TrainingProvider
 
 _logger = logging.getLogger(__name__)
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE_TIMEOUT = 120
-GENERATE_TIMEOUT = 300
 _TEMPLATE_TABLES = {}  # (model folder, tokenizer config mtime) -> chat template table
 
 
@@ -57,7 +57,7 @@ def chat_template_table(python, path):
 @register
 class LocalTrainer(TrainingProvider):
     service = 'local'
-    capabilities = {'can_resume': True, 'techniques': ('lora', 'qlora', 'full')}
+    capabilities = {'can_resume': True, 'can_chat': True, 'techniques': ('lora', 'qlora', 'full')}
 
     @property
     def python(self):
@@ -155,14 +155,49 @@ class LocalTrainer(TrainingProvider):
                             env=trainer_env(), cwd=ADDON_ROOT, timeout=PROBE_TIMEOUT)
         return TemplateCounter(tokenizer_json, table, exact=exact)
 
+    def model_server(self):
+        """The persistent model server (trainer/serve.py) of this Odoo data folder: one process
+        shared by every worker, started on first use, keeping the last base model loaded."""
+        run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
+        return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT)
+
     def generate(self, model_ref, prompt, max_new_tokens=128):
-        path = self.model_path(model_ref)
-        result = run_trainer_module(self.python, ['trainer.generate', '--model', path, '--prompt', prompt,
-                                                  '--max-new-tokens', str(max_new_tokens)], GENERATE_TIMEOUT)
+        """The model form's Test button and Compare Models: one user message, greedy."""
+        answer = self.chat(model_ref, [{'role': 'user', 'content': prompt}], {'max_tokens': max_new_tokens})
+        return answer['text'].strip()
+
+    def chat(self, model_ref, messages, options=None):
+        path, options = self.model_path(model_ref), chat_options(options)
         try:
-            answer = json.loads(result.stdout.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            answer = {'error': result.stderr.decode()[-2000:]}
-        if 'error' in answer:
-            raise TrainingFailedError('Generation failed: %s' % answer['error'])
-        return answer['reply']
+            return self.model_server().chat(path, messages, **options)
+        except ModelServerError as e:
+            raise TrainingFailedError('Generation failed: %s' % e)
+
+    def chat_stream(self, model_ref, messages, options=None):
+        path, options = self.model_path(model_ref), chat_options(options)
+        try:
+            items = self.model_server().chat_stream(path, messages, **options)
+        except ModelServerError as e:
+            raise TrainingFailedError('Generation failed: %s' % e)
+        return _failed_on_error(items)
+
+
+def chat_options(options):
+    """The options the model server takes, without the unset ones; an unknown one is refused
+    rather than ignored."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(CHAT_OPTIONS))
+    if unknown:
+        raise TrainingFailedError('Unknown chat option(s) %s; the local provider takes %s.'
+                                  % (', '.join(unknown), ', '.join(CHAT_OPTIONS)))
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _failed_on_error(items):
+    try:
+        for item in items:
+            yield item
+    except ModelServerError as e:
+        raise TrainingFailedError('Generation failed: %s' % e)
+    finally:
+        items.close()

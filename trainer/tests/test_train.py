@@ -55,9 +55,9 @@ def test_lora_trains_and_loss_goes_down(tmp_path, model_dir):
     assert os.path.exists(os.path.join(result, 'adapter_config.json'))
     assert os.path.exists(os.path.join(result, 'tokenizer.json'))
     # the result loads and answers with what it learned
-    from trainer.generate import generate
-    reply = generate(result, [{'role': 'user', 'content': 'What is the code word number 3?'}], max_new_tokens=12)
-    assert 'PINEAPPLE' in reply, reply
+    from trainer.serve import ModelCache, chat
+    reply = chat(ModelCache(), result, [{'role': 'user', 'content': 'What is the code word number 3?'}], max_tokens=12)
+    assert 'PINEAPPLE' in reply['text'], reply
 
 
 def test_full_fine_tuning(tmp_path, model_dir):

@@ -1,0 +1,271 @@
+"""Odoo's side of the persistent model server (trainer/serve.py, in the trainer venv).
+
+One server per run folder, shared by every Odoo worker of that data folder: its state file
+(`server.json`: pid, port, start time) names it; `ensure_running` uses a live, healthy server or
+starts one detached (own session, log `server.log` in the run folder) under a file lock, so two
+workers never start two. The local provider keeps its run folder at
+`<data_dir>/llm_training/model_server/` (Odoo's data_dir), which is where `make stop` looks.
+No Odoo import: plain Python 3.7 with `requests` and `psutil`.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import requests
+
+STATE_FILE = 'server.json'
+LOCK_FILE = 'server.lock'
+LOG_FILE = 'server.log'
+START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
+REQUEST_TIMEOUT = 300  # one generation, loading its model included
+HEALTH_TIMEOUT = 5
+STOP_TIMEOUT = 20
+
+
+class ModelServerError(Exception):
+    """The server refused a request or could not be reached; `status` is its HTTP status, if any."""
+
+    def __init__(self, message, status=None):
+        super(ModelServerError, self).__init__(message)
+        self.status = status
+
+
+def read_state(run_dir):
+    try:
+        with open(os.path.join(run_dir, STATE_FILE)) as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) and state.get('pid') and state.get('port') else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_server_process(pid, started_at=None):
+    """Whether `pid` is a live trainer.serve process (not a later process reusing the pid)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started_at is not None and process.create_time() > started_at + 1:
+            return False  # born after the state file was written: a reused pid
+        return 'trainer.serve' in ' '.join(process.cmdline())
+    except (psutil.Error, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _locked(path, timeout):
+    with open(path, 'a') as lock:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise ModelServerError('another process has held %s for %d s' % (path, timeout))
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class ModelServer(object):
+    """A client of the model server in `run_dir`, starting it when needed.
+
+    python     the trainer venv's python (runs `python -m trainer.serve`)
+    port       a fixed port on 127.0.0.1, or None: the OS chooses one (read from the state file)
+    env, cwd   the trainer's environment and working folder (lib/providers/local.py gives them)
+    """
+
+    def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
+                 request_timeout=REQUEST_TIMEOUT):
+        self.python = python
+        self.run_dir = run_dir
+        self.port = port
+        self.env = env
+        self.cwd = cwd
+        self.start_timeout = start_timeout
+        self.request_timeout = request_timeout
+        self._session = requests.Session()
+
+    # -- the process -----------------------------------------------------------------------------
+    def health(self, state=None):
+        """The /health answer of the server the state file names, or None (not running, not ours,
+        not answering)."""
+        state = state or read_state(self.run_dir)
+        if not state or not is_server_process(state['pid'], state.get('started_at')):
+            return None
+        try:
+            answer = self._session.get(self._url(state, '/health'), timeout=HEALTH_TIMEOUT)
+            health = answer.json()
+        except (requests.RequestException, ValueError):
+            return None
+        return health if answer.status_code == 200 and health.get('pid') == state['pid'] else None
+
+    def ensure_running(self):
+        """The state ({'pid', 'port', ...}) of a live, healthy server, started here if needed."""
+        state = read_state(self.run_dir)
+        if self.health(state):
+            return state
+        os.makedirs(self.run_dir, exist_ok=True)
+        with _locked(os.path.join(self.run_dir, LOCK_FILE), self.start_timeout + 10):
+            state = read_state(self.run_dir)  # another worker may have started it while we waited
+            if self.health(state):
+                return state
+            if state and is_server_process(state['pid'], state.get('started_at')):
+                self._kill(state['pid'])  # alive but not answering: replace it
+            self._remove_state()
+            return self._start()
+
+    def _start(self):
+        command = [self.python, '-m', 'trainer.serve', '--port', str(self.port or 0),
+                   '--state-file', os.path.join(self.run_dir, STATE_FILE)]
+        with open(os.path.join(self.run_dir, LOG_FILE), 'ab') as log:
+            try:
+                process = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True,  # outlives this worker
+                                           close_fds=True)
+            except OSError as e:
+                raise ModelServerError('cannot run the trainer Python %s (%s)' % (self.python, e))
+        deadline = time.time() + self.start_timeout
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise ModelServerError('the model server exited with code %s: %s' % (process.returncode, self.log_tail()))
+            state = read_state(self.run_dir)
+            if state and state['pid'] == process.pid and self.health(state):
+                return state
+            time.sleep(0.2)
+        self._kill(process.pid)
+        raise ModelServerError('the model server did not answer within %d s: %s' % (self.start_timeout, self.log_tail()))
+
+    def stop(self):
+        """Stop the server this run folder names, if any: /shutdown, then SIGTERM, then SIGKILL.
+        True if one was running."""
+        state = read_state(self.run_dir)
+        if not state or not is_server_process(state['pid'], state.get('started_at')):
+            self._remove_state()
+            return False
+        try:
+            self._session.post(self._url(state, '/shutdown'), timeout=HEALTH_TIMEOUT)
+        except requests.RequestException:
+            pass
+        if not self._wait_exit(state['pid'], STOP_TIMEOUT / 2):
+            self._kill(state['pid'])
+        self._remove_state()
+        return True
+
+    def _kill(self, pid):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                return
+            if self._wait_exit(pid, STOP_TIMEOUT / 2):
+                return
+
+    @staticmethod
+    def _wait_exit(pid, timeout):
+        try:
+            psutil.Process(pid).wait(timeout)  # also reaps it when it is our child
+            return True
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.TimeoutExpired:
+            return False
+
+    def _remove_state(self):
+        try:
+            os.remove(os.path.join(self.run_dir, STATE_FILE))
+        except OSError:
+            pass
+
+    def log_tail(self, size=2000):
+        try:
+            with open(os.path.join(self.run_dir, LOG_FILE), 'rb') as f:
+                f.seek(max(0, os.path.getsize(f.name) - size))
+                return f.read().decode('utf-8', 'replace')
+        except OSError:
+            return ''
+
+    @staticmethod
+    def _url(state, path):
+        return 'http://127.0.0.1:%d%s' % (state['port'], path)
+
+    # -- generation ------------------------------------------------------------------------------
+    def chat(self, model_path, messages, **options):
+        """{'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'}. Options: max_tokens,
+        temperature (0: greedy), top_p, stop, seed."""
+        answer = self._post(model_path, messages, options, stream=False)
+        try:
+            return answer.json()
+        finally:
+            answer.close()
+
+    def chat_stream(self, model_path, messages, **options):
+        """An iterator of {'delta': str} dicts, then one {'finish_reason', 'prompt_tokens',
+        'completion_tokens'}. The request is sent (and refused) here, before the first item is
+        asked for; closing the iterator early closes the connection and stops the generation."""
+        return self._lines(self._post(model_path, messages, options, stream=True))
+
+    def _post(self, model_path, messages, options, stream):
+        body = dict(options, model=model_path, messages=messages, stream=stream)
+        for attempt in (1, 2):
+            state = self.ensure_running()
+            try:
+                answer = self._session.post(self._url(state, '/chat'), json=body, stream=stream,
+                                            timeout=(HEALTH_TIMEOUT, self.request_timeout))
+                break
+            except requests.ConnectionError:
+                if attempt == 2:  # the server died between the health check and the request, twice
+                    raise ModelServerError('the model server stopped answering: %s' % self.log_tail())
+            except requests.Timeout:
+                raise ModelServerError('the model server did not answer within %d s' % self.request_timeout)
+        if answer.status_code != 200:
+            try:
+                message = answer.json().get('error') or answer.text
+            except ValueError:
+                message = answer.text
+            answer.close()
+            raise ModelServerError(message, answer.status_code)
+        return answer
+
+    @staticmethod
+    def _lines(answer):
+        try:
+            for line in answer.iter_lines():
+                if not line:
+                    continue
+                item = json.loads(line.decode('utf-8'))
+                if 'error' in item:
+                    raise ModelServerError(item['error'], 500)
+                yield item
+                if 'finish_reason' in item:
+                    return
+            raise ModelServerError('the model server ended the answer early')
+        except (requests.RequestException, ValueError) as e:
+            raise ModelServerError('the model server\'s answer broke off: %s' % e)
+        finally:
+            answer.close()
+
+
+def main(argv=None):
+    """`python lib/model_server.py stop RUN_DIR...`: what `make stop` runs (no Odoo needed)."""
+    import argparse
+    parser = argparse.ArgumentParser(description='Stop the model servers of these run folders.')
+    parser.add_argument('action', choices=['stop'])
+    parser.add_argument('run_dirs', nargs='+')
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        stopped = ModelServer(None, run_dir).stop()
+        print('[stop] model server in %s %s' % (run_dir, 'stopped' if stopped else 'was not running'))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The local provider answers through one persistent model server (trainer/serve.py) per data
+folder: the Test button, Compare Models and chat / chat_stream, with the real SmolLM2 model."""
+import os
+import threading
+
+import psutil
+
+from odoo.exceptions import UserError
+
+from odoo.addons.llm_training.lib.model_server import STATE_FILE, ModelServer, read_state
+
+from .common import TrainingCase
+
+
+def server_processes(run_dir):
+    """The live trainer.serve processes whose state file is in `run_dir`."""
+    state_file = os.path.join(run_dir, STATE_FILE)
+    found = []
+    for process in psutil.process_iter(['cmdline']):
+        cmdline = process.info['cmdline'] or []
+        if 'trainer.serve' in cmdline and state_file in cmdline:
+            found.append(process.pid)
+    return found
+
+
+class TestModelServer(TrainingCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super(TestModelServer, cls).setUpClass()
+        cls.local = cls.env['llm.provider'].create({'name': 'Local', 'service': 'local'})
+        cls.smol = cls.env['llm.model'].create({'name': 'SmolLM2', 'provider_id': cls.local.id,
+                                                'model_ref': 'SmolLM2-135M-Instruct'})
+        cls.server = cls.local._adapter().model_server()
+        cls.server.stop()  # start from no server, whatever an earlier test left
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        super(TestModelServer, cls).tearDownClass()
+
+    def test_one_server_answers_every_call_and_stops(self):
+        run_dir = self.server.run_dir
+        self.assertEqual(run_dir, os.path.join(self.local._adapter_config()['model_server_dir']))
+        # two workers asking at once start one server between them (the start lock)
+        states = []
+        clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd) for _ in range(2)]
+        threads = [threading.Thread(target=lambda c=c: states.append(c.ensure_running())) for c in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        self.assertEqual(len(states), 2)
+        self.assertEqual(states[0]['pid'], states[1]['pid'])
+        pid = states[0]['pid']
+        self.assertEqual(server_processes(run_dir), [pid])
+
+        self.smol.test_prompt = 'What is the capital of France?'
+        self.smol.action_test_model()
+        self.assertIn('Paris', self.smol.test_reply)
+        wizard = self.env['llm.model.compare.wizard'].create({'model_ids': [(6, 0, self.smol.ids)],
+                                                               'prompt': 'What is the capital of France?'})
+        wizard.action_compare()
+        self.assertIn('Paris', wizard.result)
+        self.assertEqual(read_state(run_dir)['pid'], pid, 'the second and third calls used the same server')
+        self.assertEqual(server_processes(run_dir), [pid])
+        self.assertTrue(self.server.health()['loaded']['base'].endswith('SmolLM2-135M-Instruct'))
+
+        self.assertTrue(self.server.stop())
+        self.assertFalse(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        self.assertIsNone(read_state(run_dir))
+        self.assertFalse(self.server.stop(), 'nothing left to stop')
+
+    def test_chat_and_chat_stream_through_the_provider(self):
+        messages = [{'role': 'user', 'content': 'What is the capital of France?'}]
+        options = {'max_tokens': 30, 'temperature': 0, 'stop': None}
+        whole = self.local._call_adapter('chat', self.smol.model_ref, messages, options)
+        self.assertEqual(set(whole), {'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'})
+        self.assertIn('Paris', whole['text'])
+        items = list(self.local._call_adapter('chat_stream', self.smol.model_ref, messages, options))
+        self.assertTrue(all(set(item) == {'delta'} for item in items[:-1]))
+        self.assertEqual(''.join(item['delta'] for item in items[:-1]), whole['text'])
+        self.assertEqual(items[-1], {k: whole[k] for k in ('finish_reason', 'prompt_tokens', 'completion_tokens')})
+        # a stream left after its first item closes its connection; the server answers the next call
+        stream = self.local._call_adapter('chat_stream', self.smol.model_ref, messages, {'max_tokens': 200})
+        self.assertIn('delta', next(stream))
+        stream.close()
+        self.assertEqual(self.local._call_adapter('chat', self.smol.model_ref, messages, options), whole)
+
+    def test_refusals_are_user_errors(self):
+        messages = [{'role': 'user', 'content': 'Hi'}]
+        with self.assertRaisesRegex(UserError, 'Unknown chat option.*presence_penalty'):
+            self.local._call_adapter('chat', self.smol.model_ref, messages, {'presence_penalty': 1})
+        with self.assertRaisesRegex(UserError, 'no Hugging Face model folder'):
+            self.local._call_adapter('chat_stream', 'no-such-model', messages, {})
+        with self.assertRaisesRegex(UserError, 'Generation failed: "max_tokens"'):
+            self.local._call_adapter('chat_stream', self.smol.model_ref, messages, {'max_tokens': -1})
+        with self.assertRaisesRegex(UserError, 'Provider "Scripted" cannot chat'):
+            self.provider._call_adapter('chat', 'tiny-1', messages, {})
+        self.assertTrue(self.local.can_chat)
+        self.assertFalse(self.provider.can_chat)

@@ -1,0 +1,475 @@
+"""A persistent local model server: one base model kept loaded, LoRA adapters swapped on it.
+
+    python -m trainer.serve --port 0 --state-file RUN_DIR/server.json [--max-adapters 8]
+
+Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
+port is written with the pid to the state file (atomically) once the socket listens, which is how
+lib/model_server.py finds it. Requests are answered in threads, generations run one at a time (a
+lock: on a CPU two at once are slower than one after the other).
+
+    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters", "active"}}
+    POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
+                      "top_p", "stop": [str], "seed", "stream"}
+                     -> {"text", "finish_reason": "stop"|"length", "prompt_tokens", "completion_tokens"}
+                     stream: one JSON object per line, {"delta": "..."} ..., then
+                     {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
+    POST /shutdown   answers, then exits; SIGTERM does the same
+
+A model folder is either a full model (config.json: loaded as the base, replacing the loaded one)
+or a LoRA adapter (adapter_config.json naming its base in base_model_name_or_path: the base is
+loaded if it is not, the adapter is loaded on it by name and at most `--max-adapters` stay, least
+recently used evicted). Errors are {"error": "..."} with 400 (bad request), 404 (no such model
+folder) or 500.
+"""
+import argparse
+import collections
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEFAULT_MAX_TOKENS = 256
+MAX_BODY = 4 * 1024 * 1024
+MAX_STOP_STRINGS = 8
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the HTTP status to answer."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+# -- the request ------------------------------------------------------------------------------------
+def parse_chat_request(body):
+    """Check a /chat body and return it with defaults; RequestError (400) says what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError('the body must be a JSON object')
+    model = body.get('model')
+    if not isinstance(model, str) or not model:
+        raise RequestError('"model" must be a model folder path')
+    messages = body.get('messages')
+    if not isinstance(messages, list) or not messages:
+        raise RequestError('"messages" must be a non-empty list')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get('role'), str) \
+                or not isinstance(message.get('content'), str):
+            raise RequestError('messages[%d] must have a string "role" and "content"' % i)
+    max_tokens = body.get('max_tokens')
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise RequestError('"max_tokens" must be a positive integer or null')
+    temperature = body.get('temperature')
+    temperature = 0.0 if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise RequestError('"temperature" must be a number from 0 to 2')
+    top_p = body.get('top_p')
+    top_p = 1.0 if top_p is None else top_p
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise RequestError('"top_p" must be a number in (0, 1]')
+    stop = body.get('stop')
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or \
+            not all(isinstance(s, str) and s for s in stop):
+        raise RequestError('"stop" must be a non-empty string or a list of at most %d' % MAX_STOP_STRINGS)
+    seed = body.get('seed')
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError('"seed" must be an integer or null')
+    return {'model': model, 'messages': messages, 'max_tokens': max_tokens, 'temperature': float(temperature),
+            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream'))}
+
+
+# -- stop strings -----------------------------------------------------------------------------------
+class StopText(object):
+    """Turns the growing decoded text into deltas that never show a stop string, even in part:
+    text that could still be the start of a stop string is held back until it cannot."""
+
+    def __init__(self, stop):
+        self.stop = list(stop)
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, text, final=False):
+        """The delta to send now for the whole decoded text so far ('' when nothing is safe yet)."""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            end = cut
+        elif final:
+            end = len(text)
+        else:
+            end = len(text) - self._held_back(text)
+        if end <= self.sent:
+            return ''
+        delta, self.sent = text[self.sent:end], end
+        return delta
+
+    def _held_back(self, text):
+        """Length of the longest end of `text` that begins some stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if s.startswith(text[-n:]):
+                    longest = n
+                    break
+        return longest
+
+
+class DeltaStreamer(object):
+    """A transformers streamer (put/end, called by `generate`) that decodes the new tokens and
+    hands safe deltas to `emit`; it raises the flag its stopping criterion reads when a stop string
+    appears, so generation ends at the next step."""
+
+    def __init__(self, tokenizer, stop, emit):
+        self.tokenizer = tokenizer
+        self.text = StopText(stop)
+        self.emit = emit
+        self.ids = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first pushes the prompt
+            self.prompt_seen = True
+            return
+        if self.text.stopped:
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith('\ufffd'):  # a character cut between tokens: wait for its other bytes
+            return
+        delta = self.text.feed(text)
+        if delta:
+            self.emit(delta)
+
+    def end(self):
+        if not self.text.stopped:
+            delta = self.text.feed(self.tokenizer.decode(self.ids, skip_special_tokens=True), final=True)
+            if delta:
+                self.emit(delta)
+
+
+# -- the models -------------------------------------------------------------------------------------
+def model_kind(path):
+    """('adapter', base folder) or ('full', path); RequestError 404 when `path` is no model folder."""
+    adapter_config = os.path.join(path, 'adapter_config.json')
+    if os.path.isfile(adapter_config):
+        with open(adapter_config) as f:
+            base = json.load(f).get('base_model_name_or_path')
+        if not base or not os.path.isfile(os.path.join(base, 'config.json')):
+            raise RequestError('adapter %s names base model %r, which is not a model folder here' % (path, base), 404)
+        return 'adapter', os.path.realpath(base)
+    if os.path.isfile(os.path.join(path, 'config.json')):
+        return 'full', path
+    raise RequestError('no model folder at %s (no config.json or adapter_config.json)' % path, 404)
+
+
+def folder_version(path):
+    """Changes when the folder's weights are rewritten, so a retrained folder is loaded again."""
+    stamps = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(('.safetensors', '.bin', '.json')):
+            stamps.append('%s:%s' % (name, os.stat(os.path.join(path, name)).st_mtime_ns))
+    return hashlib.sha1('|'.join([path] + stamps).encode()).hexdigest()[:16]
+
+
+class ModelCache(object):
+    """One base model in memory (a new base replaces it) and up to `max_adapters` LoRA adapters
+    loaded on it by name, least recently used evicted. Not thread-safe: the caller holds the lock."""
+
+    def __init__(self, max_adapters=8):
+        self.max_adapters = max_adapters
+        self.base_key = None  # (realpath, version)
+        self.model = None  # the base, or a PeftModel around it once an adapter was loaded
+        self.tokenizers = collections.OrderedDict()  # folder -> tokenizer (a few)
+        self.adapters = collections.OrderedDict()  # adapter name -> folder, least recent first
+
+    def describe(self):
+        return {'base': self.base_key[0] if self.base_key else None, 'adapters': list(self.adapters.values())}
+
+    def get(self, path):
+        """(model to call generate on, tokenizer, adapter name or None) for a model folder; the
+        model has that adapter active, or its adapters disabled when adapter name is None."""
+        path = os.path.realpath(path)
+        kind, base = model_kind(path)
+        self._load_base(base)
+        name = None
+        if kind == 'adapter':
+            name = 'a' + folder_version(path)
+            self._load_adapter(name, path)
+        return self.model, self._tokenizer(path if _has_tokenizer(path) else base), name
+
+    def _load_base(self, base):
+        from transformers import AutoModelForCausalLM
+        key = (base, folder_version(base))
+        if key == self.base_key:
+            return
+        self.model, self.base_key, self.adapters = None, None, collections.OrderedDict()  # free it first
+        model = AutoModelForCausalLM.from_pretrained(base)
+        model.eval()
+        self.model, self.base_key = model, key
+
+    def _load_adapter(self, name, path):
+        from peft import PeftModel
+        if name in self.adapters:
+            self.adapters.move_to_end(name)
+            return
+        if len(self.adapters) >= self.max_adapters:
+            oldest = next(iter(self.adapters))
+            self.model.delete_adapter(oldest)
+            del self.adapters[oldest]
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+        self.model.eval()
+        self.adapters[name] = path
+
+    def _tokenizer(self, folder):
+        from transformers import AutoTokenizer
+        if folder not in self.tokenizers:
+            self.tokenizers[folder] = AutoTokenizer.from_pretrained(folder)
+            while len(self.tokenizers) > self.max_adapters + 1:
+                self.tokenizers.popitem(last=False)
+        self.tokenizers.move_to_end(folder)
+        return self.tokenizers[folder]
+
+
+def _has_tokenizer(path):
+    return os.path.isfile(os.path.join(path, 'tokenizer_config.json'))
+
+
+def context_length(model):
+    config = getattr(model, 'config', None)
+    return getattr(config, 'max_position_embeddings', None) or 2048
+
+
+def run_chat(cache, request, emit):
+    """Generate the reply to one checked request, handing text deltas to `emit` as they come;
+    returns {'finish_reason', 'prompt_tokens', 'completion_tokens'}. The caller holds the lock."""
+    import contextlib
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, tokenizer, adapter = cache.get(request['model'])
+    inputs = tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
+                                           return_tensors='pt', return_dict=True)
+    prompt_tokens = int(inputs['input_ids'].shape[1])
+    room = context_length(model) - prompt_tokens
+    if room < 1:
+        raise RequestError('the messages take %d tokens; the model\'s context is %d'
+                           % (prompt_tokens, context_length(model)))
+    max_new = min(request['max_tokens'], room)
+    streamer = DeltaStreamer(tokenizer, request['stop'], emit)
+
+    class StopStringSeen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), streamer.text.stopped, dtype=torch.bool)
+
+    options = dict(max_new_tokens=max_new, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopStringSeen()]),
+                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if request['temperature'] > 0:
+        options.update(do_sample=True, temperature=request['temperature'], top_p=request['top_p'])
+        if request['seed'] is not None:
+            torch.manual_seed(request['seed'])
+    else:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if adapter:
+        model.set_adapter(adapter)
+        adapters_off = contextlib.nullcontext()
+    else:
+        adapters_off = model.disable_adapter() if hasattr(model, 'disable_adapter') else contextlib.nullcontext()
+    with torch.inference_mode(), adapters_off:
+        output = model.generate(**inputs, **options)
+    completion = output[0][prompt_tokens:]
+    if streamer.text.stopped:
+        completion_tokens, finish = len(streamer.ids), 'stop'
+    else:
+        completion_tokens = int(completion.shape[0])
+        ended = completion_tokens and int(completion[-1]) in _eos_ids(model, tokenizer)
+        finish = 'stop' if ended or completion_tokens < max_new else 'length'
+    return {'finish_reason': finish, 'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens}
+
+
+def chat(cache, model, messages, **options):
+    """One whole answer in this process (no HTTP): {'text', 'finish_reason', 'prompt_tokens',
+    'completion_tokens'}; options as in /chat."""
+    parts = []
+    final = run_chat(cache, parse_chat_request(dict(options, model=model, messages=messages)), parts.append)
+    return dict(final, text=''.join(parts))
+
+
+def _eos_ids(model, tokenizer):
+    ids = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    server_version = 'llm-training-serve'
+
+    def log_message(self, fmt, *args):
+        sys.stderr.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), fmt % args))
+
+    def _json(self, status, data):
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path != '/health':
+            return self._json(404, {'error': 'unknown path %s' % self.path})
+        self._json(200, {'status': 'ok', 'pid': os.getpid(), 'loaded': self.server.describe()})
+
+    def do_POST(self):
+        try:
+            length = int(self.headers.get('Content-Length') or 0)
+            if length > MAX_BODY:
+                raise RequestError('the body is over %d bytes' % MAX_BODY, 413)
+            raw = self.rfile.read(length) if length else b''
+            if self.path == '/shutdown':
+                self._json(200, {'status': 'shutting down'})
+                self.server.stop_soon()
+                return
+            if self.path != '/chat':
+                raise RequestError('unknown path %s' % self.path, 404)
+            try:
+                body = json.loads(raw.decode('utf-8') or 'null')
+            except ValueError as e:
+                raise RequestError('the body is not JSON: %s' % e)
+            request = parse_chat_request(body)
+        except RequestError as e:
+            return self._json(e.status, {'error': str(e)})
+        if request['stream']:
+            self._stream(request)
+        else:
+            self._whole(request)
+
+    def _whole(self, request):
+        try:
+            with self.server.lock:
+                answer = chat(self.server.cache, **request)
+        except RequestError as e:
+            return self._json(e.status, {'error': str(e)})
+        except Exception as e:  # a failed generation answers 500 and the server goes on
+            self.log_error('chat failed: %r', e)
+            return self._json(500, {'error': '%s: %s' % (type(e).__name__, e)})
+        self._json(200, answer)
+
+    def _stream(self, request):
+        """NDJSON in chunked encoding. The status line goes out only once the model is loaded and
+        the prompt checked, so that those errors still get their HTTP status."""
+        started = []
+
+        def write_line(data):
+            if not started:
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/x-ndjson')
+                self.send_header('Transfer-Encoding', 'chunked')
+                self.end_headers()
+                started.append(True)
+            line = json.dumps(data).encode() + b'\n'
+            self.wfile.write(b'%x\r\n%s\r\n' % (len(line), line))
+            self.wfile.flush()
+
+        try:
+            with self.server.lock:
+                final = run_chat(self.server.cache, request, lambda delta: write_line({'delta': delta}))
+            write_line(final)
+        except (BrokenPipeError, ConnectionResetError):  # the client left: generation stopped with it
+            self.close_connection = True
+            return
+        except Exception as e:
+            status = e.status if isinstance(e, RequestError) else 500
+            if not isinstance(e, RequestError):
+                self.log_error('chat failed: %r', e)
+            message = str(e) if isinstance(e, RequestError) else '%s: %s' % (type(e).__name__, e)
+            if not started:
+                return self._json(status, {'error': message})
+            try:
+                write_line({'error': message})
+            except OSError:
+                self.close_connection = True
+                return
+        try:
+            self.wfile.write(b'0\r\n\r\n')
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+
+class ModelServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port, max_adapters=8):
+        super().__init__(('127.0.0.1', port), Handler)
+        self.cache = ModelCache(max_adapters)
+        self.lock = threading.Lock()
+
+    def describe(self):
+        # read without the lock: a health check must answer while a generation runs
+        return self.cache.describe()
+
+    def stop_soon(self):
+        """shutdown() waits for serve_forever to return: call it from another thread."""
+        threading.Thread(target=self.shutdown, daemon=True).start()
+
+
+def write_state(path, data):
+    tmp = '%s.tmp.%d' % (path, os.getpid())
+    with open(tmp, 'w') as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def remove_state(path):
+    """Remove the state file only if it still names this process (a newer server may own it)."""
+    try:
+        with open(path) as f:
+            if json.load(f).get('pid') == os.getpid():
+                os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--port', type=int, default=0, help='port on 127.0.0.1 (0: the OS chooses)')
+    parser.add_argument('--state-file', help='JSON file to write {"pid", "port", "started_at"} to once listening')
+    parser.add_argument('--max-adapters', type=int, default=8, help='LoRA adapters kept loaded at most')
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    server = ModelServer(args.port, args.max_adapters)
+    port = server.server_address[1]
+    signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
+    if args.state_file:
+        write_state(args.state_file, {'pid': os.getpid(), 'port': port, 'started_at': time.time()})
+    sys.stderr.write('model server listening on 127.0.0.1:%d (pid %d)\n' % (port, os.getpid()))
+    sys.stderr.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        if args.state_file:
+            remove_state(args.state_file)
+        sys.stderr.write('model server stopped\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
