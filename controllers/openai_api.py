@@ -27,8 +27,7 @@ import uuid
 import psycopg2
 import werkzeug
 
-import odoo
-from odoo import api, http, tools
+from odoo import http, tools
 from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.http import request, Response
 
@@ -477,49 +476,51 @@ class OpenAIApi(http.Controller):
         model_name, messages, options, stream, include_usage = oa.chat_request(
             oa.json_body(request.httprequest.get_data()))
         model = self._find_model(env, model_name, param='model')
-        adapter = model.provider_id._adapter()
-        if not callable(getattr(adapter, 'chat_stream' if stream else 'chat', None)):
+        if not model.provider_id.can_chat:
             raise oa.ApiError(400, 'Model %s cannot chat: its provider "%s" serves no chat completions.'
                               % (model_name, model.provider_id.name), param='model', code='model_not_supported')
         completion_id = 'chatcmpl-%s' % uuid.uuid4().hex
         created = int(time.time())
+        try:
+            # a stream's request is sent (or refused) here, so a refusal is still an HTTP error
+            answer = model.provider_id._call_adapter('chat_stream' if stream else 'chat', model.model_ref, messages,
+                                                     options)
+        except UserError as e:
+            raise oa.ApiError(503, 'The model server failed: %s' % e.name, code='model_server_error')
         if not stream:
-            try:
-                result = model.provider_id._call_adapter('chat', model.model_ref, messages, options)
-            except UserError as e:
-                raise oa.ApiError(503, 'The model server failed: %s' % e.name, code='model_server_error')
-            return _json(oa.completion_object(completion_id, created, model_name, result))
-        return Response(self._stream(env.cr.dbname, env.uid, model.id, model_name, messages, options, include_usage,
-                                     completion_id, created),
-                        status=200, headers=[('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache')],
-                        direct_passthrough=True)
+            return _json(oa.completion_object(completion_id, created, model_name, answer))
+        return Response(_stream(answer, model_name, include_usage, completion_id, created), status=200,
+                        headers=[('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'),
+                                 ('X-Accel-Buffering', 'no')], direct_passthrough=True)
 
-    def _stream(self, dbname, uid, model_id, model_name, messages, options, include_usage, completion_id, created):
-        """Server-sent events. Runs after the request's cursor is closed: it opens its own, as the
-        key's user, for as long as the model answers."""
-        chunk = functools.partial(oa.chunk_object, completion_id, created, model_name, with_usage=include_usage)
-        with odoo.registry(dbname).cursor() as cr:
-            env = api.Environment(cr, uid, {})
-            model = env['llm.model'].browse(model_id)
-            try:
-                yield oa.sse(chunk(delta={'role': 'assistant', 'content': ''}))
-                final = {}
-                for piece in model.provider_id._call_adapter('chat_stream', model.model_ref, messages, options):
-                    if 'delta' in piece:
-                        if piece['delta']:
-                            yield oa.sse(chunk(delta={'content': piece['delta']}))
-                    else:
-                        final = piece
-                yield oa.sse(chunk(finish_reason=final.get('finish_reason') or 'stop'))
-                if include_usage:
-                    yield oa.sse(oa.chunk_object(completion_id, created, model_name, usage_chunk=oa.usage(final)))
-            except (UserError, TrainingFailedError, TrainingRetryableError) as e:
-                yield oa.sse(oa.error_body(500, 'The model server failed: %s' % (getattr(e, 'name', None) or e),
-                                           code='model_server_error'))
-            except Exception:
-                _logger.exception('OpenAI-compatible API: chat stream failed')
-                yield oa.sse(oa.error_body(500, 'The server had an error while streaming.', code='server_error'))
-        yield oa.sse('[DONE]')
+
+def _stream(items, model_name, include_usage, completion_id, created):
+    """Server-sent events of the adapter's items. This runs after the request's cursor is closed,
+    so it touches no database: the adapter call was made (and its refusal answered) in the
+    request; what is left is the model server's stream."""
+    chunk = functools.partial(oa.chunk_object, completion_id, created, model_name, with_usage=include_usage)
+    try:
+        yield oa.sse(chunk(delta={'role': 'assistant', 'content': ''}))
+        final = {}
+        for piece in items:
+            if 'delta' in piece:
+                if piece['delta']:
+                    yield oa.sse(chunk(delta={'content': piece['delta']}))
+            else:
+                final = piece
+        yield oa.sse(chunk(finish_reason=final.get('finish_reason') or 'stop'))
+        if include_usage:
+            yield oa.sse(oa.chunk_object(completion_id, created, model_name, usage_chunk=oa.usage(final)))
+    except (UserError, TrainingFailedError, TrainingRetryableError) as e:
+        yield oa.sse(oa.error_body(500, 'The model server failed: %s' % (getattr(e, 'name', None) or e),
+                                   code='model_server_error'))
+    except Exception:
+        _logger.exception('OpenAI-compatible API: chat stream failed')
+        yield oa.sse(oa.error_body(500, 'The server had an error while streaming.', code='server_error'))
+    finally:
+        if hasattr(items, 'close'):
+            items.close()  # a client that went away stops the generation
+    yield oa.sse('[DONE]')
 
 
 def _loads(text):

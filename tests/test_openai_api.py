@@ -50,7 +50,7 @@ class ApiCase(HttpCase):
         self.base_url = 'http://127.0.0.1:%d/v1' % odoo.tools.config['http_port']
         self.env['ir.config_parameter'].set_param('llm_training.api_requests_per_minute', '0')
         self.env['ir.config_parameter'].set_param('llm_training.api_running_jobs_per_company', '0')
-        self.scripted = self.env['llm.provider'].create({'name': 'Scripted', 'service': 'test',
+        self.scripted = self.env['llm.provider'].create({'name': 'Scripted', 'service': 'test_chat',
                                                          'max_concurrent_jobs': 0})
         self.tiny = self.env['llm.model'].create({'name': 'Tiny', 'provider_id': self.scripted.id,
                                                   'model_ref': 'tiny-api', 'context_length': 2048})
@@ -190,6 +190,32 @@ class TestOpenAIApiRequests(ApiCase):
         self.refused(404, 'file', id=spare['id'])
         self.assert_no_violations()
 
+    def test_chat_completions(self):
+        messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'one two three'}]
+        reply = self.ok('chat', model='tiny-api', messages=messages, temperature=0, seed=1)
+        self.assertEqual(reply['choices'][0]['message'], {'role': 'assistant', 'content': 'tiny-api heard: one two three',
+                                                          'refusal': None, 'annotations': None, 'audio': None,
+                                                          'function_call': None, 'tool_calls': None})
+        self.assertEqual((reply['choices'][0]['finish_reason'], reply['usage']['total_tokens']), ('stop', 5 + 5))
+        cut = self.ok('chat', model='tiny-api', messages=messages, max_completion_tokens=2)
+        self.assertEqual((cut['choices'][0]['message']['content'], cut['choices'][0]['finish_reason']),
+                         ('tiny-api heard:', 'length'))
+        chunks = self.ok('chat_stream', model='tiny-api', messages=messages, stop=[' three'],
+                         stream_options={'include_usage': True})
+        self.assertEqual(chunks[0]['choices'][0]['delta']['role'], 'assistant')
+        self.assertEqual(''.join(c['choices'][0]['delta'].get('content') or '' for c in chunks if c['choices']),
+                         'tiny-api heard: one two')
+        self.assertEqual(chunks[-2]['choices'][0]['finish_reason'], 'stop')
+        self.assertEqual((chunks[-1]['choices'], chunks[-1]['usage']['completion_tokens']), ([], 4))
+        plain = self.ok('chat_stream', model='tiny-api', messages=messages)
+        self.assertNotIn('usage', plain[-1])
+        self.refused(400, 'chat', model='tiny-api', messages=messages, n=2, param='n')
+        self.refused(404, 'chat', model='nope', messages=messages, code='model_not_found')
+        mute = self.env['llm.provider'].create({'name': 'Mute', 'service': 'test'})
+        self.env['llm.model'].create({'name': 'Mute', 'provider_id': mute.id, 'model_ref': 'mute-1'})
+        self.refused(400, 'chat', model='mute-1', messages=messages, code='model_not_supported')
+        self.assert_no_violations()
+
     def test_refused_requests_are_openai_errors_and_leave_nothing(self):
         good = self.upload(jsonl(valid_examples(12)))
         self.run_cron()
@@ -300,7 +326,7 @@ class TestOpenAIApiTraining(ApiCase):
         self.assertTrue(checkpoints[0]['fine_tuned_model_checkpoint'].startswith(final['fine_tuned_model'] + ':ckpt-step-'))
         self.assertIn('train_loss', checkpoints[0]['metrics'])
         self.assertIn(final['fine_tuned_model'], [m['id'] for m in self.ok('models')])
-        if callable(getattr(local._adapter(), 'chat', None)):
+        if local.can_chat:
             reply = self.ok('chat', model=final['fine_tuned_model'], max_tokens=16, temperature=0,
                             messages=[{'role': 'user', 'content': 'What is the code word number 2?'}])
             self.assertIn('MANGO', reply['choices'][0]['message']['content'])
