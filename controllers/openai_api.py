@@ -7,6 +7,7 @@ work is the same ORM methods the UI and XML-RPC use. Every request runs as its k
 what it sees (anything else is a 404) and what it may do (403).
 
 Odoo 11 traps handled here:
+- the database is chosen by listing them on every request without a session: kept a minute;
 - a request with Content-Type application/json becomes a JSON-RPC request in Odoo 11 (the body
   parsed as JSON-RPC, the answer wrapped in it, a type='http' route refused): `_v1_get_request`
   makes every /v1/ request a plain HTTP request;
@@ -51,6 +52,28 @@ def _v1_get_request(self, httprequest):
 
 
 http.Root.get_request = _v1_get_request
+
+# Odoo 11 picks the database of a request without a session by listing the databases, a new
+# connection to PostgreSQL on every call (a third of a GET here). API clients never keep a
+# session: the choice is kept a minute per Host header (the db filter may name the host).
+DB_CHOICE_SECONDS = 60
+_db_choice = {}
+_original_setup_db = http.Root.setup_db
+
+
+def _v1_setup_db(self, httprequest):
+    if not httprequest.path.startswith('/v1/') or httprequest.session.db:
+        return _original_setup_db(self, httprequest)
+    host = httprequest.environ.get('HTTP_HOST', '')
+    db, until = _db_choice.get(host, (None, 0))
+    if until > time.time():
+        httprequest.session.db = db
+        return
+    _original_setup_db(self, httprequest)
+    _db_choice[host] = (httprequest.session.db, time.time() + DB_CHOICE_SECONDS)
+
+
+http.Root.setup_db = _v1_setup_db
 
 
 # -- limits -------------------------------------------------------------------------------------------------
@@ -115,18 +138,17 @@ def endpoint(handler):
                                        '(--db-filter or db_name).', code='no_database')
             key = request.env['llm.api.key'].sudo()._authenticate(oa.bearer_key(
                 request.httprequest.headers.get('Authorization')))
-            if not key:
+            if key is None:
                 missing = not request.httprequest.headers.get('Authorization')
                 raise oa.ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
                                   if missing else 'Incorrect API key provided.',
                                   code='missing_api_key' if missing else 'invalid_api_key')
-            allowed, wait = RATE_LIMITER.allow(key.id, _setting(request.env, 'api_requests_per_minute', 600))
+            key_id, user_id = key
+            allowed, wait = RATE_LIMITER.allow(key_id, _setting(request.env, 'api_requests_per_minute', 600))
             if not allowed:
                 raise oa.ApiError(429, 'Rate limit reached for this API key; try again in %d s.' % wait,
                                   code='rate_limit_exceeded', headers=[('Retry-After', str(wait))])
-            key._touch()
-            env = request.env(user=key.user_id.id, context=dict(request.env.context, lang=key.user_id.lang or 'en_US',
-                                                                 tz=key.user_id.tz))
+            env = request.env(user=user_id, context={})
             with env.cr.savepoint():
                 return handler(self, env, **kw)
         except oa.ApiError as e:

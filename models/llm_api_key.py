@@ -44,18 +44,19 @@ class LlmApiKey(models.Model):
 
     @api.model
     def _authenticate(self, secret):
-        """The active key with this secret whose user is active, or an empty recordset. Runs as
-        superuser (the request has no user yet); compares hashes, never the secret."""
+        """(key id, user id) of the active key with this secret whose user is active, or None.
+        One query, before the request has a user: it compares hashes, never the secret, and
+        stamps last_used at most once a minute (a GET must not write on every call)."""
         if not secret:
-            return self.browse()
-        key = self.sudo().search([('key_hash', '=', hash_key(secret))], limit=1)
-        if not key or not key.user_id.active:
-            return self.browse()
-        return key
-
-    def _touch(self):
-        """Stamp last_used, at most once a minute (a GET must not write on every call)."""
-        now = fields.Datetime.now()
-        last = fields.Datetime.from_string(self.last_used) if self.last_used else None
-        if not last or (fields.Datetime.from_string(now) - last).total_seconds() > LAST_USED_RESOLUTION:
-            self.env.cr.execute('UPDATE llm_api_key SET last_used = %s WHERE id = %s', (now, self.id))
+            return None
+        self.env.cr.execute("""
+            SELECT k.id, k.user_id,
+                   k.last_used IS NULL OR k.last_used < (now() at time zone 'UTC') - interval '1 second' * %s
+              FROM llm_api_key k JOIN res_users u ON u.id = k.user_id
+             WHERE k.key_hash = %s AND k.active AND u.active""", (LAST_USED_RESOLUTION, hash_key(secret)))
+        row = self.env.cr.fetchone()
+        if not row:
+            return None
+        if row[2]:
+            self.env.cr.execute("UPDATE llm_api_key SET last_used = now() at time zone 'UTC' WHERE id = %s", (row[0],))
+        return row[0], row[1]
