@@ -296,6 +296,7 @@ class TestOpenAIApiTraining(ApiCase):
         smol = self.env['llm.model'].create({'name': 'SmolLM2', 'provider_id': local.id,
                                              'model_ref': 'SmolLM2-135M-Instruct', 'context_length': 8192})
         self.addCleanup(self.kill_trainers, local)
+        self.addCleanup(local._adapter().model_server().stop)  # the chat below starts it
         file = self.upload(jsonl(code_word_examples(16)), filename='codes.jsonl')
         job = self.ok('create_job', model='SmolLM2-135M-Instruct', training_file=file['id'], suffix='codes', seed=3,
                       metadata={'purpose': 'api-test'},
