@@ -18,6 +18,7 @@ import time
 import psutil
 import requests
 
+ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
 STATE_FILE = 'server.json'
 LOCK_FILE = 'server.lock'
 LOG_FILE = 'server.log'
@@ -80,7 +81,7 @@ class ModelServer(object):
 
     python     the trainer venv's python (runs `python -m trainer.serve`)
     port       a fixed port on 127.0.0.1, or None: the OS chooses one (read from the state file)
-    env, cwd   the trainer's environment and working folder (lib/providers/local.py gives them)
+    env, cwd   the trainer's environment and working folder (default: this addon's root on PYTHONPATH)
     """
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
@@ -88,8 +89,8 @@ class ModelServer(object):
         self.python = python
         self.run_dir = run_dir
         self.port = port
-        self.env = env
-        self.cwd = cwd
+        self.env = env or dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
+        self.cwd = cwd or ADDON_ROOT
         self.start_timeout = start_timeout
         self.request_timeout = request_timeout
         self._session = requests.Session()

@@ -188,9 +188,10 @@ class ModelCache(object):
         self.model = None  # the base, or a PeftModel around it once an adapter was loaded
         self.tokenizers = collections.OrderedDict()  # folder -> tokenizer (a few)
         self.adapters = collections.OrderedDict()  # adapter name -> folder, least recent first
+        self.loaded = {'base': None, 'adapters': []}  # a snapshot /health reads without the lock
 
     def describe(self):
-        return {'base': self.base_key[0] if self.base_key else None, 'adapters': list(self.adapters.values())}
+        return self.loaded
 
     def get(self, path):
         """(model to call generate on, tokenizer, adapter name or None) for a model folder; the
@@ -202,6 +203,7 @@ class ModelCache(object):
         if kind == 'adapter':
             name = 'a' + folder_version(path)
             self._load_adapter(name, path)
+        self.loaded = {'base': base, 'adapters': list(self.adapters.values())}  # replaced whole, never changed
         return self.model, self._tokenizer(path if _has_tokenizer(path) else base), name
 
     def _load_base(self, base):
@@ -317,6 +319,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'llm-training-serve'
 
+    def log_request(self, code='-', size='-'):
+        if self.path != '/health':  # every Odoo call checks health first: not worth a line each
+            super().log_request(code, size)
+
     def log_message(self, fmt, *args):
         sys.stderr.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), fmt % args))
 
@@ -337,6 +343,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get('Content-Length') or 0)
             if length > MAX_BODY:
+                self.close_connection = True  # its body stays unread: this connection cannot go on
                 raise RequestError('the body is over %d bytes' % MAX_BODY, 413)
             raw = self.rfile.read(length) if length else b''
             if self.path == '/shutdown':
@@ -419,8 +426,13 @@ class ModelServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
 
     def describe(self):
-        # read without the lock: a health check must answer while a generation runs
+        # without the lock: a health check must answer while a generation runs
         return self.cache.describe()
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that closed its kept-alive connection: nothing went wrong here
+        super().handle_error(request, client_address)
 
     def stop_soon(self):
         """shutdown() waits for serve_forever to return: call it from another thread."""

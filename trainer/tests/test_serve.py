@@ -151,6 +151,12 @@ def test_max_tokens_ends_with_length(server, model_dir):
     assert answer['text']
 
 
+def test_sampling_with_a_seed_repeats(server, model_dir):
+    sampled = [server.chat(model_dir, max_tokens=16, temperature=1.2, top_p=0.95, seed=seed)['text'] for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != sampled[2]
+
+
 def test_stop_strings_cut_the_text_in_both_modes(server, model_dir):
     full = server.chat(model_dir, max_tokens=40)['text']
     assert 'Paris' in full
