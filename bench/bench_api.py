@@ -7,7 +7,11 @@ scripts/bench.sh makes it. It creates the jobs (and an API key), starts Odoo's H
 the config's port (threaded, no cron), then measures p50/p95 of `GET /v1/fine_tuning/jobs/{id}`
 and of a page of the list (`?limit=20&after=...`, in the middle of the 1,000), and, as the
 baseline, the same reads over XML-RPC (`read` of the job, `search_read` of 20 jobs) on the same
-server in the same run. The server is stopped and the jobs are deleted at the end.
+server in the same run. Then, where the trainer environment and SmolLM2 are set up, a streamed
+chat completion through `/v1/chat/completions` against the same request sent straight to the
+persistent model server (its Odoo-side client, in this process), in alternation: time to first
+token and decode tokens/s, i.e. what the API adds. The servers are stopped and the jobs deleted
+at the end.
 """
 import argparse
 import base64
@@ -61,7 +65,46 @@ def make_data(env, n):
     env.cr.execute("UPDATE llm_training_job SET state = 'training', external_job_id = 'bench-' || id WHERE id IN %s",
                    (tuple(job_ids),))
     key = env['llm.api.key']._generate('bench', env.user)[1]
-    return provider, model, dataset, job_ids, key
+    local = env['llm.provider'].create({'name': 'Bench API local', 'service': 'local'})
+    env['llm.model'].create({'name': 'SmolLM2 (bench)', 'provider_id': local.id, 'model_ref': 'SmolLM2-135M-Instruct'})
+    return provider, model, dataset, job_ids, key, local
+
+
+CHAT_MESSAGES = [{'role': 'user', 'content': 'Write a short story about a robot who learns to paint.'}]
+CHAT_TOKENS = 48
+
+
+def api_chat(base, headers):
+    """(time to first token, decode tokens/s) of one streamed completion through the API."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with requests.post('%s/v1/chat/completions' % base, headers=headers, stream=True, timeout=300, json={
+            'model': 'SmolLM2-135M-Instruct', 'messages': CHAT_MESSAGES, 'max_tokens': CHAT_TOKENS,
+            'temperature': 0, 'stream': True, 'stream_options': {'include_usage': True}}) as answer:
+        assert answer.status_code == 200, answer.text
+        for line in answer.iter_lines(chunk_size=1):  # no read-ahead: each event as it comes
+            if not line.startswith(b'data: ') or line == b'data: [DONE]':
+                continue
+            chunk = json.loads(line[6:].decode())
+            if chunk.get('choices') and chunk['choices'][0]['delta'].get('content') and first is None:
+                first = time.perf_counter()
+            if chunk.get('usage'):
+                tokens = chunk['usage']['completion_tokens']
+    end = time.perf_counter()
+    return first - start, (tokens - 1) / (end - first)
+
+
+def direct_chat(server, path):
+    """The same, straight to the model server."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    for item in server.chat_stream(path, CHAT_MESSAGES, max_tokens=CHAT_TOKENS, temperature=0):
+        if item.get('delta') and first is None:
+            first = time.perf_counter()
+        if 'completion_tokens' in item:
+            tokens = item['completion_tokens']
+    end = time.perf_counter()
+    return first - start, (tokens - 1) / (end - first)
 
 
 def wait_port(port, process, timeout=120):
@@ -93,13 +136,21 @@ def main():
     parser.add_argument('-d', '--database', required=True)
     parser.add_argument('--jobs', type=int, default=1000)
     parser.add_argument('--requests', type=int, default=300)
+    parser.add_argument('--chat-repeats', type=int, default=3)
     args = parser.parse_args()
     odoo.tools.config.parse_config(['-c', args.config, '-d', args.database, '--log-level=warn'])
     port = odoo.tools.config['http_port']
     registry = odoo.registry(args.database)
     with api.Environment.manage(), registry.cursor() as cr:
         env = api.Environment(cr, SUPERUSER_ID, {})
-        provider, model, dataset, job_ids, key = make_data(env, args.jobs)
+        provider, model, dataset, job_ids, key, local = make_data(env, args.jobs)
+        adapter = local._adapter()
+        server_client = adapter.model_server()
+        try:
+            model_path = adapter.model_path('SmolLM2-135M-Instruct')
+        except Exception as e:  # no trainer set-up: the latency lines only
+            model_path = None
+            print('chat: skipped (%s)' % e)
         cr.commit()
     server = subprocess.Popen([sys.executable, os.path.join(HERE, '..', 'scripts', 'odoo'), '-c', args.config,
                                '-d', args.database, '--max-cron-threads=0', '--log-level=warn',
@@ -139,7 +190,19 @@ def main():
             print('%5d jobs, %-42s p50 %6.1f ms  p95 %6.1f ms   XML-RPC %s: p50 %6.1f ms  p95 %6.1f ms   '
                   'ratio p50 %.2fx' % (args.jobs, label, p50, p95, 'read' if baseline is rpc_read else 'search_read',
                                        b50, b95, p50 / b50))
+        if model_path:
+            api_chat(base, headers)  # starts the model server and loads the model
+            runs = {'api': [], 'direct': []}
+            for _ in range(args.chat_repeats):
+                runs['api'].append(api_chat(base, headers))
+                runs['direct'].append(direct_chat(server_client, model_path))
+            median = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+            print('chat, SmolLM2, %d tokens, streamed: /v1/chat/completions first token %6.1f ms, %5.1f tokens/s;  '
+                  'model server direct %6.1f ms, %5.1f tokens/s;  ratio first token %.2fx, tokens/s %.2fx'
+                  % (CHAT_TOKENS, median['api'][0] * 1000, median['api'][1], median['direct'][0] * 1000,
+                     median['direct'][1], median['api'][0] / median['direct'][0], median['api'][1] / median['direct'][1]))
     finally:
+        server_client.stop()
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
@@ -154,7 +217,8 @@ def main():
             env['llm.api.key'].search([('name', '=', 'bench')]).unlink()
             env['llm.model'].browse(model.id).unlink()
             env['llm.training.dataset'].browse(dataset.id).unlink()
-            env['llm.provider'].browse(provider.id).unlink()
+            env['llm.model'].search([('provider_id', '=', local.id)]).unlink()
+            env['llm.provider'].browse([provider.id, local.id]).unlink()
             cr.commit()
 
 
