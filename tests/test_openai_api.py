@@ -216,6 +216,26 @@ class TestOpenAIApiRequests(ApiCase):
         self.refused(400, 'chat', model='mute-1', messages=messages, code='model_not_supported')
         self.assert_no_violations()
 
+    def test_dpo_goes_to_a_provider_that_trains_it(self):
+        openai_provider = self.env['llm.provider'].create({'name': 'OpenAI', 'service': 'openai'})
+        self.env['llm.model'].create({'name': 'GPT-4o mini', 'provider_id': openai_provider.id,
+                                      'model_ref': 'gpt-4o-mini-api-test'})
+        pairs = [{'input': {'messages': [{'role': 'user', 'content': 'Q%d?' % i}]},
+                  'preferred_output': [{'role': 'assistant', 'content': 'Short %d.' % i}],
+                  'non_preferred_output': [{'role': 'assistant', 'content': 'Long and rambling %d.' % i}]}
+                 for i in range(12)]
+        file = self.upload(jsonl(pairs), filename='pairs.jsonl')
+        self.refused(400, 'create_job', model='gpt-4o-mini-api-test', training_file=file['id'], param='training_file',
+                     code='invalid_file_format')
+        job = self.ok('create_job', model='gpt-4o-mini-api-test', training_file=file['id'],
+                      method={'type': 'dpo', 'dpo': {'hyperparameters': {'beta': 0.2, 'n_epochs': 1}}})
+        self.assertEqual(job['method']['type'], 'dpo')
+        self.assertEqual(job['hyperparameters'], {'n_epochs': 1, 'batch_size': 'auto',
+                                                  'learning_rate_multiplier': 'auto', 'beta': 0.2})
+        record = self.env['llm.training.job'].browse(int(job['id'].split('-')[1]))
+        self.assertEqual((record.provider_id, record._get_hyperparameters()['dpo_beta']), (openai_provider, 0.2))
+        self.assert_no_violations()
+
     def test_refused_requests_are_openai_errors_and_leave_nothing(self):
         good = self.upload(jsonl(valid_examples(12)))
         self.run_cron()
