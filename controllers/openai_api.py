@@ -189,6 +189,14 @@ def _org(company):
 
 class OpenAIApi(http.Controller):
 
+    @http.route('/v1/<path:unknown>', type='http', auth='none', csrf=False)
+    def unknown_url(self, unknown, **kw):
+        """Any other /v1 URL (pause and resume included): OpenAI's 404, not Odoo's HTML page."""
+        request.session.modified = False
+        return _error(oa.ApiError(404, 'Unknown request URL: %s /v1/%s. Please check the URL for typos, or see '
+                                       'the README for the supported endpoints.'
+                                  % (request.httprequest.method, unknown), code='unknown_url'))
+
     # -- files ---------------------------------------------------------------------------------------
     @_route('/v1/files', ['POST'])
     @endpoint

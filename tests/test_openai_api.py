@@ -183,6 +183,7 @@ class TestOpenAIApiRequests(ApiCase):
         cancelled = self.ok('cancel', id=held['id'])
         self.assertEqual(cancelled['status'], 'cancelled')
         self.refused(409, 'cancel', id=held['id'], code='invalid_state')
+        self.refused(404, 'pause', id=held['id'], code='unknown_url')  # not offered
         # a file used by a job stays; an unused one is deleted with its attachment
         self.refused(409, 'delete_file', id=file['id'])
         spare = self.upload(jsonl(valid_examples(3)), filename='spare.jsonl')

@@ -93,6 +93,8 @@ def run(client, op, args):
         return [j.id for j in client.fine_tuning.jobs.list(**args)]
     if op == 'cancel':
         return client.fine_tuning.jobs.cancel(args['id'])
+    if op == 'pause':
+        return client.fine_tuning.jobs.pause(args['id'])
     if op == 'events':
         page = client.fine_tuning.jobs.list_events(args.pop('id'), **args)
         return {'data': [e.model_dump(mode='json') for e in page.data], 'has_more': page.has_more}
