@@ -26,6 +26,8 @@
         'wizards/llm_model_compare_wizard_views.xml',
         'views/llm_training_schedule_views.xml',
         'wizards/llm_training_dataset_import_wizard_views.xml',
+        'views/llm_api_key_views.xml',
+        'data/llm_training_api_data.xml',
         'views/llm_training_menus.xml',
     ],
     'demo': [

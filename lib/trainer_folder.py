@@ -64,6 +64,20 @@ def has_checkpoint(folder):
         for d in os.listdir(path))
 
 
+def list_checkpoints(folder):
+    """[(step, path, mtime)] of the folder's complete checkpoints, oldest first."""
+    path = os.path.join(folder, CHECKPOINTS)
+    if not os.path.isdir(path):
+        return []
+    found = []
+    for name in os.listdir(path):
+        step = name[len('checkpoint-'):]
+        full = os.path.join(path, name)
+        if name.startswith('checkpoint-') and step.isdigit() and os.path.isfile(os.path.join(full, 'trainer_state.json')):
+            found.append((int(step), full, int(os.path.getmtime(os.path.join(full, 'trainer_state.json')))))
+    return sorted(found)
+
+
 def process_start_time(pid):
     """When `pid` started (psutil's create_time), or None if there is no such live process.
     Stored with the pid, it tells our trainer from a later process reusing its pid."""

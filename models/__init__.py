@@ -8,3 +8,4 @@ from . import llm_training_job_metric
 from . import llm_training_job
 from . import llm_training_engine
 from . import llm_training_schedule
+from . import llm_api_key

@@ -2,7 +2,9 @@
 import base64
 import io
 import json
+import logging
 import os
+import threading
 
 import psycopg2
 
@@ -14,6 +16,8 @@ from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetVali
                                      render_preview)
 from ..lib.server_files import ServerPathError, resolve_server_path
 from ..lib.token_count import CounterUnavailable
+
+_logger = logging.getLogger(__name__)
 
 # Fields that change what the files mean: a change sends the dataset back to "Not validated".
 READING_FIELDS = ('attachment_ids', 'server_path', 'data_format', 'file_type', 'prompt_column', 'completion_column',
@@ -98,6 +102,9 @@ class LlmTrainingDataset(models.Model):
                                       help='The same problems as JSON, for other programs.')
     job_ids = fields.Many2many('llm.training.job', 'llm_training_job_dataset_rel', 'dataset_id', 'job_id',
                                string='Jobs', readonly=True)
+    api_uploaded = fields.Boolean(readonly=True, copy=False, index=True,
+                                  help='Uploaded through the OpenAI-compatible API (/v1/files): validated by a cron '
+                                       'after the upload answers.')
 
     @api.depends(*READING_FIELDS)
     def _compute_preview(self):
@@ -165,6 +172,26 @@ class LlmTrainingDataset(models.Model):
         self.check_access_rule('write')
         for dataset in self:
             dataset._validate()
+        return True
+
+    @api.model
+    def _cron_validate_uploaded(self, limit=20):
+        """Validate the files uploaded through /v1/files (their status goes from uploaded to
+        processed or error); a file a job validated first is skipped."""
+        testing = getattr(threading.currentThread(), 'testing', False)
+        for dataset in self.search([('api_uploaded', '=', True), ('state', '=', 'draft')], limit=limit, order='id'):
+            try:
+                with self.env.cr.savepoint():
+                    dataset._validate()
+            except DatasetBusyError:
+                continue  # a job is validating it right now
+            except (psycopg2.Error, MemoryError):
+                raise
+            except Exception as e:
+                _logger.exception('Dataset %s: validation failed', dataset.id)
+                dataset.write({'state': 'invalid', 'validation_report': str(e)})
+            if not testing:
+                self.env.cr.commit()  # one file's verdict is kept whatever the next one does
         return True
 
     def _lock_for_validation(self):

@@ -87,6 +87,8 @@ class LlmTrainingJob(models.Model):
     max_seq_length = fields.Integer(string='Max sequence length', default=1024)
     seed = fields.Integer(default=42)
     suffix = fields.Char(size=64, help='Added to the fine-tuned model name (at most 64 characters).')
+    api_metadata = fields.Text(copy=False, help='The metadata a client gave through the OpenAI-compatible API '
+                                                '(JSON object of strings), returned and filtered on there.')
     hyperparameters = fields.Text(default='{}', help='Other settings as a JSON object, e.g. '
                                                      '{"warmup_ratio": 0.1, "eval_steps": 20}.')
 

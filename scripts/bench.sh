@@ -15,6 +15,8 @@ dropdb --if-exists "$DB"
 llmt_odoo -c "$conf" -d "$DB" -i llm_training,llm_training_test_provider --without-demo=all --stop-after-init \
   --logfile="$LLMT_RUN/bench/install.log"
 "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_cron.py" -c "$conf" -d "$DB"
+echo "== OpenAI-compatible API latency, 1,000 jobs (Odoo's HTTP server; baseline: XML-RPC on the same server) =="
+"$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_api.py" -c "$conf" -d "$DB"
 echo "== Ray overhead: submit to first step, local vs Ray (a real single-node head) =="
 LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" LLMT_TRAINER_PYTHON="$LLMT_TRAINER_VENV/bin/python" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_ray.py"
 echo "== training throughput (trainer venv) =="

@@ -81,10 +81,37 @@ class ScriptedProvider(TrainingProvider):
         return 'test provider answers'
 
 
+@providers.register
+class ScriptedChatProvider(ScriptedProvider):
+    """The scripted provider that also chats, deterministically (the OpenAI-compatible API tests)."""
+    service = 'test_chat'
+    capabilities = dict(ScriptedProvider.capabilities, can_chat=True)
+
+    def chat(self, model_ref, messages, options=None):
+        """A deterministic answer: "<model_ref> heard: <last message>", one token per word,
+        cut at max_tokens words or at a stop string."""
+        options = options or {}
+        words = ('%s heard: %s' % (model_ref, messages[-1]['content'])).split(' ')
+        finish = 'stop'
+        if options.get('max_tokens') and len(words) > options['max_tokens']:
+            words, finish = words[:options['max_tokens']], 'length'
+        text = ' '.join(words)
+        for stop in options.get('stop') or ():
+            if stop in text:
+                text, finish = text[:text.index(stop)], 'stop'
+        return {'text': text, 'finish_reason': finish, 'completion_tokens': len(text.split(' ')),
+                'prompt_tokens': sum(len(m['content'].split(' ')) for m in messages)}
+
+    def chat_stream(self, model_ref, messages, options=None):
+        answer = self.chat(model_ref, messages, options)
+        words = answer.pop('text').split(' ')
+        return iter([{'delta': (' ' if i else '') + w} for i, w in enumerate(words)] + [answer])
+
+
 class LlmProvider(models.Model):
     _inherit = 'llm.provider'
 
-    service = fields.Selection(selection_add=[('test', 'Test (scripted)')])
+    service = fields.Selection(selection_add=[('test', 'Test (scripted)'), ('test_chat', 'Test (scripted, chats)')])
     test_behavior = fields.Selection([
         ('succeed', 'queued -> running -> succeeded'),
         ('fail_job', 'queued -> running -> failed'),
