@@ -368,6 +368,7 @@ def chat_request(body):
                 raise ApiError(400, '%s must be a number from %s to %s.' % (name, low, high), param=name,
                                code='invalid_value')
             options[name] = float(value)
+    options.setdefault('temperature', 1.0)  # OpenAI's default: sampled (the model server's own is greedy)
     stop = body.get('stop')
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop

@@ -81,8 +81,9 @@ class TestProtocol(unittest.TestCase):
         model, messages, options, stream, usage = oa.chat_request({
             'model': 'm', 'messages': [{'role': 'developer', 'content': [{'type': 'text', 'text': 'Hi'}]}],
             'max_tokens': 5, 'stop': 'x', 'stream': True, 'stream_options': {'include_usage': True}})
+        # no temperature given: OpenAI's default of 1 (sampled), not the model server's greedy one
         self.assertEqual((messages, options, stream, usage),
-                         ([{'role': 'system', 'content': 'Hi'}], {'max_tokens': 5, 'stop': ['x']}, True, True))
+                         ([{'role': 'system', 'content': 'Hi'}], {'max_tokens': 5, 'stop': ['x'], 'temperature': 1.0}, True, True))
         with self.assertRaises(oa.ApiError):
             oa.chat_request({'model': 'm', 'messages': [{'role': 'user', 'content': 'x'}], 'temperature': 3})
 
