@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make stop`: stop the demo Odoo server started by `make demo`, and the model server its local
-# provider started (one per Odoo data folder: <data_dir>/llm_training/model_server/).
+# `make stop`: stop the demo Odoo server started by `make demo`, and the model servers local
+# providers started (one per Odoo data folder: <data_dir>/llm_training/model_server/; the demo's,
+# and any a test or benchmark run left behind).
 set -uo pipefail
 source "$(cd "$(dirname "$0")/.." && pwd)/scripts/env.sh"
 pidfile="$LLMT_RUN/demo/odoo.pid"
@@ -13,4 +14,7 @@ else
   echo "[stop] no demo Odoo running"
 fi
 rm -f "$pidfile"
-"$LLMT_ODOO_VENV/bin/python" "$LLMT_ROOT/lib/model_server.py" stop "$LLMT_RUN/demo/data/llm_training/model_server"
+for run_dir in "$LLMT_RUN"/*/data/llm_training/model_server; do
+  [ -d "$run_dir" ] && "$LLMT_ODOO_VENV/bin/python" "$LLMT_ROOT/lib/model_server.py" stop "$run_dir"
+done
+exit 0
