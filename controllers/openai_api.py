@@ -35,6 +35,7 @@ from odoo.http import request, Response
 from ..lib import job_status, openai_api as oa, trainer_folder
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..models.llm_training_dataset import size_limits
+from ..models.llm_provider import InvalidServiceRequest
 
 _logger = logging.getLogger(__name__)
 
@@ -515,6 +516,8 @@ class OpenAIApi(http.Controller):
             # a stream's request is sent (or refused) here, so a refusal is still an HTTP error
             answer = model.provider_id._call_adapter('chat_stream' if stream else 'chat', model.model_ref, messages,
                                                      options)
+        except InvalidServiceRequest as e:
+            raise oa.ApiError(400, e.name, param='messages', code='invalid_request')
         except UserError as e:
             raise oa.ApiError(503, 'The model server failed: %s' % e.name, code='model_server_error')
         if not stream:

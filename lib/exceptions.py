@@ -20,3 +20,8 @@ class TrainingFailedError(Exception):
 
 class TrainingAuthError(TrainingFailedError):
     """Credentials or quota: the job fails, and the message says what a manager must fix."""
+
+
+class InvalidRequestError(TrainingFailedError):
+    """The service refused the request itself (a prompt over the model's context, a bad option):
+    the caller must change it; the service is fine."""

@@ -9,12 +9,21 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
 from ..lib import job_status, openai_jobs, providers
-from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
+from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..lib.providers.base import CAPABILITIES
 
 _logger = logging.getLogger(__name__)
 # Credentials kept in llm.secret; each field only takes a new value and has a `<name>_hint`.
 SECRET_FIELDS = ('api_key', 'ray_auth_header')
+
+
+class InvalidServiceRequest(UserError):
+    """The service refused the request itself (lib's InvalidRequestError): a button shows it like
+    any UserError; the /v1 API answers it with a 400 instead of a server failure."""
+
+
+def _as_user_error(error):
+    return InvalidServiceRequest(str(error)) if isinstance(error, InvalidRequestError) else UserError(str(error))
 
 
 def _user_errors(items):
@@ -23,7 +32,7 @@ def _user_errors(items):
         for item in items:
             yield item
     except (TrainingFailedError, TrainingRetryableError) as e:
-        raise UserError(str(e))
+        raise _as_user_error(e)
     finally:
         items.close()
 
@@ -234,7 +243,7 @@ class LlmProvider(models.Model):
         try:
             result = getattr(self._adapter(), method)(*args)
         except (TrainingFailedError, TrainingRetryableError) as e:
-            raise UserError(str(e))
+            raise _as_user_error(e)
         return _user_errors(result) if isinstance(result, types.GeneratorType) else result
 
     def _register_remote_models(self, remote_models):

@@ -6,6 +6,7 @@ import threading
 import psutil
 
 from odoo.exceptions import UserError
+from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest
 
 from odoo.addons.llm_training.lib.model_server import STATE_FILE, ModelServer, read_state
 
@@ -95,6 +96,12 @@ class TestModelServer(TrainingCase):
             self.local._call_adapter('chat_stream', 'no-such-model', messages, {})
         with self.assertRaisesRegex(UserError, 'Generation failed: "max_tokens"'):
             self.local._call_adapter('chat_stream', self.smol.model_ref, messages, {'max_tokens': -1})
+        # the request's own fault (over the context) is told apart from a failing server
+        too_long = [{'role': 'user', 'content': 'word ' * 9000}]
+        with self.assertRaisesRegex(InvalidServiceRequest, "Generation failed: .*the model's context is 8192"):
+            self.local._call_adapter('chat', self.smol.model_ref, too_long, {})
+        with self.assertRaises(InvalidServiceRequest):
+            self.local._call_adapter('chat_stream', self.smol.model_ref, too_long, {})
         with self.assertRaisesRegex(UserError, 'Provider "Scripted" cannot chat'):
             self.provider._call_adapter('chat', 'tiny-1', messages, {})
         self.assertTrue(self.local.can_chat)

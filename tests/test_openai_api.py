@@ -352,11 +352,14 @@ class TestOpenAIApiTraining(ApiCase):
             reply = self.ok('chat', model=final['fine_tuned_model'], max_tokens=16, temperature=0,
                             messages=[{'role': 'user', 'content': 'What is the code word number 2?'}])
             self.assertIn('MANGO', reply['choices'][0]['message']['content'])
-            chunks = self.ok('chat_stream', model=final['fine_tuned_model'], max_tokens=16,
+            chunks = self.ok('chat_stream', model=final['fine_tuned_model'], max_tokens=16, temperature=0,
                              stream_options={'include_usage': True},
                              messages=[{'role': 'user', 'content': 'What is the code word number 2?'}])
             self.assertIn('MANGO', ''.join((c['choices'][0]['delta'].get('content') or '') for c in chunks if c['choices']))
             self.assertGreater(chunks[-1]['usage']['completion_tokens'], 0)
+            # a prompt over the model's context is the request's fault: a 400, not a server failure
+            self.refused(400, 'chat', model=final['fine_tuned_model'], code='invalid_request', param='messages',
+                         messages=[{'role': 'user', 'content': 'word ' * 9000}])
         self.assert_no_violations()
 
     def kill_trainers(self, provider):

@@ -11,7 +11,7 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
-from ..exceptions import TrainingFailedError
+from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..hyperparameters import check_processes, trainer_config
 from ..model_server import ModelServer, ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
@@ -172,14 +172,14 @@ class LocalTrainer(TrainingProvider):
         try:
             return self.model_server().chat(path, messages, **options)
         except ModelServerError as e:
-            raise TrainingFailedError('Generation failed: %s' % e)
+            raise generation_failed(e)
 
     def chat_stream(self, model_ref, messages, options=None):
         path, options = self.model_path(model_ref), chat_options(options)
         try:
             items = self.model_server().chat_stream(path, messages, **options)
         except ModelServerError as e:
-            raise TrainingFailedError('Generation failed: %s' % e)
+            raise generation_failed(e)
         return _failed_on_error(items)
 
 
@@ -189,9 +189,16 @@ def chat_options(options):
     options = dict(options or {})
     unknown = sorted(set(options) - set(CHAT_OPTIONS))
     if unknown:
-        raise TrainingFailedError('Unknown chat option(s) %s; the local provider takes %s.'
+        raise InvalidRequestError('Unknown chat option(s) %s; the local provider takes %s.'
                                   % (', '.join(unknown), ', '.join(CHAT_OPTIONS)))
     return {k: v for k, v in options.items() if v is not None}
+
+
+def generation_failed(error):
+    """The model server's refusal of the request itself (400, 413) is the caller's to fix; anything
+    else is the server's failure."""
+    message = 'Generation failed: %s' % error
+    return InvalidRequestError(message) if error.status in (400, 413) else TrainingFailedError(message)
 
 
 def _failed_on_error(items):
