@@ -58,6 +58,7 @@ http.Root.get_request = _v1_get_request
 # connection to PostgreSQL on every call (a third of a GET here). API clients never keep a
 # session: the choice is kept a minute per Host header (the db filter may name the host).
 DB_CHOICE_SECONDS = 60
+DB_CHOICE_HOSTS = 256
 _db_choice = {}
 _original_setup_db = http.Root.setup_db
 
@@ -71,6 +72,8 @@ def _v1_setup_db(self, httprequest):
         httprequest.session.db = db
         return
     _original_setup_db(self, httprequest)
+    if len(_db_choice) >= DB_CHOICE_HOSTS:  # Host is the client's to choose: keep the table bounded
+        _db_choice.clear()
     _db_choice[host] = (httprequest.session.db, time.time() + DB_CHOICE_SECONDS)
 
 
