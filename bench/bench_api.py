@@ -17,7 +17,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -31,23 +30,13 @@ import requests
 import odoo
 from odoo import SUPERUSER_ID, api
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import cpu_line  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB_FIELDS = ['name', 'state', 'create_date', 'base_model_id', 'dataset_ids', 'validation_dataset_ids', 'epochs',
               'batch_size', 'learning_rate_multiplier', 'seed', 'trained_tokens', 'error_message', 'finished_at',
               'estimated_finish', 'result_model_id', 'suffix', 'api_metadata', 'hyperparameters']
-
-
-def cpu_line():
-    model, flags = platform.processor(), ''
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                model = line.split(':', 1)[1].strip()
-            elif line.startswith('flags'):
-                flags = ' '.join(sorted(set(line.split(':', 1)[1].split()) & {
-                    'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}))
-                break
-    return '%s, %d cores, flags %s' % (model, len(os.sched_getaffinity(0)), flags)
 
 
 def make_data(env, n):

@@ -13,10 +13,15 @@ the pass visited (all of them), twice. The jobs are deleted at the end.
 import argparse
 import base64
 import json
+import os
+import sys
 import time
 
 import odoo
 from odoo import SUPERUSER_ID, api
+
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.machine import cpu_line  # noqa: E402
 
 
 def make_jobs(env, n):
@@ -58,6 +63,7 @@ def main():
     parser.add_argument('-d', '--database', required=True)
     parser.add_argument('--jobs', type=int, nargs='+', default=[250, 1000])
     args = parser.parse_args()
+    print('machine: %s' % cpu_line())
     odoo.tools.config.parse_config(['-c', args.config, '-d', args.database, '--log-level=warn'])
     registry = odoo.registry(args.database)
     for n in args.jobs:

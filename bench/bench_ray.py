@@ -12,7 +12,6 @@ runtime env, the entrypoint), with the machine it ran on.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,21 +26,9 @@ from lib.providers.base import JobSpec  # noqa: E402
 from lib.providers.local import LocalTrainer  # noqa: E402
 from lib.providers.ray_jobs import RayJobs  # noqa: E402
 from ray_head import RayHead  # noqa: E402
+from bench.machine import cpu_line  # noqa: E402
 
 MODEL_DIR = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
-
-
-def cpu_line():
-    model, flags = platform.processor(), ''
-    with open('/proc/cpuinfo') as f:
-        for line in f:
-            if line.startswith('model name'):
-                model = line.split(':', 1)[1].strip()
-            elif line.startswith('flags'):
-                flags = ' '.join(sorted(set(line.split(':', 1)[1].split()) & {
-                    'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'}))
-                break
-    return '%s, %d cores, flags %s' % (model, len(os.sched_getaffinity(0)), flags)
 
 
 def prepared_folder(root, name):

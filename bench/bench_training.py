@@ -54,21 +54,10 @@ def machine_report():
     """Lines saying what this machine is: CPU, torch's kernel level, bf16 flags, threads."""
     import torch
 
+    from bench.machine import cpu_line
     from trainer.precision import available_cores
-    model, flags = 'unknown', set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name') and model == 'unknown':
-                    model = line.split(':', 1)[1].strip()
-                elif line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-    except (IOError, OSError):
-        pass
-    wanted = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
-    return ['CPU: %s; torch %s, CPU capability %s; flags: %s; %d cores available'
-            % (model, torch.__version__, torch.backends.cpu.get_cpu_capability(), ' '.join(wanted) or 'none of avx2/avx512/amx',
-               available_cores())]
+    return ['CPU: %s; torch %s, CPU capability %s; %d cores available to threads'
+            % (cpu_line(), torch.__version__, torch.backends.cpu.get_cpu_capability(), available_cores())]
 
 
 def model_matmul_gflops():
@@ -170,6 +159,7 @@ def main():
         return child(*args.child)
     import torch
 
+    from bench.machine import cpu_line
     from trainer.precision import available_cores
     torch.set_num_threads(available_cores())
     n_params = 134.5e6

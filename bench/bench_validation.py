@@ -222,6 +222,9 @@ def main():
     args = parser.parse_args()
     if args.child:
         return run_one(*args.child)
+    sys.path.insert(0, ROOT)
+    from bench.machine import cpu_line
+    print('machine: %s' % cpu_line())
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'chat.jsonl')
         generate(path, args.examples)
