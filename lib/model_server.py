@@ -7,8 +7,6 @@ workers never start two. The local provider keeps its run folder at
 `<data_dir>/llm_training/model_server/` (Odoo's data_dir), which is where `make stop` looks.
 No Odoo import: plain Python 3.7 with `requests` and `psutil`.
 """
-import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -17,6 +15,11 @@ import time
 
 import psutil
 import requests
+
+try:
+    from .file_lock import held
+except ImportError:  # run alone as a script by `make stop`: lib/ is on the path
+    from file_lock import held
 
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
 STATE_FILE = 'server.json'
@@ -58,24 +61,6 @@ def is_server_process(pid, started_at=None):
         return False
 
 
-@contextlib.contextmanager
-def _locked(path, timeout):
-    with open(path, 'a') as lock:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() > deadline:
-                    raise ModelServerError('another process has held %s for %d s' % (path, timeout))
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class ModelServer(object):
     """A client of the model server in `run_dir`, starting it when needed.
 
@@ -115,7 +100,7 @@ class ModelServer(object):
         if self.health(state):
             return state
         os.makedirs(self.run_dir, exist_ok=True)
-        with _locked(os.path.join(self.run_dir, LOCK_FILE), self.start_timeout + 10):
+        with held(os.path.join(self.run_dir, LOCK_FILE), self.start_timeout + 10, ModelServerError):
             state = read_state(self.run_dir)  # another worker may have started it while we waited
             if self.health(state):
                 return state

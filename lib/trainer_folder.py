@@ -3,13 +3,13 @@
 Runs on Odoo's Python 3.7 and never imports the trainer. JSON-lines files are read from a byte
 offset, so each poll reads only what is new; a trailing partial line is left for the next poll.
 """
-import contextlib
-import fcntl
 import json
 import os
 import time
 
 import psutil
+
+from .file_lock import held
 
 CONFIG = 'config.json'
 STATUS = 'status.json'
@@ -113,23 +113,9 @@ def running_trainer(folder, job_key):
     return None
 
 
-@contextlib.contextmanager
 def launch_lock(folder, timeout=30):
     """One launcher at a time in a job folder: a second start waits, then finds the first's trainer."""
-    with open(os.path.join(folder, LAUNCH_LOCK), 'w') as lock:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() > deadline:
-                    raise RuntimeError('another start of this job has held %s for %d s' % (LAUNCH_LOCK, timeout))
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return held(os.path.join(folder, LAUNCH_LOCK), timeout, RuntimeError)
 
 
 def write_pid_file(folder, pid, start_time, job_key):
