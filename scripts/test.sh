@@ -3,6 +3,8 @@
 # the scripted test provider, run the addon's tests with pytest-odoo (real Odoo, real PostgreSQL,
 # XML-RPC over real HTTP on port 8169) and the trainer's tests in the trainer venv, then print one
 # summary line: "N passed, M failed".
+# While developing: `bash scripts/test.sh tests/test_security.py [more pytest args]` runs only those
+# addon tests (paths relative to the repo root, no trainer tests); `make test` runs everything.
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$here/scripts/setup.sh" || exit 1
@@ -28,14 +30,21 @@ addon="$LLMT_ADDONS_LINK_DIR/llm_training"
 report() { grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$1" | tail -1; }
 count() { report "$1" | grep -oE "[0-9]+ $2" | grep -oE '[0-9]+' || echo 0; }
 
+selected=("$addon/tests")
+if [ $# -gt 0 ]; then
+  selected=()
+  for arg in "$@"; do
+    case "$arg" in -*) selected+=("$arg") ;; *) selected+=("$addon/$arg") ;; esac
+  done
+fi
 echo "[test] addon tests (pytest-odoo)"
 (cd "$LLMT_RUN/test" && "$LLMT_ODOO_VENV/bin/pytest" -p no:cacheprovider --odoo-database="$DB" --odoo-config="$conf" \
-   --odoo-log-level=warn -q -rfE -p no:warnings --durations=15 --rootdir="$LLMT_RUN/test" "$addon/tests") 2>&1 | tee "$LLMT_RUN/test/addon.out"
+   --odoo-log-level=warn -q -rfE -p no:warnings --durations=15 --rootdir="$LLMT_RUN/test" "${selected[@]}") 2>&1 | tee "$LLMT_RUN/test/addon.out"
 addon_rc=${PIPESTATUS[0]}
 
 trainer_rc=0
 echo > "$LLMT_RUN/test/trainer.out"
-if [ -d "$here/trainer/tests" ]; then
+if [ -d "$here/trainer/tests" ] && [ $# = 0 ]; then
   echo "[test] trainer tests (Python 3.11)"
   # Through a link whose parent has no __init__.py: pytest must see `trainer` as the top package,
   # not as part of the addon at the repo root.
