@@ -28,11 +28,13 @@ import uuid
 import psycopg2
 import werkzeug
 
+import odoo
 from odoo import http, tools
 from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.http import request, Response
 
 from ..lib import job_status, openai_api as oa, trainer_folder
+from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..models.llm_training_dataset import size_limits
 from ..models.llm_provider import InvalidServiceRequest
@@ -507,8 +509,14 @@ class OpenAIApi(http.Controller):
     @_route('/v1/chat/completions', ['POST'])
     @endpoint
     def chat_completions(self, env, **kw):
+        started = time.time()
         model_name, messages, options, stream, include_usage = oa.chat_request(
             oa.json_body(request.httprequest.get_data()))
+        # Under workers > 0 the request is killed at limit_time_real: the answer ends before
+        # that, cleanly, with finish_reason "length" (see README, Deploying).
+        deadline = limits.deadline(tools.config, started, evented=odoo.evented)
+        if deadline is not None:
+            options['max_seconds'] = max(deadline - time.time(), 0.1)
         model = self._find_model(env, model_name, param='model')
         if not model.provider_id.can_chat:
             raise oa.ApiError(400, 'Model %s cannot chat: its provider "%s" serves no chat completions.'

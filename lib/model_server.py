@@ -18,8 +18,10 @@ import requests
 
 try:
     from .file_lock import held
+    from .host import processes
 except ImportError:  # run alone as a script by `make stop`: lib/ is on the path
     from file_lock import held
+    from host import processes
 
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
 STATE_FILE = 'server.json'
@@ -114,9 +116,8 @@ class ModelServer(object):
                    '--state-file', os.path.join(self.run_dir, STATE_FILE)]
         with open(os.path.join(self.run_dir, LOG_FILE), 'ab') as log:
             try:
-                process = subprocess.Popen(command, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True,  # outlives this worker
-                                           close_fds=True)
+                process = processes.spawn(command, cwd=self.cwd, env=self.env, detached=True,  # outlives this worker
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             except OSError as e:
                 raise ModelServerError('cannot run the trainer Python %s (%s)' % (self.python, e))
         deadline = time.time() + self.start_timeout

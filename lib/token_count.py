@@ -15,6 +15,7 @@ import subprocess
 import threading
 
 from .dataset_validator import estimate_tokens, message_text
+from .host import processes
 
 PIECE_CHARS = 32768  # longer contents are counted in pieces (a piece boundary may add a token)
 KNOWN_TEXTS = 10000  # texts whose counts are kept across batches (repeated prompts)...
@@ -37,8 +38,8 @@ class PipeCounter(object):
         self._process = None
 
     def _start(self):
-        self._process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._process = processes.spawn(self.command, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def _ask(self, line):
         if self._process is None or self._process.poll() is not None:

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import psycopg2
 
@@ -12,6 +13,7 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import AccessError, UserError
 
 from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
+from ..lib.host import limits
 from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator, preview_examples,
                                      render_preview)
 from ..lib.server_files import ServerPathError, resolve_server_path
@@ -175,11 +177,15 @@ class LlmTrainingDataset(models.Model):
         return True
 
     @api.model
-    def _cron_validate_uploaded(self, limit=20):
+    def _cron_validate_uploaded(self, limit=20, budget=60):
         """Validate the files uploaded through /v1/files (their status goes from uploaded to
-        processed or error); a file a job validated first is skipped."""
+        processed or error); a file a job validated first is skipped. No new file is started past
+        the pass's time budget (less under a cron worker's time limit): the next pass goes on."""
         testing = getattr(threading.currentThread(), 'testing', False)
+        started, budget = time.time(), limits.cron_budget(tools.config, budget)
         for dataset in self.search([('api_uploaded', '=', True), ('state', '=', 'draft')], limit=limit, order='id'):
+            if time.time() - started > budget:
+                break
             try:
                 with self.env.cr.savepoint():
                     dataset._validate()

@@ -17,10 +17,11 @@ from datetime import datetime, timedelta
 
 import psycopg2
 
-from odoo import _, api, fields, models
+from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
+from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from .llm_training_dataset import DatasetBusyError
 
@@ -30,7 +31,7 @@ MAX_RESUBMITS = 3  # runs the provider lost (a restarted Ray head) started again
 MAX_RETRIES = 5  # before a job reaches its provider; after, it goes on there and is never given up
 RETRY_DELAYS = (30, 60, 120, 300, 600)  # seconds before attempt n+1
 PREFETCH_JOBS = 200  # jobs read ahead in one query by the cron
-CRON_BUDGET_SECONDS = 45  # one cron run; the rest waits for the next run, oldest-synced first
+CRON_BUDGET_SECONDS = 45  # one cron run (less if the cron worker's time limit is lower); the rest waits for the next run
 DEFAULT_STUCK_HOURS = 24
 COMMIT = 'commit'  # what a step returns to have its writes committed before the next step
 
@@ -56,10 +57,12 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     @api.model
-    def _cron(self, budget=CRON_BUDGET_SECONDS):
+    def _cron(self, budget=None):
         """Visit every active job that is due, least recently synced first, within `budget`
         seconds; what is left is first in line next run, so no job starves."""
         started = time.time()
+        if budget is None:
+            budget = limits.cron_budget(tools.config, CRON_BUDGET_SECONDS)
         self._sweep_stuck_jobs()
         due = self._due_job_ids()
         self._commit()  # the sweep's work is kept; each claim below starts from a clean transaction

@@ -11,7 +11,8 @@ llmt_link_addon
 DB=llm_demo
 PORT=${LLMT_DEMO_PORT:-8069}
 conf="$LLMT_RUN/demo/odoo.conf"
-llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/demo/data"
+# As production runs it: 2 HTTP workers, a cron worker, Odoo's default limits (see README, Deploying).
+LLMT_WORKERS=2 llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/demo/data"
 bash "$here/scripts/stop.sh" >/dev/null
 
 if psql -lqt | cut -d'|' -f1 | grep -qw "$DB"; then

@@ -24,6 +24,9 @@ llmt_link_addon() {
 }
 
 # llmt_write_config FILE DB HTTP_PORT DATA_DIR [EXTRA_ADDONS_DIR]
+# LLMT_WORKERS=N: Odoo's multi-process server as production runs it (N HTTP workers, a cron worker,
+# a longpolling process on HTTP_PORT+3, Odoo's default memory and time limits); 0 (the default,
+# what the tests' in-process server uses): threaded.
 llmt_write_config() {
   local addons="$LLMT_ADDONS_LINK_DIR"
   [ -n "${5:-}" ] && addons="$addons,$5"
@@ -40,7 +43,7 @@ longpolling_port = $(( $3 + 3 ))
 data_dir = $4
 admin_passwd = admin
 max_cron_threads = 1
-workers = 0
+workers = ${LLMT_WORKERS:-0}
 llm_training_trainer_python = $LLMT_TRAINER_VENV/bin/python
 llm_training_models_dir = $(dirname "$LLMT_BASE_MODEL_DIR")
 CONF

@@ -9,7 +9,8 @@ lock: on a CPU two at once are slower than one after the other).
 
     GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters", "active"}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
-                      "top_p", "stop": [str], "seed", "stream"}
+                      "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
+                      with "length" that long after the request arrived, waiting included)}
                      -> {"text", "finish_reason": "stop"|"length", "prompt_tokens", "completion_tokens"}
                      stream: one JSON object per line, {"delta": "..."} ..., then
                      {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
@@ -81,8 +82,13 @@ def parse_chat_request(body):
     seed = body.get('seed')
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError('"seed" must be an integer or null')
+    max_seconds = body.get('max_seconds')
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or max_seconds <= 0):
+        raise RequestError('"max_seconds" must be a positive number or null')
     return {'model': model, 'messages': messages, 'max_tokens': max_tokens, 'temperature': float(temperature),
-            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream'))}
+            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream')),
+            'deadline': time.monotonic() + max_seconds if max_seconds else None}
 
 
 # -- stop strings -----------------------------------------------------------------------------------
@@ -273,7 +279,15 @@ def run_chat(cache, request, emit):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), streamer.text.stopped, dtype=torch.bool)
 
-    options = dict(max_new_tokens=max_new, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopStringSeen()]),
+    class TimeUp(StoppingCriteria):
+        """The caller's time limit (e.g. an Odoo worker's limit_time_real) has come."""
+        seen = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            TimeUp.seen = TimeUp.seen or (request.get('deadline') is not None and time.monotonic() >= request['deadline'])
+            return torch.full((input_ids.shape[0],), TimeUp.seen, dtype=torch.bool)
+
+    options = dict(max_new_tokens=max_new, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopStringSeen(), TimeUp()]),
                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if request['temperature'] > 0:
         options.update(do_sample=True, temperature=request['temperature'], top_p=request['top_p'])
@@ -294,15 +308,20 @@ def run_chat(cache, request, emit):
     else:
         completion_tokens = int(completion.shape[0])
         ended = completion_tokens and int(completion[-1]) in _eos_ids(model, tokenizer)
-        finish = 'stop' if ended or completion_tokens < max_new else 'length'
+        finish = 'stop' if (ended or completion_tokens < max_new) and not TimeUp.seen else 'length'
     return {'finish_reason': finish, 'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens}
 
 
 def chat(cache, model, messages, **options):
     """One whole answer in this process (no HTTP): {'text', 'finish_reason', 'prompt_tokens',
     'completion_tokens'}; options as in /chat."""
+    return whole_answer(cache, parse_chat_request(dict(options, model=model, messages=messages)))
+
+
+def whole_answer(cache, request):
+    """The answer to a checked request, all at once."""
     parts = []
-    final = run_chat(cache, parse_chat_request(dict(options, model=model, messages=messages)), parts.append)
+    final = run_chat(cache, request, parts.append)
     return dict(final, text=''.join(parts))
 
 
@@ -367,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
     def _whole(self, request):
         try:
             with self.server.lock:
-                answer = chat(self.server.cache, **request)
+                answer = whole_answer(self.server.cache, request)
         except RequestError as e:
             return self._json(e.status, {'error': str(e)})
         except Exception as e:  # a failed generation answers 500 and the server goes on

@@ -23,7 +23,9 @@ from ..exceptions import TrainingFailedError
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat')
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
-CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed')
+# max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
+# an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.
+CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed', 'max_seconds')
 
 
 class JobSpec(object):

@@ -11,6 +11,7 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
+from ..host import processes
 from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..hyperparameters import check_processes, trainer_config
 from ..model_server import ModelServer, ModelServerError
@@ -31,8 +32,8 @@ def trainer_env():
 def run_trainer_module(python, args, timeout):
     """Run `python -m trainer.<args>` in the trainer env and return its completed process."""
     try:
-        return subprocess.run([python, '-m'] + args, env=trainer_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout, cwd=ADDON_ROOT)
+        return processes.run([python, '-m'] + args, cwd=ADDON_ROOT, env=trainer_env(), timeout=timeout,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except subprocess.TimeoutExpired:
         raise TrainingFailedError('The trainer environment did not answer within %d s.' % timeout)
     except OSError as e:
@@ -111,10 +112,9 @@ class LocalTrainer(TrainingProvider):
             if not resume:
                 data['offsets'] = {}
             with open(os.path.join(folder, trainer_folder.LOG), 'ab') as log:
-                process = subprocess.Popen(
-                    [self.python, '-m', 'trainer.train', '--job-dir', folder],
-                    cwd=ADDON_ROOT, env=trainer_env(), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)  # detached: outlives this worker
+                process = processes.spawn(
+                    [self.python, '-m', 'trainer.train', '--job-dir', folder], cwd=ADDON_ROOT, env=trainer_env(),
+                    detached=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             start_time = trainer_folder.process_start_time(process.pid)
             trainer_folder.write_pid_file(folder, process.pid, start_time, spec.job_key)
         data.update(pid=process.pid, start_time=start_time, resume=False)

@@ -56,7 +56,8 @@ def test_request_defaults_and_refusals():
     for bad in ({'messages': QUESTION}, {'model': '/m', 'messages': []}, {'model': '/m', 'messages': [{'role': 'user'}]},
                 {'model': '/m', 'messages': QUESTION, 'max_tokens': 0},
                 {'model': '/m', 'messages': QUESTION, 'temperature': 3},
-                {'model': '/m', 'messages': QUESTION, 'stop': ['']}, [1]):
+                {'model': '/m', 'messages': QUESTION, 'stop': ['']},
+                {'model': '/m', 'messages': QUESTION, 'max_seconds': 0}, [1]):
         with pytest.raises(RequestError):
             parse_chat_request(bad)
 
@@ -149,6 +150,18 @@ def test_max_tokens_ends_with_length(server, model_dir):
     answer = server.chat(model_dir, max_tokens=3, messages=[{'role': 'user', 'content': 'Write a long poem.'}])
     assert (answer['finish_reason'], answer['completion_tokens']) == ('length', 3)
     assert answer['text']
+
+
+def test_max_seconds_ends_the_answer_with_length_in_both_modes(server, model_dir):
+    # What an Odoo worker's time limit asks for: the answer ends cleanly, its usage exact.
+    poem = [{'role': 'user', 'content': 'Write a very long poem about the sea.'}]
+    whole = server.chat(model_dir, max_tokens=2000, max_seconds=0.05, messages=poem)
+    text, final = server.stream(model_dir, max_tokens=2000, max_seconds=0.05, messages=poem)
+    for answer in (whole, final):
+        assert answer['finish_reason'] == 'length'
+        assert 1 <= answer['completion_tokens'] < 2000 and answer['prompt_tokens'] > 10
+    unlimited = server.chat(model_dir, max_tokens=5, max_seconds=600, messages=poem)
+    assert (unlimited['finish_reason'], unlimited['completion_tokens']) == ('length', 5)
 
 
 def test_sampling_with_a_seed_repeats(server, model_dir):
