@@ -26,6 +26,13 @@ if ! llmt_odoo -c "$conf" -d "$DB" -i llm_training,llm_training_test_provider --
   exit 1
 fi
 
+# Two copies for the production-mode test (tests/test_production_mode.py): a multi-process Odoo
+# serving both databases behind a db filter. A template copy takes seconds, an install 25 s.
+for copy in "${DB}_pfa" "${DB}_pfb"; do
+  dropdb --if-exists "$copy" && createdb -T "$DB" "$copy" || { echo "0 passed, 1 failed"; exit 1; }
+  cp -a "$LLMT_RUN/test/data/filestore/$DB" "$LLMT_RUN/test/data/filestore/$copy" 2>/dev/null
+done
+
 addon="$LLMT_ADDONS_LINK_DIR/llm_training"
 report() { grep -E '[0-9]+ (passed|failed|errors?|skipped)' "$1" | tail -1; }
 count() { report "$1" | grep -oE "[0-9]+ $2" | grep -oE '[0-9]+' || echo 0; }

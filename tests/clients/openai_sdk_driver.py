@@ -48,7 +48,9 @@ def check_response(response):
 
 
 def make_client(base_url, key):
+    # LLMT_SDK_HEADERS (JSON): headers every request carries, e.g. the Host that picks a database
     return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120,
+                         default_headers=json.loads(os.environ.get('LLMT_SDK_HEADERS') or '{}'),
                          http_client=openai.DefaultHttpxClient(event_hooks={'response': [check_response]}))
 
 
