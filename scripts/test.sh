@@ -41,7 +41,7 @@ selected=("$addon/tests")
 if [ $# -gt 0 ]; then
   selected=()
   for arg in "$@"; do
-    case "$arg" in -*) selected+=("$arg") ;; *) selected+=("$addon/$arg") ;; esac
+    if [ -e "$here/$arg" ]; then selected+=("$addon/$arg"); else selected+=("$arg"); fi  # a path, or a pytest option
   done
 fi
 echo "[test] addon tests (pytest-odoo)"
