@@ -1,8 +1,8 @@
 """Check HTTP traffic against OpenAI's published OpenAPI description of Files, Fine-tuning and Models.
 
 The description lives beside the repo (../shared/reference/openai-fine-tuning-openapi.json, or
-$LLMT_OPENAI_SCHEMA) and is not copied here. `load_contract()` answers (contract, None) or
-(None, reason) so callers can skip visibly where it is absent.
+$LLMT_OPENAI_SCHEMA) and is not copied here. `load_contract()` fails loudly where it is absent: a
+missing schema must not turn every contract check into a silent pass.
 
 OpenAPI 3.1 is JSON Schema 2020-12 with two leftovers from 3.0 in this file: `nullable: true`
 and boolean `exclusiveMinimum`; both are rewritten to their 2020-12 forms before checking.
@@ -24,13 +24,11 @@ def schema_path():
 def load_contract():
     path = schema_path()
     if not os.path.exists(path):
-        return None, 'OpenAI schema not found at %s (set %s): traffic is not checked against it' % (path, SCHEMA_ENV)
-    try:
-        import jsonschema  # noqa: F401
-    except ImportError:
-        return None, 'jsonschema is not installed: traffic is not checked against the OpenAI schema'
+        raise RuntimeError('OpenAI schema not found at %s (the shared/ folder beside the repo, or set %s)'
+                           % (path, SCHEMA_ENV))
+    import jsonschema  # noqa: F401  (requirements-odoo.txt)
     with open(path) as f:
-        return Contract(json.load(f)), None
+        return Contract(json.load(f))
 
 
 def _normalize(node):

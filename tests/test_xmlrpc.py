@@ -86,7 +86,7 @@ class TestXmlRpc(HttpCase):
 
     def test_openai_job_from_xmlrpc_alone(self):
         """Another addon fine-tunes on OpenAI (here the local OpenAI-compatible server) over XML-RPC."""
-        server = FakeOpenAI('sk-rpc-test-key', load_contract()[0]).start()
+        server = FakeOpenAI('sk-rpc-test-key', load_contract()).start()
         self.addCleanup(server.stop)
         self.uid = self.xmlrpc_common.authenticate(self.env.cr.dbname, 'admin', 'admin', {})
         provider_id = self.call('llm.provider', 'create', {'name': 'OpenAI', 'service': 'openai',
