@@ -293,6 +293,7 @@ class LlmTrainingJob(models.Model):
                 raise UserError(_('Add at least one training dataset before submitting.'))
             job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
                               cancel_requested=False, progress=0.0)
+        self.env['llm.training.engine']._follow_soon(self)
         return True
 
     @api.multi
@@ -320,6 +321,7 @@ class LlmTrainingJob(models.Model):
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
                               next_attempt_at=False, cancel_requested=False, finished_at=False,
                               attempt=job.attempt + 1, start_pending=False, resubmit_count=0)
+        self.env['llm.training.engine']._follow_soon(self)
         return True
 
     @api.multi

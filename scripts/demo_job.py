@@ -1,7 +1,8 @@
 """Submit the demo fine-tuning job over XML-RPC and follow it until it ends.
 
-Runs against the demo Odoo that `make demo` started; the cron, not this script, drives the job:
-this script only presses Submit and reads state and progress, as another addon would."""
+Runs against the demo Odoo that `make demo` started; Submit moves the job on at once and the cron
+drives it from there, not this script: it only presses Submit and reads state and progress, as
+another addon would."""
 import argparse
 import sys
 import time
@@ -32,12 +33,13 @@ def main():
     job = call('llm.training.job', 'read', [job_id], fields=['name', 'state'])[0]
     if job['state'] == 'draft':
         call('llm.training.job', 'action_submit', [job_id])
-        print('[demo] submitted job %d "%s"; the cron (every minute) now drives it' % (job_id, job['name']))
+        print('[demo] submitted job %d "%s": Submit starts it at once, the cron (every minute) follows it'
+              % (job_id, job['name']))
     else:
         print('[demo] job %d "%s" is already %s' % (job_id, job['name'], job['state']))
 
     started = time.time()
-    last = None
+    last, training_at = None, None
     fields = ['state', 'progress', 'current_step', 'total_steps', 'error_message', 'result_model_id']
     while True:
         job = call('llm.training.job', 'read', [job_id], fields=fields)[0]
@@ -45,11 +47,14 @@ def main():
         if line != last:
             print('[demo] %4ds  %s' % (time.time() - started, line), flush=True)
             last = line
+        if training_at is None and job['state'] in ('training',) + FINAL:
+            training_at = time.time() - started
+            print('[demo] Submit to %s: %.0f s' % (job['state'], training_at), flush=True)
         if job['state'] in FINAL:
             break
         if time.time() - started > args.timeout:
             sys.exit('[demo] gave up waiting after %d s; the job goes on in Odoo' % args.timeout)
-        time.sleep(5)
+        time.sleep(1)
     if job['state'] != 'completed':
         sys.exit('[demo] the job ended %s: %s' % (job['state'], job['error_message']))
     print('[demo] completed in %d s; model registered: %s' % (time.time() - started, job['result_model_id'][1]))

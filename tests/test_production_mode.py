@@ -1,6 +1,6 @@
 """Production mode: a real Odoo multi-process server (workers=2, a cron worker, a longpolling
 process, Odoo's default memory limits, proxy_mode) serving two databases behind a db filter, driven
-as people and clients drive it: the OpenAI SDK flow trains a local job to Completed in the cron
+as people and clients drive it: Submit starts training without waiting for the cron, the OpenAI SDK flow trains a local job to Completed in the cron
 worker while that worker is recycled, a streamed chat outlasting limit_time_real ends cleanly, a
 model form's Generate reply answers in the second database, forwarded headers choose the
 database and the logged address, and the longpolling process starts once and stays up.
@@ -223,6 +223,29 @@ def test_longpolling_process_starts_and_answers_on_its_port(server):
     assert len(longpolling) == 1, longpolling
     assert server._answers('a', port=server.longpolling_port)
     server.state['longpolling_pid'] = longpolling[0].pid
+
+
+def test_submit_returns_at_once_and_training_starts_without_a_cron_pass(server):
+    with psycopg2.connect(dbname=server.dbs['b']) as conn, conn.cursor() as cr:
+        # our crons are not due for an hour: whatever moves the job now is Submit's own run
+        cr.execute("""UPDATE ir_cron SET nextcall = (now() at time zone 'UTC') + interval '1 hour'
+                       WHERE id IN (SELECT res_id FROM ir_model_data
+                                     WHERE module = 'llm_training' AND model = 'ir.cron' AND name IN %s)""", (CRONS,))
+    conn.close()
+    provider = server.xmlrpc('b', 'llm.provider', 'search', [('name', '=', 'Local b')])[0]
+    model = server.xmlrpc('b', 'llm.model', 'search', [('name', '=', 'SmolLM2 b')])[0]
+    dataset = server.xmlrpc('b', 'ir.model.data', 'xmlid_to_res_id', 'llm_training.demo_dataset_northwind')
+    job = server.xmlrpc('b', 'llm.training.job', 'create', {
+        'name': 'Submitted', 'provider_id': provider, 'base_model_id': model, 'dataset_ids': [(6, 0, [dataset])],
+        'epochs': 1, 'batch_size': 4, 'max_seq_length': 128})
+    assert server.xmlrpc('b', 'llm.training.job', 'action_submit', [job]) is True
+    # Submit answered before any of the work: validating, preparing, starting the trainer
+    assert server.xmlrpc('b', 'llm.training.job', 'read', [job], ['state'])[0]['state'] != 'training'
+    state = wait_for(lambda: (lambda s: s if s in ('training', 'completed', 'failed', 'cancelled') else None)(
+        server.xmlrpc('b', 'llm.training.job', 'read', [job], ['state'])[0]['state']), 'the job to start training')
+    assert state in ('training', 'completed'), server.xmlrpc('b', 'llm.training.job', 'read', [job], ['error_message'])
+    if state == 'training':
+        server.xmlrpc('b', 'llm.training.job', 'action_cancel', [job])  # its CPU is for the tests below
 
 
 def test_sdk_trains_a_local_job_in_the_cron_worker_through_a_recycled_worker(server):
