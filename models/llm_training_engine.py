@@ -35,7 +35,7 @@ PREFETCH_JOBS = 200  # jobs read ahead in one query by the cron
 CRON_BUDGET_SECONDS = 45  # one cron run (less if the cron worker's time limit is lower); the rest waits for the next run
 DEFAULT_STUCK_HOURS = 24
 COMMIT = 'commit'  # what a step returns to have its writes committed before the next step
-FOLLOW_SECONDS = 60  # how long Submit's own run moves a job on (then the cron goes on)
+FOLLOW_SECONDS = 300  # how long Submit's own run moves a job on (then the cron goes on)
 FOLLOW_POLL_SECONDS = 1
 FOLLOWED_STATES = ('validating', 'preparing', 'queued')  # followed until Training (or an end)
 
@@ -66,9 +66,11 @@ class LlmTrainingEngine(models.AbstractModel):
         Status would, until each is Training or waits on something else, for FOLLOW_SECONDS at
         most: Submit then starts training within seconds instead of at the cron's next minute, and
         returns at once. Nothing depends on it: a thread cut short (a recycled worker, a restart)
-        leaves each step committed or not started, and the cron goes on from there. Not in tests
-        (their transaction is never committed: the cron is run explicitly there)."""
-        if jobs and self._auto_commit():
+        leaves each step committed or not started, and the cron goes on from there.
+        odoo.conf `llm_training_submit_starts_at_once = False` leaves it all to the cron (the test
+        suite's in-process server says so: its tests run the cron explicitly)."""
+        enabled = str(tools.config.get('llm_training_submit_starts_at_once', True)).lower() not in ('0', 'false', 'no')
+        if jobs and enabled and self._auto_commit():
             threading.Thread(target=self._follow, args=(self.env.cr.dbname, self.env.uid, jobs.ids),
                              name='llm-training-follow-%s' % ','.join(map(str, jobs.ids))).start()
 

@@ -46,6 +46,7 @@ max_cron_threads = 1
 workers = ${LLMT_WORKERS:-0}
 llm_training_trainer_python = $LLMT_TRAINER_VENV/bin/python
 llm_training_models_dir = $(dirname "$LLMT_BASE_MODEL_DIR")
+llm_training_submit_starts_at_once = ${LLMT_SUBMIT_AT_ONCE:-True}
 CONF
 }
 
