@@ -16,6 +16,7 @@ import requests
 import odoo
 from odoo import tools
 
+from odoo.addons.llm_training.controllers import v1_hooks
 from odoo.addons.llm_training.lib import api_usage, openai_api as oa
 from odoo.addons.llm_training.lib.exceptions import TrainingFailedError, TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import LocalTrainer
@@ -101,6 +102,25 @@ class TestApiLimitsBeforeWork(ApiCase):
                                                            'Content-Type': 'application/json'}, timeout=60)
         self.assertEqual(listed.json()['object'], 'list')
         self.assertTrue(listed.headers['x-request-id'].startswith('req_'))
+
+    def test_the_database_choice_is_kept_per_host(self):
+        """With a db filter naming the database by host (%d), this server holds every database
+        PostgreSQL lists (other test databases included): each Host gets its own choice, and the
+        kept choice of one host never answers another."""
+        url = 'http://127.0.0.1:%d/v1/models' % self.port
+        auth = {'Authorization': 'Bearer %s' % self.manager_key}
+        ours, other = '%s.localhost' % self.cr.dbname, 'no-such-db-%d.localhost' % random.randint(1, 10 ** 9)
+        v1_hooks._db_choice.clear()
+        self.addCleanup(v1_hooks._db_choice.clear)
+        with mock.patch.dict(tools.config.options, {'dbfilter': '^%d$'}):
+            for host in (other, ours, other, ours):
+                answer = requests.get(url, headers=dict(auth, Host=host), timeout=60)
+                if host == ours:
+                    self.assertEqual((answer.status_code, answer.json()['object']), (200, 'list'), host)
+                else:  # no database for this host: not ours, kept or not
+                    self.assertNotEqual(answer.status_code, 200, host)
+        self.assertEqual(v1_hooks._db_choice[ours][0], self.cr.dbname)
+        self.assertIsNone(v1_hooks._db_choice[other][0])
 
     def test_the_request_rate_is_counted_in_postgresql(self):
         self.env['ir.config_parameter'].set_param('llm_training.api_requests_per_minute', '2')
