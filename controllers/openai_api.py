@@ -202,7 +202,8 @@ class OpenAIApi(http.Controller):
         chunks = []
         for _name, stream in dataset._attachment_streams():
             chunks.append(stream.read())
-        return Response(b''.join(chunks), status=200, headers=[('Content-Type', 'application/octet-stream')])
+        return Response(b''.join(chunks), status=200, headers=[('Content-Type', 'application/octet-stream'),
+                                                               ('x-request-id', v1_hooks.request_id())])
 
     @_route('/v1/files/<string:file_ident>', ['DELETE'])
     @endpoint

@@ -89,12 +89,15 @@ class ModelServer(object):
     env, cwd   the trainer's environment and working folder (default: this addon's root on PYTHONPATH)
     allowed_roots  the folders whose model folders the server must serve (the server refuses any
                other folder); a running server without one of them is restarted with it
+    private_top    the run folder and the folders between it and this one are made 0700
+               (default: the run folder alone)
     """
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING):
+                 request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None):
         self.python = python
         self.run_dir = run_dir
+        self.private_top = private_top or run_dir
         self.allowed_roots = sorted(set(os.path.realpath(root) for root in allowed_roots if root))
         self.max_waiting = max_waiting
         self.port = port
@@ -127,8 +130,8 @@ class ModelServer(object):
         state = read_state(self.run_dir)
         if self._serves_ours(self.health(state)):
             return state
-        os.makedirs(os.path.dirname(self.run_dir), exist_ok=True)
-        make_private_dirs(self.run_dir, os.path.dirname(self.run_dir))  # <data_dir>/llm_training and the run folder
+        os.makedirs(os.path.dirname(self.private_top), exist_ok=True)
+        make_private_dirs(self.run_dir, self.private_top)
         with held(os.path.join(self.run_dir, LOCK_FILE), self.start_timeout + 10, ModelServerError):
             state = read_state(self.run_dir)  # another worker may have started it while we waited
             health = self.health(state)

@@ -53,7 +53,8 @@ class TestModelServer(TrainingCase):
         self.assertEqual(run_dir, os.path.join(self.local._adapter_config()['model_server_dir']))
         # two workers asking at once start one server between them (the start lock)
         states = []
-        clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd) for _ in range(2)]
+        clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd,
+                               allowed_roots=self.server.allowed_roots) for _ in range(2)]
         threads = [threading.Thread(target=lambda c=c: states.append(c.ensure_running())) for c in clients]
         for thread in threads:
             thread.start()
