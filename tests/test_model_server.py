@@ -7,13 +7,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import unittest
 
 import psutil
 import requests
 
 from odoo import tools
 from odoo.exceptions import UserError
-from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest
+from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest, ServiceBusy, _as_user_error
+from odoo.addons.llm_training.lib.exceptions import TrainingRetryableError
+from odoo.addons.llm_training.lib.providers.local import generation_failed
 
 from odoo.addons.llm_training.lib import model_server as model_server_lib
 from odoo.addons.llm_training.lib.model_server import STATE_FILE, TOKEN_FILE, ModelServer, read_state
@@ -115,6 +118,21 @@ class TestModelServer(TrainingCase):
             self.provider._call_adapter('chat', 'tiny-1', messages, {})
         self.assertTrue(self.local.can_chat)
         self.assertFalse(self.provider.can_chat)
+
+
+class TestBusyServer(unittest.TestCase):
+
+    def test_a_full_waiting_line_is_retryable_not_a_failure(self):
+        """The server's 503 (its waiting line full) becomes a retry-later with its Retry-After, which
+        the provider turns into ServiceBusy and the API into a 429; other failures stay failures."""
+        busy = generation_failed(model_server_lib.ModelServerError('the server is busy', 503, retry_after=5))
+        self.assertIsInstance(busy, TrainingRetryableError)
+        self.assertEqual(busy.seconds, 5)
+        self.assertIsInstance(_as_user_error(busy), ServiceBusy)
+        self.assertEqual(_as_user_error(busy).seconds, 5)
+        failed = generation_failed(model_server_lib.ModelServerError('exploded', 500))
+        self.assertNotIsInstance(failed, TrainingRetryableError)
+        self.assertNotIsInstance(_as_user_error(failed), ServiceBusy)
 
 
 class TestModelServerSecret(TrainingCase):
