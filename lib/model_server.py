@@ -195,13 +195,23 @@ class ModelServer(object):
 
     @staticmethod
     def _wait_exit(pid, timeout):
+        """Whether the process ended within `timeout`. One that exited but is another process's
+        child (an Odoo worker's, when `make stop` asks) stays a zombie until that parent reaps it:
+        it has ended all the same."""
+        deadline = time.time() + timeout
         try:
-            psutil.Process(pid).wait(timeout)  # also reaps it when it is our child
-            return True
+            process = psutil.Process(pid)
+            while True:
+                try:
+                    process.wait(0.2)  # also reaps it when it is our child
+                    return True
+                except psutil.TimeoutExpired:
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        return True
+                    if time.time() > deadline:
+                        return False
         except psutil.NoSuchProcess:
             return True
-        except psutil.TimeoutExpired:
-            return False
 
     def _remove_state(self):
         try:

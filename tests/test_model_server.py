@@ -136,7 +136,8 @@ class TestBusyServer(unittest.TestCase):
 
 
 class TestModelServerSecret(TrainingCase):
-    """The model server trusts no local process: its token, its allowed roots, its private folder."""
+    """The model server trusts no local process: its token, its allowed roots, its private folder.
+    One server for the class; the test that restarts and stops it runs last (names sort)."""
 
     @classmethod
     def setUpClass(cls):
@@ -194,7 +195,7 @@ class TestModelServerSecret(TrainingCase):
         self.assertIn(os.path.realpath(os.path.join(tools.config['data_dir'], 'llm_training')), roots)
         self.assertIn(os.path.realpath(tools.config['llm_training_models_dir']), roots)
 
-    def test_a_new_provider_storage_restarts_the_server_with_it_and_make_stop_still_works(self):
+    def test_new_provider_storage_restarts_the_server_with_it_and_make_stop_still_works(self):
         storage = tempfile.mkdtemp(prefix='llmt-storage-')
         self.addCleanup(shutil.rmtree, storage)
         self.env['llm.provider'].create({'name': 'Shared storage', 'service': 'local', 'storage_path': storage})
