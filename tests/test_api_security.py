@@ -175,6 +175,32 @@ class TestApiLimitsBeforeWork(ApiCase):
                 cr.execute('DELETE FROM llm_api_rate WHERE key_id = %s', (key_id,))
 
 
+    def test_a_key_row_held_by_someone_else_does_not_hold_the_request(self):
+        """A manager's transaction holding the key's row (editing the key) must not make an API
+        request wait for last_used: the stamp skips a locked row. Committed rows on real
+        connections; the statement would wait for the lock without SKIP LOCKED (lock_timeout turns
+        that wait into an error here)."""
+        db = odoo.sql_db.db_connect(self.cr.dbname)
+        with db.cursor() as setup:
+            setup.execute("""INSERT INTO llm_api_key (name, user_id, key_hash, active)
+                             VALUES ('lock test', 1, %s, true) RETURNING id""", ('lock-test-%d' % random.randint(1, 10 ** 9),))
+            key_id = setup.fetchone()[0]
+            setup.commit()
+        try:
+            with db.cursor() as manager, db.cursor() as api:
+                manager.execute('SELECT id FROM llm_api_key WHERE id = %s FOR UPDATE', (key_id,))
+                api.autocommit(True)
+                api.execute("SET lock_timeout = '20s'")
+                self.assertFalse(api_usage.stamp_last_used(api, key_id), 'skipped, not waited for')
+                manager.rollback()
+                self.assertTrue(api_usage.stamp_last_used(api, key_id))
+                self.assertFalse(api_usage.stamp_last_used(api, key_id), 'at most once a minute')
+        finally:
+            with db.cursor() as cleanup:
+                cleanup.execute('DELETE FROM llm_api_key WHERE id = %s', (key_id,))
+                cleanup.commit()
+
+
 class TestApiAnswersWithoutPaths(ApiCase):
 
     def setUp(self):
