@@ -12,7 +12,8 @@ beside /v1 calls).
    body is NOT read here: the route's parameters come from the query string only; the handler
    reads the body itself, after the key is checked. A Content-Length over the path's limit is
    answered 413 at once, the body unread (no memory, no spooled temp file); werkzeug's
-   `max_content_length` is set on the request too, as a backstop for the form parser.
+   `max_content_length` is set on the request too, as a backstop for the form parser. A chunked
+   body (no Content-Length) is refused with 411: werkzeug 0.16 reads one without any limit.
 2. `setup_db`: without a session Odoo 11 lists the databases on every request (a new connection
    to PostgreSQL each time, a third of a GET); API clients keep no session, so the choice is kept
    a minute per Host header (the db filter may name the host), in a bounded table.
@@ -72,7 +73,7 @@ def body_limit(httprequest):
 def error_response(error, httprequest):
     """OpenAI's error object for a refusal made before any route runs."""
     headers = [('Content-Type', 'application/json'), ('x-request-id', request_id(httprequest))] + list(error.headers)
-    if error.status == 413:
+    if error.status in (411, 413):
         headers.append(('Connection', 'close'))  # the body is left unread: this connection cannot go on
     return Response(json.dumps(error.body()), status=error.status, headers=headers)
 
@@ -94,6 +95,10 @@ def _get_request(original):
         httprequest.max_content_length = limit
         if (httprequest.content_length or 0) > limit:
             raise werkzeug.exceptions.RequestEntityTooLarge(response=error_response(error, httprequest))
+        if 'chunked' in httprequest.headers.get('Transfer-Encoding', '').lower():
+            refusal = oa.ApiError(411, 'Send the body with a Content-Length header; a chunked body is not accepted.',
+                                  code='length_required')
+            raise werkzeug.exceptions.LengthRequired(response=error_response(refusal, httprequest))
         return V1Request(httprequest)
     return get_request
 

@@ -85,6 +85,12 @@ class TestApiLimitsBeforeWork(ApiCase):
             'POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
             'Content-Length: %d\r\n\r\n') % big)
         self.assertEqual((status, body['error']['code']), (413, 'request_too_large'))
+        # a chunked body has no length to check (and werkzeug would read it whole): refused unread
+        status, _headers, body, refused = raw_request(self.port, (
+            'POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n'
+            'Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n') % self.manager_key)
+        self.assertEqual((status, body['error']['code']), (411, 'length_required'))
+        self.assertTrue(refused)
         self.assertLess(psutil.Process().memory_info().rss - rss_before, 20 * 1024 * 1024)
         self.assertEqual(set(os.listdir(tmp)) - tmp_before, set(), 'nothing spooled to the temp folder')
         # under the limit, the same route still reads its body
