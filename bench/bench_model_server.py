@@ -31,12 +31,13 @@ from bench.bench_training import MODEL_DIR, machine_report  # noqa: E402
 MESSAGES = [{'role': 'user', 'content': 'Write a short story about a robot who learns to paint.'}]
 
 
-def timed_stream(url, max_tokens):
+def timed_stream(url, max_tokens, token):
     """(seconds to the first delta, seconds to the end, completion tokens, text) of one streamed /chat."""
     body = json.dumps({'model': MODEL_DIR, 'messages': MESSAGES, 'max_tokens': max_tokens, 'stream': True}).encode()
     start = time.perf_counter()
     first, parts, final = None, [], None
-    with urllib.request.urlopen(urllib.request.Request(url + '/chat', data=body), timeout=600) as answer:
+    request = urllib.request.Request(url + '/chat', data=body, headers={'Authorization': 'Bearer ' + token})
+    with urllib.request.urlopen(request, timeout=600) as answer:
         for line in answer:
             item = json.loads(line)
             if 'delta' in item:
@@ -95,7 +96,8 @@ def main(argv=None):
     folder = tempfile.mkdtemp(prefix='bench-serve-')
     state_file = os.path.join(folder, 'server.json')
     launched = time.perf_counter()
-    server = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', state_file],
+    server = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', state_file,
+                               '--allowed-root', os.path.dirname(MODEL_DIR)],
                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM='false'),
                               stdout=subprocess.DEVNULL, stderr=open(os.path.join(folder, 'server.log'), 'wb'))
     try:
@@ -107,8 +109,10 @@ def main(argv=None):
         listening = time.perf_counter() - launched
         with open(state_file) as f:
             url = 'http://127.0.0.1:%d' % json.load(f)['port']
+        with open(os.path.join(folder, 'server.token')) as f:
+            token = f.read()
         before = time.perf_counter()
-        cold = timed_stream(url, args.max_tokens)
+        cold = timed_stream(url, args.max_tokens, token)
         print('cold start: process listening after %.2f s; its first request (model load included): first token '
               'at %.2f s, %d tokens in %.2f s; launch to first token %.2f s'
               % (listening, cold[0], cold[2], cold[1], before - launched + cold[0]))
@@ -119,7 +123,7 @@ def main(argv=None):
         baseline(model, tokenizer, 4)  # warm both alike: the server already answered once
         served, plain = [], []
         for i in range(args.repeats):
-            served.append(timed_stream(url, args.max_tokens))
+            served.append(timed_stream(url, args.max_tokens, token))
             plain.append(baseline(model, tokenizer, args.max_tokens))
             print('pair %d: server first token %.3f s, %d tokens, %.1f tokens/s | in-process generate first token '
                   '%.3f s, %d tokens, %.1f tokens/s | same text: %s'

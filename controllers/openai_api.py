@@ -6,22 +6,20 @@ work is the same ORM methods the UI and XML-RPC use. Every request runs as its k
 (`env(user=...)`), never as superuser on its behalf, so access rights and record rules decide
 what it sees (anything else is a 404) and what it may do (403).
 
-Odoo 11 traps handled here:
-- the database is chosen by listing them on every request without a session: kept a minute;
-- a request with Content-Type application/json becomes a JSON-RPC request in Odoo 11 (the body
-  parsed as JSON-RPC, the answer wrapped in it, a type='http' route refused): `_v1_get_request`
-  makes every /v1/ request a plain HTTP request;
-- auth='none' routes get the database from the db filter (single-database set-up: --db-filter
-  or db_name; see README);
-- a streamed answer runs after the request's cursor is closed: the stream opens its own.
+Odoo 11 traps handled here and in v1_hooks.py (the one module that changes Odoo's request
+handling, for /v1/ paths only): the request kind, the body limit before the body is read, the
+database choice, the request id. auth='none' routes get the database from the db filter
+(single-database set-up: --db-filter or db_name; see README). A streamed answer runs after the
+request's cursor is closed: the stream opens nothing of its own.
+
+Errors never carry server paths or logs: what went wrong is logged with the request id, the
+caller gets the id (in the message and the x-request-id header).
 """
 import base64
-import collections
 import functools
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 
@@ -36,77 +34,12 @@ from odoo.http import request, Response
 from ..lib import job_status, openai_api as oa, trainer_folder
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
-from ..models.llm_training_dataset import size_limits
-from ..models.llm_provider import InvalidServiceRequest
+from ..models.llm_provider import InvalidServiceRequest, ServiceBusy
+from . import v1_hooks
 
 _logger = logging.getLogger(__name__)
 
 SNIFF_BYTES = 65536
-
-
-# -- Odoo 11: /v1/ requests are plain HTTP requests whatever their Content-Type ---------------------
-_original_get_request = http.Root.get_request
-
-
-def _v1_get_request(self, httprequest):
-    if httprequest.path.startswith('/v1/'):
-        return http.HttpRequest(httprequest)
-    return _original_get_request(self, httprequest)
-
-
-http.Root.get_request = _v1_get_request
-
-# Odoo 11 picks the database of a request without a session by listing the databases, a new
-# connection to PostgreSQL on every call (a third of a GET here). API clients never keep a
-# session: the choice is kept a minute per Host header (the db filter may name the host).
-DB_CHOICE_SECONDS = 60
-DB_CHOICE_HOSTS = 256
-_db_choice = {}
-_original_setup_db = http.Root.setup_db
-
-
-def _v1_setup_db(self, httprequest):
-    if not httprequest.path.startswith('/v1/') or httprequest.session.db:
-        return _original_setup_db(self, httprequest)
-    host = httprequest.environ.get('HTTP_HOST', '')
-    db, until = _db_choice.get(host, (None, 0))
-    if until > time.time():
-        httprequest.session.db = db
-        return
-    _original_setup_db(self, httprequest)
-    if len(_db_choice) >= DB_CHOICE_HOSTS:  # Host is the client's to choose: keep the table bounded
-        _db_choice.clear()
-    _db_choice[host] = (httprequest.session.db, time.time() + DB_CHOICE_SECONDS)
-
-
-http.Root.setup_db = _v1_setup_db
-
-
-# -- limits -------------------------------------------------------------------------------------------------
-class RateLimiter(object):
-    """Requests per key in a sliding minute, in this process's memory (with workers > 1 each
-    worker counts its own: the limit is per worker)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._hits = collections.defaultdict(collections.deque)
-
-    def allow(self, key_id, per_minute, now=None):
-        """(allowed, seconds until the next request is allowed)."""
-        if not per_minute:
-            return True, 0
-        now = now or time.time()
-        with self._lock:
-            hits = self._hits[key_id]
-            while hits and hits[0] <= now - 60:
-                hits.popleft()
-            if len(hits) >= per_minute:
-                return False, int(hits[0] + 60 - now) + 1
-            hits.append(now)
-            return True, 0
-
-
-RATE_LIMITER = RateLimiter()
 
 
 def _setting(env, name, default):
@@ -123,11 +56,21 @@ def _setting(env, name, default):
 # -- responses ------------------------------------------------------------------------------------------------
 def _json(body, status=200, headers=None):
     data = json.dumps(body)
-    return Response(data, status=status, headers=[('Content-Type', 'application/json')] + list(headers or []))
+    return Response(data, status=status, headers=[('Content-Type', 'application/json'),
+                                                  ('x-request-id', v1_hooks.request_id())] + list(headers or []))
 
 
 def _error(error):
     return _json(error.body(), error.status, error.headers)
+
+
+def _logged(status, message, code, detail, param=None, headers=None):
+    """An ApiError whose details stay in the server log under the request id: the caller gets
+    `message` and the id to quote, never paths or the model server's log."""
+    rid = v1_hooks.request_id()
+    _logger.warning('OpenAI-compatible API %s: %s %s: %s', rid, request.httprequest.method,
+                    request.httprequest.path, detail)
+    return oa.ApiError(status, '%s (request id %s)' % (message, rid), param=param, code=code, headers=headers)
 
 
 def endpoint(handler):
@@ -150,7 +93,8 @@ def endpoint(handler):
                                   if missing else 'Incorrect API key provided.',
                                   code='missing_api_key' if missing else 'invalid_api_key')
             key_id, user_id = key
-            allowed, wait = RATE_LIMITER.allow(key_id, _setting(request.env, 'api_requests_per_minute', 600))
+            allowed, wait = request.env['llm.api.key'].sudo()._record_use(
+                key_id, _setting(request.env, 'api_requests_per_minute', 600), time.time())
             if not allowed:
                 raise oa.ApiError(429, 'Rate limit reached for this API key; try again in %d s.' % wait,
                                   code='rate_limit_exceeded', headers=[('Retry-After', str(wait))])
@@ -160,24 +104,25 @@ def endpoint(handler):
         except oa.ApiError as e:
             return _error(e)
         except AccessError as e:
-            return _error(oa.ApiError(403, 'You do not have access to this operation: %s' % e.name,
+            return _error(oa.ApiError(403, 'You do not have access to this operation: %s' % oa.without_paths(e.name),
                                       code='insufficient_permissions'))
         except (UserError, ValidationError) as e:
-            return _error(oa.ApiError(400, e.name, code='invalid_request'))
+            return _error(oa.ApiError(400, oa.without_paths(e.name), code='invalid_request'))
         except werkzeug.exceptions.RequestEntityTooLarge:
             return _error(_too_large())
         except (psycopg2.Error, MemoryError):
             raise  # Odoo retries serialization failures and answers the rest itself
         except Exception:
-            _logger.exception('OpenAI-compatible API: %s %s failed', request.httprequest.method,
+            rid = v1_hooks.request_id()
+            _logger.exception('OpenAI-compatible API %s: %s %s failed', rid, request.httprequest.method,
                               request.httprequest.path)
-            return _error(oa.ApiError(500, 'The server had an error while processing your request.',
-                                      code='server_error'))
+            return _error(oa.ApiError(500, 'The server had an error while processing your request (request id %s).'
+                                      % rid, code='server_error'))
     return wrapper
 
 
 def _too_large():
-    return oa.ApiError(413, 'The file is larger than this server accepts (%d bytes).' % size_limits()[1],
+    return oa.ApiError(413, 'The file is larger than this server accepts (%d bytes).' % v1_hooks.max_file_bytes(),
                        param='file', code='file_too_large')
 
 
@@ -207,10 +152,7 @@ class OpenAIApi(http.Controller):
     @_route('/v1/files', ['POST'])
     @endpoint
     def create_file(self, env, **kw):
-        max_file = size_limits()[1]
-        length = request.httprequest.content_length
-        if length and length > max_file + SNIFF_BYTES:  # before reading the body
-            raise _too_large()
+        max_file = v1_hooks.max_file_bytes()  # a larger body was refused unread (v1_hooks)
         Dataset = env['llm.training.dataset']
         Dataset.check_access_rights('create')
         if request.httprequest.form.get('purpose') != 'fine-tune':
@@ -262,7 +204,8 @@ class OpenAIApi(http.Controller):
         chunks = []
         for _name, stream in dataset._attachment_streams():
             chunks.append(stream.read())
-        return Response(b''.join(chunks), status=200, headers=[('Content-Type', 'application/octet-stream')])
+        return Response(b''.join(chunks), status=200, headers=[('Content-Type', 'application/octet-stream'),
+                                                               ('x-request-id', v1_hooks.request_id())])
 
     @_route('/v1/files/<string:file_ident>', ['DELETE'])
     @endpoint
@@ -318,7 +261,8 @@ class OpenAIApi(http.Controller):
         wanted = 'preference' if spec['method'] == 'dpo' else 'chat'
         for name, dataset in (('training_file', training), ('validation_file', validation)):
             if dataset and dataset.state == 'invalid':
-                raise oa.ApiError(400, 'File %s failed validation: %s' % (spec[name], (dataset.validation_report or '')[:500]),
+                raise oa.ApiError(400, 'File %s failed validation: %s'
+                                  % (spec[name], oa.without_paths(dataset.validation_report or '')[:500]),
                                   param=name, code='invalid_file')
             if dataset and dataset.data_format != wanted:
                 raise oa.ApiError(400, 'File %s holds %s data; method %s needs %s data.'
@@ -336,7 +280,7 @@ class OpenAIApi(http.Controller):
         try:
             job = Job.create(values)
         except ValidationError as e:
-            raise oa.ApiError(400, e.name, param=spec['method_param'], code='invalid_hyperparameter')
+            raise oa.ApiError(400, oa.without_paths(e.name), param=spec['method_param'], code='invalid_hyperparameter')
         job.action_submit()
         return _json(self._job(job))
 
@@ -433,12 +377,17 @@ class OpenAIApi(http.Controller):
         """The job's intermediate checkpoints: those the provider registered (OpenAI keeps the last
         three), or the complete ones in a local trainer's job folder."""
         metrics = {m.step: m for m in job.metric_ids}
-        ident = self._model_id(job.result_model_id) if job.result_model_id else oa.fine_tuned_model_id(
-            None, job.base_model_id.model_ref, job.company_id.name, job.suffix, job.id)
+        if job.result_model_id:
+            ident = self._model_id(job.result_model_id)
+        else:  # the id its result will have: the version its line gives it
+            version = job.env['llm.model'].sudo()._next_version(job.base_model_id, job.suffix, job)
+            ident = oa.fine_tuned_model_id(None, self._model_id(job.base_model_id), job.company_id.name, job.suffix,
+                                           version)
         found = []
         for checkpoint in job._get_provider_data().get('checkpoints') or []:
-            found.append((checkpoint['step'], checkpoint['model_ref'], checkpoint.get('metrics') or {},
-                          oa.unix(job.write_date)))
+            ref = checkpoint['model_ref']
+            found.append((checkpoint['step'], ref if ref.startswith('ft:') else '%s:ckpt-step-%d' % (ident, checkpoint['step']),
+                          checkpoint.get('metrics') or {}, oa.unix(job.write_date)))
         if not found and job.work_dir and job.service in ('local', 'ray'):
             for step, _path, mtime in trainer_folder.list_checkpoints(job.work_dir):
                 found.append((step, '%s:ckpt-step-%d' % (ident, step), {}, mtime))
@@ -478,11 +427,13 @@ class OpenAIApi(http.Controller):
         return _json({'id': model_ident, 'object': 'model', 'deleted': True})
 
     def _model_id(self, model):
+        """The model's API id: a name, never a folder path (see lib/openai_api.py)."""
         if model.kind != 'fine_tuned':
-            return model.model_ref
-        base_ref = model.base_model_id.model_ref or oa.slug(model.name)
-        return oa.fine_tuned_model_id(model.model_ref, base_ref, model.company_id.name or model.env.user.company_id.name,
-                                      model.suffix, model.id)
+            return oa.base_model_id(model.model_ref, model.name)
+        base = model.base_model_id
+        base_name = oa.base_model_id(base.model_ref, base.name) if base else oa.slug(model.name)
+        return oa.fine_tuned_model_id(model.model_ref, base_name, model.company_id.name or model.env.user.company_id.name,
+                                      model.suffix, model.version)
 
     def _model(self, model):
         owner = _org(model.company_id or model.env.user.company_id) if model.kind == 'fine_tuned' \
@@ -490,18 +441,24 @@ class OpenAIApi(http.Controller):
         return oa.model_object(self._model_id(model), oa.unix(model.create_date), owner)
 
     def _find_model(self, env, ident, param=None):
-        """The visible, not archived model with this OpenAI-style id: a fine-tuned id of ours (its
-        record id last), else the technical id, else the name."""
+        """The visible, not archived model with this API id (the oldest if two share it): a
+        fine-tuned id of ours (its version last), else a technical id that is a name, else a base
+        model's id or name. A folder path finds nothing: ids are names."""
         Model = env['llm.model']
-        record_id = oa.fine_tuned_record_id(ident)
-        if record_id:
-            model = Model.search([('id', '=', record_id), ('kind', '=', 'fine_tuned')])
-            if model and self._model_id(model) == ident and model.state != 'archived':
+        candidates = Model.browse()
+        version = oa.fine_tuned_version(ident)
+        if version is not None:
+            candidates |= Model.search([('kind', '=', 'fine_tuned'), ('version', '=', version),
+                                        ('state', '!=', 'archived')], order='id')
+        if not os.path.isabs(ident):
+            candidates |= Model.search([('model_ref', '=', ident), ('state', '!=', 'archived')], order='id')
+        candidates |= Model.search([('kind', '=', 'base'), ('state', '!=', 'archived')], order='id')
+        for model in candidates:
+            if self._model_id(model) == ident:
                 return model
-        for field in ('model_ref', 'name'):
-            model = Model.search([(field, '=', ident), ('state', '!=', 'archived')], limit=1, order='id')
-            if model:
-                return model
+        model = Model.search([('name', '=', ident), ('state', '!=', 'archived')], limit=1, order='id')
+        if model:
+            return model
         raise oa.ApiError(404, 'The model %r does not exist or you do not have access to it.' % ident,
                           param=param, code='model_not_found')
 
@@ -528,17 +485,22 @@ class OpenAIApi(http.Controller):
             answer = model.provider_id._call_adapter('chat_stream' if stream else 'chat', model.model_ref, messages,
                                                      options)
         except InvalidServiceRequest as e:
-            raise oa.ApiError(400, e.name, param='messages', code='invalid_request')
+            raise oa.ApiError(400, oa.without_paths(e.name), param='messages', code='invalid_request')
+        except ServiceBusy as e:  # over the model server's waiting line: told at once, not held for minutes
+            wait = e.seconds or 5
+            raise _logged(429, 'The model server is busy; try again in %d s.' % wait, 'rate_limit_exceeded', e.name,
+                          headers=[('Retry-After', str(wait))])
         except UserError as e:
-            raise oa.ApiError(503, 'The model server failed: %s' % e.name, code='model_server_error')
+            raise _logged(503, 'The model server failed.', 'model_server_error', e.name)
         if not stream:
             return _json(oa.completion_object(completion_id, created, model_name, answer))
-        return Response(_stream(answer, model_name, include_usage, completion_id, created), status=200,
+        rid = v1_hooks.request_id()
+        return Response(_stream(answer, model_name, include_usage, completion_id, created, rid), status=200,
                         headers=[('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'),
-                                 ('X-Accel-Buffering', 'no')], direct_passthrough=True)
+                                 ('X-Accel-Buffering', 'no'), ('x-request-id', rid)], direct_passthrough=True)
 
 
-def _stream(items, model_name, include_usage, completion_id, created):
+def _stream(items, model_name, include_usage, completion_id, created, rid):
     """Server-sent events of the adapter's items. This runs after the request's cursor is closed,
     so it touches no database: the adapter call was made (and its refusal answered) in the
     request; what is left is the model server's stream."""
@@ -556,11 +518,12 @@ def _stream(items, model_name, include_usage, completion_id, created):
         if include_usage:
             yield oa.sse(oa.chunk_object(completion_id, created, model_name, usage_chunk=oa.usage(final)))
     except (UserError, TrainingFailedError, TrainingRetryableError) as e:
-        yield oa.sse(oa.error_body(500, 'The model server failed: %s' % (getattr(e, 'name', None) or e),
-                                   code='model_server_error'))
+        _logger.warning('OpenAI-compatible API %s: chat stream failed: %s', rid, getattr(e, 'name', None) or e)
+        yield oa.sse(oa.error_body(500, 'The model server failed (request id %s).' % rid, code='model_server_error'))
     except Exception:
-        _logger.exception('OpenAI-compatible API: chat stream failed')
-        yield oa.sse(oa.error_body(500, 'The server had an error while streaming.', code='server_error'))
+        _logger.exception('OpenAI-compatible API %s: chat stream failed', rid)
+        yield oa.sse(oa.error_body(500, 'The server had an error while streaming (request id %s).' % rid,
+                                   code='server_error'))
     finally:
         if hasattr(items, 'close'):
             items.close()  # a client that went away stops the generation

@@ -4,8 +4,15 @@ One server per run folder, shared by every Odoo worker of that data folder: its 
 (`server.json`: pid, port, start time) names it; `ensure_running` uses a live, healthy server or
 starts one detached (own session, log `server.log` in the run folder) under a file lock, so two
 workers never start two. The local provider keeps its run folder at
-`<data_dir>/llm_training/model_server/` (Odoo's data_dir), which is where `make stop` looks.
-No Odoo import: plain Python 3.7 with `requests` and `psutil`.
+`<data_dir>/llm_training/model_server/` (Odoo's data_dir, made 0700), which is where `make stop`
+looks.
+
+The server trusts no local process: every request carries the token it wrote (0600) to
+`server.token` in the run folder, which only this user can read (`make stop` included). It serves
+model folders only under the allowed roots it was started with (the places the addon puts
+models); a client that needs a root the running server lacks restarts it with the union of both
+sets. A busy server (its waiting line full) is ModelServerError with status 503 and
+`retry_after`. No Odoo import: plain Python 3.7 with `requests` and `psutil`.
 """
 import json
 import os
@@ -19,14 +26,18 @@ import requests
 try:
     from .file_lock import held
     from .host import processes
+    from .private_dirs import make_private_dirs
 except ImportError:  # run alone as a script by `make stop`: lib/ is on the path
     from file_lock import held
     from host import processes
+    from private_dirs import make_private_dirs
 
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
 STATE_FILE = 'server.json'
+TOKEN_FILE = 'server.token'  # written by the server (trainer/serve.py), mode 0600
 LOCK_FILE = 'server.lock'
 LOG_FILE = 'server.log'
+MAX_WAITING = 4  # requests that may wait behind the one generating; more are refused at once
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
 HEALTH_TIMEOUT = 5
@@ -36,9 +47,10 @@ STOP_TIMEOUT = 20
 class ModelServerError(Exception):
     """The server refused a request or could not be reached; `status` is its HTTP status, if any."""
 
-    def __init__(self, message, status=None):
+    def __init__(self, message, status=None, retry_after=None):
         super(ModelServerError, self).__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def read_state(run_dir):
@@ -48,6 +60,14 @@ def read_state(run_dir):
         return state if isinstance(state, dict) and state.get('pid') and state.get('port') else None
     except (OSError, ValueError):
         return None
+
+
+def read_token(run_dir):
+    try:
+        with open(os.path.join(run_dir, TOKEN_FILE)) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
 
 
 def is_server_process(pid, started_at=None):
@@ -69,12 +89,19 @@ class ModelServer(object):
     python     the trainer venv's python (runs `python -m trainer.serve`)
     port       a fixed port on 127.0.0.1, or None: the OS chooses one (read from the state file)
     env, cwd   the trainer's environment and working folder (default: this addon's root on PYTHONPATH)
+    allowed_roots  the folders whose model folders the server must serve (the server refuses any
+               other folder); a running server without one of them is restarted with it
+    private_top    the run folder and the folders between it and this one are made 0700
+               (default: the run folder alone)
     """
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT):
+                 request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None):
         self.python = python
         self.run_dir = run_dir
+        self.private_top = private_top or run_dir
+        self.allowed_roots = sorted(set(os.path.realpath(root) for root in allowed_roots if root))
+        self.max_waiting = max_waiting
         self.port = port
         self.env = env or dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
         self.cwd = cwd or ADDON_ROOT
@@ -90,30 +117,41 @@ class ModelServer(object):
         if not state or not is_server_process(state['pid'], state.get('started_at')):
             return None
         try:
-            answer = self._session.get(self._url(state, '/health'), timeout=HEALTH_TIMEOUT)
+            answer = self._session.get(self._url(state, '/health'), headers=self._headers(), timeout=HEALTH_TIMEOUT)
             health = answer.json()
         except (requests.RequestException, ValueError):
             return None
         return health if answer.status_code == 200 and health.get('pid') == state['pid'] else None
 
+    def _serves_ours(self, health):
+        return bool(health) and set(self.allowed_roots) <= set(health.get('allowed_roots') or ())
+
     def ensure_running(self):
-        """The state ({'pid', 'port', ...}) of a live, healthy server, started here if needed."""
+        """The state ({'pid', 'port', ...}) of a live, healthy server serving our allowed roots,
+        started (or restarted with them) here if needed."""
         state = read_state(self.run_dir)
-        if self.health(state):
+        if self._serves_ours(self.health(state)):
             return state
-        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(self.private_top), exist_ok=True)
+        make_private_dirs(self.run_dir, self.private_top)
         with held(os.path.join(self.run_dir, LOCK_FILE), self.start_timeout + 10, ModelServerError):
             state = read_state(self.run_dir)  # another worker may have started it while we waited
-            if self.health(state):
+            health = self.health(state)
+            if self._serves_ours(health):
                 return state
-            if state and is_server_process(state['pid'], state.get('started_at')):
+            roots = set(self.allowed_roots)
+            if health:  # the set grew (a new models folder or provider storage): keep what it served too
+                roots.update(health.get('allowed_roots') or ())
+                self.stop()
+            elif state and is_server_process(state['pid'], state.get('started_at')):
                 self._kill(state['pid'])  # alive but not answering: replace it
             self._remove_state()
-            return self._start()
+            return self._start(sorted(roots))
 
-    def _start(self):
+    def _start(self, roots):
         command = [self.python, '-m', 'trainer.serve', '--port', str(self.port or 0),
-                   '--state-file', os.path.join(self.run_dir, STATE_FILE)]
+                   '--state-file', os.path.join(self.run_dir, STATE_FILE), '--max-waiting', str(self.max_waiting)]
+        command += ['--allowed-root=%s' % root for root in roots]
         with open(os.path.join(self.run_dir, LOG_FILE), 'ab') as log:
             try:
                 process = processes.spawn(command, cwd=self.cwd, env=self.env, detached=True,  # outlives this worker
@@ -139,7 +177,7 @@ class ModelServer(object):
             self._remove_state()
             return False
         try:
-            self._session.post(self._url(state, '/shutdown'), timeout=HEALTH_TIMEOUT)
+            self._session.post(self._url(state, '/shutdown'), headers=self._headers(), timeout=HEALTH_TIMEOUT)
         except requests.RequestException:
             pass
         if not self._wait_exit(state['pid'], STOP_TIMEOUT / 2):
@@ -158,13 +196,23 @@ class ModelServer(object):
 
     @staticmethod
     def _wait_exit(pid, timeout):
+        """Whether the process ended within `timeout`. One that exited but is another process's
+        child (an Odoo worker's, when `make stop` asks) stays a zombie until that parent reaps it:
+        it has ended all the same."""
+        deadline = time.time() + timeout
         try:
-            psutil.Process(pid).wait(timeout)  # also reaps it when it is our child
-            return True
+            process = psutil.Process(pid)
+            while True:
+                try:
+                    process.wait(0.2)  # also reaps it when it is our child
+                    return True
+                except psutil.TimeoutExpired:
+                    if process.status() == psutil.STATUS_ZOMBIE:
+                        return True
+                    if time.time() > deadline:
+                        return False
         except psutil.NoSuchProcess:
             return True
-        except psutil.TimeoutExpired:
-            return False
 
     def _remove_state(self):
         try:
@@ -183,6 +231,10 @@ class ModelServer(object):
     @staticmethod
     def _url(state, path):
         return 'http://127.0.0.1:%d%s' % (state['port'], path)
+
+    def _headers(self):
+        """The server's token, read fresh: a restarted server made a new one."""
+        return {'Authorization': 'Bearer %s' % read_token(self.run_dir)}
 
     # -- generation ------------------------------------------------------------------------------
     def chat(self, model_path, messages, **options):
@@ -206,7 +258,10 @@ class ModelServer(object):
             state = self.ensure_running()
             try:
                 answer = self._session.post(self._url(state, '/chat'), json=body, stream=stream,
-                                            timeout=(HEALTH_TIMEOUT, self.request_timeout))
+                                            headers=self._headers(), timeout=(HEALTH_TIMEOUT, self.request_timeout))
+                if answer.status_code == 401 and attempt == 1:  # restarted (new token) since we read it
+                    answer.close()
+                    continue
                 break
             except requests.ConnectionError:
                 if attempt == 2:  # the server died between the health check and the request, twice
@@ -219,7 +274,9 @@ class ModelServer(object):
             except ValueError:
                 message = answer.text
             answer.close()
-            raise ModelServerError(message, answer.status_code)
+            retry_after = answer.headers.get('Retry-After')
+            raise ModelServerError(message, answer.status_code,
+                                   retry_after=int(retry_after) if (retry_after or '').isdigit() else None)
         return answer
 
     @staticmethod

@@ -9,6 +9,7 @@ openai-chat-completions-openapi.json.
 import calendar
 import hashlib
 import json
+import os
 import re
 import time
 
@@ -64,6 +65,17 @@ def error_body(status, message, param=None, code=None):
                       'param': param, 'code': code}}
 
 
+# an absolute path of two parts or more (/home/u/x, /srv/llm/job-3/result), not inside a URL or word
+_PATH = re.compile(r'(?<![\w.:/~-])(?:/[\w.@+~-]+){2,}/?')
+
+
+def without_paths(text):
+    """`text` with every absolute server path replaced by <path>: messages from the models and the
+    trainer are written for the UI (where managers see the folders); over the API they go out
+    without them (the log keeps the whole message)."""
+    return _PATH.sub('<path>', text) if text else text
+
+
 def not_found(kind, ident, param=None):
     return ApiError(404, 'No %s found with id %r.' % (kind, ident), param=param, code=re.sub('[^a-z]+', '_', kind) + '_not_found')
 
@@ -105,19 +117,31 @@ def slug(text):
     return re.sub(r'[^a-z0-9]+', '-', (text or '').lower()).strip('-') or 'org'
 
 
-def fine_tuned_model_id(model_ref, base_ref, org, suffix, record_id):
-    """OpenAI's form ft:<base>:<org>:<suffix>:<id>. A model OpenAI made keeps its own id; ours
-    (a folder path as model_ref) get one with the registry record's id as the last part."""
+def base_model_id(model_ref, name):
+    """A base model's API id: its technical id when that is a name (gpt-4o-mini,
+    SmolLM2-135M-Instruct, Qwen/Qwen2.5-0.5B), the slug of its name when the technical id is a
+    folder path (never shown) or holds a ':' (the separator of fine-tuned ids)."""
+    model_ref = model_ref or ''
+    if not model_ref or os.path.isabs(model_ref) or ':' in model_ref:
+        return slug(name)
+    return model_ref
+
+
+def fine_tuned_model_id(model_ref, base_name, org, suffix, version, step=None):
+    """OpenAI's form ft:<base model name>:<org>:<suffix>:<version>, with :ckpt-step-<n> for a
+    checkpoint. A model OpenAI made keeps its own id; ours (a folder on our side) get a name: the
+    base model's API id, the company, the suffix and the version of that line (1, 2, ...)."""
     if (model_ref or '').startswith('ft:'):
         return model_ref
-    return 'ft:%s:%s:%s:%d' % (base_ref, slug(org), slug(suffix) if suffix else '', record_id)
+    ident = 'ft:%s:%s:%s:%d' % (base_name, slug(org), slug(suffix) if suffix else '', version)
+    return ident + (':ckpt-step-%d' % step if step is not None else '')
 
 
-def fine_tuned_record_id(model_id):
-    """The registry id at the end of one of our ft: ids, or None."""
+def fine_tuned_version(model_id):
+    """The version at the end of one of our ft: ids (not a checkpoint's), or None."""
     parts = (model_id or '').split(':')
-    if len(parts) == 5 and parts[0] == 'ft' and parts[4].isdigit():
-        return int(parts[4])
+    if len(parts) >= 5 and parts[0] == 'ft' and parts[-1].isdigit():
+        return int(parts[-1])
     return None
 
 
@@ -148,7 +172,7 @@ def job_object(job):
     method = job.get('method') or 'supervised'
     error = None
     if status == 'failed':
-        message = (job.get('error_message') or 'The job failed.').strip()
+        message = without_paths(job.get('error_message') or 'The job failed.').strip()
         file_problem = message.startswith('Dataset ')
         error = {'code': 'invalid_training_file' if file_problem else 'training_failed', 'message': message,
                  'param': 'training_file' if file_problem else None}
@@ -183,14 +207,14 @@ def file_object(dataset):
            'created_at': unix(dataset['created_at']), 'filename': dataset['filename'],
            'purpose': 'fine-tune', 'status': status}
     if status == 'error':
-        out['status_details'] = (dataset.get('report') or '')[:2000]
+        out['status_details'] = without_paths(dataset.get('report') or '')[:2000]
     return out
 
 
 def event_object(event):
     data = event.get('data')
     out = {'object': 'fine_tuning.job.event', 'id': event_id(event['id']), 'created_at': unix(event['event_time']),
-           'level': EVENT_LEVEL.get(event['level'], 'info'), 'message': event['message'],
+           'level': EVENT_LEVEL.get(event['level'], 'info'), 'message': without_paths(event['message']),
            'type': 'metrics' if data and 'step' in data else 'message'}
     if data:
         out['data'] = data

@@ -4,9 +4,8 @@ import secrets
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
+from ..lib import api_usage
 from ..lib.openai_api import KEY_PREFIX, KEY_PREFIX_SHOWN, hash_key
-
-LAST_USED_RESOLUTION = 60  # seconds: last_used is rewritten at most this often (no write per request)
 
 
 class LlmApiKey(models.Model):
@@ -31,6 +30,10 @@ class LlmApiKey(models.Model):
 
     _sql_constraints = [('key_hash_unique', 'unique(key_hash)', 'This key exists already.')]
 
+    @api.model_cr
+    def init(self):
+        api_usage.create_table(self.env.cr)  # the per-minute request count every worker shares
+
     @api.model
     def _generate(self, name, user):
         """Make a key for `user`; returns (record, secret). The secret exists only in the answer."""
@@ -45,18 +48,26 @@ class LlmApiKey(models.Model):
     @api.model
     def _authenticate(self, secret):
         """(key id, user id) of the active key with this secret whose user is active, or None.
-        One query, before the request has a user: it compares hashes, never the secret, and
-        stamps last_used at most once a minute (a GET must not write on every call)."""
+        One query, before the request has a user: it compares hashes, never the secret. It
+        writes nothing: the API counts the request and stamps last_used on a cursor of its own
+        (`_record_use`), outside the request's transaction."""
         if not secret:
             return None
         self.env.cr.execute("""
-            SELECT k.id, k.user_id,
-                   k.last_used IS NULL OR k.last_used < (now() at time zone 'UTC') - interval '1 second' * %s
+            SELECT k.id, k.user_id
               FROM llm_api_key k JOIN res_users u ON u.id = k.user_id
-             WHERE k.key_hash = %s AND k.active AND u.active""", (LAST_USED_RESOLUTION, hash_key(secret)))
+             WHERE k.key_hash = %s AND k.active AND u.active""", (hash_key(secret),))
         row = self.env.cr.fetchone()
-        if not row:
-            return None
-        if row[2]:
-            self.env.cr.execute("UPDATE llm_api_key SET last_used = now() at time zone 'UTC' WHERE id = %s", (row[0],))
-        return row[0], row[1]
+        return (row[0], row[1]) if row else None
+
+    @api.model
+    def _record_use(self, key_id, per_minute, now):
+        """Count one request of the key against `per_minute` (shared by every worker) and stamp
+        its last_used, on a short cursor of its own in autocommit: concurrent requests neither
+        wait for each other's transactions nor fail on the counter's row. (allowed, seconds to
+        wait)."""
+        with self.pool.cursor() as cr:
+            cr.autocommit(True)
+            allowed = api_usage.count_request(cr, key_id, per_minute, now)
+            api_usage.stamp_last_used(cr, key_id)
+        return allowed

@@ -22,7 +22,19 @@ class InvalidServiceRequest(UserError):
     any UserError; the /v1 API answers it with a 400 instead of a server failure."""
 
 
+class ServiceBusy(UserError):
+    """The service is busy right now (lib's TrainingRetryableError, e.g. the model server's waiting
+    line is full): a button shows it like any UserError; the /v1 API answers 429 with Retry-After
+    (`seconds`)."""
+
+    def __init__(self, message, seconds=None):
+        super(ServiceBusy, self).__init__(message)
+        self.seconds = seconds
+
+
 def _as_user_error(error):
+    if isinstance(error, TrainingRetryableError):
+        return ServiceBusy(str(error), error.seconds)
     return InvalidServiceRequest(str(error)) if isinstance(error, InvalidRequestError) else UserError(str(error))
 
 
@@ -235,7 +247,19 @@ class LlmProvider(models.Model):
             'model_server_dir': os.path.join(tools.config['data_dir'], 'llm_training', 'model_server'),
             'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
                 tools.config['data_dir'], 'llm_training', 'models'),
+            'model_roots': self._model_roots(),
         }
+
+    @api.model
+    def _model_roots(self):
+        """The only folders the model server serves models from: where the addon puts them (Odoo's
+        data folder, the models folder, the providers' storage). A technical id naming any other
+        folder is refused by the server itself."""
+        roots = {os.path.join(tools.config['data_dir'], 'llm_training'),
+                 tools.config.get('llm_training_models_dir') or ''}
+        providers_with_storage = self.sudo().with_context(active_test=False).search([('storage_path', '!=', False)])
+        roots.update(providers_with_storage.mapped('storage_path'))
+        return sorted(root for root in roots if root)
 
     def _call_adapter(self, method, *args):
         """A button's call to the service: what goes wrong becomes a message for the user. A

@@ -16,7 +16,7 @@ from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
 from ..lib.host import limits
 from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator, preview_examples,
                                      render_preview)
-from ..lib.server_files import ServerPathError, resolve_server_path
+from ..lib.server_files import ServerPathError, open_server_path, resolve_server_path
 from ..lib.token_count import CounterUnavailable
 
 _logger = logging.getLogger(__name__)
@@ -244,10 +244,10 @@ class LlmTrainingDataset(models.Model):
             yield item
         if self.server_path:
             try:
-                real = resolve_server_path(self.server_path, data_root())
+                stream = open_server_path(self.server_path, data_root())
             except ServerPathError as e:
                 raise UserError(tools.ustr(e))
-            with open(real, 'rb') as stream:
+            with stream:
                 yield self.server_path, stream
 
     def _attachment_streams(self):

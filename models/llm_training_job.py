@@ -12,6 +12,7 @@ from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
+from ..lib.private_dirs import make_private_dirs
 
 _logger = logging.getLogger(__name__)
 
@@ -493,7 +494,11 @@ class LlmTrainingJob(models.Model):
     def _prepare_files(self):
         """Merge the datasets into the job folder's train.jsonl (+ validation.jsonl)."""
         hyper = self._get_hyperparameters()
-        os.makedirs(self.work_dir, exist_ok=True)
+        # 0700: the folder holds the training data; in Odoo's data folder the llm_training folder too
+        default_root = os.path.join(tools.config['data_dir'], 'llm_training')
+        top = default_root if not self.provider_id.storage_path else os.path.dirname(self.work_dir)
+        os.makedirs(os.path.dirname(top), exist_ok=True)
+        make_private_dirs(self.work_dir, top)
         self._data_format()  # refuses datasets that mix formats
         counts = merge_examples(
             [(d._data_streams(), d._reader_options()) for d in self.dataset_ids],

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import unittest
 from unittest import mock
@@ -296,13 +297,61 @@ class TestServerPath(FormatsCase):
         self.assertFalse(dataset.attachment_ids)
         self.assertEqual(Attachment.search_count([]), attachments_before, 'nothing copied into the database')
         self.assertIn('<b>user</b>: Q0', dataset.preview)
-        _job, examples = self.prepared(dataset.sudo())
+        job, examples = self.prepared(dataset.sudo())
         self.assertEqual(len(examples), 12)
+        # the job folder holds the training data: this user's only, and so is the folder of every job's
+        self.assertEqual(oct(stat.S_IMODE(os.stat(job.work_dir).st_mode)), oct(0o700))
+        self.assertEqual(oct(stat.S_IMODE(os.stat(os.path.join(config['data_dir'], 'llm_training')).st_mode)),
+                         oct(0o700))
         # a link swapped after saving is caught when the file is opened
         os.remove(self.inside)
         os.symlink(self.outside, self.inside)
         with self.assertRaisesRegex(UserError, 'is outside the training data root'):
             dataset.action_validate()
+
+    def test_a_link_swapped_in_between_check_and_open_is_not_followed(self):
+        """The race: the path is checked, then a link to a file outside the root takes the checked
+        file's place, then the file is opened. It must not be read."""
+        with open(self.outside, 'wb') as f:
+            f.write(csv_bytes(['prompt', 'completion'], [['SECRET %d' % i, 'LEAK'] for i in range(12)]))
+        dataset = self.create('sub/faq.csv')
+        real_isfile = os.path.isfile
+        inside = os.path.realpath(self.inside)
+        swapped = []
+
+        def isfile_then_swap(path):  # the check's last look at the file, then the swap
+            result = real_isfile(path)
+            if path == inside and not swapped:
+                os.remove(self.inside)
+                os.symlink(self.outside, self.inside)
+                swapped.append(path)
+            return result
+        with mock.patch('os.path.isfile', side_effect=isfile_then_swap):
+            with self.assertRaisesRegex(UserError, 'is outside the training data root'):
+                for _name, stream in dataset.sudo()._data_streams():
+                    self.assertNotIn(b'SECRET', stream.read())
+        self.assertTrue(swapped)
+        # a folder of the path swapped for a link: refused the same way
+        os.remove(self.inside)
+        shutil.copy(os.path.join(self.base, 'secret.csv'), os.path.join(self.base, 'faq.csv'))
+        shutil.move(os.path.join(self.root, 'sub'), os.path.join(self.base, 'old-sub'))
+        os.makedirs(os.path.join(self.root, 'sub'))
+        with open(self.inside, 'wb') as f:
+            f.write(csv_bytes(['prompt', 'completion'], [['Q', 'A']]))
+        swapped[:] = []
+
+        def isfile_then_swap_folder(path):
+            result = real_isfile(path)
+            if path == inside and not swapped:
+                shutil.rmtree(os.path.join(self.root, 'sub'))
+                os.symlink(self.base, os.path.join(self.root, 'sub'))  # sub/faq.csv is now base/faq.csv
+                swapped.append(path)
+            return result
+        with mock.patch('os.path.isfile', side_effect=isfile_then_swap_folder):
+            with self.assertRaisesRegex(UserError, 'is outside the training data root'):
+                for _name, stream in dataset.sudo()._data_streams():
+                    self.assertNotIn(b'SECRET', stream.read())
+        self.assertTrue(swapped)
 
 
 class TestTextTraining(TrainingCase):

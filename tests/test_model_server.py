@@ -1,14 +1,25 @@
 """The local provider answers through one persistent model server (trainer/serve.py) per data
 folder: the Test button, Compare Models and chat / chat_stream, with the real SmolLM2 model."""
 import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 import threading
+import unittest
 
 import psutil
+import requests
 
+from odoo import tools
 from odoo.exceptions import UserError
-from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest
+from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest, ServiceBusy, _as_user_error
+from odoo.addons.llm_training.lib.exceptions import TrainingRetryableError
+from odoo.addons.llm_training.lib.providers.local import generation_failed
 
-from odoo.addons.llm_training.lib.model_server import STATE_FILE, ModelServer, read_state
+from odoo.addons.llm_training.lib import model_server as model_server_lib
+from odoo.addons.llm_training.lib.model_server import STATE_FILE, TOKEN_FILE, ModelServer, read_state
 
 from .common import TrainingCase
 
@@ -45,7 +56,8 @@ class TestModelServer(TrainingCase):
         self.assertEqual(run_dir, os.path.join(self.local._adapter_config()['model_server_dir']))
         # two workers asking at once start one server between them (the start lock)
         states = []
-        clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd) for _ in range(2)]
+        clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd,
+                               allowed_roots=self.server.allowed_roots) for _ in range(2)]
         threads = [threading.Thread(target=lambda c=c: states.append(c.ensure_running())) for c in clients]
         for thread in threads:
             thread.start()
@@ -106,3 +118,100 @@ class TestModelServer(TrainingCase):
             self.provider._call_adapter('chat', 'tiny-1', messages, {})
         self.assertTrue(self.local.can_chat)
         self.assertFalse(self.provider.can_chat)
+
+
+class TestBusyServer(unittest.TestCase):
+
+    def test_a_full_waiting_line_is_retryable_not_a_failure(self):
+        """The server's 503 (its waiting line full) becomes a retry-later with its Retry-After, which
+        the provider turns into ServiceBusy and the API into a 429; other failures stay failures."""
+        busy = generation_failed(model_server_lib.ModelServerError('the server is busy', 503, retry_after=5))
+        self.assertIsInstance(busy, TrainingRetryableError)
+        self.assertEqual(busy.seconds, 5)
+        self.assertIsInstance(_as_user_error(busy), ServiceBusy)
+        self.assertEqual(_as_user_error(busy).seconds, 5)
+        failed = generation_failed(model_server_lib.ModelServerError('exploded', 500))
+        self.assertNotIsInstance(failed, TrainingRetryableError)
+        self.assertNotIsInstance(_as_user_error(failed), ServiceBusy)
+
+
+class TestModelServerSecret(TrainingCase):
+    """The model server trusts no local process: its token, its allowed roots, its private folder.
+    One server for the class; the test that restarts and stops it runs last (names sort)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super(TestModelServerSecret, cls).setUpClass()
+        cls.local = cls.env['llm.provider'].create({'name': 'Local', 'service': 'local'})
+        cls.smol = cls.env['llm.model'].create({'name': 'SmolLM2', 'provider_id': cls.local.id,
+                                                'model_ref': 'SmolLM2-135M-Instruct'})
+        cls.server = cls.local._adapter().model_server()
+        cls.server.stop()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        super(TestModelServerSecret, cls).tearDownClass()
+
+    def url(self, path):
+        return 'http://127.0.0.1:%d%s' % (self.server.ensure_running()['port'], path)  # one server for the class
+
+    def test_its_folder_and_token_are_private_and_nothing_answers_without_the_token(self):
+        run_dir = self.server.run_dir
+        self.url('/')
+        for folder in (run_dir, os.path.dirname(run_dir)):  # <data_dir>/llm_training/model_server and its parent
+            self.assertEqual(stat.S_IMODE(os.stat(folder).st_mode), 0o700, folder)
+        token_file = os.path.join(run_dir, TOKEN_FILE)
+        self.assertEqual(stat.S_IMODE(os.stat(token_file).st_mode), 0o600)
+        pid = read_state(run_dir)['pid']
+        body = {'model': self.local._adapter().model_path(self.smol.model_ref),
+                'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 2}
+        for headers in ({}, {'Authorization': 'Bearer wrong'}):
+            for method, path, json_body in (('get', '/health', None), ('post', '/chat', body),
+                                            ('post', '/shutdown', {})):
+                answer = getattr(requests, method)(self.url(path), json=json_body, headers=headers, timeout=60)
+                self.assertEqual(answer.status_code, 401, (path, answer.text))
+                self.assertNotIn('loaded', answer.text)
+        self.assertEqual(read_state(run_dir)['pid'], pid, 'the refused /shutdown stopped nothing')
+        self.assertEqual(self.server.health()['pid'], pid)  # the client has the token
+
+    def test_a_model_folder_outside_the_allowed_roots_is_refused(self):
+        """A real model, linked file by file into a folder the addon does not put models in: the
+        weights would load; the server refuses the folder itself (403)."""
+        source = self.local._adapter().model_path(self.smol.model_ref)
+        outside = tempfile.mkdtemp(prefix='llmt-outside-')
+        self.addCleanup(shutil.rmtree, outside)
+        for name in os.listdir(source):
+            os.symlink(os.path.join(source, name), os.path.join(outside, name))
+        self.assertNotIn(os.path.realpath(outside), self.local._model_roots())
+        stranger = self.env['llm.model'].create({'name': 'Stranger', 'provider_id': self.local.id,
+                                                 'model_ref': outside})
+        messages = [{'role': 'user', 'content': 'Hi'}]
+        with self.assertRaisesRegex(UserError, 'outside the folders this server serves'):
+            self.local._call_adapter('chat', stranger.model_ref, messages, {'max_tokens': 2})
+        with self.assertRaisesRegex(UserError, 'outside the folders this server serves'):
+            self.local._call_adapter('chat_stream', stranger.model_ref, messages, {'max_tokens': 2})
+        roots = self.server.health()['allowed_roots']
+        self.assertIn(os.path.realpath(os.path.join(tools.config['data_dir'], 'llm_training')), roots)
+        self.assertIn(os.path.realpath(tools.config['llm_training_models_dir']), roots)
+
+    def test_new_provider_storage_restarts_the_server_with_it_and_make_stop_still_works(self):
+        storage = tempfile.mkdtemp(prefix='llmt-storage-')
+        self.addCleanup(shutil.rmtree, storage)
+        self.env['llm.provider'].create({'name': 'Shared storage', 'service': 'local', 'storage_path': storage})
+        before = self.server.ensure_running()['pid']
+        client = self.local._adapter().model_server()
+        self.assertIn(os.path.realpath(storage), client.allowed_roots)
+        after = client.ensure_running()['pid']
+        self.assertNotEqual(after, before, 'the running server lacked the new root: restarted')
+        health = client.health()
+        self.assertIn(os.path.realpath(storage), health['allowed_roots'])
+        self.assertTrue(set(self.server.allowed_roots) <= set(health['allowed_roots']))
+        self.assertEqual(self.server.ensure_running()['pid'], after, 'a client needing fewer roots keeps it')
+        # `make stop` runs lib/model_server.py as a script: it reads the token and stops the server
+        script = os.path.join(os.path.dirname(os.path.abspath(model_server_lib.__file__)), 'model_server.py')
+        out = subprocess.run([sys.executable, script, 'stop', client.run_dir], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=120).stdout.decode()
+        self.assertIn('stopped', out)
+        self.assertNotIn('was not running', out)
+        self.assertFalse(psutil.pid_exists(after) and psutil.Process(after).status() != psutil.STATUS_ZOMBIE)

@@ -66,10 +66,32 @@ class TestProtocol(unittest.TestCase):
         self.assertIsNone(oa.bearer_key('Basic abc'))
         self.assertEqual((oa.parse_id('ftjob-', 'ftjob-12'), oa.parse_id('ftjob-', 'ftjob-x'),
                           oa.parse_id('file-', 'ftjob-1')), (12, None, None))
-        ident = oa.fine_tuned_model_id('/models/job-3/result', 'SmolLM2', 'My Company, Inc.', 'Support v2', 15)
-        self.assertEqual(ident, 'ft:SmolLM2:my-company-inc:support-v2:15')
-        self.assertEqual(oa.fine_tuned_record_id(ident), 15)
+        ident = oa.fine_tuned_model_id('/models/job-3/result', 'SmolLM2', 'My Company, Inc.', 'Support v2', 2)
+        self.assertEqual(ident, 'ft:SmolLM2:my-company-inc:support-v2:2')
+        self.assertEqual(oa.fine_tuned_version(ident), 2)
+        self.assertEqual(oa.fine_tuned_model_id('/m', 'SmolLM2', 'Org', None, 3, step=40), 'ft:SmolLM2:org::3:ckpt-step-40')
+        self.assertIsNone(oa.fine_tuned_version('ft:SmolLM2:org::3:ckpt-step-40'))
         self.assertEqual(oa.fine_tuned_model_id('ft:gpt-4o:org:x:abc', 'gpt-4o', 'o', 'x', 1), 'ft:gpt-4o:org:x:abc')
+
+    def test_model_ids_are_names_never_folder_paths(self):
+        self.assertEqual(oa.base_model_id('SmolLM2-135M-Instruct', 'SmolLM2'), 'SmolLM2-135M-Instruct')
+        self.assertEqual(oa.base_model_id('HuggingFaceTB/SmolLM2-135M', 'Smol'), 'HuggingFaceTB/SmolLM2-135M')
+        self.assertEqual(oa.base_model_id('/srv/models/SmolLM2-135M-Instruct', 'SmolLM2 135M'), 'smollm2-135m')
+        self.assertEqual(oa.base_model_id('a:b', 'A B'), 'a-b')
+        base = oa.base_model_id('/home/odoo/models/Qwen', 'Qwen 0.5B')
+        self.assertNotIn('/home', oa.fine_tuned_model_id('/home/odoo/data/job-3/result', base, 'Org', 'x', 1))
+
+    def test_errors_lose_their_paths(self):
+        self.assertEqual(oa.without_paths('Generation failed: no model folder at /home/u/.cache/m-1/x (see /tmp/a/b.log)'),
+                         'Generation failed: no model folder at <path> (see <path>)')
+        kept = 'Unknown request URL: POST /v1, see https://example.com/v1/files or and/or a 1/2 ratio.'
+        self.assertEqual(oa.without_paths(kept), kept)
+        self.assertIsNone(oa.without_paths(None))
+        failed = oa.job_object(job(state='failed', error_message='Trainer died: /srv/llm/db/job-7/train.log'))
+        self.assertEqual(failed['error']['message'], 'Trainer died: <path>')
+        event = oa.event_object({'id': 1, 'event_time': '2026-01-02 03:04:05', 'level': 'info',
+                                 'message': 'folder /srv/llm/db/job-7 ready'})
+        self.assertEqual(event['message'], 'folder <path> ready')
 
     def test_sniff_and_chat_request(self):
         self.assertEqual(oa.sniff_jsonl(b'{"messages": []}\n'), 'chat')

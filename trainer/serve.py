@@ -1,13 +1,24 @@
 """A persistent local model server: one base model kept loaded, LoRA adapters swapped on it.
 
-    python -m trainer.serve --port 0 --state-file RUN_DIR/server.json [--max-adapters 8]
+    python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
+                            [--max-adapters 8] [--max-waiting 4] [--read-timeout 30]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
 lib/model_server.py finds it. Requests are answered in threads, generations run one at a time (a
 lock: on a CPU two at once are slower than one after the other).
 
-    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters", "active"}}
+Loopback is shared by every local user and process, so the server trusts none of them:
+- a random token is made at start and written, mode 0600, to `server.token` beside the state file
+  (or --token-file) before the state file appears; every request must send it as
+  `Authorization: Bearer <token>` (/health and /shutdown included), else 401 and nothing else;
+- it serves model folders (and an adapter's base) only under the --allowed-root folders, checked
+  on the real path (no root: nothing is served); any other folder is refused with 403;
+- each connection has a read timeout (--read-timeout): a client that stops sending is dropped;
+- at most --max-waiting requests wait for the generation lock; one more is answered 503 with
+  Retry-After at once, instead of holding its caller for minutes.
+
+    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"}, "allowed_roots": [...]}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
                       with "length" that long after the request arrived, waiting included)}
@@ -19,14 +30,16 @@ lock: on a CPU two at once are slower than one after the other).
 A model folder is either a full model (config.json: loaded as the base, replacing the loaded one)
 or a LoRA adapter (adapter_config.json naming its base in base_model_name_or_path: the base is
 loaded if it is not, the adapter is loaded on it by name and at most `--max-adapters` stay, least
-recently used evicted). Errors are {"error": "..."} with 400 (bad request), 404 (no such model
-folder) or 500.
+recently used evicted). Errors are {"error": "..."} with 400 (bad request), 401 (no token), 403
+(folder outside the allowed roots), 404 (no such model folder), 503 (busy: Retry-After) or 500.
 """
 import argparse
 import collections
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -36,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 8
+TOKEN_FILE = 'server.token'
+BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait
 
 
 class RequestError(Exception):
@@ -161,15 +176,26 @@ class DeltaStreamer(object):
 
 
 # -- the models -------------------------------------------------------------------------------------
-def model_kind(path):
-    """('adapter', base folder) or ('full', path); RequestError 404 when `path` is no model folder."""
+def check_allowed(path, roots):
+    """The real path of `path` if it lies under one of `roots` (real paths; None: no check, for
+    a cache used in-process); RequestError 403 else."""
+    real = os.path.realpath(path)
+    if roots is not None and not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise RequestError('model folder %s is outside the folders this server serves' % path, 403)
+    return real
+
+
+def model_kind(path, roots):
+    """('adapter', base folder) or ('full', path); RequestError 403 when `path` or an adapter's
+    base lies outside `roots`, 404 when `path` is no model folder."""
+    path = check_allowed(path, roots)
     adapter_config = os.path.join(path, 'adapter_config.json')
     if os.path.isfile(adapter_config):
         with open(adapter_config) as f:
             base = json.load(f).get('base_model_name_or_path')
         if not base or not os.path.isfile(os.path.join(base, 'config.json')):
             raise RequestError('adapter %s names base model %r, which is not a model folder here' % (path, base), 404)
-        return 'adapter', os.path.realpath(base)
+        return 'adapter', check_allowed(base, roots)
     if os.path.isfile(os.path.join(path, 'config.json')):
         return 'full', path
     raise RequestError('no model folder at %s (no config.json or adapter_config.json)' % path, 404)
@@ -188,8 +214,9 @@ class ModelCache(object):
     """One base model in memory (a new base replaces it) and up to `max_adapters` LoRA adapters
     loaded on it by name, least recently used evicted. Not thread-safe: the caller holds the lock."""
 
-    def __init__(self, max_adapters=8):
+    def __init__(self, max_adapters=8, roots=None):
         self.max_adapters = max_adapters
+        self.roots = None if roots is None else [os.path.realpath(root) for root in roots]
         self.base_key = None  # (realpath, version)
         self.model = None  # the base, or a PeftModel around it once an adapter was loaded
         self.tokenizers = collections.OrderedDict()  # folder -> tokenizer (a few)
@@ -203,7 +230,7 @@ class ModelCache(object):
         """(model to call generate on, tokenizer, adapter name or None) for a model folder; the
         model has that adapter active, or its adapters disabled when adapter name is None."""
         path = os.path.realpath(path)
-        kind, base = model_kind(path)
+        kind, base = model_kind(path, self.roots)
         self._load_base(base)
         name = None
         if kind == 'adapter':
@@ -338,6 +365,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     server_version = 'llm-training-serve'
 
+    def setup(self):
+        self.timeout = self.server.read_timeout  # StreamRequestHandler puts it on the socket
+        super().setup()
+
     def log_request(self, code='-', size='-'):
         if self.path != '/health':  # every Odoo call checks health first: not worth a line each
             super().log_request(code, size)
@@ -345,20 +376,38 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write('%s %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), fmt % args))
 
-    def _json(self, status, data):
+    def _json(self, status, data, headers=()):
         body = json.dumps(data).encode()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
+    def _authorized(self):
+        """Whether the request carries the server's token; if not, 401 is answered (and the
+        connection closed: a body may be left unread)."""
+        header = self.headers.get('Authorization') or ''
+        sent = header[7:].strip() if header[:7].lower() == 'bearer ' else ''
+        if hmac.compare_digest(sent.encode(), self.server.token.encode()):
+            return True
+        self.close_connection = True
+        self._json(401, {'error': 'this server needs its token (Authorization: Bearer <token>)'})
+        return False
+
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path != '/health':
             return self._json(404, {'error': 'unknown path %s' % self.path})
-        self._json(200, {'status': 'ok', 'pid': os.getpid(), 'loaded': self.server.describe()})
+        self._json(200, {'status': 'ok', 'pid': os.getpid(), 'loaded': self.server.describe(),
+                         'allowed_roots': self.server.cache.roots})
 
     def do_POST(self):
+        if not self._authorized():
+            return
         try:
             length = int(self.headers.get('Content-Length') or 0)
             if length > MAX_BODY:
@@ -378,10 +427,17 @@ class Handler(BaseHTTPRequestHandler):
             request = parse_chat_request(body)
         except RequestError as e:
             return self._json(e.status, {'error': str(e)})
-        if request['stream']:
-            self._stream(request)
-        else:
-            self._whole(request)
+        if not self.server.queue.enter():
+            return self._json(503, {'error': 'the server is busy: %d requests are waiting already'
+                                             % self.server.queue.max_waiting},
+                              headers=[('Retry-After', str(BUSY_RETRY_AFTER))])
+        try:
+            if request['stream']:
+                self._stream(request)
+            else:
+                self._whole(request)
+        finally:
+            self.server.queue.leave()
 
     def _whole(self, request):
         try:
@@ -414,7 +470,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 final = run_chat(self.server.cache, request, lambda delta: write_line({'delta': delta}))
             write_line(final)
-        except (BrokenPipeError, ConnectionResetError):  # the client left: generation stopped with it
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left: generation stopped with it
             self.close_connection = True
             return
         except Exception as e:
@@ -436,26 +492,59 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+class WaitingLine(object):
+    """Counts the requests that want the generation lock: the one generating and at most
+    `max_waiting` behind it; `enter` refuses one more instead of letting it wait."""
+
+    def __init__(self, max_waiting):
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def enter(self):
+        with self._lock:
+            if self.count > self.max_waiting:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self):
+        with self._lock:
+            self.count -= 1
+
+
 class ModelServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port, max_adapters=8):
+    def __init__(self, port, max_adapters=8, token=None, roots=(), max_waiting=4, read_timeout=30):
         super().__init__(('127.0.0.1', port), Handler)
-        self.cache = ModelCache(max_adapters)
+        self.cache = ModelCache(max_adapters, roots=list(roots))
         self.lock = threading.Lock()
+        self.token = token or secrets.token_urlsafe(32)
+        self.queue = WaitingLine(max_waiting)
+        self.read_timeout = read_timeout
 
     def describe(self):
         # without the lock: a health check must answer while a generation runs
         return self.cache.describe()
 
     def handle_error(self, request, client_address):
-        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            return  # a client that closed its kept-alive connection: nothing went wrong here
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            return  # a client that closed (or stopped sending on) its connection: nothing went wrong here
         super().handle_error(request, client_address)
 
     def stop_soon(self):
         """shutdown() waits for serve_forever to return: call it from another thread."""
         threading.Thread(target=self.shutdown, daemon=True).start()
+
+
+def write_token(path, token):
+    """The token, readable by this user only, replacing any earlier server's (atomically)."""
+    tmp = '%s.tmp.%d' % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, 'w') as f:
+        f.write(token)
+    os.replace(tmp, path)
 
 
 def write_state(path, data):
@@ -480,16 +569,30 @@ def make_parser():
     parser.add_argument('--port', type=int, default=0, help='port on 127.0.0.1 (0: the OS chooses)')
     parser.add_argument('--state-file', help='JSON file to write {"pid", "port", "started_at"} to once listening')
     parser.add_argument('--max-adapters', type=int, default=8, help='LoRA adapters kept loaded at most')
+    parser.add_argument('--token-file', help='where to write the token (mode 0600; default: server.token beside '
+                                             'the state file)')
+    parser.add_argument('--allowed-root', action='append', default=[], metavar='DIR',
+                        help='a folder whose model folders may be served (repeat; none: nothing is served)')
+    parser.add_argument('--max-waiting', type=int, default=4,
+                        help='requests that may wait for the one generating; more are answered 503 at once')
+    parser.add_argument('--read-timeout', type=float, default=30, help='seconds a connection may stay silent')
     return parser
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
-    server = ModelServer(args.port, args.max_adapters)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    token_file = args.token_file or (args.state_file and os.path.join(os.path.dirname(args.state_file), TOKEN_FILE))
+    if not token_file:
+        parser.error('give --state-file or --token-file: the token must be written somewhere')
+    server = ModelServer(args.port, args.max_adapters, roots=args.allowed_root, max_waiting=args.max_waiting,
+                         read_timeout=args.read_timeout)
     port = server.server_address[1]
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
+    write_token(token_file, server.token)  # before the state file: whoever finds the server can find its token
     if args.state_file:
-        write_state(args.state_file, {'pid': os.getpid(), 'port': port, 'started_at': time.time()})
+        write_state(args.state_file, {'pid': os.getpid(), 'port': port, 'started_at': time.time(),
+                                      'allowed_roots': server.cache.roots})
     sys.stderr.write('model server listening on 127.0.0.1:%d (pid %d)\n' % (port, os.getpid()))
     sys.stderr.flush()
     try:

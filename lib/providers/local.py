@@ -11,8 +11,8 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
+from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..host import processes
-from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..hyperparameters import check_processes, trainer_config
 from ..model_server import ModelServer, ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
@@ -160,7 +160,9 @@ class LocalTrainer(TrainingProvider):
         """The persistent model server (trainer/serve.py) of this Odoo data folder: one process
         shared by every worker, started on first use, keeping the last base model loaded."""
         run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
-        return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT)
+        return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT,
+                           allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
+                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
 
     def generate(self, model_ref, prompt, max_new_tokens=128):
         """The model form's Test button and Compare Models: one user message, greedy."""
@@ -195,9 +197,12 @@ def chat_options(options):
 
 
 def generation_failed(error):
-    """The model server's refusal of the request itself (400, 413) is the caller's to fix; anything
-    else is the server's failure."""
+    """The model server's refusal of the request itself (400, 413) is the caller's to fix; a busy
+    server (503, its waiting line full) is worth a retry after its Retry-After; anything else is
+    the server's failure."""
     message = 'Generation failed: %s' % error
+    if error.status == 503:
+        return TrainingRetryableError(message, seconds=error.retry_after or 5)
     return InvalidRequestError(message) if error.status in (400, 413) else TrainingFailedError(message)
 
 

@@ -3,14 +3,18 @@ the OS chooses, with the real SmolLM2 model and small random LoRA adapters made 
 import json
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from trainer import serve
 from trainer.serve import RequestError, StopText, parse_chat_request
 
 TRAINER_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,25 +68,30 @@ def test_request_defaults_and_refusals():
 
 # -- a real server --------------------------------------------------------------------------------------
 class Server(object):
-    def __init__(self, folder):
+    def __init__(self, folder, roots):
         self.state_file = os.path.join(folder, 'server.json')
         self.log = open(os.path.join(folder, 'server.log'), 'wb')
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', self.state_file,
-             '--max-adapters', '1'], cwd=TRAINER_ROOT, env=dict(os.environ, PYTHONPATH=TRAINER_ROOT),
-            stdout=self.log, stderr=subprocess.STDOUT)
+             '--max-adapters', '1'] + ['--allowed-root=%s' % root for root in roots],
+            cwd=TRAINER_ROOT, env=dict(os.environ, PYTHONPATH=TRAINER_ROOT), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while not os.path.exists(self.state_file):  # written once the socket listens
             assert self.process.poll() is None and time.time() < deadline, 'server did not start'
             time.sleep(0.1)
         with open(self.state_file) as f:
             self.url = 'http://127.0.0.1:%d' % json.load(f)['port']
+        self.token_file = os.path.join(folder, serve.TOKEN_FILE)  # written before the state file
+        with open(self.token_file) as f:
+            self.token = f.read()
 
-    def call(self, path, body=None):
+    def call(self, path, body=None, token=True):
         """(status, parsed body); a streamed answer is a list of its lines."""
         data = None if body is None else json.dumps(body).encode()
+        headers = {'Authorization': 'Bearer %s' % (self.token if token is True else token)} if token else {}
         try:
-            with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data), timeout=120) as answer:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data, headers=headers),
+                                        timeout=120) as answer:
                 status, raw = answer.status, answer.read().decode()
         except urllib.error.HTTPError as e:
             status, raw = e.code, e.read().decode()
@@ -102,8 +111,8 @@ class Server(object):
 
 
 @pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    server = Server(str(tmp_path_factory.mktemp('serve')))
+def server(tmp_path_factory, model_dir):
+    server = Server(str(tmp_path_factory.mktemp('serve')), [model_dir, str(tmp_path_factory.getbasetemp())])
     yield server
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
@@ -135,6 +144,25 @@ def test_health_names_the_process(server):
     status, health = server.call('/health')
     assert status == 200
     assert (health['status'], health['pid']) == ('ok', server.process.pid)
+
+
+def test_the_token_file_is_private_and_every_path_needs_the_token(server, model_dir):
+    assert stat.S_IMODE(os.stat(server.token_file).st_mode) == 0o600
+    assert len(server.token) >= 32
+    for token in (None, 'not-the-token'):
+        for path, body in (('/health', None), ('/chat', {'model': model_dir, 'messages': QUESTION}),
+                           ('/shutdown', {})):
+            status, answer = server.call(path, body, token=token)
+            assert status == 401 and set(answer) == {'error'}, (path, answer)
+    assert server.call('/health')[0] == 200  # the refused /shutdown stopped nothing
+
+
+def test_a_folder_outside_the_allowed_roots_is_refused(server, tmp_path):
+    status, answer = server.call('/chat', {'model': '/usr/share', 'messages': QUESTION})
+    assert status == 403 and 'outside' in answer['error']
+    os.symlink('/usr/share', str(tmp_path / 'link'))  # under a root by name, outside it for real
+    status, answer = server.call('/chat', {'model': str(tmp_path / 'link'), 'messages': QUESTION, 'stream': True})
+    assert status == 403 and 'outside' in answer['error']
 
 
 def test_stream_and_whole_answers_give_the_same_greedy_text(server, model_dir):
@@ -206,3 +234,88 @@ def test_sigterm_exits_cleanly_and_removes_its_state_file(server):
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0
     assert not os.path.exists(server.state_file)
+
+
+# -- the HTTP layer in this process (no model loaded) -------------------------------------------------------
+@pytest.fixture
+def http_server():
+    """A ModelServer in a thread, roots and limits set per test: (server, url, call)."""
+    made = []
+
+    def start(**options):
+        server = serve.ModelServer(0, **options)
+        threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+        made.append(server)
+        url = 'http://127.0.0.1:%d' % server.server_address[1]
+
+        def call(path, body=None, token=server.token):
+            data = None if body is None else json.dumps(body).encode()
+            request = urllib.request.Request(url + path, data=data,
+                                             headers={'Authorization': 'Bearer %s' % token} if token else {})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    return answer.status, dict(answer.headers), json.loads(answer.read().decode())
+            except urllib.error.HTTPError as e:
+                return e.code, dict(e.headers), json.loads(e.read().decode())
+        return server, call
+    yield start
+    for server in made:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_allowed_root_serves_nothing_and_a_real_model_outside_them_is_refused(http_server, model_dir, tmp_path):
+    server, call = http_server(roots=[str(tmp_path)])
+    status, _headers, answer = call('/chat', {'model': model_dir, 'messages': QUESTION})
+    assert status == 403 and 'outside' in answer['error']
+    assert server.cache.describe()['base'] is None  # refused before anything was loaded
+    _server, call = http_server(roots=[])
+    assert call('/chat', {'model': model_dir, 'messages': QUESTION})[0] == 403
+    status, _headers, health = call('/health')
+    assert status == 200 and health['allowed_roots'] == []
+
+
+def test_over_the_waiting_line_a_request_is_refused_at_once(http_server, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_chat(cache, model, messages, **options):
+        entered.set()
+        assert release.wait(60)
+        return {'text': 'ok', 'finish_reason': 'stop', 'prompt_tokens': 1, 'completion_tokens': 1}
+    monkeypatch.setattr(serve, 'chat', blocking_chat)
+    server, call = http_server(roots=[], max_waiting=1)
+    answers = []
+    body = {'model': '/m', 'messages': QUESTION}
+    first = threading.Thread(target=lambda: answers.append(call('/chat', body)))
+    first.start()
+    assert entered.wait(60)  # the first one generates (holds the lock)
+    second = threading.Thread(target=lambda: answers.append(call('/chat', body)))
+    second.start()
+    deadline = time.time() + 60
+    while server.queue.count < 2:  # the second one waits for the lock
+        assert time.time() < deadline, 'the second request never reached the waiting line'
+        time.sleep(0.01)
+    status, headers, answer = call('/chat', body)  # a third: over the line, answered now
+    assert status == 503 and 'busy' in answer['error'] and int(headers['Retry-After']) > 0
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert not first.is_alive() and not second.is_alive()
+    assert [a[0] for a in answers] == [200, 200]
+    assert server.queue.count == 0
+
+
+def test_a_silent_connection_is_dropped(http_server):
+    server, _call = http_server(roots=[], read_timeout=0.5)
+    with socket.create_connection(server.server_address, timeout=60) as sock:
+        sock.sendall(b'POST /chat HTTP/1.1\r\nHost: x\r\n')  # and never the rest
+        assert sock.recv(1024) == b''  # closed by the server, long before our 60 s
+
+
+def test_the_token_is_written_private(tmp_path):
+    path = str(tmp_path / 'server.token')
+    serve.write_token(path, 'secret-1')
+    serve.write_token(path, 'secret-2')
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path) as f:
+        assert f.read() == 'secret-2'
