@@ -1,1 +1,2 @@
 from . import openai_api
+from . import model_export
