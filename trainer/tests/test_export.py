@@ -72,12 +72,22 @@ def test_model_card_names_data_hyperparameters_losses_and_licence():
 
 @pytest.fixture(scope='module')
 def trained(model_dir, tmp_path_factory):
-    """A LoRA adapter trained for a few steps on the helpers' code-word data: its greedy answer to
-    a training prompt is a confident one, which an f16 copy must repeat token for token."""
-    from trainer import train
-    folder = write_job(str(tmp_path_factory.mktemp('job')), model_dir, n_train=12, n_valid=2, max_steps=6,
-                       lora_r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], bf16=False)
-    assert train.main(['--job-dir', folder]) == 0
+    """A job folder as the trainer leaves it (train.jsonl, config.json, metrics.jsonl, result/ with
+    a LoRA adapter and its tokenizer), the adapter with random weights instead of trained ones (as
+    test_serve.py makes them: training adds a minute and nothing the export reads)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = write_job(str(tmp_path_factory.mktemp('job')), model_dir, n_train=12, n_valid=2,
+                       lora_r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'])
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    model.save_pretrained(os.path.join(folder, 'result'))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(os.path.join(folder, 'result'))
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+        f.write(json.dumps({'step': 1, 'train_loss': 2.5, 'valid_loss': None}) + '\n')
+        f.write(json.dumps({'step': 2, 'train_loss': 1.25, 'valid_loss': 1.5}) + '\n')
     return folder
 
 
@@ -110,7 +120,9 @@ def test_hf_merged_loads_in_transformers_and_answers_as_the_fine_tuned_model(tra
     check = verification(events)
     assert check['same_tokens'] == check['compared_tokens'] == export.VERIFY_TOKENS
     card = open(os.path.join(out, 'README.md')).read()
-    assert 'training examples: 12, validation examples: 2' in card and 'final training loss' in card
+    assert 'training examples: 12, validation examples: 2' in card
+    assert '- final training loss: 1.25' in card and '- final validation loss: 1.5' in card
+    assert '- lora_r: 4' in card and 'base_model_path' not in card
     manifest = json.load(open(os.path.join(out, 'export.json')))
     sizes = {f['path']: f['size'] for f in manifest['files']}
     assert sizes['model.safetensors'] == os.path.getsize(os.path.join(out, 'model.safetensors'))
