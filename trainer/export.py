@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 FORMATS = ('hf_adapter', 'hf_merged', 'gguf_f16', 'gguf_q8_0', 'gguf_lora')
 VERIFY_TOKENS = 16
@@ -182,7 +183,8 @@ def run_converter(args, events):
     process = subprocess.run([sys.executable] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     output = process.stdout.decode(errors='replace')
     if process.returncode:
-        tail = '\n'.join(output.strip().splitlines()[-8:])
+        lines = output.strip().splitlines()
+        tail = '\n'.join(([line for line in lines if not line.startswith('INFO:')] or lines)[-8:])
         raise ExportError('%s failed (exit %d):\n%s' % (os.path.basename(args[0]), process.returncode, tail))
     return output
 
@@ -427,6 +429,15 @@ def export(model_dir, out, fmt, job_dir=None, base_dir=None, convert=None, card=
     if fmt.startswith('gguf'):
         convert = convert_dir(convert)
     check_writable(out)
+    try:
+        return _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events)
+    except BaseException:
+        # Half an export is no export: remove what this run wrote (the folder was empty before).
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events):
     started = time.time()
     events('Export %s started' % fmt, format=fmt)
     model, tokenizer = load_finetuned(model_dir, base_dir)
@@ -522,6 +533,10 @@ def main(argv=None):
                           convert=args.convert_dir, card=read_json(args.card) if args.card else None, events=events)
     except ExportError as e:
         events('Export failed: %s' % e, level='error')
+        return 1
+    except Exception as e:  # a load or conversion error of a library: the same event, and its traceback
+        traceback.print_exc()
+        events('Export failed: %s: %s' % (type(e).__name__, e), level='error')
         return 1
     print(json.dumps(manifest))
     return 0

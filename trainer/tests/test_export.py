@@ -182,3 +182,28 @@ def test_a_file_in_the_way_fails_with_an_event_and_the_model_is_untouched(traine
 def test_a_whole_model_cannot_be_exported_as_an_adapter(model_dir, tmp_path):
     with pytest.raises(export.ExportError, match='needs a LoRA adapter'):
         export.export(model_dir, str(tmp_path / 'o'), 'gguf_lora')
+
+
+def test_an_architecture_llama_cpp_does_not_know_fails_with_its_message_and_leaves_nothing(model_dir, tmp_path):
+    """A tiny OPT model (transformers knows it, llama.cpp's converter does not): the converter's own
+    error becomes the export's, and the half-written folder is removed."""
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    tiny = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=16, word_embed_proj_dim=16, ffn_dim=32,
+                                    num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
+                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id))
+    folder = str(tmp_path / 'opt')
+    tiny.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out, events_file = str(tmp_path / 'out'), str(tmp_path / 'events.jsonl')
+    code = export.main(['--model', folder, '--out', out, '--format', 'gguf_f16', '--events', events_file])
+    events = read_events(events_file)
+    assert code == 1
+    assert events[-1]['level'] == 'error'
+    assert 'convert_hf_to_gguf.py failed' in events[-1]['message'], events[-1]
+    assert 'Model OPTForCausalLM is not supported' in events[-1]['message'], events[-1]
+    assert 'INFO:' not in events[-1]['message']  # the converter's error, not its progress
+    assert not os.path.exists(out)
