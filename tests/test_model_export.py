@@ -209,3 +209,27 @@ class TestExportDownload(HttpCase):
     def test_no_session_no_download(self):
         answer = self.opener.get(self.url, timeout=60, allow_redirects=False)
         self.assertIn(answer.status_code, (302, 303))  # to the login page
+
+
+class TestDeleteExportsOfArchivedModel(TrainingCase):
+
+    def test_the_archived_models_exports_are_deleted_with_their_files(self):
+        tuned = self.env['llm.model'].create({'name': 'Old tune', 'provider_id': self.provider.id,
+                                              'kind': 'fine_tuned', 'model_ref': 'ft-old'})
+        kept = self.env['llm.model'].create({'name': 'Kept tune', 'provider_id': self.provider.id,
+                                             'kind': 'fine_tuned', 'model_ref': 'ft-kept'})
+        root = tempfile.mkdtemp(prefix='llmt-export-del-')
+        self.addCleanup(shutil.rmtree, root, True)
+        exports = self.env['llm.model.export']
+        for model, name in ((tuned, 'a'), (tuned, 'b'), (kept, 'c')):
+            folder = os.path.join(root, name)
+            os.makedirs(os.path.join(folder, 'out'))
+            exports |= exports.create({'model_id': model.id, 'format': 'hf_merged'})
+            exports[-1:].write({'folder': folder})
+            exports[-1:].write({'state': 'failed'})
+        tuned.action_archive_model()
+        action = self.env.ref('llm_training.llm_model_delete_exports_action')
+        action.with_context(active_model='llm.model', active_id=tuned.id, active_ids=tuned.ids).run()
+        self.assertFalse(tuned.export_ids)
+        self.assertEqual(sorted(os.listdir(root)), ['c'])
+        self.assertEqual(len(kept.export_ids), 1)
