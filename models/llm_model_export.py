@@ -91,8 +91,11 @@ class LlmModelExport(models.Model):
                 card['losses'] = {k: v for k, v, has in (
                     ('train_loss', job.final_train_loss, job.has_final_train_loss),
                     ('valid_loss', job.final_valid_loss, job.has_final_valid_loss)) if has}
-            if 'system_prompt' in job._fields and job.system_prompt:
-                card['system_prompt'] = job.system_prompt
+            # The system prompt the data was trained with (prompt/completion datasets put theirs
+            # before each example): the Modelfile's SYSTEM, when all training datasets agree.
+            prompts = set(job.dataset_ids.mapped(lambda d: (d.system_prompt or '').strip()))
+            if len(prompts) == 1 and '' not in prompts:
+                card['system_prompt'] = prompts.pop()
         return card
 
     def _start(self):

@@ -213,6 +213,23 @@ class TestExportDownload(HttpCase):
 
 class TestDeleteExportsOfArchivedModel(TrainingCase):
 
+    def test_the_model_card_facts_name_the_data_and_its_system_prompt(self):
+        first, second = self.make_dataset(name='faq.jsonl'), self.make_dataset(name='tickets.jsonl')
+        job = self.make_job(first)
+        job.write({'dataset_ids': [(6, 0, (first | second).ids)]})
+        tuned = self.env['llm.model'].create({'name': 'Support', 'provider_id': self.provider.id, 'kind': 'fine_tuned',
+                                              'model_ref': 'ft-card', 'base_model_id': self.base_model.id})
+        tuned.job_id = job
+        export = self.env['llm.model.export'].create({'model_id': tuned.id, 'format': 'gguf_f16'})
+        card = export._card()
+        self.assertEqual(card['base_name'], 'Tiny')
+        self.assertEqual(sorted(d['name'] for d in card['datasets']), ['faq.jsonl', 'tickets.jsonl'])
+        self.assertNotIn('system_prompt', card)
+        (first | second).write({'system_prompt': 'You are the support desk.'})
+        self.assertEqual(export._card()['system_prompt'], 'You are the support desk.')
+        second.system_prompt = 'Something else.'
+        self.assertNotIn('system_prompt', export._card(), 'datasets that disagree give no SYSTEM line')
+
     def test_the_archived_models_exports_are_deleted_with_their_files(self):
         tuned = self.env['llm.model'].create({'name': 'Old tune', 'provider_id': self.provider.id,
                                               'kind': 'fine_tuned', 'model_ref': 'ft-old'})
