@@ -135,6 +135,8 @@ class LlmModelExport(models.Model):
         testing = getattr(threading.currentThread(), 'testing', False)
         for export_id in self.search([('state', 'in', ('pending', 'running'))], limit=limit, order='id').ids:
             export = self.browse(export_id)
+            if not export._claim():
+                continue  # another worker is on it (a cron, Check Status): it does this step
             try:
                 export._step()
             except Exception as e:  # one broken export must not stop the others
@@ -145,6 +147,14 @@ class LlmModelExport(models.Model):
             if not testing:
                 self.env.cr.commit()
         return True
+
+    def _claim(self):
+        """Lock this export's row for the transaction, or False when another transaction holds it:
+        two workers stepping one export at once would start two export processes."""
+        self.env.cr.execute('SELECT id FROM llm_model_export WHERE id = %s FOR UPDATE SKIP LOCKED', (self.id,))
+        claimed = bool(self.env.cr.fetchone())
+        self.invalidate_cache(ids=self.ids)  # the state as the lock holder left it
+        return claimed
 
     def _step(self):
         if self.state == 'pending':
@@ -157,6 +167,8 @@ class LlmModelExport(models.Model):
     def action_check(self):
         """The cron's step for these exports, at once."""
         for export in self:
+            if not export._claim():
+                raise UserError(_('Export %d is being updated by another process; try again in a moment.') % export.id)
             export._step()
         return True
 

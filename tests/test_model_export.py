@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+import unittest
 import zipfile
 
 import odoo
 from odoo import api, tools
-from odoo.tests.common import HttpCase
+from odoo.tests.common import HttpCase, get_db_name
 
 from .common import TrainingCase
+from .test_concurrency import in_new_thread
 from .test_xmlrpc import ensure_http_server
 
 # A LoRA adapter with random weights on the base model (no training: the export's checks compare
@@ -250,3 +253,50 @@ class TestDeleteExportsOfArchivedModel(TrainingCase):
         self.assertFalse(tuned.export_ids)
         self.assertEqual(sorted(os.listdir(root)), ['c'])
         self.assertEqual(len(kept.export_ids), 1)
+
+
+class TestOneWorkerPerExport(unittest.TestCase):
+    """Real committed rows and two transactions: a cron run skips an export another transaction
+    holds (two workers stepping it would start two export processes)."""
+
+    def setUp(self):
+        self.registry = odoo.registry(get_db_name())
+        self.ids = in_new_thread(self.registry, self._create)
+
+    def _create(self, env):
+        provider = env['llm.provider'].create({'name': 'Export race', 'service': 'test'})
+        model = env['llm.model'].create({'name': 'Tune', 'provider_id': provider.id, 'kind': 'fine_tuned',
+                                         'model_ref': 'ft-race'})
+        export = env['llm.model.export'].create({'model_id': model.id, 'format': 'hf_merged'})
+        return provider.id, model.id, export.id
+
+    def tearDown(self):
+        def cleanup(env):
+            env['llm.model.export'].browse(self.ids[2]).exists().unlink()
+            env['llm.model'].browse(self.ids[1]).unlink()
+            env['llm.provider'].browse(self.ids[0]).unlink()
+        in_new_thread(self.registry, cleanup)
+
+    def run_cron(self, env):
+        env.cr.execute("SET lock_timeout = '5s'")  # a cron that waited for the lock would fail here
+        env['llm.model.export']._cron_run_exports()
+        return env['llm.model.export'].browse(self.ids[2]).state
+
+    def test_a_held_export_is_skipped_then_stepped_once_free(self):
+        locked, release = threading.Event(), threading.Event()
+
+        def hold(env):
+            env.cr.execute('SELECT id FROM llm_model_export WHERE id = %s FOR UPDATE', (self.ids[2],))
+            locked.set()
+            release.wait(120)
+
+        holder = threading.Thread(target=in_new_thread, args=(self.registry, hold))
+        holder.start()
+        try:
+            self.assertTrue(locked.wait(60))
+            self.assertEqual(in_new_thread(self.registry, self.run_cron), 'pending')
+        finally:
+            release.set()
+            holder.join(120)
+        # Free again: the cron steps it (a scripted provider's model cannot be exported: failed).
+        self.assertEqual(in_new_thread(self.registry, self.run_cron), 'failed')

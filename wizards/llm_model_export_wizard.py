@@ -20,6 +20,6 @@ class LlmModelExportWizard(models.TransientModel):
         if self.model_id.kind != 'fine_tuned':
             raise UserError(_('Only fine-tuned models can be exported; "%s" is a base model.') % self.model_id.name)
         export = self.env['llm.model.export'].create({'model_id': self.model_id.id, 'format': self.format})
-        export._step()
+        export.action_check()  # start it now rather than at the next cron run
         return {'type': 'ir.actions.act_window', 'res_model': 'llm.model.export', 'res_id': export.id,
                 'view_mode': 'form', 'target': 'current'}
