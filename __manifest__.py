@@ -29,6 +29,9 @@
         'views/llm_api_key_views.xml',
         'data/llm_training_api_data.xml',
         'views/llm_training_menus.xml',
+        'wizards/llm_model_export_wizard_views.xml',
+        'views/llm_model_export_views.xml',
+        'data/llm_model_export_data.xml',
     ],
     'demo': [
         'demo/llm_training_demo.xml',

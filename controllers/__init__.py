@@ -1,2 +1,3 @@
 from . import v1_hooks  # the /v1/ request hooks (see its docstring), installed once at import
 from . import openai_api
+from . import model_export

@@ -9,3 +9,4 @@ from . import llm_training_job
 from . import llm_training_engine
 from . import llm_training_schedule
 from . import llm_api_key
+from . import llm_model_export

@@ -39,6 +39,7 @@ class LlmModel(models.Model):
     test_prompt = fields.Text(help='A message to send to the model from the Test button.')
     test_reply = fields.Text(readonly=True)
     test_base_reply = fields.Text(readonly=True, help='What the base model answers, to compare.')
+    export_ids = fields.One2many('llm.model.export', 'model_id', string='Exports', readonly=True)
 
     _sql_constraints = [
         ('provider_ref_unique', 'unique(provider_id, model_ref)',

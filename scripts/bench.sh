@@ -23,3 +23,5 @@ echo "== training throughput (trainer venv) =="
 cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_training
 echo "== API: answers through the persistent model server vs in-process generate (trainer venv) =="
 cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_model_server
+echo "== export to GGUF: time, memory, llama.cpp vs our model server (trainer venv) =="
+cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_export 2>/dev/null

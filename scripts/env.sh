@@ -13,6 +13,9 @@ export LLMT_CLIENT_VENV="$LLMT_CACHE/client-venv-$(_llmt_hash "$_llmt_root/requi
 export LLMT_CHROMIUM="${LLMT_CHROMIUM:-/usr/bin/chromium}"
 export LLMT_NODE_DIR="$LLMT_CACHE/node-less3"
 export LLMT_BASE_MODEL_DIR="$LLMT_CACHE/models/SmolLM2-135M-Instruct"
+# llama.cpp's GGUF converters, taken from this llama-cpp-python source distribution (setup.sh).
+export LLMT_LLAMA_CPP_PYTHON=0.3.36
+export LLMT_LLAMA_CONVERT_DIR="$LLMT_CACHE/llama.cpp-convert-$LLMT_LLAMA_CPP_PYTHON"
 export PATH="$LLMT_NODE_DIR/node_modules/.bin:$PATH"
 # Odoo finds addons by folder name: link the clone (whatever its folder is called) as llm_training.
 export LLMT_ADDONS_LINK_DIR="$LLMT_CACHE/addons-$(printf %s "$_llmt_root" | sha1sum | cut -c1-10)"
@@ -47,6 +50,7 @@ workers = ${LLMT_WORKERS:-0}
 llm_training_trainer_python = $LLMT_TRAINER_VENV/bin/python
 llm_training_models_dir = $(dirname "$LLMT_BASE_MODEL_DIR")
 llm_training_submit_starts_at_once = ${LLMT_SUBMIT_AT_ONCE:-True}
+llm_training_llama_convert_dir = $LLMT_LLAMA_CONVERT_DIR
 CONF
 }
 

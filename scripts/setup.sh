@@ -64,6 +64,22 @@ if [ ! -f "$LLMT_BASE_MODEL_DIR/config.json" ]; then
   log "converting SmolLM2-135M-Instruct to a plain Hugging Face folder (once)"
   PYTHONPATH="$here" "$LLMT_TRAINER_VENV/bin/python" -m trainer.convert_model --out "$LLMT_BASE_MODEL_DIR"
 fi
+# -- llama.cpp's converters (export to GGUF) ---------------------------------------------------
+# convert_hf_to_gguf.py / convert_lora_to_gguf.py with their `conversion` package and gguf-py, as
+# llama-cpp-python's source distribution ships them under vendor/llama.cpp; nothing is compiled:
+# they run in the trainer venv (trainer/export.py).
+if [ ! -f "$LLMT_LLAMA_CONVERT_DIR/convert_hf_to_gguf.py" ]; then
+  log "installing llama.cpp's GGUF converters (llama-cpp-python $LLMT_LLAMA_CPP_PYTHON source)"
+  tmp="$(mktemp -d)"
+  "$LLMT_TRAINER_VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    -d "$tmp" "llama-cpp-python==$LLMT_LLAMA_CPP_PYTHON"
+  src="llama_cpp_python-$LLMT_LLAMA_CPP_PYTHON/vendor/llama.cpp"
+  tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" "$src/convert_hf_to_gguf.py" \
+    "$src/convert_lora_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE"
+  rm -rf "$LLMT_LLAMA_CONVERT_DIR.tmp" && mv "$tmp/$src" "$LLMT_LLAMA_CONVERT_DIR.tmp"
+  rm -rf "$LLMT_LLAMA_CONVERT_DIR" && mv "$LLMT_LLAMA_CONVERT_DIR.tmp" "$LLMT_LLAMA_CONVERT_DIR"
+  rm -rf "$tmp"
+fi
 # -- Client venv (Python 3.11) and Chromium: the browser tests and the OpenAI SDK tests --------
 if [ ! -x "$LLMT_CHROMIUM" ]; then
   log "installing Debian's chromium (browser tests)"
