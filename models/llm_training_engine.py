@@ -79,9 +79,13 @@ class LlmTrainingEngine(models.AbstractModel):
         try:
             with api.Environment.manage(), odoo.registry(dbname).cursor() as cr:
                 # The submitting transaction holds the jobs' rows until it ends: taking their lock
-                # waits for its commit (or its rollback, after which they are not due).
+                # waits for its commit (or its rollback, after which they are not due). A commit
+                # after our snapshot ends the wait as a serialization failure: done waiting too.
                 cr.execute("SET LOCAL lock_timeout = %s", ('%ds' % FOLLOW_SECONDS,))
-                cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),))
+                try:
+                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),))
+                except psycopg2.extensions.TransactionRollbackError:
+                    pass
                 cr.rollback()
                 env = api.Environment(cr, uid, {})
                 while time.time() < deadline:
