@@ -83,7 +83,8 @@ class LlmTrainingEngine(models.AbstractModel):
                 # after our snapshot ends the wait as a serialization failure: done waiting too.
                 cr.execute("SET LOCAL lock_timeout = %s", ('%ds' % FOLLOW_SECONDS,))
                 try:
-                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),))
+                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),),
+                               log_exceptions=False)
                 except psycopg2.extensions.TransactionRollbackError:
                     pass
                 cr.rollback()
