@@ -40,8 +40,10 @@ _EMAIL = re.compile(r'[\w.+-]+@[\w-]+(?:\.[\w-]+)+')
 _TOKEN_LINK = re.compile(r'(?:https?://|www\.|/)\S*?(?:[?&;](?:access_token|token|hash|signup_token|auth)=|'
                          r'/my/|/mail/view\b|/web/signup|/web/reset_password)\S*', re.IGNORECASE)
 _TOKEN = re.compile(r'\b(access_token|token|signup_token|api_key|hash)(\s*[=:]\s*)[\w.~-]{6,}', re.IGNORECASE)
-# IBAN: country, check digits, 11 to 30 letters/digits, often written in groups of four (any case).
-_IBAN = re.compile(r'\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b', re.IGNORECASE)
+# IBAN: country, check digits, then 11 to 30 letters/digits, often in groups of four (any case);
+# at least 10 digits in all (see _iban), so that ordinary words after a code are left alone.
+_IBAN = re.compile(r'\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b', re.IGNORECASE)
+IBAN_MIN_DIGITS = 10
 # Card: 13 to 19 digits, groups separated by spaces or dashes; confirmed by the Luhn check below so
 # that order numbers and the like stay as they are.
 _CARD = re.compile(r'(?<![\w+])\d(?:[ -]?\d){12,18}(?!\w)')
@@ -60,6 +62,10 @@ def _luhn_ok(digits):
             n = n * 2 - 9 if n > 4 else n * 2
         total += n
     return total % 10 == 0
+
+
+def _iban(match):
+    return '[IBAN]' if len(re.sub(r'\D', '', match.group(0))) >= IBAN_MIN_DIGITS else match.group(0)
 
 
 def _card(match):
@@ -94,7 +100,7 @@ def scrub_pii(text, names=None):
     text = _TOKEN_LINK.sub('[LINK]', text)
     text = _TOKEN.sub(lambda m: m.group(1) + m.group(2) + '[TOKEN]', text)
     text = _EMAIL.sub('[EMAIL]', text)
-    text = _IBAN.sub('[IBAN]', text)
+    text = _IBAN.sub(_iban, text)
     text = _CARD.sub(_card, text)
     text = _PHONE.sub(_phone, text)
     if names is not None:

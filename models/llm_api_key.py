@@ -74,7 +74,8 @@ class LlmApiKey(models.Model):
                 raise AccessError(_('Only a system administrator may change a key that runs as another user.'))
             if 'user_id' in vals and not self._user_may_run_as(self.env['res.users'].browse(vals['user_id'])):
                 raise AccessError(_('Only a system administrator may make a key run as the superuser.'))
-        if vals.get('active') and any(not key.key_hash for key in self.with_context(active_test=False)):
+        if vals.get('active') and any(not key.active or not key.key_hash for key in self):
+            # a revoked key is gone for good (keys revoked before its hash was deleted on revoke too)
             raise UserError(_('A revoked API key cannot be activated again; make a new key.'))
         if 'active' in vals and not vals['active']:
             vals = dict(vals, key_hash=False, revoked_at=fields.Datetime.now())  # the hash goes: no way back

@@ -89,6 +89,11 @@ class TestEveryLinkIsChecked(AccessCase):
         with self.assertRaises(AccessError):
             job.write({'dataset_ids': [(4, self.dataset_b.id)]})
 
+    def test_the_job_wizard_refuses_another_companys_dataset(self):
+        with self.assertRaises(AccessError):
+            self.as_user(self.manager_a, 'llm.training.job.wizard').create(
+                {'name': 'W', 'dataset_ids': [(6, 0, self.dataset_b.ids)]})
+
     def test_the_data_holds_it_even_for_the_superuser(self):
         with self.assertRaises(ValidationError):
             self.make_job(self.dataset_b)  # a company A job (the superuser's company) on B's dataset
