@@ -2,15 +2,17 @@
 datasets and the models trained on them stay with their owner and managers, secrets are
 write-only for people. Two companies; an LLM manager of company A who is not a system
 administrator, a manager of company B, a plain internal user of A, a system administrator."""
-import base64
+import xmlrpc.client
 from datetime import datetime, timedelta
 
+import odoo
 from odoo import SUPERUSER_ID, fields
 from odoo.exceptions import AccessError, UserError, ValidationError
 
 from odoo.addons.llm_training.lib import conversations as conv
 
 from .common import TrainingCase, jsonl, valid_examples
+from .test_openai_api import ApiCase
 
 B_TEXT = 'Company B private question'
 
@@ -322,3 +324,60 @@ class TestScrub(AccessCase):
         self.assertIn('[NAME]', text)
         wizard.scrub_names = False
         self.assertIn('Plain', str(wizard._build().examples))
+
+
+class TestOverHttp(ApiCase):
+    """The same rules over /v1 (the OpenAI SDK) and XML-RPC, as real clients see them."""
+
+    def setUp(self):
+        super(TestOverHttp, self).setUp()
+        Users = self.env['res.users'].with_context(no_reset_password=True)
+        self.manager_a = Users.create({'name': 'Http Manager A', 'login': 'llmt_http_manager_a', 'password': 'pw-a-123',
+                                       'email': 'http_manager_a@example.com',
+                                       'groups_id': [(6, 0, self.env.ref('llm_training.group_llm_manager').ids)]})
+        self.plain = Users.create({'name': 'Http Plain', 'login': 'llmt_http_plain', 'email': 'http_plain@example.com',
+                                   'groups_id': [(6, 0, self.env.ref('base.group_user').ids)]})
+
+    def test_a_restricted_file_and_model_are_not_served_to_a_plain_user(self):
+        manager_key, plain_key = self.make_key(self.manager_a), self.make_key(self.plain)
+        private = self.upload(jsonl(valid_examples(prefix='Private')), filename='private.jsonl', key=manager_key)
+        self.assertIn('id', private, private)
+        public = self.upload(jsonl(valid_examples()), filename='public.jsonl', key=manager_key)
+        dataset = self.env['llm.training.dataset'].browse(int(private['id'].split('-')[1]))
+        dataset.write({'visibility': 'restricted'})
+        listed = [f['id'] for f in self.ok('files', key=plain_key)['data']]
+        self.assertIn(public['id'], listed)
+        self.assertNotIn(private['id'], listed)
+        self.refused(404, 'file', key=plain_key, id=private['id'])
+        self.refused(404, 'file_content', key=plain_key, id=private['id'])
+        self.assertIn('Private', self.ok('file_content', key=manager_key, id=private['id']))
+        job = self.env['llm.training.job'].sudo(self.manager_a).create({
+            'name': 'Private job', 'provider_id': self.scripted.id, 'base_model_id': self.tiny.id,
+            'dataset_ids': [(6, 0, dataset.ids)]})
+        model = job._register_model('tiny-api-private', 'Private fine-tune')
+        self.assertEqual(model.visibility, 'restricted')
+        seen_by_plain = {m['id'] for m in self.ok('models', key=plain_key)}
+        seen_by_manager = {m['id'] for m in self.ok('models', key=manager_key)}
+        self.assertEqual(len(seen_by_manager - seen_by_plain), 1, 'the restricted model, for its owner only')
+        self.assertFalse(seen_by_plain - seen_by_manager)
+
+    def test_an_expired_key_gets_401(self):
+        past = fields.Datetime.to_string(datetime.utcnow() - timedelta(minutes=1))
+        expired = self.env['llm.api.key']._generate('old', self.manager_a, past)[1]
+        self.refused(401, 'files', key=expired, code='invalid_api_key')
+
+    def test_xmlrpc_cannot_rewrite_who_a_key_runs_as(self):
+        key = self.env['llm.api.key'].sudo(self.manager_a)._generate('mine', self.manager_a)[0]
+        self.cr.commit()  # a test cursor's commit is a savepoint: the RPC request sees the key
+        url = 'http://127.0.0.1:%d/xmlrpc/2/object' % odoo.tools.config['http_port']
+        rpc = xmlrpc.client.ServerProxy(url)
+        args = (self.cr.dbname, self.manager_a.id, 'pw-a-123', 'llm.api.key')
+        with self.assertRaises(xmlrpc.client.Fault) as refused:
+            rpc.execute_kw(*(args + ('write', [[key.id], {'user_id': SUPERUSER_ID}])))
+        self.assertIn('system administrator', refused.exception.faultString)
+        with self.assertRaises(xmlrpc.client.Fault):
+            rpc.execute_kw(*(args + ('write', [[key.id], {'key_hash': 'f' * 64}])))
+        with self.assertRaises(xmlrpc.client.Fault):
+            rpc.execute_kw(*(args[:3] + ('llm.secret', 'search_read', [[]], {'fields': ['value']})))
+        key.invalidate_cache()
+        self.assertEqual(key.user_id, self.manager_a)
