@@ -1,3 +1,4 @@
+from . import llm_access_mixin
 from . import llm_secret
 from . import llm_provider
 from . import llm_provider_throughput

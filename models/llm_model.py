@@ -25,6 +25,12 @@ class LlmModel(models.Model):
     base_model_id = fields.Many2one('llm.model', string='Base Model', ondelete='set null',
                                     help='For fine-tuned models: the model they were trained from.')
     job_id = fields.Many2one('llm.training.job', string='Produced by', ondelete='set null', readonly=True)
+    user_id = fields.Many2one('res.users', string='Owner', readonly=True, copy=False,
+                              help='For a fine-tuned model: the owner of the job that produced it.')
+    visibility = fields.Selection([('company', 'Company'), ('restricted', 'Restricted')], default='company',
+                                  required=True, readonly=True,
+                                  help='Restricted when trained on a restricted dataset: only its owner and LLM '
+                                       'managers see it (its form, /v1/models, chat).')
     context_length = fields.Integer(default=8192, help='Longest example, in tokens, the model accepts.')
     training_price = fields.Float(digits=(16, 6), help='Training cost per 1M tokens, in USD.')
     description = fields.Text()

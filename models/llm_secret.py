@@ -7,9 +7,11 @@ class LlmSecret(models.Model):
 
     In Odoo 11 a field's `groups=` hides it from `read` but not from `read_group`, search domains
     or `order`, so a secret in a provider column can be guessed by any user who can read
-    providers. Here the ACL grants this model to LLM managers only, which closes every ORM path
-    (read, search, read_group, order, export) to everybody else; the owning record shows only
-    the last four characters. Values are never logged."""
+    providers. Here the ACL grants this model to nobody (the managers' row grants nothing), which
+    closes every ORM path (read, search, read_group, order, export) to every person, LLM managers
+    included: secrets are write-only for people. The owning record's write access is checked,
+    then the code below reads or writes the secret as superuser, for that record only; the
+    owning record shows only the last four characters. Values are never logged."""
     _name = 'llm.secret'
     _description = 'LLM Secret'
     _rec_name = 'field_name'
@@ -39,17 +41,19 @@ class LlmSecret(models.Model):
 
     @api.model
     def _write_value(self, record, field_name, value):
-        """Set or replace (value) or remove (empty value) a secret; managers only (this model's ACL)."""
+        """Set or replace (value) or remove (empty value) a secret of `record`, for whoever may write
+        that record (managers of its company): the secret belongs to it and to its company."""
         record.check_access_rights('write')
         record.check_access_rule('write')
-        secret = self._find(record, field_name)
+        Secret = self.sudo()
+        secret = Secret._find(record, field_name)
         if not value:
             secret.unlink()
         elif secret:
             secret.value = value
         else:
-            self.create({'res_model': record._name, 'res_id': record.id, 'field_name': field_name, 'value': value,
-                         'company_id': record.company_id.id if 'company_id' in record._fields else False})
+            Secret.create({'res_model': record._name, 'res_id': record.id, 'field_name': field_name, 'value': value,
+                          'company_id': record.company_id.id if 'company_id' in record._fields else False})
 
     @api.model
     def _hint(self, record, field_name):

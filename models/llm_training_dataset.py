@@ -24,6 +24,7 @@ _logger = logging.getLogger(__name__)
 # Fields that change what the files mean: a change sends the dataset back to "Not validated".
 READING_FIELDS = ('attachment_ids', 'server_path', 'data_format', 'file_type', 'prompt_column', 'completion_column',
                   'text_column', 'system_prompt')
+VISIBILITIES = [('company', 'Company'), ('restricted', 'Restricted')]
 # What each format trains as: prompt/completion rows become chat examples.
 TRAINING_FORMATS = {'chat': 'chat', 'prompt_completion': 'chat', 'preference': 'preference', 'text': 'text'}
 
@@ -48,12 +49,19 @@ class LlmTrainingDataset(models.Model):
     and converted to training examples before any job uses them."""
     _name = 'llm.training.dataset'
     _description = 'LLM Training Dataset'
-    _inherit = ['mail.thread']
+    _inherit = ['mail.thread', 'llm.access.mixin']
     _order = 'id desc'
+    _link_fields = ('company_id', 'attachment_ids')
 
     name = fields.Char(required=True, track_visibility='onchange')
     description = fields.Text()
     company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
+    user_id = fields.Many2one('res.users', string='Owner', default=lambda self: self.env.user, index=True,
+                              track_visibility='onchange', help='Reads a restricted dataset, with LLM managers.')
+    visibility = fields.Selection(VISIBILITIES, default='company', required=True, track_visibility='onchange',
+                                  help='Company: every internal user of the company reads it (its files, preview '
+                                       'and the models trained on it). Restricted: only its owner and LLM '
+                                       'managers; imports from conversations start restricted.')
     attachment_ids = fields.Many2many('ir.attachment', 'llm_training_dataset_attachment_rel', 'dataset_id',
                                       'attachment_id', string='Files',
                                       help='JSONL, CSV or Parquet files (see File Type), one example per row.')
@@ -137,6 +145,7 @@ class LlmTrainingDataset(models.Model):
 
     @api.model
     def create(self, vals):
+        self._check_links(vals)
         if vals.get('server_path'):
             self._check_server_path(vals['server_path'])
         dataset = super(LlmTrainingDataset, self).create(vals)
@@ -145,6 +154,7 @@ class LlmTrainingDataset(models.Model):
 
     @api.multi
     def write(self, vals):
+        self._check_links(vals)
         if 'server_path' in vals:
             self._check_server_path(vals['server_path'])
         if any(name in vals for name in READING_FIELDS):
@@ -156,8 +166,10 @@ class LlmTrainingDataset(models.Model):
 
     def _own_attachments(self):
         """Make each file belong to exactly one dataset (res_model/res_id), so Odoo's attachment
-        access follows the dataset's rules (company included). A file uploaded before its dataset
-        was saved has res_id 0; a file that belongs to another record is copied, never shared."""
+        access follows the dataset's rules (company and visibility included). A file uploaded before
+        its dataset was saved has res_id 0; a file that belongs to another record is copied, never
+        shared. The caller's read access to each file was checked first (_check_links), so the sudo
+        here copies nothing the caller could not read."""
         for dataset in self:
             for attachment in dataset.attachment_ids.sudo():
                 if attachment.res_model == self._name and attachment.res_id == dataset.id:

@@ -250,6 +250,7 @@ class LlmTrainingEngine(models.AbstractModel):
                 (self._poll, lambda: job.state in ('queued', 'training') and bool(job.external_job_id)))
 
     def _validate(self, job):
+        job._check_engine_links()
         problems = []
         for dataset in job.dataset_ids | job.validation_dataset_ids:
             try:
@@ -284,6 +285,7 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     def _prepare(self, job):
+        job._check_engine_links()
         job._prepare_files()
         job._change_state('queued')
         return True

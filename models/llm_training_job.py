@@ -3,9 +3,9 @@ import json
 import logging
 import os
 
-from odoo import _, api, fields, models, tools
+from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.tools import html_escape
-from odoo.exceptions import UserError, ValidationError
+from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..lib import job_status, job_summary, openai_jobs
 from ..lib.exceptions import TrainingFailedError
@@ -50,8 +50,10 @@ def _now():
 class LlmTrainingJob(models.Model):
     _name = 'llm.training.job'
     _description = 'LLM Training Job'
-    _inherit = ['mail.thread', 'mail.activity.mixin']
+    _inherit = ['mail.thread', 'mail.activity.mixin', 'llm.access.mixin']
     _order = 'id desc'
+    _link_fields = ('company_id', 'provider_id', 'base_model_id', 'dataset_ids', 'validation_dataset_ids')
+    _company_fields = ('provider_id', 'base_model_id', 'dataset_ids', 'validation_dataset_ids')
 
     def _default_provider(self):
         return self.env['llm.provider'].search([], limit=1)
@@ -225,6 +227,11 @@ class LlmTrainingJob(models.Model):
             except ValueError as e:
                 raise ValidationError(_('Job "%s": %s') % (job.name, e))
 
+    @api.constrains('company_id', 'provider_id', 'base_model_id', 'dataset_ids', 'validation_dataset_ids')
+    def _check_company_links(self):
+        """A job's provider, base model and datasets are in the job's company (or in none)."""
+        self._check_same_company(self._company_fields)
+
     @api.constrains('base_model_id', 'provider_id')
     def _check_base_model_provider(self):
         for job in self:
@@ -257,6 +264,7 @@ class LlmTrainingJob(models.Model):
 
     @api.model
     def create(self, vals):
+        self._check_links(vals)
         job = super(LlmTrainingJob, self).create(self._split_hyperparameters(vals))
         # The creator follows the job, so its summary at the end reaches them (explicit: mail's own
         # subscription is skipped under tracking_disable, which RPC clients and imports use).
@@ -266,6 +274,7 @@ class LlmTrainingJob(models.Model):
     @api.multi
     def write(self, vals):
         vals = self._split_hyperparameters(vals)
+        self._check_links(vals)
         locked = set(vals) & {'provider_id', 'base_model_id', 'dataset_ids', 'technique',
                               'hyperparameters', 'validation_dataset_ids', 'validation_split'}
         if locked and any(job.state not in ('draft', 'failed', 'cancelled') for job in self):
@@ -292,6 +301,7 @@ class LlmTrainingJob(models.Model):
         for job in self:
             if not job.dataset_ids:
                 raise UserError(_('Add at least one training dataset before submitting.'))
+            job._check_readable_links()  # what was linked may have been restricted since
             job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
                               cancel_requested=False, progress=0.0)
         self.env['llm.training.engine']._follow_soon(self)
@@ -491,6 +501,30 @@ class LlmTrainingJob(models.Model):
         record = self if 'state' in values else self.with_context(tracking_disable=True)
         return super(LlmTrainingJob, record).write(values)
 
+    def _check_readable_links(self, user=None):
+        """`user` (default: the current one) may read the job's provider, base model and datasets.
+        The ids are read as superuser: in the user's own environment a many2many leaves out what
+        they cannot read, which would make the check pass."""
+        env = self.env(user=user) if user else self.env
+        if env.uid == SUPERUSER_ID:
+            return
+        job = self.sudo()
+        for model, ids in (('llm.provider', job.provider_id.ids), ('llm.model', job.base_model_id.ids),
+                           ('llm.training.dataset', (job.dataset_ids | job.validation_dataset_ids).ids)):
+            records = env[model].browse(ids)
+            records.check_access_rights('read')
+            records.check_access_rule('read')
+
+    def _check_engine_links(self):
+        """The engine (superuser) re-checks before it reads data or calls a provider: the linked
+        records are in the job's company, and the job's owner may still read them."""
+        try:
+            self._check_company_links()
+            if self.user_id:
+                self._check_readable_links(self.user_id)
+        except (AccessError, ValidationError) as e:
+            raise TrainingFailedError(_('Job "%s" may not use its data: %s') % (self.name, e.name))
+
     def _prepare_files(self):
         """Merge the datasets into the job folder's train.jsonl (+ validation.jsonl)."""
         hyper = self._get_hyperparameters()
@@ -526,7 +560,11 @@ class LlmTrainingJob(models.Model):
         model = Model.search([('provider_id', '=', self.provider_id.id), ('model_ref', '=', model_ref)], limit=1)
         values = {'name': name, 'kind': 'fine_tuned', 'provider_id': self.provider_id.id,
                   'model_ref': model_ref, 'base_model_id': self.base_model_id.id, 'job_id': self.id,
-                  'context_length': self.base_model_id.context_length, 'active': True, 'description': description}
+                  'context_length': self.base_model_id.context_length, 'active': True, 'description': description,
+                  # a model knows what it was trained on: restricted data makes a restricted model
+                  'user_id': self.user_id.id,
+                  'visibility': 'restricted' if 'restricted' in (self.dataset_ids | self.validation_dataset_ids).sudo()
+                  .mapped('visibility') else 'company'}
         if model:
             model.write(values)
         else:

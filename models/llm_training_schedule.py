@@ -5,8 +5,8 @@ import threading
 import psycopg2
 from dateutil.relativedelta import relativedelta
 
-from odoo import _, api, fields, models
-from odoo.exceptions import ValidationError
+from odoo import SUPERUSER_ID, _, api, fields, models
+from odoo.exceptions import AccessError, ValidationError
 from odoo.tools import html_escape
 
 from ..lib.conversations import SOURCES
@@ -30,15 +30,18 @@ class LlmTrainingSchedule(models.Model):
     """
     _name = 'llm.training.schedule'
     _description = 'LLM Training Schedule'
-    _inherit = ['mail.thread']
+    _inherit = ['mail.thread', 'llm.access.mixin']
     _order = 'next_run, id'
+    _link_fields = ('company_id', 'template_job_id', 'channel_ids', 'assistant_partner_ids')
 
     name = fields.Char(required=True, track_visibility='onchange')
     active = fields.Boolean(default=True, track_visibility='onchange')
     company_id = fields.Many2one('res.company', default=lambda self: self.env.user.company_id)
     user_id = fields.Many2one('res.users', string='Owner', required=True, default=lambda self: self.env.user,
                               track_visibility='onchange',
-                              help='Runs with this user\'s rights and owns the jobs it creates.')
+                              help='Runs with this user\'s rights and owns the jobs it creates. Only a system '
+                                   'administrator may choose another user than themselves.')
+    runs_as_superuser = fields.Boolean(compute='_compute_runs_as_superuser')
     template_job_id = fields.Many2one('llm.training.job', string='Template Job', required=True, ondelete='restrict',
                                       help='Provider, base model and settings are copied from this job.')
     # what to read: the same fields as the import wizard
@@ -54,6 +57,11 @@ class LlmTrainingSchedule(models.Model):
     min_turns = fields.Integer(string='Minimum turns', default=2)
     max_examples = fields.Integer(help='0: all.')
     scrub_pii = fields.Boolean(string='Scrub personal data', default=True)
+    scrub_names = fields.Boolean(string='Replace names', default=True,
+                                 help="With Scrub personal data: the conversations' people's names become [NAME].")
+    visibility = fields.Selection([('company', 'Company'), ('restricted', 'Restricted')], default='restricted',
+                                  required=True, string='Dataset visibility',
+                                  help='Of the datasets each run creates (restricted: the owner and LLM managers).')
     # when
     interval_number = fields.Integer(string='Every', default=1, required=True)
     interval_type = fields.Selection(INTERVAL_TYPES, default='weeks', required=True)
@@ -67,6 +75,15 @@ class LlmTrainingSchedule(models.Model):
                                     'reads only what came after.')
     last_job_id = fields.Many2one('llm.training.job', string='Last Job', readonly=True, copy=False)
     job_ids = fields.One2many('llm.training.job', 'schedule_id', string='Jobs', readonly=True)
+
+    @api.depends('user_id')
+    def _compute_runs_as_superuser(self):
+        for schedule in self:
+            schedule.runs_as_superuser = schedule.user_id.id == SUPERUSER_ID
+
+    @api.constrains('company_id', 'template_job_id')
+    def _check_company_links(self):
+        self._check_same_company(('template_job_id',))
 
     @api.constrains('source', 'res_model')
     def _check_res_model(self):
@@ -86,6 +103,26 @@ class LlmTrainingSchedule(models.Model):
             if schedule.min_new_examples < 0 or schedule.keep_models < 0:
                 raise ValidationError(_('Schedule "%s": min new examples and keep models cannot be negative.')
                                       % schedule.name)
+
+    @api.model
+    def create(self, vals):
+        self._check_links(vals)
+        user = self.env['res.users'].browse(vals.get('user_id') or self.env.uid)
+        if not self._user_may_run_as(user):
+            raise AccessError(_('Only a system administrator may make a schedule that runs as another user (%s) '
+                                'or as the superuser.') % user.name)
+        return super(LlmTrainingSchedule, self).create(vals)
+
+    @api.multi
+    def write(self, vals):
+        self._check_links(vals)
+        if self.env.uid != SUPERUSER_ID and not self.env.user.has_group('base.group_system'):
+            # a schedule runs with its owner's rights: changing what it reads is acting as the owner
+            if 'user_id' in vals:
+                raise AccessError(_('Only a system administrator may change the user a schedule runs as.'))
+            if any(schedule.user_id != self.env.user for schedule in self):
+                raise AccessError(_('Only a system administrator may change a schedule that runs as another user.'))
+        return super(LlmTrainingSchedule, self).write(vals)
 
     # -- buttons ---------------------------------------------------------------------------------
     @api.multi
@@ -149,7 +186,8 @@ class LlmTrainingSchedule(models.Model):
             'date_from': self.last_run or False, 'date_to': now,
             'assistant_partner_ids': [(6, 0, self.assistant_partner_ids.ids)],
             'system_prompt': self.system_prompt, 'gap_minutes': self.gap_minutes, 'min_turns': self.min_turns,
-            'max_examples': self.max_examples, 'scrub_pii': self.scrub_pii,
+            'max_examples': self.max_examples, 'scrub_pii': self.scrub_pii, 'scrub_names': self.scrub_names,
+            'visibility': self.visibility,
             'name': '%s %s' % (self.name, now),
         }
 

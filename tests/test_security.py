@@ -102,8 +102,8 @@ class TestSecretKey(SecurityCase):
             self.provider.sudo(self.user).action_clear_api_key()
 
     def test_other_company_manager_cannot_read_the_key(self):
-        Secret = self.env['llm.secret'].sudo(self.user_b)
-        self.assertFalse(Secret.search([('res_model', '=', 'llm.provider')]))
+        with self.assertRaises(AccessError):
+            self.env['llm.secret'].sudo(self.user_b).search([('res_model', '=', 'llm.provider')])
 
     def test_key_never_in_errors_or_export(self):
         self.provider.test_behavior = 'fail_start'

@@ -40,8 +40,14 @@ class LlmTrainingDatasetImportWizard(models.TransientModel):
                                help='Conversations with fewer user and assistant turns are skipped.')
     max_examples = fields.Integer(help='At most this many examples, the oldest conversations first; 0: all.')
     scrub_pii = fields.Boolean(string='Scrub personal data', default=True,
-                               help='Replace e-mail addresses, phone numbers, IBANs and card numbers by '
-                                    '[EMAIL], [PHONE], [IBAN], [CARD].')
+                               help='Replace portal links and access tokens, e-mail addresses, phone numbers, '
+                                    'IBANs and card numbers by [LINK], [TOKEN], [EMAIL], [PHONE], [IBAN], [CARD].')
+    scrub_names = fields.Boolean(string='Replace names', default=True,
+                                 help="With Scrub personal data: the names of the conversations' people (the "
+                                      "messages' authors, the channels' members) become [NAME].")
+    visibility = fields.Selection([('company', 'Company'), ('restricted', 'Restricted')], default='restricted',
+                                  required=True, help='Of the new dataset. Restricted: only you and LLM managers '
+                                                      'read it (conversations are private by nature).')
     name = fields.Char(string='Dataset name', required=True, default=_default_name)
     preview = fields.Text(readonly=True)
     dataset_id = fields.Many2one('llm.training.dataset', string='Dataset', readonly=True)
@@ -138,10 +144,21 @@ class LlmTrainingDatasetImportWizard(models.TransientModel):
         records = self.env['mail.message'].search_read(self._message_domain(), ['date', 'author_id', 'body',
                                                                                  'model', 'res_id'],
                                                        order='date asc, id asc')
-        return [conv.Message(key=(r['model'], r['res_id']), date=fields.Datetime.from_string(r['date']),
-                             is_assistant=bool(r['author_id']) and r['author_id'][0] in assistants,
-                             text=html2plaintext(r['body']) if r['body'] else '')
-                for r in records]
+        messages = [conv.Message(key=(r['model'], r['res_id']), date=fields.Datetime.from_string(r['date']),
+                                 is_assistant=bool(r['author_id']) and r['author_id'][0] in assistants,
+                                 text=html2plaintext(r['body']) if r['body'] else '')
+                    for r in records]
+        return messages, {r['author_id'][0] for r in records if r['author_id']}
+
+    def _names(self, author_ids):
+        """The pattern of the names to replace: the authors of the messages read and the members
+        of the channels read (read as superuser: names only, of conversations the user may read)."""
+        if not (self.scrub_pii and self.scrub_names):
+            return None
+        partners = self.env['res.partner'].sudo().browse(list(author_ids))
+        if self.source == 'channel':
+            partners |= self._channels()[0].sudo().mapped('channel_partner_ids')
+        return conv.names_pattern(partners.mapped('name'))
 
     def _conversations(self, messages):
         if self.source == 'chatter':
@@ -154,10 +171,10 @@ class LlmTrainingDatasetImportWizard(models.TransientModel):
         """Read the messages and turn them into examples (lib/conversations.py's Result)."""
         self.ensure_one()
         self._check_setup()
-        messages = self._read_messages()
+        messages, author_ids = self._read_messages()
         return conv.build_examples(self._conversations(messages), system_prompt=self.system_prompt,
                                    min_turns=self.min_turns, max_examples=self.max_examples,
-                                   scrub=self.scrub_pii)
+                                   scrub=self.scrub_pii, names=self._names(author_ids))
 
     def _summary(self, result):
         lines = [_('Conversations: %d') % result.conversations,
@@ -194,7 +211,7 @@ class LlmTrainingDatasetImportWizard(models.TransientModel):
         source = (_('channels %s') % ', '.join(self._channels()[0].mapped('name')) if self.source == 'channel'
                   else _('the chatter of %s') % self.res_model)
         dataset = self.env['llm.training.dataset'].create({
-            'name': self.name, 'attachment_ids': [(6, 0, attachment.ids)],
+            'name': self.name, 'attachment_ids': [(6, 0, attachment.ids)], 'visibility': self.visibility,
             'description': _('Imported from %s.\n%s') % (source, self._summary(result)),
         })
         dataset.action_validate()

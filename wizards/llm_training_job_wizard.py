@@ -21,6 +21,9 @@ def _technique_selection(wizard):
 class LlmTrainingJobWizard(models.TransientModel):
     _name = 'llm.training.job.wizard'
     _description = 'New Fine-tuning Job'
+    _inherit = ['llm.access.mixin']
+    # the estimate reads these: a foreign dataset's statistics are refused here, not only at Submit
+    _link_fields = ('provider_id', 'base_model_id', 'dataset_ids', 'validation_dataset_ids')
 
     def _default_provider(self):
         return self.env['llm.provider'].search([], limit=1)
@@ -106,12 +109,14 @@ class LlmTrainingJobWizard(models.TransientModel):
         # over XML-RPC no onchange runs: a preset fills what the caller did not give
         if vals.get('preset'):
             vals = dict(job_estimate.preset_values(vals['preset'], vals), **vals)
+        self._check_links(vals)
         return super(LlmTrainingJobWizard, self).create(vals)
 
     @api.multi
     def write(self, vals):
         if vals.get('preset'):
             vals = dict(job_estimate.preset_values(vals['preset'], vals), **vals)
+        self._check_links(vals)
         return super(LlmTrainingJobWizard, self).write(vals)
 
     # -- buttons ----------------------------------------------------------------------------------
