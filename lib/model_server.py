@@ -24,13 +24,13 @@ import psutil
 import requests
 
 try:
-    from .file_lock import held
     from .host import processes
-    from .private_dirs import make_private_dirs
+    from .host.file_lock import held
+    from .host.private_dirs import make_private_dirs
 except ImportError:  # run alone as a script by `make stop`: lib/ is on the path
-    from file_lock import held
     from host import processes
-    from private_dirs import make_private_dirs
+    from host.file_lock import held
+    from host.private_dirs import make_private_dirs
 
 ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
 STATE_FILE = 'server.json'

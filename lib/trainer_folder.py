@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from .file_lock import held
+from .host.file_lock import held
 
 CONFIG = 'config.json'
 STATUS = 'status.json'

@@ -12,7 +12,7 @@ from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
-from ..lib.private_dirs import make_private_dirs
+from ..lib.host.private_dirs import make_private_dirs
 
 _logger = logging.getLogger(__name__)
 

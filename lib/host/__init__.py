@@ -1,1 +1,1 @@
-# The host the addon runs on: processes it starts (and, as they move here, locks and files).
+# The host the addon runs on: the processes it starts, its time limits, file locks, private folders.
