@@ -35,7 +35,7 @@ from odoo.http import request, Response
 from ..lib import job_status, openai_api as oa, trainer_folder
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..models.llm_training_dataset import size_limits
-from ..models.llm_provider import InvalidServiceRequest
+from ..models.llm_provider import BudgetExceeded, InvalidServiceRequest
 
 _logger = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ def endpoint(handler):
                 return handler(self, env, **kw)
         except oa.ApiError as e:
             return _error(e)
+        except BudgetExceeded as e:  # no override over the API: OpenAI's exhausted quota
+            return _error(oa.ApiError(429, e.name, code='insufficient_quota',
+                                      headers=[('x-should-retry', 'false')]))  # the SDKs' hint: a retry cannot help
         except AccessError as e:
             return _error(oa.ApiError(403, 'You do not have access to this operation: %s' % e.name,
                                       code='insufficient_permissions'))

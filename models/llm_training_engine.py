@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 
 import psycopg2
 
-from odoo import _, api, fields, models
+import odoo
+from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
@@ -33,6 +34,55 @@ PREFETCH_JOBS = 200  # jobs read ahead in one query by the cron
 CRON_BUDGET_SECONDS = 45  # one cron run; the rest waits for the next run, oldest-synced first
 DEFAULT_STUCK_HOURS = 24
 COMMIT = 'commit'  # what a step returns to have its writes committed before the next step
+# After Submit commits, a background thread follows the job this long (validate, prepare, start,
+# then a poll a second until the trainer reports running); the cron goes on after that.
+FOLLOW_SECONDS = 60
+FOLLOW_POLL_SECONDS = 1.0
+FOLLOWED_STATES = ('validating', 'preparing', 'queued')
+
+
+def _following_enabled():
+    """Not in test runs: a thread waiting on a test's rows (never committed) would hold a
+    connection until the test ends; the tests of this behaviour turn it on."""
+    return not tools.config.get('test_enable')
+
+
+def _follow_jobs(dbname, job_ids, seconds=FOLLOW_SECONDS):
+    """The background part of Submit: once the submitting transaction has ended (its row locks on
+    the jobs are the signal), run the jobs' due steps and poll until the provider reports them
+    running, a final state, or `seconds` have passed. Each pass is its own committed
+    transaction, claimed like the cron's, so the cron or a button meanwhile never doubles a step."""
+    deadline = time.time() + seconds
+    try:
+        with api.Environment.manage():
+            registry = odoo.registry(dbname)
+            with registry.cursor() as cr:
+                try:
+                    cr.execute("SET LOCAL lock_timeout = %s", ('%dms' % (seconds * 1000),))
+                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),),
+                               log_exceptions=False)
+                except psycopg2.extensions.TransactionRollbackError:
+                    pass  # the Submit committed its change after our snapshot: it has ended
+                cr.rollback()
+            pending = list(job_ids)
+            while pending and time.time() < deadline:
+                with registry.cursor() as cr:
+                    env = api.Environment(cr, SUPERUSER_ID, {})
+                    now = _now()
+                    jobs = env['llm.training.job'].browse(pending).exists().filtered(
+                        lambda j: j.state in FOLLOWED_STATES and not (j.next_attempt_at and j.next_attempt_at > now))
+                    if jobs:
+                        env['llm.training.engine']._sync(jobs)
+                        cr.commit()  # this pass's work is kept before the next poll
+                        jobs.invalidate_cache()
+                    pending = jobs.filtered(lambda j: j.state in FOLLOWED_STATES).ids
+                if pending:
+                    time.sleep(FOLLOW_POLL_SECONDS)
+    except psycopg2.OperationalError as e:
+        if e.pgcode != '55P03':  # lock_not_available: the Submit never ended in time, the cron goes on
+            _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
+    except Exception:
+        _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
 
 
 def _now():
@@ -54,6 +104,14 @@ class LlmTrainingEngine(models.AbstractModel):
             if self._claim(job.id):
                 self._step(job)
         return True
+
+    @api.model
+    def _follow_after_commit(self, jobs):
+        """Move just-submitted jobs on in the background once this transaction commits (it
+        returns at once); see _follow_jobs."""
+        if jobs and _following_enabled():
+            threading.Thread(target=_follow_jobs, args=(self.env.cr.dbname, jobs.ids),
+                             name='llm-training-follow-%s' % jobs.ids[0], daemon=True).start()
 
     @api.model
     def _cron(self, budget=CRON_BUDGET_SECONDS):
@@ -320,6 +378,9 @@ class LlmTrainingEngine(models.AbstractModel):
                     job.trained_tokens, job.base_model_id.training_price))
             elif new_state == 'failed':
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
+            elif new_state == 'training' and report.get('started_at'):
+                job._change_state('training', started_at=fields.Datetime.to_string(
+                    datetime.utcfromtimestamp(report['started_at'])))
             else:
                 job._change_state(new_state)
 
