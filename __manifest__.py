@@ -23,6 +23,7 @@
         'views/llm_training_job_metric_views.xml',
         'views/llm_training_job_views.xml',
         'wizards/llm_training_job_wizard_views.xml',
+        'wizards/llm_training_job_budget_wizard_views.xml',
         'wizards/llm_model_compare_wizard_views.xml',
         'views/llm_training_schedule_views.xml',
         'wizards/llm_training_dataset_import_wizard_views.xml',

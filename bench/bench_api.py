@@ -54,6 +54,10 @@ def make_data(env, n):
     env.cr.execute("UPDATE llm_training_job SET state = 'training', external_job_id = 'bench-' || id WHERE id IN %s",
                    (tuple(job_ids),))
     key = env['llm.api.key']._generate('bench', env.user)[1]
+    # A benchmark sets the limits it needs: the API's own 600 requests/minute per key (0: none)
+    # would answer 429 in the middle of the timed requests on a fast machine.
+    env['ir.config_parameter'].set_param('llm_training.api_requests_per_minute', '0')
+    env['ir.config_parameter'].set_param('llm_training.api_running_jobs_per_company', '0')
     local = env['llm.provider'].create({'name': 'Bench API local', 'service': 'local'})
     env['llm.model'].create({'name': 'SmolLM2 (bench)', 'provider_id': local.id, 'model_ref': 'SmolLM2-135M-Instruct'})
     return provider, model, dataset, job_ids, key, local

@@ -34,7 +34,7 @@ from odoo.http import request, Response
 from ..lib import job_status, openai_api as oa, trainer_folder
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
-from ..models.llm_provider import InvalidServiceRequest, ServiceBusy
+from ..models.llm_provider import BudgetExceeded, InvalidServiceRequest, ServiceBusy
 from . import v1_hooks
 
 _logger = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ def endpoint(handler):
                 return handler(self, env, **kw)
         except oa.ApiError as e:
             return _error(e)
+        except BudgetExceeded as e:  # no override over the API: OpenAI's exhausted quota
+            return _error(oa.ApiError(429, e.name, code='insufficient_quota',
+                                      headers=[('x-should-retry', 'false')]))  # the SDKs' hint: a retry cannot help
         except AccessError as e:
             return _error(oa.ApiError(403, 'You do not have access to this operation: %s' % oa.without_paths(e.name),
                                       code='insufficient_permissions'))

@@ -73,5 +73,5 @@ def warnings_text(examples, datasets, context_length=0, cost=0.0, month_cost=0.0
                          'remove them.' % (dataset['name'], dataset['token_max'], context_length))
     if monthly_budget and month_cost + cost > monthly_budget:
         lines.append('Over the provider\'s monthly budget: %.2f USD this month plus %.2f USD for this job is more '
-                     'than %.2f USD.' % (month_cost, cost, monthly_budget))
+                     'than %.2f USD: Submit will refuse it.' % (month_cost, cost, monthly_budget))
     return '\n'.join(lines)

@@ -1,5 +1,6 @@
 """Texts about a finished job: the chatter summary and the readable Log tab (plain functions,
 tested alone in tests/test_notifications.py)."""
+import math
 import re
 
 
@@ -12,6 +13,34 @@ def format_duration(seconds):
     if minutes < 60:
         return '%d min' % minutes
     return '%d h %02d min' % (minutes // 60, minutes % 60)
+
+
+def estimated_duration_text(seconds):
+    """An estimate in words: 'under a minute' below 60 s (an estimate has no second's precision,
+    and float_time's 00:00 read as no time at all), else as format_duration."""
+    if seconds < 60:
+        return 'under a minute'
+    return format_duration(seconds)
+
+
+# The trainer's final figures (trainer/train.py `final`) -> the fine-tuned model's fields.
+MODEL_METRICS = (('train_loss', 'train_loss'), ('valid_loss', 'valid_loss'), ('perplexity', 'perplexity'),
+                 ('valid_token_accuracy', 'valid_token_accuracy'),
+                 ('tokens_per_second', 'training_tokens_per_second'), ('precision', 'training_precision'))
+
+
+def model_metric_values(final, train_loss=None, valid_loss=None):
+    """The fine-tuned model's metric fields from the trainer's final figures; the job's last
+    measured losses fill those the provider did not report (OpenAI reports per-step metrics
+    only). Missing figures are False (blank in the form), never 0."""
+    final = dict(final or {})
+    if final.get('train_loss') is None:
+        final['train_loss'] = train_loss
+    if final.get('valid_loss') is None:
+        final['valid_loss'] = valid_loss
+    if final.get('perplexity') is None and final.get('valid_loss') is not None:
+        final['perplexity'] = math.exp(min(final['valid_loss'], 50))
+    return {field: final[key] if final.get(key) is not None else False for key, field in MODEL_METRICS}
 
 
 TITLES = {'completed': 'Training completed', 'failed': 'Training failed', 'cancelled': 'Training cancelled'}

@@ -47,6 +47,10 @@ ERROR_TYPES = {400: 'invalid_request_error', 401: 'invalid_request_error', 403: 
                429: 'rate_limit_exceeded', 500: 'server_error', 503: 'server_error'}
 
 
+# OpenAI names some errors' type after their code rather than their status.
+ERROR_TYPES_BY_CODE = {'insufficient_quota': 'insufficient_quota'}
+
+
 class ApiError(Exception):
     """A refused request: its HTTP status and OpenAI's error object."""
 
@@ -61,7 +65,8 @@ class ApiError(Exception):
 
 def error_body(status, message, param=None, code=None):
     """The one place error objects are built: {"error": {message, type, param, code}}."""
-    return {'error': {'message': message, 'type': ERROR_TYPES.get(status, 'invalid_request_error'),
+    return {'error': {'message': message,
+                      'type': ERROR_TYPES_BY_CODE.get(code) or ERROR_TYPES.get(status, 'invalid_request_error'),
                       'param': param, 'code': code}}
 
 

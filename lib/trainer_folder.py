@@ -149,6 +149,7 @@ def provider_report(folder, offsets, alive):
               'progress': status.get('progress'), 'step': status.get('step'),
               'total_steps': status.get('total_steps'), 'epoch': status.get('epoch'),
               'eta': status.get('eta'), 'trained_tokens': status.get('tokens_seen'),
+              'started_at': status.get('started_at'),
               'metrics': metrics, 'events': events, 'log': tail(folder)}
     if report['status'] in ('succeeded', 'failed', 'cancelled') and alive:
         # The trainer writes its final state just before it exits: the job ends once the process
@@ -165,7 +166,7 @@ def provider_report(folder, offsets, alive):
     if report['status'] == 'succeeded':
         result = status.get('result') or {}
         final = status.get('final_metrics') or {}
-        report['result'] = {'model_ref': result.get('model_ref'), 'description': json.dumps(final, sort_keys=True)}
+        report['result'] = {'model_ref': result.get('model_ref'), 'metrics': final}
         # the speed this machine reached, for later jobs' time estimates
         report['tokens_per_second'] = final.get('tokens_per_second')
         report['precision'] = final.get('precision')

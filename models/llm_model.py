@@ -34,6 +34,17 @@ class LlmModel(models.Model):
     context_length = fields.Integer(default=8192, help='Longest example, in tokens, the model accepts.')
     training_price = fields.Float(digits=(16, 6), help='Training cost per 1M tokens, in USD.')
     description = fields.Text()
+    bills_training = fields.Boolean(related='provider_id.bills_training', readonly=True)
+    # -- how training ended (fine-tuned models; blank when the provider did not measure it) --------
+    train_loss = fields.Float(readonly=True, copy=False, digits=(16, 4), string='Train Loss')
+    valid_loss = fields.Float(readonly=True, copy=False, digits=(16, 4), string='Validation Loss')
+    perplexity = fields.Float(readonly=True, copy=False, digits=(16, 2), help='exp(validation loss).')
+    valid_token_accuracy = fields.Float(readonly=True, copy=False, digits=(16, 4), string='Token Accuracy',
+                                        help='Share of validation tokens the model predicts exactly.')
+    training_tokens_per_second = fields.Float(readonly=True, copy=False, digits=(16, 1), string='Tokens/s',
+                                              help='Training tokens per second the run reached.')
+    training_precision = fields.Char(readonly=True, copy=False, string='Precision',
+                                     help='The precision the trainer chose on its machine (bf16, fp32).')
     # -- lifecycle (written by the buttons) ------------------------------------------------------
     state = fields.Selection(MODEL_STATES, default='draft', required=True, readonly=True, index=True, copy=False)
     purpose = fields.Char(index=True, help='What the model is for (e.g. "support"); other addons ask for the '

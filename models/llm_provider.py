@@ -8,7 +8,7 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
-from ..lib import job_status, openai_jobs, providers
+from ..lib import budget, job_status, openai_jobs, providers
 from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..lib.providers.base import CAPABILITIES
 
@@ -30,6 +30,15 @@ class ServiceBusy(UserError):
     def __init__(self, message, seconds=None):
         super(ServiceBusy, self).__init__(message)
         self.seconds = seconds
+
+
+class BudgetExceeded(UserError):
+    """Submit would take the provider over its monthly budget. Carries the figures; the /v1 API
+    answers it as OpenAI does an exhausted quota (429 insufficient_quota)."""
+
+    def __init__(self, message, month_cost, estimate, budget):
+        super(BudgetExceeded, self).__init__(message)
+        self.month_cost, self.estimate, self.budget = month_cost, estimate, budget
 
 
 def _as_user_error(error):
@@ -94,10 +103,12 @@ class LlmProvider(models.Model):
     max_concurrent_jobs = fields.Integer(default=1, help='Jobs running at once on this provider; '
                                                          'extra jobs wait in Queued. 0 means no limit.')
     monthly_budget = fields.Float(digits=(16, 2), help='USD its jobs may cost in a calendar month (0: no budget). '
-                                                       'The job wizard warns before a job would go over it.')
+                                                       'Submit refuses a job that would go over it; a manager '
+                                                       'may submit it anyway, giving a reason.')
     month_cost = fields.Float(compute='_compute_month_cost', digits=(16, 2), string='Cost this month',
-                              help='Final cost of the jobs finished this month plus the estimated cost of the '
-                                   'active ones (USD).')
+                              help='The jobs submitted this calendar month (UTC): what the ended ones cost '
+                                   '(trained tokens x price, also when failed or cancelled) plus the '
+                                   'estimates of the active ones (USD).')
     # What the service can do, declared by its adapter's `capabilities`: views and the engine read
     # these instead of comparing service names.
     can_resume = fields.Boolean(compute='_compute_capabilities', help='Restarts a job from its last checkpoint.')
@@ -110,6 +121,8 @@ class LlmProvider(models.Model):
     uses_api_key = fields.Boolean(compute='_compute_capabilities')
     lists_models = fields.Boolean(compute='_compute_capabilities', help='Fetch Models lists the account\'s models.')
     tests_connection = fields.Boolean(compute='_compute_capabilities')
+    bills_training = fields.Boolean(compute='_compute_capabilities',
+                                    help='Charges per trained token: its models have a training price.')
     can_chat = fields.Boolean(compute='_compute_capabilities', help='Answers conversations with its models '
                                                                     '(chat, chat_stream).')
     techniques = fields.Char(compute='_compute_capabilities',
@@ -131,19 +144,42 @@ class LlmProvider(models.Model):
                 provider[name] = bool(capabilities.get(name))
             provider.techniques = ','.join(capabilities.get('techniques') or ())
 
-    @api.depends('job_ids.state', 'job_ids.final_cost', 'job_ids.finished_at')
+    @api.depends('job_ids.state', 'job_ids.final_cost', 'job_ids.submitted_at')
     def _compute_month_cost(self):
         # with the reader's own rights: record rules keep other companies' jobs out
-        month_start = fields.Date.to_string(fields.Date.from_string(fields.Date.context_today(self)).replace(day=1))
-        Job = self.env['llm.training.job']
         for provider in self:
-            if not provider.id:
-                provider.month_cost = 0.0
-                continue
-            finished = Job.search([('provider_id', '=', provider.id), ('state', 'in', job_status.FINAL_STATES),
-                                   ('finished_at', '>=', month_start)])
-            active = Job.search([('provider_id', '=', provider.id), ('state', 'in', job_status.ACTIVE_STATES)])
-            provider.month_cost = sum(finished.mapped('final_cost')) + sum(active.mapped('estimated_cost'))
+            provider.month_cost = provider._month_cost() if provider.id else 0.0
+
+    def _month_cost(self, moment=None):
+        """What this provider's jobs submitted in `moment`'s calendar month (UTC) cost (lib/budget.py)."""
+        self.ensure_one()
+        start, end = budget.month_bounds(moment or fields.Datetime.from_string(fields.Datetime.now()))
+        jobs = self.env['llm.training.job'].search([
+            ('provider_id', '=', self.id), ('state', '!=', 'draft'),
+            ('submitted_at', '>=', fields.Datetime.to_string(start)), ('submitted_at', '<', fields.Datetime.to_string(end))])
+        return sum(budget.job_cost(job.state, job.final_cost, job.estimated_cost) for job in jobs)
+
+    def _check_budget(self, estimate, override_reason=None):
+        """Refuse a Submit that would take this provider over its monthly budget (BudgetExceeded,
+        with the figures), unless `override_reason` is given. Locks the provider's row until the
+        transaction ends, so two Submits at once cannot both pass. Returns the figures when over
+        (an override), None otherwise."""
+        self.ensure_one()
+        if not self.monthly_budget:
+            return None
+        self.env.cr.execute('SELECT id FROM llm_provider WHERE id = %s FOR UPDATE', (self.id,))
+        # A write as well as the lock: Odoo's transactions are REPEATABLE READ, so a Submit that
+        # waited on the lock would still count from its older snapshot; after a write it gets a
+        # serialization failure instead, which Odoo retries on a fresh snapshot.
+        self.env.cr.execute('UPDATE llm_provider SET write_date = write_date WHERE id = %s', (self.id,))
+        # every job of the provider counts, whoever submits
+        month_cost = self.sudo()._month_cost()
+        if not budget.over_budget(month_cost, estimate, self.monthly_budget):
+            return None
+        text = budget.refusal_text(self.name, month_cost, estimate, self.monthly_budget)
+        if not (override_reason or '').strip():
+            raise BudgetExceeded(text, month_cost, estimate, self.monthly_budget)
+        return text
 
     @api.depends()
     def _compute_api_key(self):

@@ -96,6 +96,15 @@ class LlmTrainingDataset(models.Model):
     system_prompt = fields.Text(help='Prompt / completion data: put before each example as a system message.')
     preview = fields.Html(compute='_compute_preview', sanitize=False,
                           help='The first examples as the trainer will see them, after conversion.')
+    base_model_id = fields.Many2one(
+        'llm.model', string='Count Tokens For', domain=[('kind', '=', 'base')], default=lambda self: self._default_base_model(),
+        help="Validate counts tokens with this model's own tokenizer and chat template, as its jobs will "
+             "(a job validates again with its own base model). Empty, or a model without a tokenizer: "
+             "the counts are an estimate.")
+    token_counting = fields.Selection([('exact', 'Exact'), ('estimate', 'Estimate')], string='Token Counts',
+                                      readonly=True, copy=False,
+                                      help="Exact: counted with the base model's tokenizer and chat template. "
+                                           "Estimate: about 4 characters a token, no tokenizer was at hand.")
     validated_at = fields.Datetime(readonly=True, copy=False)
     example_count = fields.Integer(readonly=True, copy=False)
     message_count = fields.Integer(readonly=True, copy=False)
@@ -185,7 +194,7 @@ class LlmTrainingDataset(models.Model):
         self.check_access_rights('write')
         self.check_access_rule('write')
         for dataset in self:
-            dataset._validate()
+            dataset._validate(dataset.base_model_id or None)
         return True
 
     @api.model
@@ -272,6 +281,13 @@ class LlmTrainingDataset(models.Model):
             with stream:
                 yield attachment.datas_fname or attachment.name, stream
 
+    @api.model
+    def _default_base_model(self):
+        """The company's first local base model: the tokenizer most datasets here are trained with."""
+        return self.env['llm.model'].search([
+            ('kind', '=', 'base'), ('provider_id.service', '=', 'local'),
+            ('company_id', 'in', (self.env.user.company_id.id, False))], order='id', limit=1)
+
     def _validate(self, base_model=None):
         """Validate all files as one dataset, store the verdict and statistics, return the report."""
         self.ensure_one()
@@ -301,6 +317,7 @@ class LlmTrainingDataset(models.Model):
                 options['count_tokens'].close()  # a counter process (OpenAI's tiktoken)
         report = validator.finish()
         values = {
+            'token_counting': 'exact' if options.get('count_tokens') else 'estimate',
             'state': 'valid' if report.valid else 'invalid',
             'example_count': report.examples, 'message_count': report.messages,
             'token_total': report.tokens_total, 'token_min': report.tokens_min,

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 import psycopg2
 
 import odoo
-from odoo import _, api, fields, models, tools
+from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_status, openai_jobs
@@ -35,9 +35,57 @@ PREFETCH_JOBS = 200  # jobs read ahead in one query by the cron
 CRON_BUDGET_SECONDS = 45  # one cron run (less if the cron worker's time limit is lower); the rest waits for the next run
 DEFAULT_STUCK_HOURS = 24
 COMMIT = 'commit'  # what a step returns to have its writes committed before the next step
-FOLLOW_SECONDS = 300  # how long Submit's own run moves a job on (then the cron goes on)
-FOLLOW_POLL_SECONDS = 1
-FOLLOWED_STATES = ('validating', 'preparing', 'queued')  # followed until Training (or an end)
+# After Submit commits, a background thread follows the job this long (validate, prepare, start,
+# then a poll a second until the trainer reports running); the cron goes on after that.
+FOLLOW_SECONDS = 300
+FOLLOW_POLL_SECONDS = 1.0
+FOLLOWED_STATES = ('validating', 'preparing', 'queued')
+
+
+def _following_enabled():
+    """odoo.conf `llm_training_submit_starts_at_once = False` leaves everything to the cron. Not in
+    test runs: a thread waiting on a test's rows (never committed) would hold a connection until
+    the test ends; the tests of this behaviour turn it on."""
+    option = str(tools.config.get('llm_training_submit_starts_at_once', True)).lower()
+    return option not in ('0', 'false', 'no') and not tools.config.get('test_enable')
+
+
+def _follow_jobs(dbname, job_ids, seconds=FOLLOW_SECONDS):
+    """The background part of Submit: once the submitting transaction has ended (its row locks on
+    the jobs are the signal), run the jobs' due steps and poll until the provider reports them
+    running, a final state, or `seconds` have passed. Each pass is its own committed
+    transaction, claimed like the cron's, so the cron or a button meanwhile never doubles a step."""
+    deadline = time.time() + seconds
+    try:
+        with api.Environment.manage():
+            registry = odoo.registry(dbname)
+            with registry.cursor() as cr:
+                try:
+                    cr.execute("SET LOCAL lock_timeout = %s", ('%dms' % (seconds * 1000),))
+                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),),
+                               log_exceptions=False)
+                except psycopg2.extensions.TransactionRollbackError:
+                    pass  # the Submit committed its change after our snapshot: it has ended
+                cr.rollback()
+            pending = list(job_ids)
+            while pending and time.time() < deadline:
+                with registry.cursor() as cr:
+                    env = api.Environment(cr, SUPERUSER_ID, {})
+                    now = _now()
+                    jobs = env['llm.training.job'].browse(pending).exists().filtered(
+                        lambda j: j.state in FOLLOWED_STATES and not (j.next_attempt_at and j.next_attempt_at > now))
+                    if jobs:
+                        env['llm.training.engine']._sync(jobs)
+                        cr.commit()  # this pass's work is kept before the next poll
+                        jobs.invalidate_cache()
+                    pending = jobs.filtered(lambda j: j.state in FOLLOWED_STATES).ids
+                if pending:
+                    time.sleep(FOLLOW_POLL_SECONDS)
+    except psycopg2.OperationalError as e:
+        if e.pgcode != '55P03':  # lock_not_available: the Submit never ended in time, the cron goes on
+            _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
+    except Exception:
+        _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
 
 
 def _now():
@@ -61,45 +109,12 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     @api.model
-    def _follow_soon(self, jobs):
-        """Once the caller's transaction has committed, move `jobs` on in the background, as Check
-        Status would, until each is Training or waits on something else, for FOLLOW_SECONDS at
-        most: Submit then starts training within seconds instead of at the cron's next minute, and
-        returns at once. Nothing depends on it: a thread cut short (a recycled worker, a restart)
-        leaves each step committed or not started, and the cron goes on from there.
-        odoo.conf `llm_training_submit_starts_at_once = False` leaves it all to the cron (the test
-        suite's in-process server says so: its tests run the cron explicitly)."""
-        enabled = str(tools.config.get('llm_training_submit_starts_at_once', True)).lower() not in ('0', 'false', 'no')
-        if jobs and enabled and self._auto_commit():
-            threading.Thread(target=self._follow, args=(self.env.cr.dbname, self.env.uid, jobs.ids),
-                             name='llm-training-follow-%s' % ','.join(map(str, jobs.ids))).start()
-
-    def _follow(self, dbname, uid, job_ids):
-        deadline = time.time() + FOLLOW_SECONDS
-        try:
-            with api.Environment.manage(), odoo.registry(dbname).cursor() as cr:
-                # The submitting transaction holds the jobs' rows until it ends: taking their lock
-                # waits for its commit (or its rollback, after which they are not due). A commit
-                # after our snapshot ends the wait as a serialization failure: done waiting too.
-                cr.execute("SET LOCAL lock_timeout = %s", ('%ds' % FOLLOW_SECONDS,))
-                try:
-                    cr.execute('SELECT id FROM llm_training_job WHERE id IN %s FOR UPDATE', (tuple(job_ids),),
-                               log_exceptions=False)
-                except psycopg2.extensions.TransactionRollbackError:
-                    pass
-                cr.rollback()
-                env = api.Environment(cr, uid, {})
-                while time.time() < deadline:
-                    jobs = env['llm.training.job'].browse(job_ids).exists().filtered(
-                        lambda job: job.state in FOLLOWED_STATES)
-                    if not jobs:
-                        return
-                    env['llm.training.engine']._sync(jobs)
-                    cr.commit()  # this pass's progress is kept, and its row locks released
-                    env.clear()
-                    time.sleep(FOLLOW_POLL_SECONDS)
-        except Exception:  # the cron does the same work next minute: log, never raise in a thread
-            _logger.exception('Training jobs %s: moving them on after Submit failed; the cron goes on', job_ids)
+    def _follow_after_commit(self, jobs):
+        """Move just-submitted jobs on in the background once this transaction commits (it
+        returns at once); see _follow_jobs."""
+        if jobs and _following_enabled():
+            threading.Thread(target=_follow_jobs, args=(self.env.cr.dbname, jobs.ids),
+                             name='llm-training-follow-%s' % jobs.ids[0], daemon=True).start()
 
     @api.model
     def _cron(self, budget=None):
@@ -370,6 +385,9 @@ class LlmTrainingEngine(models.AbstractModel):
                     job.trained_tokens, job.base_model_id.training_price))
             elif new_state == 'failed':
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
+            elif new_state == 'training' and report.get('started_at'):
+                job._change_state('training', started_at=fields.Datetime.to_string(
+                    datetime.utcfromtimestamp(report['started_at'])))
             else:
                 job._change_state(new_state)
 

@@ -13,6 +13,7 @@ from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
 from ..lib.host.private_dirs import make_private_dirs
+from .llm_provider import BudgetExceeded
 
 _logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class LlmTrainingJob(models.Model):
         compute='_compute_estimate', string='Estimated Training Time',
         help="Training tokens x epochs / the tokens per second this provider's machine reached on its last "
              "job with the same base model and technique (blank until one has completed).")
+    estimated_duration_text = fields.Char(
+        compute='_compute_estimate', string='Estimated Training Time',
+        help="The estimated training time in words: seconds are shown as \"under a minute\".")
     final_cost = fields.Float(readonly=True, copy=False, digits=(16, 4),
                               help="Billed tokens (trained_tokens) x the base model's training price (USD).")
     submitted_at = fields.Datetime(readonly=True, copy=False)
@@ -214,9 +218,11 @@ class LlmTrainingJob(models.Model):
             job.estimated_cost = openai_jobs.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
             speed = job.provider_id and job.base_model_id and self.env['llm.provider.throughput']._lookup(
                 job.provider_id, job.base_model_id, job.technique)
-            # hours, shown as HH:MM (float_time)
+            # hours (kept for sorting and the API); the form shows the text
             job.estimated_duration = tokens * job.estimated_epochs / speed.tokens_per_second / 3600.0 \
                 if speed and speed.tokens_per_second else 0.0
+            job.estimated_duration_text = job_summary.estimated_duration_text(job.estimated_duration * 3600.0) \
+                if job.estimated_duration else False
 
     @api.constrains('hyperparameters', 'validation_split', 'epochs', 'batch_size', 'lora_r',
                     'max_seq_length', 'learning_rate', 'lora_dropout')
@@ -296,16 +302,42 @@ class LlmTrainingJob(models.Model):
         self.check_access_rule('write')
 
     @api.multi
-    def action_submit(self):
+    def action_submit(self, budget_override_reason=None):
+        """Submit; over the provider's monthly budget it is refused (BudgetExceeded, with the
+        figures) unless `budget_override_reason` says why to go over (kept as a job event)."""
+        if isinstance(budget_override_reason, dict):
+            # a web client button: call_button passes the context as the first argument (odoo.api.split_context)
+            budget_override_reason = None
         self._check_write_access()
         for job in self:
             if not job.dataset_ids:
                 raise UserError(_('Add at least one training dataset before submitting.'))
             job._check_readable_links()  # what was linked may have been restricted since
+            over = job._check_budget(budget_override_reason)
             job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
                               cancel_requested=False, progress=0.0)
-        self.env['llm.training.engine']._follow_soon(self)
+            if over:
+                job._add_event(_('Submitted over the monthly budget by %s: %s Reason: %s')
+                               % (self.env.user.name, over, budget_override_reason.strip()), level='warning')
+        # the job moves on right after this commits, not at the cron's next minute
+        self.env['llm.training.engine']._follow_after_commit(self)
         return True
+
+    @api.multi
+    def action_submit_from_form(self):
+        """The form's Submit: over the budget it asks for a reason first (a confirmation wizard)
+        instead of refusing outright."""
+        self.ensure_one()
+        self._check_write_access()
+        try:
+            with self.env.cr.savepoint():
+                self._check_budget()
+        except BudgetExceeded as e:
+            wizard = self.env['llm.training.job.budget.wizard'].create({'job_id': self.id, 'figures': e.name})
+            return {'type': 'ir.actions.act_window', 'name': _('Over the monthly budget'),
+                    'res_model': wizard._name, 'res_id': wizard.id, 'view_mode': 'form',
+                    'views': [(False, 'form')], 'target': 'new'}
+        return self.action_submit()
 
     @api.multi
     def action_check_status(self):
@@ -332,7 +364,7 @@ class LlmTrainingJob(models.Model):
             job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
                               next_attempt_at=False, cancel_requested=False, finished_at=False,
                               attempt=job.attempt + 1, start_pending=False, resubmit_count=0)
-        self.env['llm.training.engine']._follow_soon(self)
+        self.env['llm.training.engine']._follow_after_commit(self)
         return True
 
     @api.multi
@@ -356,14 +388,33 @@ class LlmTrainingJob(models.Model):
         now = _now()
         values.update(state=new_state, last_progress_at=now)
         if new_state in STATE_STAMPS:
-            values[STATE_STAMPS[new_state]] = now
+            # the provider's own time when it gave one (a run seen only once it ended still
+            # started when it started, not now)
+            values[STATE_STAMPS[new_state]] = values.get(STATE_STAMPS[new_state]) or now
         if new_state == 'completed':
             values['progress'] = 100.0
+        if new_state in job_status.FINAL_STATES and 'final_cost' not in values:
+            # a failed or cancelled run is billed for what it trained
+            values['final_cost'] = openai_jobs.cost(values.get('trained_tokens', self.trained_tokens),
+                                                    self.base_model_id.training_price)
         # super().write: the setup lock in write() is for people, not for the workflow.
         super(LlmTrainingJob, self).write(values)
         self._add_event('State: %s' % dict(STATES)[new_state])
         if new_state in job_status.FINAL_STATES:
             self._notify_finished()
+
+    def _check_budget(self, override_reason=None):
+        """The provider's budget guard for this job's estimate (from its datasets' validation,
+        done now for those never validated, since the estimate needs their tokens)."""
+        self.ensure_one()
+        if not self.provider_id.monthly_budget:
+            return None
+        unvalidated = (self.dataset_ids | self.validation_dataset_ids).filtered(lambda d: d.state == 'draft')
+        if unvalidated:
+            for dataset in unvalidated:
+                dataset._validate(self.base_model_id)
+            self.invalidate_cache(['estimated_cost'])
+        return self.provider_id._check_budget(self.estimated_cost, override_reason)
 
     def _set_failed(self, message):
         self.ensure_one()
@@ -550,10 +601,12 @@ class LlmTrainingJob(models.Model):
     def _register_result(self, result):
         if not result.get('model_ref'):
             raise TrainingFailedError(_('The provider reported success but no resulting model.'))
-        model = self._register_model(result['model_ref'], result.get('name') or self.name, result.get('description'))
+        metrics = job_summary.model_metric_values(result.get('metrics'), **self._final_losses())
+        model = self._register_model(result['model_ref'], result.get('name') or self.name, result.get('description'),
+                                     metrics)
         self._write_workflow({'result_model_id': model.id})
 
-    def _register_model(self, model_ref, name, description=None):
+    def _register_model(self, model_ref, name, description=None, metrics=None):
         """Create or update the fine-tuned `llm.model` with this technical id, with the rights of
         whoever moves the job (the cron, or a manager's button after its access check)."""
         Model = self.env['llm.model'].with_context(active_test=False)
@@ -565,6 +618,7 @@ class LlmTrainingJob(models.Model):
                   'user_id': self.user_id.id,
                   'visibility': 'restricted' if 'restricted' in (self.dataset_ids | self.validation_dataset_ids).sudo()
                   .mapped('visibility') else 'company'}
+        values.update(metrics or {})
         if model:
             model.write(values)
         else:

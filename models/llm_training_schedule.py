@@ -10,6 +10,7 @@ from odoo.exceptions import AccessError, ValidationError
 from odoo.tools import html_escape
 
 from ..lib.conversations import SOURCES
+from .llm_provider import BudgetExceeded
 
 _logger = logging.getLogger(__name__)
 
@@ -204,16 +205,22 @@ class LlmTrainingSchedule(models.Model):
                           'for the next run.<br/>%s') % (len(result.examples), since, self.min_new_examples,
                                                          wizard._summary(result).replace('\n', '<br/>')))
             return False
-        dataset = wizard._create_dataset(result)
-        if dataset.state != 'valid':
-            owner._note(_('Dataset "%s" is not valid, so no job was created; see its validation report.')
-                        % html_escape(dataset.name))
+        try:
+            # over the budget, nothing of the run is kept: the examples wait for the next run
+            with self.env.cr.savepoint():
+                dataset = wizard._create_dataset(result)
+                if dataset.state != 'valid':
+                    owner._note(_('Dataset "%s" is not valid, so no job was created; see its validation report.')
+                                % html_escape(dataset.name))
+                    return False
+                job = owner.template_job_id.copy({
+                    'name': '%s %s' % (self.name, now[:10]), 'dataset_ids': [(6, 0, dataset.ids)],
+                    'user_id': self.user_id.id, 'schedule_id': self.id,
+                })
+                job.action_submit()
+        except BudgetExceeded as e:
+            owner._note(_('Skipped: %s The examples %s wait for the next run.') % (html_escape(e.name), since))
             return False
-        job = owner.template_job_id.copy({
-            'name': '%s %s' % (self.name, now[:10]), 'dataset_ids': [(6, 0, dataset.ids)],
-            'user_id': self.user_id.id, 'schedule_id': self.id,
-        })
-        job.action_submit()
         owner.write({'last_run': now, 'last_job_id': job.id})
         owner._archive_old_models()
         owner._note(_('Submitted job "%s" on dataset "%s": %d examples %s.')

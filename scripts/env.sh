@@ -49,7 +49,6 @@ max_cron_threads = 1
 workers = ${LLMT_WORKERS:-0}
 llm_training_trainer_python = $LLMT_TRAINER_VENV/bin/python
 llm_training_models_dir = $(dirname "$LLMT_BASE_MODEL_DIR")
-llm_training_submit_starts_at_once = ${LLMT_SUBMIT_AT_ONCE:-True}
 llm_training_llama_convert_dir = $LLMT_LLAMA_CONVERT_DIR
 CONF
 }

@@ -15,9 +15,7 @@ DB=${LLMT_TEST_DB:-llm_test}
 PORT=${LLMT_TEST_PORT:-8169}
 conf="$LLMT_RUN/test/odoo.conf"
 rm -rf "$LLMT_RUN/test"
-# The in-process tests run the cron themselves: no background run after Submit there (the
-# production-mode test's own server has it).
-LLMT_SUBMIT_AT_ONCE=False llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/test/data" "$LLMT_ROOT/tests/addons"
+llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/test/data" "$LLMT_ROOT/tests/addons"
 
 dropdb --if-exists "$DB"
 echo "[test] creating database $DB with llm_training and the test provider"

@@ -1,5 +1,5 @@
 """The web client in a real Chromium, driven by playwright (tests/browser/drive_odoo.py, in the
-client venv): the job wizard walked to Submit, a completed job's loss curve drawn, the import
+client venv): the LLM app's landing, the job wizard walked to Submit, a completed job's loss curve drawn, the import
 wizard's preview. Screenshots go to .run/test/screenshots/."""
 import base64
 import json
@@ -84,6 +84,13 @@ class TestBrowser(HttpCase):
                                                       'attachment_ids': [(6, 0, attachment.ids)]})
         dataset.action_validate()
         return provider, model, dataset
+
+    def test_llm_app_opens_on_the_jobs_list_in_chromium(self):
+        seen = self.browse('landing', app='LLM')
+        self.assertEqual((seen['list'], seen['modals']), (1, 0), 'the app lands on a list, no wizard dialog')
+        action = self.env.ref('llm_training.llm_training_job_action')
+        self.assertEqual(seen['breadcrumb'].strip(), action.name)
+        self.assertIn('action=%d' % action.id, seen['hash'])
 
     def test_job_wizard_walked_to_submit_in_chromium(self):
         with self.data_env() as env:

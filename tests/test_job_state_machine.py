@@ -1,4 +1,9 @@
+from datetime import datetime, timedelta
+
+from odoo import fields
 from odoo.exceptions import ValidationError, UserError
+
+from odoo.addons.llm_training.lib import job_summary
 
 from odoo.addons.llm_training.lib.job_status import PROVIDER_STATUSES, plan_transitions
 from odoo.addons.llm_training.models.llm_training_job import STATES, TRANSITIONS
@@ -46,6 +51,44 @@ class TestStateMachine(TrainingCase):
         self.assertTrue(job.finished_at)
         self.assertEqual(job.progress, 100.0)
         self.assertIn('State: Completed', job.event_ids.mapped('message'))
+
+    def test_started_at_is_when_the_provider_started_not_when_we_saw_it_end(self):
+        """A short run seen only once it ended (queued -> training -> completed in one check)
+        keeps the start the provider reported; Started At is not the completion time."""
+        job = self.make_job()
+        self.env.cr.execute("UPDATE llm_training_job SET state = 'queued' WHERE id = %s", (job.id,))
+        job.invalidate_cache()
+        began = datetime.utcnow().replace(microsecond=0) - timedelta(minutes=7)
+        started = (began - datetime(1970, 1, 1)).total_seconds()
+        self.env['llm.training.engine']._apply_report(job, {
+            'status': 'succeeded', 'started_at': started, 'result': {'model_ref': 'tiny-ft-started'}})
+        self.assertEqual(job.state, 'completed')
+        self.assertEqual(job.started_at, fields.Datetime.to_string(began))
+        self.assertGreater(job.finished_at, job.started_at)
+        # a provider that gives no start time: when a check first saw it run
+        other = self.make_job()
+        self.env.cr.execute("UPDATE llm_training_job SET state = 'queued' WHERE id = %s", (other.id,))
+        other.invalidate_cache()
+        self.env['llm.training.engine']._apply_report(other, {'status': 'running'})
+        self.assertEqual(other.state, 'training')
+        self.assertTrue(other.started_at)
+
+    def test_estimated_training_time_in_words(self):
+        self.assertEqual(job_summary.estimated_duration_text(0.4), 'under a minute')
+        self.assertEqual(job_summary.estimated_duration_text(59), 'under a minute')
+        self.assertEqual(job_summary.estimated_duration_text(12 * 60 + 5), '12 min')
+        self.assertEqual(job_summary.estimated_duration_text(2 * 3600 + 5 * 60), '2 h 05 min')
+        job = self.make_job()
+        job.dataset_ids.action_validate()
+        self.env['llm.provider.throughput'].create({
+            'provider_id': self.provider.id, 'base_model_id': self.base_model.id, 'technique': job.technique,
+            'tokens_per_second': 1e6, 'job_id': job.id})
+        job.invalidate_cache()
+        self.assertGreater(job.estimated_duration, 0)
+        self.assertEqual(job.estimated_duration_text, 'under a minute')
+        view = self.env.ref('llm_training.llm_training_job_view_form').arch
+        self.assertIn('name="estimated_duration_text"', view)
+        self.assertNotIn('widget="float_time"', view)
 
     def test_state_is_tracked_in_chatter(self):
         job = self.make_job()

@@ -1,8 +1,11 @@
 """The local provider with the real trainer process and the real SmolLM2 model, driven by the cron."""
 import json
+import math
 import os
 import signal
+from datetime import datetime
 
+from odoo import fields
 from odoo.exceptions import AccessError
 
 from odoo.addons.llm_training.lib import trainer_folder
@@ -54,11 +57,23 @@ class TestLocalProvider(TrainingCase):
         self.assertEqual(job.state, 'completed', job.error_message)
         self.assertEqual(job.progress, 100.0)
         self.assertGreater(job.total_steps, 0)
+        # Started At is the trainer's start (its status.json), not the completion time
+        with open(os.path.join(job.work_dir, 'status.json')) as f:
+            began = datetime.utcfromtimestamp(json.load(f)['started_at'])
+        self.assertEqual(job.started_at, fields.Datetime.to_string(began))
+        self.assertLess(job.started_at, job.finished_at)
         losses = job.metric_ids.filtered('train_loss').sorted('step').mapped('train_loss')
         self.assertLess(losses[-1], losses[0])
         self.assertTrue(job.metric_ids.filtered('valid_loss'))
         model = job.result_model_id
         self.assertEqual((model.kind, model.base_model_id, model.job_id), ('fine_tuned', self.smol, job))
+        # the trainer's final figures as the model's fields, no JSON in its notes
+        self.assertGreater(model.valid_loss, 0)
+        self.assertAlmostEqual(model.perplexity, math.exp(model.valid_loss), places=1)
+        self.assertTrue(0 < model.valid_token_accuracy <= 1)
+        self.assertGreater(model.training_tokens_per_second, 0)
+        self.assertIn(model.training_precision, ('bf16', 'fp32'))
+        self.assertNotIn('{', model.description or '')
         self.assertTrue(os.path.exists(os.path.join(model.model_ref, 'adapter_config.json')))
         self.assertIn('Training finished', ' '.join(job.event_ids.mapped('message')))
         self.assertIn('precision: ', ' '.join(job.event_ids.mapped('message')))
@@ -101,6 +116,36 @@ class TestLocalProvider(TrainingCase):
         self.assertGreater(count([{'role': 'user', 'content': 'Hello'}]), 20)
         self.data._validate(self.smol)
         self.assertTrue(30 < self.data.token_min <= self.data.token_max < 80)
+
+    def test_dataset_validate_counts_for_its_base_model_as_the_job_does(self):
+        """Validate on the dataset counts with its base model's chat template: the same total the
+        job's own validation gets; without a base model the counts are labelled an estimate."""
+        default = self.env['llm.training.dataset'].default_get(['base_model_id'])['base_model_id']
+        self.assertEqual(self.env['llm.model'].browse(default).mapped(lambda m: (m.kind, m.provider_id.service)),
+                         [('base', 'local')], "the company's first local base model")
+        dataset = self.make_dataset(jsonl(code_word_examples(16)), name='counted.jsonl')
+        dataset.write({'base_model_id': False})
+        dataset.action_validate()
+        estimate = dataset.token_total
+        self.assertEqual(dataset.token_counting, 'estimate')
+        dataset.write({'base_model_id': self.smol.id})
+        dataset.action_validate()
+        self.assertEqual(dataset.token_counting, 'exact')
+        counted = dataset.token_total
+        self.assertNotEqual(counted, estimate)
+        count = self.local._adapter().token_counter(self.smol.model_ref)
+        try:
+            self.assertEqual(counted, sum(count(e['messages']) for e in code_word_examples(16)))
+        finally:
+            count.close()
+        job = self.local_job(dataset_ids=[(6, 0, dataset.ids)])
+        job.action_submit()
+        self.env['llm.training.engine']._validate(job)  # the job's Validating step alone: no trainer starts
+        self.assertEqual(job.state, 'preparing', job.error_message)
+        self.assertEqual(dataset.token_total, counted, "the job's validation counts the same")
+        form = self.env['llm.training.dataset'].fields_view_get(view_type='form')['arch']
+        self.assertIn('name="token_counting"', form)
+        self.assertIn('are an estimate', form)
 
     def test_sigkill_fails_the_job_then_resume_continues(self):
         job = self.local_job(epochs=30, hyperparameters='{"save_steps": 2}')

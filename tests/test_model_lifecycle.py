@@ -1,4 +1,6 @@
 """Model versions, deploy / archive, get_deployed, and the compare wizard."""
+import math
+
 from odoo.exceptions import UserError
 
 from .common import TrainingCase
@@ -16,6 +18,39 @@ class TestModelLifecycle(TrainingCase):
     def model(self, name, purpose=None, provider=None):
         return self.env['llm.model'].create({'name': name, 'provider_id': (provider or self.provider).id,
                                              'model_ref': 'ref-%s' % name, 'purpose': purpose})
+
+    def test_trainer_metrics_become_labelled_fields_not_json(self):
+        job = self.make_job()
+        final = {'train_loss': 1.21, 'valid_loss': 2.925, 'perplexity': 18.64, 'valid_token_accuracy': 0.4375,
+                 'tokens_per_second': 273.4, 'precision': 'bf16', 'threads': 2, 'train_runtime': 12.5}
+        job._register_result({'model_ref': 'tiny-ft-metrics', 'metrics': final})
+        model = job.result_model_id
+        self.assertEqual((model.train_loss, model.valid_loss, model.perplexity, model.valid_token_accuracy,
+                          model.training_tokens_per_second, model.training_precision),
+                         (1.21, 2.925, 18.64, 0.4375, 273.4, 'bf16'))
+        self.assertFalse(model.description, 'no raw metrics dict in the notes')
+        form = self.env['llm.model'].fields_view_get(view_type='form')
+        for name in ('train_loss', 'valid_loss', 'perplexity', 'valid_token_accuracy', 'training_tokens_per_second',
+                     'training_precision'):
+            self.assertIn(name, form['fields'])
+            self.assertTrue(form['fields'][name]['string'])
+        # a training price only where the provider bills per token
+        self.assertIn("('bills_training', '=', False)", form['arch'])
+        self.assertFalse(model.bills_training)
+        self.assertTrue(self.env['llm.provider'].new({'service': 'openai'}).bills_training)
+        self.assertFalse(self.env['llm.provider'].new({'service': 'local'}).bills_training)
+
+    def test_losses_the_provider_did_not_report_come_from_the_jobs_metrics(self):
+        job = self.make_job()
+        job.action_submit()
+        self.run_cron(6)
+        self.assertEqual(job.state, 'completed', job.error_message)
+        model = job.result_model_id
+        # the scripted run's last measured losses: train 0.9 at step 10, validation 1.7 at step 5
+        self.assertEqual((model.train_loss, model.valid_loss), (0.9, 1.7))
+        self.assertAlmostEqual(model.perplexity, math.exp(1.7), places=2)
+        self.assertFalse(model.valid_token_accuracy)
+        self.assertFalse(model.training_precision)
 
     def test_versions_increment_for_the_same_base_and_suffix(self):
         first, second = self.train('support'), self.train('support')

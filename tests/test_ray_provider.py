@@ -2,6 +2,7 @@
 trainer and SmolLM2, driven by the cron."""
 import os
 import shutil
+import sys
 import tempfile
 
 import requests
@@ -98,12 +99,29 @@ class TestRayProvider(TrainingCase):
     def test_connection_test_reports_the_version_and_what_is_wrong(self):
         self.ray.action_test_connection()
         self.assertRegex(self.ray.connection_status, r'^OK: Ray 2\.\d+\.\d+ at http://127\.0\.0\.1:\d+; shared storage')
+        # a small Ray job imported the trainer's packages with the worker Python
+        self.assertIn('imports torch, transformers, peft', self.ray.connection_status)
+        bare = self.ray.copy({'name': 'Bare Python', 'worker_python': sys.executable})  # Odoo's: no torch
+        bare.action_test_connection()
+        self.assertIn("worker Python %s cannot import the trainer's packages: torch: ModuleNotFoundError"
+                      % sys.executable, bare.connection_status)
         unreachable = self.ray.copy({'name': 'Nowhere', 'ray_dashboard_url': 'http://127.0.0.1:9'})
         unreachable.action_test_connection()
         self.assertIn('did not answer', unreachable.connection_status)
         read_only = self.ray.copy({'name': 'No storage', 'storage_path': '/proc/llmt-nowhere'})
         read_only.action_test_connection()
         self.assertIn('not writable', read_only.connection_status)
+
+    def test_validating_names_the_base_model_folder_the_workers_lack(self):
+        absent = self.env['llm.model'].create({'name': 'Not copied yet', 'provider_id': self.ray.id,
+                                               'model_ref': 'Not-Copied-135M'})
+        job = self.trainer_job(self.data, self.ray, absent)
+        job.action_submit()
+        self.run_cron()
+        self.assertEqual(job.state, 'failed')
+        self.assertIn('Base model "Not copied yet" is not where the Ray workers will look: %s has no config.json'
+                      % os.path.join(self.storage, 'models', 'Not-Copied-135M'), job.error_message)
+        self.assertFalse(self.ray_jobs_of(job), 'refused before anything reached Ray')
 
     def test_auth_header_is_sent_and_never_shown(self):
         self.ray.ray_auth_header = 'X-Cluster-Token: s3cr3t-token-value'

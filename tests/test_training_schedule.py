@@ -77,6 +77,20 @@ class TestTrainingSchedule(TrainingCase, ConversationCase):
                             for body in self.notes(schedule)), self.notes(schedule))
         self.assertEqual((schedule.last_run, schedule.next_run), (False, '2020-03-16 00:00:00'))
 
+    def test_over_the_monthly_budget_the_run_is_skipped_with_a_note(self):
+        self.exchanges(12, day=2)
+        self.template.base_model_id.training_price = 1e6
+        self.template.provider_id.monthly_budget = 0.01
+        schedule = self.make_schedule()
+        datasets = self.env['llm.training.dataset'].search_count([])
+        self.run_schedules('2020-03-10 00:00:00')
+        self.assertFalse(schedule.job_ids)
+        self.assertEqual(self.env['llm.training.dataset'].search_count([]), datasets, 'nothing of the run is kept')
+        self.assertTrue(any('Skipped: Provider' in body and 'would go over its monthly budget' in body
+                            and 'the budget is 0.01 USD' in body for body in self.notes(schedule)),
+                        self.notes(schedule))
+        self.assertEqual((schedule.last_run, schedule.next_run), (False, '2020-03-16 00:00:00'))
+
     def test_second_run_uses_only_conversations_after_the_first(self):
         self.exchanges(10, day=2)
         schedule = self.make_schedule()

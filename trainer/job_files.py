@@ -46,7 +46,8 @@ class JobFolder(object):
         # The pid whoever started the trainer tracks: the launcher's, also seen from its workers.
         pid = int(os.environ.get('TRAINER_LAUNCHER_PID') or os.getpid())
         self.status = {'state': 'starting', 'step': 0, 'total_steps': 0, 'epoch': 0.0, 'progress': 0.0,
-                       'eta': None, 'tokens_seen': 0, 'error': None, 'pid': pid, 'updated_at': time.time()}
+                       'eta': None, 'tokens_seen': 0, 'error': None, 'pid': pid, 'updated_at': time.time(),
+                       'started_at': time.time()}  # when this run began: the job's Started At
 
     def file(self, name):
         return os.path.join(self.path, name)

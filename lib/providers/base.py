@@ -10,18 +10,21 @@ changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
     status          one of lib/job_status.PROVIDER_STATUSES ('lost': the service no longer knows the run)
     progress        0-100
     step, total_steps, epoch, eta (unix seconds), trained_tokens
+    started_at      unix seconds: when the run started training there (else: when a check first saw it run)
     error           text, when status is failed
     events          [{'id', 'created_at' (unix), 'level', 'message', 'data'}]  (ids make them idempotent)
     metrics         [{'step', 'epoch', 'train_loss', 'valid_loss', 'valid_token_accuracy',
                       'learning_rate', 'tokens_per_second'}]
-    result          {'name', 'model_ref', 'description'} when succeeded: the model to register
+    result          {'name', 'model_ref', 'description', 'metrics'} when succeeded: the model to register;
+                    metrics: the trainer's final figures (train_loss, valid_loss, perplexity,
+                    valid_token_accuracy, tokens_per_second, precision), any may be missing
     tokens_per_second, precision   the speed reached, for later jobs' estimates
     log             the tail of the provider's log
 """
 from ..exceptions import TrainingFailedError
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
-                'lists_models', 'tests_connection', 'can_chat')
+                'lists_models', 'tests_connection', 'can_chat', 'bills_training')
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 # max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
 # an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.

@@ -125,7 +125,10 @@ class LocalTrainer(TrainingProvider):
         data = spec.provider_data
         offsets = data.setdefault('offsets', {})
         alive = trainer_folder.is_alive(data.get('pid'), data.get('start_time'))
-        return trainer_folder.provider_report(spec.work_dir, offsets, alive)
+        report = trainer_folder.provider_report(spec.work_dir, offsets, alive)
+        # the trainer's own start (status.json), else its process's, read before it wrote any
+        report['started_at'] = report.get('started_at') or data.get('start_time')
+        return report
 
     def cancel(self, spec):
         data = spec.provider_data

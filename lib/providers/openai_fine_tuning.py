@@ -30,7 +30,7 @@ class OpenAIFineTuning(TrainingProvider):
     service = 'openai'
     # techniques: none listed, OpenAI chooses its own (a warning says the choice is ignored)
     capabilities = {'supports_dpo': True, 'registers_checkpoints': True, 'uses_api_key': True,
-                    'lists_models': True, 'tests_connection': True}
+                    'lists_models': True, 'tests_connection': True, 'bills_training': True}
 
     # -- the client and its errors ------------------------------------------------------------
     def api_key(self):

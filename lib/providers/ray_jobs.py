@@ -11,7 +11,10 @@ without the job reports it unknown (HTTP 404): the engine resubmits it from the 
 import hashlib
 import logging
 import os
+import shlex
 import shutil
+import time
+import uuid
 
 import requests
 
@@ -30,6 +33,16 @@ ALIVE = ('PENDING', 'RUNNING')
 # that time (Ray's default, 3 s, is too short for a large model).
 STOP_WAIT_SECONDS = 120
 _CODE_VERSIONS = {}  # trainer folder -> hash of its files, computed once per process
+# What Test Connection imports with the workers' Python, as trainer/train.py will.
+TRAINER_PACKAGES = ('torch', 'transformers', 'peft')
+PROBE_TIMEOUT = 180  # seconds for the probe job: a worker must be free, and importing torch takes a while
+PROBE_CODE = ('import importlib\n'
+              'for name in %r:\n'
+              '    try:\n'
+              '        importlib.import_module(name)\n'
+              '    except Exception as e:\n'
+              '        print("LLMT-MISSING %%s: %%s: %%s" %% (name, type(e).__name__, e))\n'
+              'print("LLMT-PROBE-DONE")\n' % (TRAINER_PACKAGES,))
 
 
 def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
@@ -135,9 +148,26 @@ class RayJobs(TrainingProvider):
         if not os.path.isdir(self.storage) or not os.access(self.storage, os.W_OK):
             raise TrainingFailedError('Shared storage %s of provider "%s" is missing or not writable from Odoo.'
                                       % (self.storage, self.name))
+        self.check_base_model(spec.base_model, spec.base_model_name)
         if spec.technique == 'qlora' and not float(self.config.get('gpus_per_job') or 0):
             raise TrainingFailedError('QLoRA needs a GPU: set "GPUs per job" on provider "%s", or choose LoRA.'
                                       % self.name)
+
+    def check_base_model(self, model_ref, model_name=None):
+        """The base model's folder must be where the workers will look: a relative technical id
+        under the shared storage's models/ folder. An absolute path outside the shared storage is
+        on the workers' own disks, which Odoo cannot see: it is left to the job."""
+        worker_path = self.worker_model_path(model_ref)
+        worker_root = self.config.get('worker_storage_path') or self.storage
+        if os.path.isabs(model_ref) and os.path.relpath(model_ref, worker_root).startswith(os.pardir):
+            return
+        odoo_path = os.path.join(self.storage, os.path.relpath(worker_path, worker_root))
+        if not os.path.isfile(os.path.join(odoo_path, 'config.json')):
+            raise TrainingFailedError(
+                'Base model "%s" is not where the Ray workers will look: %s has no config.json (on the shared '
+                'storage as Odoo sees it: %s). Copy the model\'s Hugging Face folder there, or give the model '
+                'an absolute path the workers see as its technical id.'
+                % (model_name or model_ref, worker_path, odoo_path))
 
     def entrypoint(self, spec):
         folder = self.on_workers(spec.work_dir)
@@ -229,4 +259,43 @@ class RayJobs(TrainingProvider):
         except OSError as e:
             raise TrainingFailedError('Ray %s answers, but the shared storage %s is not writable from Odoo: %s'
                                       % (version, self.storage, e))
-        return 'Ray %s at %s; shared storage %s writable.' % (version, self.url(''), self.storage)
+        return 'Ray %s at %s; shared storage %s writable; %s' % (version, self.url(''), self.storage,
+                                                                  self.probe_workers())
+
+    def probe_workers(self):
+        """Run a small Ray job, with a job's resources and the worker Python, that imports the
+        trainer's packages: a worker environment that lacks them is found here, not after a
+        Submit. Returns what it found; raises TrainingFailedError naming what is missing."""
+        python = self.config.get('worker_python') or 'python3'
+        submission_id = 'llmt-probe-%s' % uuid.uuid4().hex[:12]
+        body = {'entrypoint': '%s -c %s' % (shlex.quote(python), shlex.quote(PROBE_CODE)),
+                'submission_id': submission_id, 'metadata': {'llm_training_probe': '1'},
+                'entrypoint_num_cpus': float(self.config.get('cpus_per_job') or 1),
+                'entrypoint_num_gpus': float(self.config.get('gpus_per_job') or 0)}
+        response = self.request('POST', '/api/jobs/', 'submitting the probe job', json=body)
+        if response.status_code != 200:
+            raise TrainingFailedError('The Ray head refused the probe job (HTTP %d): %s'
+                                      % (response.status_code, self.error_text(response)))
+        deadline = time.time() + PROBE_TIMEOUT
+        info = {}
+        while time.time() < deadline:
+            info = self.job_info(submission_id) or {}
+            if info.get('status') in ('SUCCEEDED', 'FAILED', 'STOPPED'):
+                break
+            time.sleep(0.5)
+        else:
+            self.request('POST', '/api/jobs/%s/stop' % submission_id, 'stopping the probe job')
+            raise TrainingFailedError('The probe job found no free worker within %d s (it asks for a job\'s CPUs '
+                                      'and GPUs); the cluster may be full.' % PROBE_TIMEOUT)
+        logs = self.request('GET', '/api/jobs/%s/logs' % submission_id, 'reading the probe job\'s log')
+        text = (logs.json().get('logs') or '') if logs.status_code == 200 else ''
+        self.request('DELETE', '/api/jobs/%s' % submission_id, 'removing the probe job')  # best effort
+        missing = [line.split(' ', 1)[1] for line in text.splitlines() if line.startswith('LLMT-MISSING ')]
+        if missing:
+            raise TrainingFailedError('The Ray head answers, but the worker Python %s cannot import the trainer\'s '
+                                      'packages: %s. Set Worker Python to a Python that has the trainer\'s '
+                                      'requirements (requirements-trainer.txt).' % (python, '; '.join(missing)))
+        if 'LLMT-PROBE-DONE' not in text:
+            raise TrainingFailedError('The probe job with worker Python %s ended %s without running: %s'
+                                      % (python, info.get('status'), (info.get('message') or text)[-500:]))
+        return 'worker Python %s imports %s.' % (python, ', '.join(TRAINER_PACKAGES))

@@ -124,7 +124,21 @@ def import_wizard(b, args):
     return {'preview': preview.inner_text()}
 
 
-SCENARIOS = {'job_wizard': job_wizard, 'loss_curve': loss_curve, 'import_wizard': import_wizard}
+def landing(b, args):
+    """The home page after login -> click the LLM app in the top bar -> where it lands."""
+    app = b.page.locator('.oe_application_menu_placeholder a.oe_menu_toggler', has_text=args['app']).first
+    app.click()
+    b.wait_idle()
+    b.page.wait_for_selector('.o_view_manager_content .o_list_view, .modal .o_form_view')
+    b.wait_idle()
+    b.shot('landing')
+    return {'list': b.page.locator('.o_view_manager_content .o_list_view').count(),
+            'modals': b.page.locator('.modal:visible').count(),
+            'breadcrumb': b.page.inner_text('.breadcrumb'),
+            'hash': b.page.evaluate('window.location.hash')}
+
+
+SCENARIOS = {'landing': landing, 'job_wizard': job_wizard, 'loss_curve': loss_curve, 'import_wizard': import_wizard}
 
 
 def main():
