@@ -21,5 +21,7 @@ echo "== Ray overhead: submit to first step, local vs Ray (a real single-node he
 LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" LLMT_TRAINER_PYTHON="$LLMT_TRAINER_VENV/bin/python" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_ray.py"
 echo "== training throughput (trainer venv) =="
 cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_training
+echo "== training beside a busy process on one core: tuning controller vs all threads + start-up probe (trainer venv) =="
+cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_training --contended
 echo "== API: answers through the persistent model server vs in-process generate (trainer venv) =="
 cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_model_server

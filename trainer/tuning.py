@@ -10,8 +10,9 @@ each candidate's best time. Those measured steps are discarded: their gradients 
 were and the random state too, so training is the same as without them; they only cost time.
 
 Cheap: every candidate is first screened on a few tokens of the batch, so a pathologically slow bf16
-(60x on some CPUs) or threads spinning against another process cost a tiny step, not a full one; after two rounds, candidates far behind the
-fastest are dropped. Ties (within TIE) go to the cheaper candidate: fp32 (no bf16 copy, exact
+(60x on some CPUs) or threads spinning against another process cost a tiny step, not a full one;
+after the first full-size round, candidates far behind the fastest are dropped, and a lone survivor
+is not timed again. About 4 to 6 batch-sized steps in all on 2 cores. Ties (within TIE) go to the cheaper candidate: fp32 (no bf16 copy, exact
 arithmetic), then fewer threads (less spinning, more left to others).
 
 Revised while training: every step's time per token goes into a running window; the median of the
@@ -33,7 +34,7 @@ import time
 
 PRECISIONS = ('fp32', 'bf16')
 ROUNDS = 3             # interleaved rounds; the best of them per candidate
-PRUNE = 1.5            # after two rounds, a candidate this many times the fastest is dropped
+PRUNE = 1.5            # after the first round, a candidate this many times the fastest is dropped
 PATHOLOGICAL = 4.0     # screened precision this many times slower than fp32: not measured at full size
 TIE = 0.03             # within 3% of the fastest: the cheaper candidate wins
 WINDOW = 8             # steps in the running median
@@ -58,13 +59,17 @@ def screen(candidates, screen_timer, tries=2):
     """Candidates worth a full-size measurement: those within PATHOLOGICAL of the fastest on a tiny
     step (`screen_timer(candidate) -> seconds`), interleaved, best of `tries`. A bf16 60x slower, or
     threads that spin against another process (17x slower seen on a loaded 2-core machine), cost a
-    tiny step each, not full ones. The first try is also the kernels' warm-up.
-    Returns (kept candidates, {candidate: best seconds})."""
+    tiny step each, not full ones. One untimed tiny step first warms the kernels (with the fewest
+    threads: the one that cannot collapse); a candidate already PATHOLOGICAL on its first try is not
+    tried again. Returns (kept candidates, {candidate: best seconds})."""
     if len(candidates) < 2 or screen_timer is None:
         return list(candidates), {}
+    screen_timer(min(candidates, key=cheaper))  # warm-up
     best = {}
     for attempt in range(tries):
         for candidate in (candidates if attempt % 2 == 0 else list(reversed(candidates))):
+            if best and best.get(candidate, 0) > PATHOLOGICAL * min(best.values()):
+                continue
             seconds = screen_timer(candidate)
             best[candidate] = min(seconds, best.get(candidate, seconds))
     fastest = min(best.values())
@@ -74,16 +79,18 @@ def screen(candidates, screen_timer, tries=2):
 def measure(candidates, step_timer, rounds=ROUNDS):
     """{candidate: best seconds} over `rounds` interleaved rounds of `step_timer(candidate)`; the
     order alternates between rounds so no candidate always runs first (after another's warm-up) or
-    last. After two rounds (one alone may be a warm-up), candidates slower than PRUNE x the fastest
-    are not run again."""
+    last. After the first round (the kernels were warmed by the screening), candidates slower than
+    PRUNE x the fastest are not run again, and once one candidate is left it is not timed again."""
     best, remaining = {}, list(candidates)
     for round_ in range(rounds):
         for candidate in (remaining if round_ % 2 == 0 else list(reversed(remaining))):
             seconds = step_timer(candidate)
             best[candidate] = min(seconds, best.get(candidate, seconds))
-        if round_ == 1:
+        if round_ == 0:
             fastest = min(best[c] for c in remaining)
             remaining = [c for c in remaining if best[c] <= PRUNE * fastest]
+        if len(remaining) < 2:
+            break
     return best
 
 
