@@ -1,7 +1,7 @@
 """Frozen weights multiplied in bf16, activations kept in fp32: LoRA's mixed precision on CPU.
 
 On a CPU with bf16 units (avx512_bf16, amx_bf16) bf16 autocast multiplies the matmul throughput
-(precision.py measures whether this CPU is one, and picks fp32 where it is not), but it also runs the
+(tuning.py measures whether this CPU is one, and picks fp32 where it is not), but it also runs the
 elementwise work in bf16 (rotary embeddings, SiLU x up, their gradients). On SmolLM2 that cost
 0.03 to 0.08 of final loss over the training set against fp32, in three seeds
 (bench/bench_training.py); putting the LM head, the attention or the adapters back in fp32 did

@@ -50,7 +50,7 @@ class TrainConfig:
     save_steps: int = field(default=0, metadata={'help': 'steps between checkpoints (0: once an epoch)'})
     max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
     bf16: bool = field(default=None, metadata={'help': 'force bf16 (true) or fp32 (false); default: measured '
-                                                       'on this machine (precision.py); CUDA: autocast, CPU '
+                                                       'on this machine (CPU: tuning.py, CUDA: precision.py); CUDA: autocast, CPU '
                                                        'LoRA: frozen weights only (bf16_matmul)'})
     # Random batches, as plain Trainer: length-grouped ones weigh short examples' tokens more and
     # cost final loss on the benchmark; packing removes the padding that grouping would save.
