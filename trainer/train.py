@@ -180,6 +180,8 @@ class DiscardedSteps(object):
 
     def __enter__(self):
         self.grads = [p.grad for p in self.params]
+        for p in self.params:  # a backward would add into the kept tensors in place
+            p.grad = None
         self.rng_states = {k: rng.bit_generator.state for k, rng in self.rngs.items()}
         self.torch_rng.__enter__()
         self.training = self.model.training

@@ -162,3 +162,27 @@ def test_event_names_the_choice_and_both_step_times():
     record = {'precision': 'fp32', 'threads': 1, 'step_seconds': {'bf16': 1.63, 'fp32': 0.412}}
     assert tuning.describe(record, 'measured at start') == \
         'precision: fp32, 1 thread (steps: fp32 0.412 s, bf16 1.630 s; measured at start)'
+
+
+def test_measured_steps_are_discarded():
+    """The trainer's measured steps leave gradients and random states as they found them."""
+    import numpy
+    import torch
+
+    from trainer.fast_dropout import FastDropout
+    from trainer.train import DiscardedSteps
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), FastDropout(0.5, numpy.random.default_rng(0)))
+    model.eval()
+    model[0].weight.grad = torch.ones(4, 4)
+    model[0].bias.requires_grad_(False)
+    torch.manual_seed(3)
+    expected_torch = torch.rand(1)
+    expected_numpy = numpy.random.default_rng(0).bytes(8)
+    torch.manual_seed(3)
+    with DiscardedSteps(model):
+        assert model.training, 'measured in training mode: dropout is part of the step'
+        model(torch.randn(2, 4)).sum().backward()
+        assert not torch.equal(model[0].weight.grad, torch.ones(4, 4))
+    assert torch.equal(model[0].weight.grad, torch.ones(4, 4)) and not model.training
+    assert torch.equal(torch.rand(1), expected_torch)
+    assert model[1].rng.bytes(8) == expected_numpy
