@@ -15,6 +15,12 @@ chose. First it prints the machine (CPU model, torch's CPU capability, bf16/amx 
 the matmul GFLOP/s of both precisions; last, a capped run forced to the other precision, so the
 output shows the automatic choice is the faster one on this machine.
 
+Contended (alone with --contended): the trainer as it was before its tuning controller (all threads,
+a start-up matmul probe: the trainer/ folder of OLD_REF, taken from git) against today's, each quiet
+and beside a competing busy process pinned to one core (a bounded busy loop that stops by itself),
+runs interleaved and repeated `--repeats` times: tokens/s (the training loop plus the tuning
+measurements), the ratio contended/quiet of each, and today's quiet over the old quiet.
+
 Then the scale line (alone with --scale): the same job through the trainer's CLI with 1 and with
 2 data-parallel processes (num_processes, same global batch), `--repeats` times in alternation:
 the trainer's tokens/s (training loop), the wall time of the whole run (start-up, torchrun,
@@ -153,6 +159,8 @@ def main():
     parser.add_argument('--other-steps', type=int, default=4,
                         help='step cap of the run forced to the precision the trainer did not choose')
     parser.add_argument('--scale', action='store_true', help='only the machine and the 1 vs 2 processes line')
+    parser.add_argument('--contended', action='store_true',
+                        help='only old vs new trainer, quiet and beside a busy process on one core')
     parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -170,6 +178,8 @@ def main():
           % (limits['fp32'], limits['bf16']))
     if args.scale:
         return scale(args, limits)
+    if args.contended:
+        return contended(args)
     ratios, baseline_tps, chosen = [], [], None
     for attempt in range(args.repeats):
         results = {which: run_child(which, args) for which in ('baseline', 'ours')}
@@ -237,6 +247,78 @@ def scale(args, limits):
               % (attempt + 1, tps_ratios[-1], wall_ratios[-1]))
     print('scale (median of %d pairs): 2 processes vs 1: %.2fx tokens/s, %.2fx wall time'
           % (len(tps_ratios), statistics.median(tps_ratios), statistics.median(wall_ratios)))
+
+
+OLD_REF = '579c56e'  # the last commit whose trainer chose precision by a start-up matmul probe, all threads
+BUSY_SECONDS = 600   # the busy loop's own bound: it stops by itself even if this bench dies
+
+
+def start_busy(core):
+    """A competing process: a plain busy loop pinned to `core`, bounded in time."""
+    code = ('import os, time\nos.sched_setaffinity(0, {%d})\nend = time.time() + %d\n'
+            'while time.time() < end:\n    pass\n' % (core, BUSY_SECONDS))
+    return subprocess.Popen([sys.executable, '-c', code])
+
+
+def old_trainer(tmp):
+    """The trainer/ folder of OLD_REF, extracted from git into `tmp`; returns the folder to run it in."""
+    archive = subprocess.run(['git', '-C', ROOT, 'archive', OLD_REF, 'trainer'], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=60)
+    if archive.returncode:
+        sys.exit('cannot take the old trainer from git (%s): %s' % (OLD_REF, archive.stderr.decode()))
+    subprocess.run(['tar', '-x', '-C', tmp], input=archive.stdout, check=True, timeout=60)
+    return tmp
+
+
+def run_trainer(args, code_dir):
+    """One run of the trainer in `code_dir` through its CLI on the benchmark job."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_job(tmp, args)
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, '-m', 'trainer.train', '--job-dir', tmp], cwd=code_dir,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=code_dir),
+                             timeout=1800)
+        wall = time.perf_counter() - start
+        status = json.load(open(os.path.join(tmp, 'status.json')))
+    if status['state'] != 'completed':
+        sys.exit('run in %s failed: %s\n%s' % (code_dir, status.get('error'), out.stdout.decode()[-3000:]))
+    return dict(status['final_metrics'], wall=wall)
+
+
+def contended(args):
+    """Old (all threads, start-up probe) vs new (tuning controller), quiet and contended."""
+    cores = sorted(os.sched_getaffinity(0))
+    print('contended: the busy process is pinned to core %d of %s; %d examples x %d epochs a run'
+          % (cores[-1], cores, args.examples, args.epochs))
+    runs = {}
+    with tempfile.TemporaryDirectory() as old_dir:
+        codes = {'old': old_trainer(old_dir), 'new': ROOT}
+        for attempt in range(args.repeats):
+            conditions = ('quiet', 'contended') if attempt % 2 == 0 else ('contended', 'quiet')
+            for condition in conditions:
+                for which in (('old', 'new') if attempt % 2 == 0 else ('new', 'old')):
+                    busy = start_busy(cores[-1]) if condition == 'contended' else None
+                    try:
+                        r = run_trainer(args, codes[which])
+                    finally:
+                        if busy is not None:
+                            busy.kill()
+                            busy.wait()
+                    runs.setdefault((which, condition), []).append(r)
+                    print('contended: %s %-9s %6.1f tokens/s  %s x %d thread%s  tuning %4.1f s  wall %5.1f s'
+                          % (which, condition, r['tokens_per_second'], r['precision'], r['threads'],
+                             '' if r['threads'] == 1 else 's', r.get('tuning_seconds', 0.0), r['wall']))
+    tps = {key: statistics.median(r['tokens_per_second'] for r in value) for key, value in runs.items()}
+    for which in ('old', 'new'):
+        pairs = [c['tokens_per_second'] / q['tokens_per_second']
+                 for q, c in zip(runs[which, 'quiet'], runs[which, 'contended'])]
+        print('contended: %s: quiet %.1f, contended %.1f tokens/s (medians): contended/quiet %.2fx '
+              '(per repeat: %s)' % (which, tps[which, 'quiet'], tps[which, 'contended'],
+                                    tps[which, 'contended'] / tps[which, 'quiet'],
+                                    ', '.join('%.2f' % p for p in pairs)))
+    print('contended: new/old quiet %.2fx (goal >= 0.95), new/old contended %.2fx; new contended/quiet %.2fx '
+          '(goal >= 0.5)' % (tps['new', 'quiet'] / tps['old', 'quiet'], tps['new', 'contended'] / tps['old', 'contended'],
+                             tps['new', 'contended'] / tps['new', 'quiet']))
 
 
 def run_child(which, args, **config):

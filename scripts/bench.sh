@@ -33,6 +33,9 @@ bench_training() {
 bench_model_server() {
   cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_model_server
 }
+bench_contended() {
+  cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_training --contended
+}
 bench_export() {
   cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_export 2>/dev/null
 }
@@ -48,6 +51,7 @@ else
 fi
 bench_step "Ray overhead: submit to first step, local vs Ray (a real single-node head)" bench_ray
 bench_step "training throughput (trainer venv)" bench_training
+bench_step "training beside a busy process on one core: tuning controller vs all threads + start-up probe (trainer venv)" bench_contended
 bench_step "API: answers through the persistent model server vs in-process generate (trainer venv)" bench_model_server
 bench_step "export to GGUF: time, memory, llama.cpp vs our model server (trainer venv)" bench_export
 bench_summary

@@ -4,7 +4,7 @@ Odoo writes   config.json, train.jsonl, validation.jsonl
 The trainer   status.json  (rewritten atomically: temp file + os.replace, never half-read)
 writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
               trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
-              precision.json (the precision chosen, kept for a resume), trainer.lock
+              precision.json (the last precision/threads choice and its step times), trainer.lock
 The Odoo side reads the same names in lib/trainer_folder.py (Python 3.7, no trainer import).
 With several training processes (distributed.py) only rank 0 writes: the others' writes are no-ops.
 """

@@ -50,7 +50,7 @@ class TrainConfig:
     save_steps: int = field(default=0, metadata={'help': 'steps between checkpoints (0: once an epoch)'})
     max_steps: int = field(default=0, metadata={'help': 'stop after this many steps (0: epochs decide)'})
     bf16: bool = field(default=None, metadata={'help': 'force bf16 (true) or fp32 (false); default: measured '
-                                                       'on this machine (precision.py); CUDA: autocast, CPU '
+                                                       'on this machine (CPU: tuning.py, CUDA: precision.py); CUDA: autocast, CPU '
                                                        'LoRA: frozen weights only (bf16_matmul)'})
     # Random batches, as plain Trainer: length-grouped ones weigh short examples' tokens more and
     # cost final loss on the benchmark; packing removes the padding that grouping would save.
@@ -155,6 +155,126 @@ def choose_precision(folder, config, model, threads):
     return distributed.broadcast(choice)
 
 
+SCREEN_TOKENS = 32  # tokens of the tiny step that screens out a pathologically slow precision
+
+
+def tuning_choices(config, threads, single_process):
+    """(precisions, thread counts) the controller may choose between on CPU: a forced precision
+    alone; threads: all of this process's cores or one less (one process), its share (several)."""
+    from . import tuning
+    precisions = [('bf16' if config.bf16 else 'fp32')] if config.bf16 is not None else list(tuning.PRECISIONS)
+    return precisions, (tuning.thread_options(threads) if single_process else [threads])
+
+
+class DiscardedSteps(object):
+    """Steps whose updates are thrown away: the trainable weights' gradients and every random state
+    the step draws from (torch's, the LoRA dropout's numpy generator) are put back as they were, so
+    training after a measurement is the one it would have been without it."""
+
+    def __init__(self, model):
+        import torch
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.rngs = {id(m.rng): m.rng for m in model.modules() if hasattr(m, 'rng') and hasattr(m.rng, 'bit_generator')}
+        self.torch_rng = torch.random.fork_rng(devices=[])
+
+    def __enter__(self):
+        self.grads = [p.grad for p in self.params]
+        for p in self.params:  # a backward would add into the kept tensors in place
+            p.grad = None
+        self.rng_states = {k: rng.bit_generator.state for k, rng in self.rngs.items()}
+        self.torch_rng.__enter__()
+        self.training = self.model.training
+        self.model.train()
+        return self
+
+    def __exit__(self, *exc):
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+        for k, rng in self.rngs.items():
+            rng.bit_generator.state = self.rng_states[k]
+        self.model.train(self.training)
+        return self.torch_rng.__exit__(*exc)
+
+
+def make_step_timers(model, switch, full):
+    """(step_timer, screen_timer) for tuning.Controller, on a batch given later (`timers.batch`):
+    forward + backward of the training loss on the real model, in the candidate's precision and
+    threads; the caller wraps them in DiscardedSteps."""
+    import torch
+
+    def run(batch, precision):
+        switch['bf16'] = precision == 'bf16'
+        for p in model.parameters():
+            p.grad = None
+        start = time.perf_counter()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=full and switch['bf16']):
+            loss = target_only_loss(model, batch)
+        loss.backward()
+        return time.perf_counter() - start
+
+    def step_timer(candidate):
+        precision, threads = candidate
+        torch.set_num_threads(threads)
+        return run(timers.batch, precision)
+
+    def screen_timer(candidate):
+        precision, threads = candidate
+        torch.set_num_threads(threads)
+        tiny = {k: (v[:1, :SCREEN_TOKENS] if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in timers.batch.items()}
+        tiny['labels'] = tiny['input_ids'].clone()  # every token a target: a whole step, however small
+        return run(tiny, precision)
+
+    class timers(object):
+        batch = None
+    timers.step, timers.screen = step_timer, screen_timer
+    return timers
+
+
+class Tuning(object):
+    """The trainer's side of tuning.Controller on CPU: measures on a real batch, applies the choice
+    (threads, the bf16 switch), writes the precision event and the job folder's record; the trainer
+    class reports each step to it and it measures again when the controller asks."""
+
+    def __init__(self, folder, model, switch, full, precisions, threads, report):
+        import torch
+
+        from . import tuning
+        self.folder, self.model, self.switch, self.report = folder, model, switch, report
+        self.timers = make_step_timers(model, switch, full)
+
+        def apply(candidate):
+            switch['bf16'] = candidate[0] == 'bf16'
+            torch.set_num_threads(candidate[1])
+        self.controller = tuning.Controller(self.timers.step, apply, precisions, threads, screen_timer=self.timers.screen)
+        self.record = None
+        self.seconds = 0.0  # all measurements together
+
+    def tune(self, batch, reason):
+        from . import tuning
+        self.timers.batch = {k: v for k, v in batch.items()}
+        with DiscardedSteps(self.model):
+            record = self.controller.tune(reason)
+        self.timers.batch = None
+        self.seconds += record['measure_seconds']
+        self.record = record
+        if self.report:
+            source = 'measured on training steps of this job (%s; discarded) in %.1f s' % (
+                reason, record['measure_seconds'])
+            self.folder.event(tuning.describe(record, source), **record)
+            if self.folder.writes:
+                job_files.write_json_atomic(self.folder.file(TUNING_RECORD), record)
+        return record
+
+    def observe(self, seconds, batch):
+        reason = self.controller.observe(seconds, int(batch['input_ids'].numel()))
+        if reason:
+            self.tune(batch, reason)
+
+
+TUNING_RECORD = 'precision.json'
+
+
 class ListDataset(object):
     def __init__(self, features):
         self.features = features
@@ -222,8 +342,19 @@ def make_progress_callback(folder, cancel_flag, n_train_tokens, device):
     return ProgressCallback()
 
 
-def make_trainer_class():
+def make_trainer_class(tuning=None, cpu_autocast=None):
+    """`tuning`: a Tuning that every training step reports to (its time, its batch), which may
+    measure again between steps; `cpu_autocast`: the switch ({'bf16': bool}) of bf16 autocast for
+    full fine-tuning on CPU, flipped by the tuning (TrainingArguments' bf16 is fixed for the run)."""
+    import contextlib
+
+    import torch
     from transformers import Trainer
+
+    def precision_context():
+        if cpu_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast('cpu', dtype=torch.bfloat16, enabled=cpu_autocast['bf16'])
 
     class TargetLogitsTrainer(Trainer):
         """In training, apply the LM head only where a token is predicted.
@@ -233,14 +364,28 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not model.training:
-                return super(TargetLogitsTrainer, self).compute_loss(
-                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            with self.accelerator.autocast():  # where accelerate's forward wrapper does not already
+                with precision_context():
+                    return super(TargetLogitsTrainer, self).compute_loss(
+                        model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            with self.accelerator.autocast(), precision_context():  # where accelerate's wrapper does not already
                 loss = target_only_loss(model, inputs, num_items_in_batch)
             # As Trainer.compute_loss: with several processes num_items_in_batch counts all of their
             # targets, and DDP averages the gradients over the processes, so scale back up.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
+            return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            with precision_context():
+                return super(TargetLogitsTrainer, self).prediction_step(model, inputs, prediction_loss_only,
+                                                                        ignore_keys=ignore_keys)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if tuning is None:
+                return super(TargetLogitsTrainer, self).training_step(model, inputs, num_items_in_batch)
+            start = time.perf_counter()
+            loss = super(TargetLogitsTrainer, self).training_step(model, inputs, num_items_in_batch)
+            tuning.observe(time.perf_counter() - start, inputs)  # may measure again, on this batch
             return loss
 
     return TargetLogitsTrainer
@@ -336,14 +481,35 @@ def train(folder, config):
     n_train_tokens = sum(len(f['input_ids']) for f in train_features)  # real tokens, no padding
 
     model = load_model(config)
-    choice = choose_precision(folder, config, model, threads)
-    bf16 = choice['precision'] == 'bf16'
-    if bf16 and config.technique != 'full' and not cuda:
-        from .bf16_matmul import use_bf16_matmuls
-        use_bf16_matmuls(model)
-    if config.packing:
+    if config.packing:  # before the tuning: its steps must be the training's own
         from .packed_attention import NAME
         model.set_attn_implementation(NAME)
+    collator = PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id)
+    started = time.time()  # the measurements count in the run's time (and its tokens/s)
+    tuning, cpu_autocast = None, None
+    if cuda:
+        choice = choose_precision(folder, config, model, threads)
+        bf16 = choice['precision'] == 'bf16'
+    else:
+        # One controller (tuning.py) for precision and threads, on real steps of this job's batch.
+        full = config.technique == 'full'
+        switch = {'bf16': False}
+        if full:
+            cpu_autocast = switch
+        else:
+            from .bf16_matmul import use_bf16_matmuls
+            use_bf16_matmuls(model, switch)
+        precisions, thread_counts = tuning_choices(config, threads, processes == 1)
+        if processes > 1 and distributed.rank() != 0:
+            precisions = []  # rank 0 measures, the others wait for its choice
+        tuning = Tuning(folder, model, switch, full, precisions, thread_counts, report=distributed.rank() == 0)
+        record = tuning.tune(collator(train_features[:per_process_batch]), 'start') if precisions else None
+        record = distributed.broadcast(record)
+        switch['bf16'] = record['precision'] == 'bf16'
+        if processes > 1:
+            tuning = None  # all ranks compute alike: no rank revises its choice alone
+        choice = {'precision': record['precision'], 'threads': record['threads']}
+        bf16 = False  # TrainingArguments' autocast: off on CPU, the switch does it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     folder.event('Loaded %s (%s): %.1fM parameters, %.2fM trainable; %d training, %d validation examples'
@@ -354,8 +520,7 @@ def train(folder, config):
                      % (processes, 'nccl' if cuda else 'gloo', per_process_batch,
                         '' if cuda else ', %d CPU thread(s) each' % threads))
 
-    # On CPU, LoRA's bf16 is done by bf16_matmul above; autocast only where that is not.
-    autocast_bf16 = bf16 and (cuda or config.technique == 'full')
+    autocast_bf16 = bf16  # CUDA only: on CPU the tuning's switch does it
     preprocess, compute = token_accuracy_metrics()
     progress = make_progress_callback(folder, CANCEL, n_train_tokens, distributed.device(cuda))
     args = TrainingArguments(
@@ -387,16 +552,15 @@ def train(folder, config):
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy='group_by_length' if config.group_by_length else 'random')
-    trainer = make_trainer_class()(model=model, args=args, train_dataset=ListDataset(train_features),
+    trainer = make_trainer_class(tuning, cpu_autocast)(model=model, args=args, train_dataset=ListDataset(train_features),
                       eval_dataset=ListDataset(eval_features) if eval_features else None,
-                      data_collator=PackingCollator() if config.packing else ChatCollator(tokenizer.pad_token_id),
+                      data_collator=collator,
                       compute_metrics=compute if eval_features else None,
                       preprocess_logits_for_metrics=preprocess if eval_features else None,
                       callbacks=[progress])
     resume_from = last_checkpoint(folder.file(job_files.CHECKPOINTS)) if config.resume else None
     if resume_from:
         folder.event('Resuming from %s' % os.path.basename(resume_from))
-    started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     if progress.cancelled:  # agreed by all ranks; a SIGTERM after the last step end is too late
         trainer.save_state()
@@ -405,8 +569,11 @@ def train(folder, config):
     runtime = time.time() - started
     # This run's training speed on this machine: Odoo keeps it to estimate later jobs' time.
     tokens_run = n_train_tokens * ((trainer.state.epoch or 0.0) - progress.start_epoch)
+    if tuning is not None and tuning.record:  # the last choice, the one training ended in
+        choice = {'precision': tuning.record['precision'], 'threads': tuning.record['threads']}
     final = {'train_loss': output.training_loss, 'train_runtime': runtime, 'precision': choice['precision'],
-             'threads': choice['threads'], 'tokens_per_second': round(tokens_run / runtime, 1) if runtime else None}
+             'threads': choice['threads'], 'tuning_seconds': round(tuning.seconds, 2) if tuning else 0.0,
+             'tuning_measurements': tuning.controller.measurements if tuning else 0, 'tokens_per_second': round(tokens_run / runtime, 1) if runtime else None}
     if eval_features:
         metrics = trainer.evaluate()
         final['valid_loss'] = metrics.get('eval_loss')

@@ -49,7 +49,7 @@ def test_lora_trains_and_loss_goes_down(tmp_path, model_dir):
     final = status['final_metrics']
     assert final['precision'] in ('bf16', 'fp32') and final['tokens_per_second'] > 0
     events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
-    assert any(m.startswith('precision: %s (' % final['precision']) for m in events), events
+    assert any(m.startswith('precision: %s, ' % final['precision']) for m in events), events
     assert final['perplexity'] > 1 and 0 <= final['valid_token_accuracy'] <= 1
     result = status['result']['model_ref']
     assert os.path.exists(os.path.join(result, 'adapter_config.json'))
@@ -108,7 +108,8 @@ def test_cancel_saves_checkpoint_then_resume_continues(tmp_path, model_dir):
     assert status['state'] == 'completed'
     events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
     assert any(m.startswith('Resuming from checkpoint-%d' % stopped_at) for m in events), events
-    assert any(m.startswith('precision: ') and 'kept from the first run' in m for m in events), events
+    # measured again: the machine and its load may have changed since the first run
+    assert sum(1 for m in events if m.startswith('precision: ') and 'start' in m) == 2, events
     steps = [m['step'] for m in read_jsonl(os.path.join(job, 'metrics.jsonl')) if 'train_loss' in m]
     assert steps[-1] == stopped_at + 2
     assert steps.count(1) == 1, 'the resumed run did not start again from step 1'
