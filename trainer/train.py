@@ -156,6 +156,7 @@ def choose_precision(folder, config, model, threads):
 
 
 SCREEN_TOKENS = 32  # tokens of the tiny step that screens out a pathologically slow precision
+TUNE_MIN_STEPS = 60  # jobs with fewer training steps keep the start-up probe (see main)
 
 
 def tuning_choices(config, threads, single_process):
@@ -499,16 +500,23 @@ def train(folder, config):
         else:
             from .bf16_matmul import use_bf16_matmuls
             use_bf16_matmuls(model, switch)
-        precisions, thread_counts = tuning_choices(config, threads, processes == 1)
-        if processes > 1 and distributed.rank() != 0:
-            precisions = []  # rank 0 measures, the others wait for its choice
-        tuning = Tuning(folder, model, switch, full, precisions, thread_counts, report=distributed.rank() == 0)
-        record = tuning.tune(collator(train_features[:per_process_batch]), 'start') if precisions else None
-        record = distributed.broadcast(record)
-        switch['bf16'] = record['precision'] == 'bf16'
-        if processes > 1:
-            tuning = None  # all ranks compute alike: no rank revises its choice alone
-        choice = {'precision': record['precision'], 'threads': record['threads']}
+        steps = math.ceil(len(train_features) / float(per_process_batch * processes)) * (config.epochs or 3)
+        if steps < TUNE_MIN_STEPS:
+            # Measuring costs about five steps' time: a short job cannot repay it and keeps the
+            # start-up probe (precision.py); every longer one is tuned on its own steps.
+            choice = choose_precision(folder, config, model, threads)
+            switch['bf16'] = choice['precision'] == 'bf16'
+        else:
+            precisions, thread_counts = tuning_choices(config, threads, processes == 1)
+            if processes > 1 and distributed.rank() != 0:
+                precisions = []  # rank 0 measures, the others wait for its choice
+            tuning = Tuning(folder, model, switch, full, precisions, thread_counts, report=distributed.rank() == 0)
+            record = tuning.tune(collator(train_features[:per_process_batch]), 'start') if precisions else None
+            record = distributed.broadcast(record)
+            switch['bf16'] = record['precision'] == 'bf16'
+            if processes > 1:
+                tuning = None  # all ranks compute alike: no rank revises its choice alone
+            choice = {'precision': record['precision'], 'threads': record['threads']}
         bf16 = False  # TrainingArguments' autocast: off on CPU, the switch does it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -49,7 +49,7 @@ def test_lora_trains_and_loss_goes_down(tmp_path, model_dir):
     final = status['final_metrics']
     assert final['precision'] in ('bf16', 'fp32') and final['tokens_per_second'] > 0
     events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
-    assert any(m.startswith('precision: %s, ' % final['precision']) for m in events), events
+    assert any(m.startswith('precision: %s' % final['precision']) for m in events), events  # probe (short job) or tuning
     assert final['perplexity'] > 1 and 0 <= final['valid_token_accuracy'] <= 1
     result = status['result']['model_ref']
     assert os.path.exists(os.path.join(result, 'adapter_config.json'))
