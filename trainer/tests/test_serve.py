@@ -278,11 +278,11 @@ def test_no_allowed_root_serves_nothing_and_a_real_model_outside_them_is_refused
 def test_over_the_waiting_line_a_request_is_refused_at_once(http_server, monkeypatch):
     entered, release = threading.Event(), threading.Event()
 
-    def blocking_chat(cache, model, messages, **options):
+    def blocking_answer(cache, request):
         entered.set()
         assert release.wait(60)
         return {'text': 'ok', 'finish_reason': 'stop', 'prompt_tokens': 1, 'completion_tokens': 1}
-    monkeypatch.setattr(serve, 'chat', blocking_chat)
+    monkeypatch.setattr(serve, 'whole_answer', blocking_answer)
     server, call = http_server(roots=[], max_waiting=1)
     answers = []
     body = {'model': '/m', 'messages': QUESTION}
