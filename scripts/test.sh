@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: set up what is missing, build a fresh test database (llm_test) with the addon and
 # the scripted test provider, run the addon's tests with pytest-odoo (real Odoo, real PostgreSQL,
-# XML-RPC over real HTTP on port 8169) and the trainer's tests in the trainer venv, then print one
+# XML-RPC over real HTTP on port 8169) and, beside them, the trainer's tests in the trainer venv, then print one
 # summary line: "N passed, M failed".
 # While developing: `bash scripts/test.sh tests/test_security.py [more pytest args]` runs only those
 # addon tests (paths relative to the repo root, no trainer tests); `make test` runs everything.
@@ -10,6 +10,21 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$here/scripts/setup.sh" || exit 1
 source "$here/scripts/env.sh"
 llmt_link_addon
+
+# The trainer's tests need no database: with `make test` they run beside the addon's, from the start
+# (the addon's tests spend much of their time waiting on trainers, servers and HTTP).
+trainer_out="$LLMT_CACHE/trainer-tests-${LLMT_TEST_DB:-llm_test}.out"
+trainer_pid=
+if [ -d "$here/trainer/tests" ] && [ $# = 0 ]; then
+  # Through a link whose parent has no __init__.py: pytest must see `trainer` as the top package,
+  # not as part of the addon at the repo root.
+  link="$LLMT_CACHE/trainer-$(printf %s "$LLMT_ROOT" | sha1sum | cut -c1-10)"
+  mkdir -p "$link" && ln -sfn "$LLMT_ROOT/trainer" "$link/trainer"
+  (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" exec "$LLMT_TRAINER_VENV/bin/python" \
+     -m pytest -p no:cacheprovider -q -rfE --durations=10 --rootdir="$link" "$link/trainer/tests") >"$trainer_out" 2>&1 &
+  trainer_pid=$!
+  trap '[ -n "$trainer_pid" ] && kill "$trainer_pid" 2>/dev/null' EXIT
+fi
 
 DB=${LLMT_TEST_DB:-llm_test}
 PORT=${LLMT_TEST_PORT:-8169}
@@ -51,15 +66,10 @@ addon_rc=${PIPESTATUS[0]}
 
 trainer_rc=0
 echo > "$LLMT_RUN/test/trainer.out"
-if [ -d "$here/trainer/tests" ] && [ $# = 0 ]; then
-  echo "[test] trainer tests (Python 3.11)"
-  # Through a link whose parent has no __init__.py: pytest must see `trainer` as the top package,
-  # not as part of the addon at the repo root.
-  link="$LLMT_CACHE/trainer-$(printf %s "$LLMT_ROOT" | sha1sum | cut -c1-10)"
-  mkdir -p "$link" && ln -sfn "$LLMT_ROOT/trainer" "$link/trainer"
-  (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" \
-     -m pytest -p no:cacheprovider -q -rfE --durations=10 --rootdir="$link" "$link/trainer/tests") 2>&1 | tee "$LLMT_RUN/test/trainer.out"
-  trainer_rc=${PIPESTATUS[0]}
+if [ -n "$trainer_pid" ]; then
+  echo "[test] trainer tests (Python 3.11, run beside the addon's)"
+  wait "$trainer_pid"; trainer_rc=$?; trainer_pid=
+  cp "$trainer_out" "$LLMT_RUN/test/trainer.out" && cat "$LLMT_RUN/test/trainer.out"
 fi
 
 passed=$(( $(count "$LLMT_RUN/test/addon.out" passed) + $(count "$LLMT_RUN/test/trainer.out" passed) ))
