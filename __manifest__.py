@@ -4,7 +4,7 @@
     'summary': 'Fine-tune language models on your own data: datasets, jobs, providers, models',
     'description': 'Datasets, fine-tuning jobs (local Hugging Face trainer, other providers), '
                    'a cron that drives them, and the resulting models. See README.md.',
-    'version': '11.0.1.2.0',
+    'version': '11.0.1.3.0',
     'category': 'Productivity',
     'license': 'LGPL-3',
     'author': 'llm_training',

@@ -1,5 +1,8 @@
 """Model versions, deploy / archive, get_deployed, and the compare wizard."""
+import importlib.util
+import json
 import math
+import os
 
 from odoo.exceptions import UserError
 
@@ -39,6 +42,25 @@ class TestModelLifecycle(TrainingCase):
         self.assertFalse(model.bills_training)
         self.assertTrue(self.env['llm.provider'].new({'service': 'openai'}).bills_training)
         self.assertFalse(self.env['llm.provider'].new({'service': 'local'}).bills_training)
+
+    def test_migration_moves_the_old_json_description_into_the_fields(self):
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'migrations', '11.0.1.3.0',
+                            'post-migration.py')
+        spec = importlib.util.spec_from_file_location('llm_training_migration_11_0_1_3_0', path)
+        migration = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(migration)
+        old = self.model('old-ft')
+        note = self.model('noted-ft')
+        (old | note).write({'kind': 'fine_tuned'})
+        old.description = json.dumps({'precision': 'fp32', 'train_loss': 0.5, 'valid_loss': 1.0,
+                                      'tokens_per_second': 99.5, 'threads': 2}, sort_keys=True)
+        note.description = '{Written by a person} keep this'
+        migration.migrate(self.env.cr, '11.0.1.2.0')
+        self.env['llm.model'].invalidate_cache()
+        self.assertEqual((old.train_loss, old.valid_loss, round(old.perplexity, 4), old.training_tokens_per_second,
+                          old.training_precision, old.description), (0.5, 1.0, round(math.e, 4), 99.5, 'fp32', False))
+        self.assertEqual(note.description, '{Written by a person} keep this')
+        self.assertFalse(note.train_loss)
 
     def test_losses_the_provider_did_not_report_come_from_the_jobs_metrics(self):
         job = self.make_job()
