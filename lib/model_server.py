@@ -41,6 +41,7 @@ MAX_WAITING = 4  # requests that may wait behind the one generating; more are re
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
 HEALTH_TIMEOUT = 5
+DEADLINE_MARGIN = 2  # seconds a server stopped by max_seconds may take to send its last bytes
 STOP_TIMEOUT = 20
 
 
@@ -254,11 +255,16 @@ class ModelServer(object):
 
     def _post(self, model_path, messages, options, stream):
         body = dict(options, model=model_path, messages=messages, stream=stream)
+        # A request with a deadline (max_seconds: the Odoo worker's time limit) waits for the
+        # server no longer than that: a stuck server must not hold the worker until it is killed.
+        wait = self.request_timeout
+        if options.get('max_seconds') is not None:
+            wait = min(wait, options['max_seconds'] + DEADLINE_MARGIN)
         for attempt in (1, 2):
             state = self.ensure_running()
             try:
                 answer = self._session.post(self._url(state, '/chat'), json=body, stream=stream,
-                                            headers=self._headers(), timeout=(HEALTH_TIMEOUT, self.request_timeout))
+                                            headers=self._headers(), timeout=(HEALTH_TIMEOUT, wait))
                 if answer.status_code == 401 and attempt == 1:  # restarted (new token) since we read it
                     answer.close()
                     continue
@@ -267,7 +273,7 @@ class ModelServer(object):
                 if attempt == 2:  # the server died between the health check and the request, twice
                     raise ModelServerError('the model server stopped answering: %s' % self.log_tail())
             except requests.Timeout:
-                raise ModelServerError('the model server did not answer within %d s' % self.request_timeout)
+                raise ModelServerError('the model server did not answer within %d s' % wait)
         if answer.status_code != 200:
             try:
                 message = answer.json().get('error') or answer.text

@@ -2,6 +2,7 @@
 folder: the Test button, Compare Models and chat / chat_stream, with the real SmolLM2 model."""
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -215,3 +216,21 @@ class TestModelServerSecret(TrainingCase):
         self.assertIn('stopped', out)
         self.assertNotIn('was not running', out)
         self.assertFalse(psutil.pid_exists(after) and psutil.Process(after).status() != psutil.STATUS_ZOMBIE)
+
+
+class TestStuckServer(unittest.TestCase):
+
+    def test_a_chat_with_a_deadline_waits_no_longer_than_it_on_a_stuck_server(self):
+        """Under workers > 0 a chat carries max_seconds (the worker's time left): a server that
+        accepts the connection and never answers is given up on by then, not after 300 s."""
+        with socket.socket() as listener:
+            listener.bind(('127.0.0.1', 0))
+            listener.listen(1)  # connections are accepted (the backlog) and never answered
+            client = ModelServer(None, tempfile.mkdtemp(prefix='llmt-stuck-'), request_timeout=300)
+            client.ensure_running = lambda: {'port': listener.getsockname()[1]}
+            client._headers = lambda: {}
+            messages = [{'role': 'user', 'content': 'Hi'}]
+            with self.assertRaisesRegex(model_server_lib.ModelServerError, 'did not answer within 2 s'):
+                client.chat('/models/m', messages, max_seconds=0.5)
+            with self.assertRaisesRegex(model_server_lib.ModelServerError, 'did not answer within 3 s'):
+                list(client.chat_stream('/models/m', messages, max_seconds=1.5))
