@@ -8,6 +8,7 @@ from . import llm_training_job_event
 from . import llm_training_job_metric
 from . import llm_training_job
 from . import llm_training_engine
+from . import llm_conversation_import
 from . import llm_training_schedule
 from . import llm_api_key
 from . import llm_model_export

@@ -24,7 +24,7 @@ def _now():
 
 class LlmTrainingSchedule(models.Model):
     """Retrain on new conversations at regular intervals: each run builds a dataset from the
-    conversations since the previous job (through the import wizard), copies the template job onto
+    conversations since the previous job (the conversation import service), copies the template job onto
     it and submits it. Runs with the owner's rights (user_id), so it reads only what the owner may.
     Each run also archives this schedule's fine-tuned models beyond the newest `keep_models` that
     are neither deployed nor archived.
@@ -92,7 +92,7 @@ class LlmTrainingSchedule(models.Model):
             if not schedule.res_model:
                 raise ValidationError(_('Schedule "%s": give the technical name of the model whose chatter '
                                         'to read, e.g. res.partner.') % schedule.name)
-            self.env['llm.training.dataset.import.wizard'].new({'res_model': schedule.res_model})._chatter_model()
+            self.env['llm.conversation.import'].chatter_model(schedule.res_model)
 
     @api.constrains('interval_number', 'min_new_examples', 'keep_models', 'gap_minutes')
     def _check_numbers(self):
@@ -179,36 +179,24 @@ class LlmTrainingSchedule(models.Model):
         """An internal note in the schedule's chatter."""
         self.message_post(body=body, message_type='comment', subtype='mail.mt_note')
 
-    def _wizard_values(self, now):
-        # The chosen channels as configured (sudo reads the ids only): the wizard then reads, with
-        # the owner's rights, only the readable ones and reports the others as left out.
-        return {
-            'source': self.source, 'channel_ids': [(6, 0, self.sudo().channel_ids.ids)], 'res_model': self.res_model,
-            'date_from': self.last_run or False, 'date_to': now,
-            'assistant_partner_ids': [(6, 0, self.assistant_partner_ids.ids)],
-            'system_prompt': self.system_prompt, 'gap_minutes': self.gap_minutes, 'min_turns': self.min_turns,
-            'max_examples': self.max_examples, 'scrub_pii': self.scrub_pii, 'scrub_names': self.scrub_names,
-            'visibility': self.visibility,
-            'name': '%s %s' % (self.name, now),
-        }
-
     def _run(self, now):
         """Build a dataset from the conversations since the last job and submit a copy of the
         template on it, as the owner. Returns the job, or False when there were too few examples."""
         self.ensure_one()
         owner = self.sudo(self.user_id)  # the owner's rights: their messages, datasets and jobs only
-        wizard = owner.env['llm.training.dataset.import.wizard'].create(owner._wizard_values(now))
-        result = wizard._build()
+        service = owner.env['llm.conversation.import']
+        options = service.options_of(owner, self.last_run or False, now)  # what came since the last run
+        result = service.build(options)
         since = _('since %s') % self.last_run if self.last_run else _('so far')
         if len(result.examples) < self.min_new_examples:
             owner._note(_('Skipped: %d new examples %s, fewer than the %d needed (Min new examples); they wait '
                           'for the next run.<br/>%s') % (len(result.examples), since, self.min_new_examples,
-                                                         wizard._summary(result).replace('\n', '<br/>')))
+                                                         service.summary(options, result).replace('\n', '<br/>')))
             return False
         try:
             # over the budget, nothing of the run is kept: the examples wait for the next run
             with self.env.cr.savepoint():
-                dataset = wizard._create_dataset(result)
+                dataset = service.create_dataset(options, result, '%s %s' % (self.name, now))
                 if dataset.state != 'valid':
                     owner._note(_('Dataset "%s" is not valid, so no job was created; see its validation report.')
                                 % html_escape(dataset.name))

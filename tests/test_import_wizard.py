@@ -149,7 +149,7 @@ class TestImportFromChannel(ConversationCase):
             wizard.action_create()
         self.assertFalse(wizard.dataset_id)
         # not even when the channel's messages are searched directly with that user's rights
-        domain = wizard._message_domain()
+        domain = wizard._import()._message_domain(wizard._options())
         domain[domain.index(('res_id', 'in', []))] = ('res_id', 'in', self.channel.ids)
         self.assertFalse(self.env['mail.message'].sudo(self.outsider).search(domain))
         self.assertEqual(self.env['mail.message'].search_count(domain), 13)
