@@ -14,6 +14,7 @@ import re
 import time
 
 from .hyperparameters import parse_extra
+from .openai_jobs import SUFFIX_MAX  # OpenAI's own limit, which we serve too
 
 KEY_PREFIX = 'sk-llmt-'
 KEY_PREFIX_SHOWN = 12  # characters of a key kept readable, to tell keys apart in lists
@@ -39,7 +40,6 @@ EVENT_LEVEL = {'info': 'info', 'warning': 'warn', 'error': 'error'}
 OPENAI_HYPERPARAMETERS = ('n_epochs', 'batch_size', 'learning_rate_multiplier', 'beta')
 METHOD_TYPES = ('supervised', 'dpo', 'reinforcement')
 METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
-SUFFIX_MAX = 64
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
 ERROR_TYPES = {400: 'invalid_request_error', 401: 'invalid_request_error', 403: 'permission_error',

@@ -1,6 +1,7 @@
-"""Read what the trainer process writes into a job folder (names as in trainer/job_files.py).
+"""Read what the trainer process writes into a job folder.
 
-Runs on Odoo's Python 3.7 and never imports the trainer. JSON-lines files are read from a byte
+Runs on Odoo's Python 3.7. Of the trainer it imports only trainer/job_files.py (standard library
+alone), which owns the folder's file names and the atomic JSON write. JSON-lines files are read from a byte
 offset, so each poll reads only what is new; a trailing partial line is left for the next poll.
 """
 import json
@@ -11,12 +12,13 @@ import psutil
 
 from .host.file_lock import held
 
-CONFIG = 'config.json'
-STATUS = 'status.json'
-METRICS = 'metrics.jsonl'
-EVENTS = 'events.jsonl'
-LOG = 'trainer.log'
-CHECKPOINTS = 'checkpoints'
+try:
+    from ..trainer.job_files import (CHECKPOINTS, CONFIG, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
+                                     VALIDATION_FILE, write_json_atomic)
+except (ImportError, ValueError):  # lib imported as a top-level package (bench/), the addon root on the path
+    from trainer.job_files import (CHECKPOINTS, CONFIG, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
+                                   VALIDATION_FILE, write_json_atomic)
+
 PID_FILE = 'trainer.pid'     # written by the launcher: pid, start time and job key of the trainer
 LAUNCH_LOCK = 'launch.lock'  # held by a launcher while it checks and starts
 
@@ -172,9 +174,3 @@ def provider_report(folder, offsets, alive):
         report['precision'] = final.get('precision')
     return report
 
-
-def write_json_atomic(path, data):
-    tmp = '%s.tmp.%d' % (path, os.getpid())
-    with open(tmp, 'w') as f:
-        json.dump(data, f)
-    os.replace(tmp, path)

@@ -8,6 +8,7 @@ from odoo.tools import html_escape
 from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..lib import job_status, job_summary, openai_jobs
+from ..lib import trainer_folder
 from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
@@ -588,7 +589,8 @@ class LlmTrainingJob(models.Model):
         counts = merge_examples(
             [(d._data_streams(), d._reader_options()) for d in self.dataset_ids],
             [(d._data_streams(), d._reader_options()) for d in self.validation_dataset_ids],
-            os.path.join(self.work_dir, 'train.jsonl'), os.path.join(self.work_dir, 'validation.jsonl'),
+            os.path.join(self.work_dir, trainer_folder.TRAIN_FILE),
+            os.path.join(self.work_dir, trainer_folder.VALIDATION_FILE),
             validation_split=hyper['validation_split'], seed=hyper['seed'])
         if counts['train'] < 1:
             raise TrainingFailedError(_('No training examples are left after the validation split.'))

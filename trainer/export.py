@@ -30,6 +30,8 @@ import tempfile
 import time
 import traceback
 
+from . import job_files
+
 FORMATS = ('hf_adapter', 'hf_merged', 'gguf_f16', 'gguf_q8_0', 'gguf_lora')
 VERIFY_TOKENS = 16
 CONVERT_DIR_ENV = 'LLMT_LLAMA_CONVERT_DIR'
@@ -108,7 +110,7 @@ def chat_template_text(folder):
 def training_prompt(job_dir):
     """The messages of the first training example up to its first assistant reply (the prompt the
     export is checked on), or a fixed question when no job folder is given."""
-    path = os.path.join(job_dir, 'train.jsonl') if job_dir else None
+    path = os.path.join(job_dir, job_files.TRAIN_FILE) if job_dir else None
     if path and os.path.exists(path):
         with open(path) as f:
             for line in f:
@@ -494,8 +496,8 @@ def _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events)
     info = dict(card, format=fmt, base_path=base, technique=card.get('technique') or config.get('technique'),
                 hyperparameters=card.get('hyperparameters') or config, losses=card.get('losses') or job_losses(job_dir),
                 license=base_license(base, card.get('license')),
-                train_examples=count_lines(os.path.join(job_dir or '', 'train.jsonl')),
-                valid_examples=count_lines(os.path.join(job_dir or '', 'validation.jsonl')),
+                train_examples=count_lines(os.path.join(job_dir or '', job_files.TRAIN_FILE)),
+                valid_examples=count_lines(os.path.join(job_dir or '', job_files.VALIDATION_FILE)),
                 verification={'summary': '%d of the first %d greedy tokens of the export equal the fine-tuned '
                                          'model\'s on a training prompt.' % (verification['same_tokens'],
                                                                             verification['compared_tokens'])})

@@ -5,7 +5,8 @@ The trainer   status.json  (rewritten atomically: temp file + os.replace, never 
 writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
               trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
               precision.json (the last precision/threads choice and its step times), trainer.lock
-The Odoo side reads the same names in lib/trainer_folder.py (Python 3.7, no trainer import).
+The Odoo side (lib/trainer_folder.py, Python 3.7) imports this module for the names and the atomic
+write: keep it to the standard library and Python 3.7.
 With several training processes (distributed.py) only rank 0 writes: the others' writes are no-ops.
 """
 import json
@@ -20,10 +21,13 @@ CHECKPOINTS = 'checkpoints'
 RESULT = 'result'
 TRAIN_FILE = 'train.jsonl'
 VALIDATION_FILE = 'validation.jsonl'
+LOG = 'trainer.log'  # the trainer's stdout and stderr, written by whoever launched it
 TRAINER_LOCK = 'trainer.lock'  # held (flock) by the one trainer that writes this folder
 
 
 def write_json_atomic(path, data):
+    """Replace `path` by `data` as JSON: a reader sees the old file or the new one, never half of
+    it, and after a crash the new one is whole (fsync before the rename)."""
     tmp = '%s.tmp.%d' % (path, os.getpid())
     with open(tmp, 'w') as f:
         json.dump(data, f)

@@ -16,6 +16,8 @@ import math
 import os
 import time
 
+from . import job_files
+
 RECORD = 'precision.json'
 SLICE_ROWS = 16          # rows of the first, cheap timing
 FULL_ROWS = 512          # rows of a training batch's worth of tokens, at most
@@ -170,8 +172,5 @@ def choose(folder_path, forced, cuda, bf16_supported_on_cuda, shapes_fn, path, r
         choice = {'precision': faster, 'fp32_gflops': rates['fp32'], 'bf16_gflops': rates['bf16'],
                   'source': 'measured on the %s path%s' % (path, ', bf16 pathologically slow' if rates['early'] else '')}
     choice['threads'] = threads
-    tmp = record_path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(choice, f)
-    os.replace(tmp, record_path)
+    job_files.write_json_atomic(record_path, choice)
     return choice

@@ -46,6 +46,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from . import job_files
+
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 8
@@ -548,10 +550,7 @@ def write_token(path, token):
 
 
 def write_state(path, data):
-    tmp = '%s.tmp.%d' % (path, os.getpid())
-    with open(tmp, 'w') as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    job_files.write_json_atomic(path, data)
 
 
 def remove_state(path):

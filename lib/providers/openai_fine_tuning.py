@@ -12,6 +12,7 @@ import os
 
 from . import register
 from .. import openai_jobs
+from .. import trainer_folder
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..token_count import PipeCounter
 from .base import TrainingProvider
@@ -103,9 +104,9 @@ class OpenAIFineTuning(TrainingProvider):
         files = {'training_file': data.get('training_file'), 'validation_file': data.get('validation_file')}
         try:
             if not files['training_file']:
-                files['training_file'] = self.upload(client, spec, 'train.jsonl')
+                files['training_file'] = self.upload(client, spec, trainer_folder.TRAIN_FILE)
             if spec.validation_examples and not files['validation_file']:
-                files['validation_file'] = self.upload(client, spec, 'validation.jsonl')
+                files['validation_file'] = self.upload(client, spec, trainer_folder.VALIDATION_FILE)
             for file_id in filter(None, files.values()):
                 self.check_file(client, file_id, files)
             body = {'method': openai_jobs.method_payload(
