@@ -9,7 +9,7 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
 from ..lib.export import runner
-from ..lib.providers.local import ADDON_ROOT, trainer_env
+from ..lib.host.trainer_env import ADDON_ROOT, trainer_env
 
 _logger = logging.getLogger(__name__)
 

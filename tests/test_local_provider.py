@@ -9,7 +9,7 @@ from odoo import fields
 from odoo.exceptions import AccessError
 
 from odoo.addons.llm_training.lib import trainer_folder
-from odoo.addons.llm_training.lib.providers.local import run_trainer_module
+from odoo.addons.llm_training.lib.host.trainer_env import run_trainer_module
 
 from .common import TrainingCase, jsonl
 

@@ -13,32 +13,15 @@ from . import register
 from .. import trainer_folder
 from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..host import processes
+from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..hyperparameters import check_processes, trainer_config
 from ..model_server import ModelServer, ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from .base import CHAT_OPTIONS, TrainingProvider
 
 _logger = logging.getLogger(__name__)
-ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE_TIMEOUT = 120
 _TEMPLATE_TABLES = {}  # (model folder, tokenizer config mtime) -> chat template table
-
-
-def trainer_env():
-    """The environment of every trainer-env process (one place)."""
-    return dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
-
-
-def run_trainer_module(python, args, timeout):
-    """Run `python -m trainer.<args>` in the trainer env and return its completed process."""
-    try:
-        return processes.run([python, '-m'] + args, cwd=ADDON_ROOT, env=trainer_env(), timeout=timeout,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except subprocess.TimeoutExpired:
-        raise TrainingFailedError('The trainer environment did not answer within %d s.' % timeout)
-    except OSError as e:
-        raise TrainingFailedError('Cannot run the trainer Python %s (%s); set llm_training_trainer_python '
-                                  'in the Odoo configuration.' % (python, e))
 
 
 def chat_template_table(python, path):

@@ -16,7 +16,7 @@ from .. import trainer_folder
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..token_count import PipeCounter
 from .base import TrainingProvider
-from .local import ADDON_ROOT, trainer_env
+from ..host.trainer_env import ADDON_ROOT, trainer_env
 
 _logger = logging.getLogger(__name__)
 MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff

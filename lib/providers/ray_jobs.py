@@ -23,7 +23,7 @@ from .. import trainer_folder
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..hyperparameters import check_processes, trainer_config
 from .base import TrainingProvider
-from .local import ADDON_ROOT
+from ..host.trainer_env import ADDON_ROOT
 
 _logger = logging.getLogger(__name__)
 RAY_STATUS = {'PENDING': 'queued', 'RUNNING': 'running', 'SUCCEEDED': 'succeeded', 'FAILED': 'failed',
