@@ -10,6 +10,8 @@ be finite and within range; the scheduler must be one transformers knows.
 import json
 import math
 
+from .trainer_folder import CONFIG_DEFAULTS
+
 # canonical name -> (type, minimum, maximum); None: unbounded on that side.
 CANONICAL = {
     'epochs': (int, 0, 100),
@@ -71,7 +73,9 @@ FORM_FIELDS = ('epochs', 'batch_size', 'learning_rate', 'learning_rate_multiplie
 ODOO_ONLY = ('learning_rate_multiplier', 'dpo_beta', 'validation_split')
 
 # The local trainer's learning rate when `learning_rate_multiplier` is given instead.
-LOCAL_DEFAULT_LEARNING_RATE = 2e-4
+# The local trainer's defaults (trainer/job_files.py): the job's and the job wizard's field
+# defaults, and what 0 means in the estimate. One place, the trainer's.
+DEFAULTS = CONFIG_DEFAULTS
 
 
 def canonical_name(name):
@@ -144,14 +148,14 @@ def trainer_config(settings):
     learning-rate multiplier applied to the trainer's default learning rate."""
     config = {k: v for k, v in settings.items() if k not in ODOO_ONLY}
     if settings.get('learning_rate_multiplier'):
-        config['learning_rate'] = LOCAL_DEFAULT_LEARNING_RATE * settings['learning_rate_multiplier']
+        config['learning_rate'] = DEFAULTS['learning_rate'] * settings['learning_rate_multiplier']
     return config
 
 
 def check_processes(settings):
     """`batch_size` is the global batch, shared by the processes: refuse one that does not divide."""
     processes = settings.get('num_processes') or 1
-    batch = settings.get('batch_size') or 4  # the trainer's default for 0
+    batch = settings.get('batch_size') or DEFAULTS['batch_size']
     if batch % processes:
         raise ValueError('batch_size %d cannot be shared by %d processes (num_processes): use a multiple of %d, '
                          'e.g. %d' % (batch, processes, processes, max(processes, batch - batch % processes)))

@@ -1,5 +1,7 @@
 """What the job wizard tells a person before Submit: presets, the estimate and the warnings, as
 plain text built from plain numbers (no Odoo import, tested alone in tests/test_job_wizard.py)."""
+from .dataset_validator import MIN_EXAMPLES  # OpenAI's minimum, which the validator applies
+from .hyperparameters import DEFAULTS
 from .job_summary import format_duration
 
 # Presets fill epochs, learning rate and LoRA rank (alpha = 2 x rank, the usual peft ratio).
@@ -7,7 +9,7 @@ from .job_summary import format_duration
 # thorough: more passes at a gentler rate with a wider adapter, for larger datasets.
 PRESETS = {
     'quick': {'epochs': 1, 'learning_rate': 2e-4, 'lora_r': 8, 'lora_alpha': 16},
-    'balanced': {'epochs': 3, 'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32},
+    'balanced': {k: DEFAULTS[k] for k in ('epochs', 'learning_rate', 'lora_r', 'lora_alpha')},
     'thorough': {'epochs': 5, 'learning_rate': 1e-4, 'lora_r': 32, 'lora_alpha': 64},
 }
 PRESET_SELECTION = [
@@ -15,7 +17,6 @@ PRESET_SELECTION = [
     ('balanced', 'Balanced: 3 epochs, learning rate 2e-4, LoRA rank 16'),
     ('thorough', 'Thorough: 5 epochs, learning rate 1e-4, LoRA rank 32'),
 ]
-MIN_EXAMPLES = 10  # OpenAI's minimum, which the dataset validator also applies
 
 
 def preset_values(preset, given=None):

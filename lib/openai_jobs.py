@@ -48,11 +48,6 @@ def auto_epochs(n_examples):
     return epochs
 
 
-def cost(tokens, price_per_million):
-    """USD for `tokens` billed tokens at a price per 1M tokens."""
-    return round((tokens or 0) * (price_per_million or 0.0) / 1e6, 4)
-
-
 def method_payload(hyper, method_type='supervised'):
     """The `method` object of a job creation request; 0 in our fields means "auto"."""
     hyperparameters = {

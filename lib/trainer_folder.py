@@ -13,10 +13,10 @@ import psutil
 from .host.file_lock import held
 
 try:
-    from ..trainer.job_files import (CHECKPOINTS, CONFIG, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
+    from ..trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
                                      VALIDATION_FILE, write_json_atomic)
 except (ImportError, ValueError):  # lib imported as a top-level package (bench/), the addon root on the path
-    from trainer.job_files import (CHECKPOINTS, CONFIG, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
+    from trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,  # noqa: F401
                                    VALIDATION_FILE, write_json_atomic)
 
 PID_FILE = 'trainer.pid'     # written by the launcher: pid, start time and job key of the trainer

@@ -21,7 +21,7 @@ import odoo
 from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
-from ..lib import job_status, openai_jobs
+from ..lib import job_status, pricing
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from .llm_training_dataset import DatasetBusyError
@@ -381,7 +381,7 @@ class LlmTrainingEngine(models.AbstractModel):
                 if report.get('tokens_per_second'):
                     self.env['llm.provider.throughput'].sudo()._record(job, report['tokens_per_second'],
                                                                        report.get('precision'))
-                job._change_state('completed', final_cost=openai_jobs.cost(
+                job._change_state('completed', final_cost=pricing.cost(
                     job.trained_tokens, job.base_model_id.training_price))
             elif new_state == 'failed':
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))

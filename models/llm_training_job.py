@@ -7,11 +7,10 @@ from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.tools import html_escape
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..lib import job_status, job_summary, openai_jobs
-from ..lib import trainer_folder
+from ..lib import job_status, job_summary, pricing, providers, trainer_folder
 from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
-from ..lib.hyperparameters import FORM_FIELDS, parse_hyperparameters, split_form_fields
+from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
 from ..lib.host.private_dirs import make_private_dirs
 from .llm_provider import BudgetExceeded
@@ -42,7 +41,6 @@ TRANSITIONS = {
 # Timestamps stamped when a job enters a state.
 STATE_STAMPS = {'validating': 'submitted_at', 'training': 'started_at', 'completed': 'finished_at',
                 'failed': 'finished_at', 'cancelled': 'finished_at'}
-LOCAL_DEFAULT_EPOCHS = 3  # what trainer/train.py runs for epochs 0
 
 
 def _now():
@@ -80,17 +78,17 @@ class LlmTrainingJob(models.Model):
                                                       'for evaluation (0 to 0.5).')
     technique = fields.Selection([('lora', 'LoRA'), ('qlora', 'QLoRA (4-bit, CUDA GPU)'),
                                   ('full', 'Full fine-tuning')], default='lora', required=True)
-    epochs = fields.Integer(default=3, help='0 lets the provider choose (OpenAI "auto").')
-    batch_size = fields.Integer(default=4, help='0 lets the provider choose (OpenAI "auto").')
-    learning_rate = fields.Float(default=2e-4, digits=(16, 8), help='Local trainer learning rate.')
+    epochs = fields.Integer(default=DEFAULTS['epochs'], help='0 lets the provider choose (OpenAI "auto").')
+    batch_size = fields.Integer(default=DEFAULTS['batch_size'], help='0 lets the provider choose (OpenAI "auto").')
+    learning_rate = fields.Float(default=DEFAULTS['learning_rate'], digits=(16, 8), help='Local trainer learning rate.')
     learning_rate_multiplier = fields.Float(default=0.0, help='0 means "auto". OpenAI: its multiplier; local trainer: '
                                                                  'multiplies its default learning rate (2e-4) '
                                                                  'instead of using the learning rate above.')
-    lora_r = fields.Integer(string='LoRA rank', default=16)
-    lora_alpha = fields.Integer(string='LoRA alpha', default=32)
-    lora_dropout = fields.Float(string='LoRA dropout', default=0.05)
-    max_seq_length = fields.Integer(string='Max sequence length', default=1024)
-    seed = fields.Integer(default=42)
+    lora_r = fields.Integer(string='LoRA rank', default=DEFAULTS['lora_r'])
+    lora_alpha = fields.Integer(string='LoRA alpha', default=DEFAULTS['lora_alpha'])
+    lora_dropout = fields.Float(string='LoRA dropout', default=DEFAULTS['lora_dropout'])
+    max_seq_length = fields.Integer(string='Max sequence length', default=DEFAULTS['max_seq_length'])
+    seed = fields.Integer(default=DEFAULTS['seed'])
     suffix = fields.Char(size=64, help='Added to the fine-tuned model name (at most 64 characters).')
     api_metadata = fields.Text(copy=False, help='The metadata a client gave through the OpenAI-compatible API '
                                                 '(JSON object of strings), returned and filtered on there.')
@@ -212,11 +210,12 @@ class LlmTrainingJob(models.Model):
         for job in self:
             examples = sum(job.dataset_ids.mapped('example_count'))
             train_examples = examples - int(examples * (job.validation_split or 0.0))
-            # 0 epochs: OpenAI's "auto" rule there; the local trainer's default elsewhere
-            job.estimated_epochs = job.epochs or (openai_jobs.auto_epochs(train_examples) if job.service == 'openai'
-                                                  else LOCAL_DEFAULT_EPOCHS)
+            # 0 epochs ("auto"): the provider's own rule (OpenAI's), else the local trainer's default
+            adapter = providers.adapter_class(job.service)
+            job.estimated_epochs = job.epochs or (adapter.default_epochs(train_examples) if adapter
+                                                  else DEFAULTS['epochs'])
             tokens = sum(job.dataset_ids.mapped('token_total')) * (1.0 - (job.validation_split or 0.0))
-            job.estimated_cost = openai_jobs.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
+            job.estimated_cost = pricing.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
             speed = job.provider_id and job.base_model_id and self.env['llm.provider.throughput']._lookup(
                 job.provider_id, job.base_model_id, job.technique)
             # hours (kept for sorting and the API); the form shows the text
@@ -396,7 +395,7 @@ class LlmTrainingJob(models.Model):
             values['progress'] = 100.0
         if new_state in job_status.FINAL_STATES and 'final_cost' not in values:
             # a failed or cancelled run is billed for what it trained
-            values['final_cost'] = openai_jobs.cost(values.get('trained_tokens', self.trained_tokens),
+            values['final_cost'] = pricing.cost(values.get('trained_tokens', self.trained_tokens),
                                                     self.base_model_id.training_price)
         # super().write: the setup lock in write() is for people, not for the workflow.
         super(LlmTrainingJob, self).write(values)

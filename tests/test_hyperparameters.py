@@ -46,7 +46,7 @@ class TestHyperparameterNames(unittest.TestCase):
     def test_local_trainer_config(self):
         config = hp.trainer_config({'epochs': 1, 'learning_rate': 5e-4, 'learning_rate_multiplier': 0.5,
                                     'validation_split': 0.1, 'dpo_beta': 0.1})
-        self.assertEqual(config, {'epochs': 1, 'learning_rate': hp.LOCAL_DEFAULT_LEARNING_RATE * 0.5})
+        self.assertEqual(config, {'epochs': 1, 'learning_rate': hp.DEFAULTS['learning_rate'] * 0.5})
         self.assertEqual(hp.trainer_config({'learning_rate': 5e-4, 'learning_rate_multiplier': 0.0}),
                          {'learning_rate': 5e-4})
 

@@ -21,6 +21,10 @@ CHECKPOINTS = 'checkpoints'
 RESULT = 'result'
 TRAIN_FILE = 'train.jsonl'
 VALIDATION_FILE = 'validation.jsonl'
+# The trainer's defaults for the settings Odoo shows on a job (its form, the job wizard, the
+# estimate): config.json may leave any of them out, and 0 in epochs or batch_size means these.
+CONFIG_DEFAULTS = {'epochs': 3, 'batch_size': 4, 'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32,
+                   'lora_dropout': 0.05, 'max_seq_length': 1024, 'seed': 42}
 LOG = 'trainer.log'  # the trainer's stdout and stderr, written by whoever launched it
 TRAINER_LOCK = 'trainer.lock'  # held (flock) by the one trainer that writes this folder
 

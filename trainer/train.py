@@ -28,17 +28,18 @@ class TrainConfig:
     technique: str = field(default='lora', metadata={'help': 'lora, qlora or full'})
     data_format: str = field(default='chat', metadata={'help': 'chat (loss on assistant replies) or text (continued '
                                                                'pre-training: no chat template, loss on every token)'})
-    epochs: int = field(default=3, metadata={'help': 'passes over the training data (0: 3)'})
-    batch_size: int = field(default=4, metadata={'help': 'examples per step, all processes together (0: 4)'})
+    epochs: int = field(default=job_files.CONFIG_DEFAULTS['epochs'], metadata={'help': 'passes over the training data (0: the default)'})
+    batch_size: int = field(default=job_files.CONFIG_DEFAULTS['batch_size'],
+                            metadata={'help': 'examples per step, all processes together (0: the default)'})
     num_processes: int = field(default=1, metadata={'help': 'data-parallel training processes (torchrun): '
                                                             'one per GPU, or a share of the CPU cores each'})
-    learning_rate: float = field(default=2e-4, metadata={'help': 'peak learning rate'})
-    lora_r: int = field(default=16, metadata={'help': 'LoRA rank'})
-    lora_alpha: int = field(default=32, metadata={'help': 'LoRA scaling'})
-    lora_dropout: float = field(default=0.05, metadata={'help': 'LoRA dropout'})
+    learning_rate: float = field(default=job_files.CONFIG_DEFAULTS['learning_rate'], metadata={'help': 'peak learning rate'})
+    lora_r: int = field(default=job_files.CONFIG_DEFAULTS['lora_r'], metadata={'help': 'LoRA rank'})
+    lora_alpha: int = field(default=job_files.CONFIG_DEFAULTS['lora_alpha'], metadata={'help': 'LoRA scaling'})
+    lora_dropout: float = field(default=job_files.CONFIG_DEFAULTS['lora_dropout'], metadata={'help': 'LoRA dropout'})
     target_modules: list = field(default=None, metadata={'help': 'modules to adapt; default all linear projections'})
-    max_seq_length: int = field(default=1024, metadata={'help': 'longer examples are cut (and reported)'})
-    seed: int = field(default=42, metadata={'help': 'random seed'})
+    max_seq_length: int = field(default=job_files.CONFIG_DEFAULTS['max_seq_length'], metadata={'help': 'longer examples are cut (and reported)'})
+    seed: int = field(default=job_files.CONFIG_DEFAULTS['seed'], metadata={'help': 'random seed'})
     gradient_accumulation_steps: int = field(default=1, metadata={'help': 'steps before an update'})
     warmup_ratio: float = field(default=0.0, metadata={'help': 'share of steps warming up the LR'})
     warmup_steps: int = field(default=0, metadata={'help': 'steps warming up the LR (wins over warmup_ratio)'})
@@ -449,7 +450,7 @@ def train(folder, config):
     if config.packing is None:
         config.packing = not cuda
     processes = distributed.world_size()
-    per_process_batch = distributed.per_process_batch(config.batch_size or 4, processes)
+    per_process_batch = distributed.per_process_batch(config.batch_size or job_files.CONFIG_DEFAULTS['batch_size'], processes)
     if cuda and processes > torch.cuda.device_count():  # NCCL refuses two processes on one GPU
         raise RuntimeError('num_processes %d needs a GPU per process; this machine has %d'
                            % (processes, torch.cuda.device_count()))
@@ -500,7 +501,8 @@ def train(folder, config):
         else:
             from .bf16_matmul import use_bf16_matmuls
             use_bf16_matmuls(model, switch)
-        steps = math.ceil(len(train_features) / float(per_process_batch * processes)) * (config.epochs or 3)
+        epochs = config.epochs or job_files.CONFIG_DEFAULTS['epochs']
+        steps = math.ceil(len(train_features) / float(per_process_batch * processes)) * epochs
         if steps < TUNE_MIN_STEPS:
             # Measuring costs about five steps' time: a short job cannot repay it and keeps the
             # start-up probe (precision.py); every longer one is tuned on its own steps.
@@ -533,7 +535,7 @@ def train(folder, config):
     progress = make_progress_callback(folder, CANCEL, n_train_tokens, distributed.device(cuda))
     args = TrainingArguments(
         output_dir=folder.file(job_files.CHECKPOINTS),
-        num_train_epochs=config.epochs or 3,
+        num_train_epochs=config.epochs or job_files.CONFIG_DEFAULTS['epochs'],
         max_steps=config.max_steps or -1,
         per_device_train_batch_size=per_process_batch,
         per_device_eval_batch_size=per_process_batch,
@@ -639,7 +641,8 @@ def main(argv=None):
             raw['resume'] = True
         config = TrainConfig.from_dict(raw)
         if config.num_processes > 1 and not worker:
-            distributed.per_process_batch(config.batch_size or 4, config.num_processes)  # before starting them
+            distributed.per_process_batch(config.batch_size or job_files.CONFIG_DEFAULTS['batch_size'],
+                                           config.num_processes)  # before starting them
             distributed.block_sigterm()  # from here on a Cancel waits, pending, for the workers
             if CANCEL['set']:
                 raise TrainingCancelled()

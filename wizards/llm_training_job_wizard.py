@@ -6,6 +6,7 @@ from odoo import _, api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib import job_estimate
+from ..lib.hyperparameters import DEFAULTS
 
 STEPS = [('data', 'Data'), ('settings', 'Settings'), ('review', 'Review')]
 # The job fields the wizard fills, by the job's own names.
@@ -44,15 +45,15 @@ class LlmTrainingJobWizard(models.TransientModel):
     technique = fields.Selection(_technique_selection, default='lora', required=True)
     preset = fields.Selection(job_estimate.PRESET_SELECTION, default='balanced',
                               help='Fills epochs, learning rate and LoRA rank/alpha; change them after if you wish.')
-    epochs = fields.Integer(default=3, help='0 lets the provider choose (OpenAI "auto").')
-    batch_size = fields.Integer(default=4, help='0 lets the provider choose (OpenAI "auto").')
-    learning_rate = fields.Float(default=2e-4, digits=(16, 8))
+    epochs = fields.Integer(default=DEFAULTS['epochs'], help='0 lets the provider choose (OpenAI "auto").')
+    batch_size = fields.Integer(default=DEFAULTS['batch_size'], help='0 lets the provider choose (OpenAI "auto").')
+    learning_rate = fields.Float(default=DEFAULTS['learning_rate'], digits=(16, 8))
     learning_rate_multiplier = fields.Float(default=0.0, help='0 means "auto" (OpenAI).')
-    lora_r = fields.Integer(string='LoRA rank', default=16)
-    lora_alpha = fields.Integer(string='LoRA alpha', default=32)
-    lora_dropout = fields.Float(string='LoRA dropout', default=0.05)
-    max_seq_length = fields.Integer(string='Max sequence length', default=1024)
-    seed = fields.Integer(default=42)
+    lora_r = fields.Integer(string='LoRA rank', default=DEFAULTS['lora_r'])
+    lora_alpha = fields.Integer(string='LoRA alpha', default=DEFAULTS['lora_alpha'])
+    lora_dropout = fields.Float(string='LoRA dropout', default=DEFAULTS['lora_dropout'])
+    max_seq_length = fields.Integer(string='Max sequence length', default=DEFAULTS['max_seq_length'])
+    seed = fields.Integer(default=DEFAULTS['seed'])
     suffix = fields.Char(size=64, help='Added to the fine-tuned model name; with the base model it names the '
                                        'line of versions the result belongs to.')
     hyperparameters = fields.Text(default='{}', help='Other settings as a JSON object, e.g. {"warmup_ratio": 0.1}.')

@@ -22,6 +22,7 @@ changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
     log             the tail of the provider's log
 """
 from ..exceptions import TrainingFailedError
+from ..hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat', 'bills_training')
@@ -73,6 +74,12 @@ class TrainingProvider(object):
     credential only when a call needs it (never stored on the adapter's config)."""
     service = None
     capabilities = {}  # see CAPABILITIES; 'techniques': a tuple, empty when the service chooses its own
+
+    @classmethod
+    def default_epochs(cls, train_examples):
+        """The epochs a job with epochs 0 ("auto") runs, for its estimate: the local trainer's
+        default; a service with its own rule (OpenAI's "auto") overrides this."""
+        return DEFAULTS['epochs']
 
     def __init__(self, config, secret=None):
         self.config = dict(config)

@@ -33,6 +33,10 @@ class OpenAIFineTuning(TrainingProvider):
     capabilities = {'supports_dpo': True, 'registers_checkpoints': True, 'uses_api_key': True,
                     'lists_models': True, 'tests_connection': True, 'bills_training': True}
 
+    @classmethod
+    def default_epochs(cls, train_examples):
+        return openai_jobs.auto_epochs(train_examples)  # what OpenAI runs for n_epochs "auto"
+
     # -- the client and its errors ------------------------------------------------------------
     def api_key(self):
         return self.secret('api_key')

@@ -1,6 +1,7 @@
 """The trainer's config: the addon's canonical settings, nothing silently dropped."""
-import importlib.util
+import importlib
 import os
+import sys
 from dataclasses import fields
 
 import pytest
@@ -12,11 +13,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(trainer.__file__)))
 
 
 def addon_hyperparameters():
-    """lib/hyperparameters.py of the addon: the one list of setting names (plain Python)."""
-    spec = importlib.util.spec_from_file_location('addon_hyperparameters', os.path.join(REPO, 'lib', 'hyperparameters.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """lib/hyperparameters.py of the addon: the one list of setting names (plain Python; it takes
+    the trainer's defaults from trainer/job_files.py through lib/trainer_folder.py)."""
+    if REPO not in sys.path:
+        sys.path.append(REPO)  # after the trainer's own path: `trainer` stays the one imported
+    return importlib.import_module('lib.hyperparameters')
 
 
 def test_every_setting_the_addon_sends_is_a_trainer_field():
