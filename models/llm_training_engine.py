@@ -109,6 +109,53 @@ class LlmTrainingEngine(models.AbstractModel):
         return True
 
     @api.model
+    def _submit(self, jobs, budget_override_reason=None):
+        """Submit (the job's Submit, XML-RPC, /v1): Draft -> Validating, refused over the provider's
+        monthly budget (BudgetExceeded, with the figures) unless `budget_override_reason` says why
+        to go over (kept as a job event). The caller has checked access."""
+        for job in jobs:
+            if not job.dataset_ids:
+                raise UserError(_('Add at least one training dataset before submitting.'))
+            job._check_readable_links()  # what was linked may have been restricted since
+            over = job._check_budget(budget_override_reason)
+            job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
+                              cancel_requested=False, progress=0.0)
+            if over:
+                job._add_event(_('Submitted over the monthly budget by %s: %s Reason: %s')
+                               % (self.env.user.name, over, budget_override_reason.strip()), level='warning')
+        # the job moves on right after this commits, not at the cron's next minute
+        self._follow_after_commit(jobs)
+        return True
+
+    @api.model
+    def _resume(self, jobs):
+        """A failed or cancelled job again from its last checkpoint, as a new attempt (Queued).
+        The caller has checked access."""
+        for job in jobs:
+            if job.state not in job_status.RESUMABLE_STATES:
+                raise UserError(_('Job "%s" is %s; only a failed or cancelled job can be resumed.') % (job.name, job.state))
+            if not job.provider_can_resume:
+                raise UserError(_('Provider "%s" cannot resume a job from a checkpoint; submit a copy instead.')
+                                % job.provider_id.name)
+            job._set_provider_data(resume=True)
+            job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
+                              next_attempt_at=False, cancel_requested=False, finished_at=False,
+                              attempt=job.attempt + 1, start_pending=False, resubmit_count=0)
+        self._follow_after_commit(jobs)
+        return True
+
+    @api.model
+    def _reset_to_draft(self, jobs):
+        """A failed or cancelled job back to Draft, its provider data forgotten (a new attempt when
+        submitted again). The caller has checked access."""
+        for job in jobs:
+            job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',
+                              progress=0.0, current_step=0, total_steps=0, current_epoch=0.0,
+                              retry_count=0, next_attempt_at=False, cancel_requested=False,
+                              attempt=job.attempt + 1, start_pending=False)
+        return True
+
+    @api.model
     def _follow_after_commit(self, jobs):
         """Move just-submitted jobs on in the background once this transaction commits (it
         returns at once); see _follow_jobs."""

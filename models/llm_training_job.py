@@ -17,30 +17,6 @@ from .llm_provider import BudgetExceeded
 
 _logger = logging.getLogger(__name__)
 
-STATES = [
-    ('draft', 'Draft'),
-    ('validating', 'Validating'),
-    ('preparing', 'Preparing'),
-    ('queued', 'Queued'),
-    ('training', 'Training'),
-    ('completed', 'Completed'),
-    ('failed', 'Failed'),
-    ('cancelled', 'Cancelled'),
-]
-# Legal moves. failed/cancelled -> queued is a resume from the last checkpoint.
-TRANSITIONS = {
-    'draft': ('validating', 'cancelled'),
-    'validating': ('preparing', 'failed', 'cancelled'),
-    'preparing': ('queued', 'failed', 'cancelled'),
-    'queued': ('training', 'failed', 'cancelled'),
-    'training': ('completed', 'failed', 'cancelled', 'queued'),  # queued: lost at the provider, resubmitted
-    'completed': (),
-    'failed': ('draft', 'queued'),
-    'cancelled': ('draft', 'queued'),
-}
-# Timestamps stamped when a job enters a state.
-STATE_STAMPS = {'validating': 'submitted_at', 'training': 'started_at', 'completed': 'finished_at',
-                'failed': 'finished_at', 'cancelled': 'finished_at'}
 
 
 def _now():
@@ -96,7 +72,7 @@ class LlmTrainingJob(models.Model):
                                                      '{"warmup_ratio": 0.1, "eval_steps": 20}.')
 
     # -- workflow (written only by the workflow methods) --------------------------------------
-    state = fields.Selection(STATES, default='draft', required=True, readonly=True, index=True,
+    state = fields.Selection(job_status.STATES, default='draft', required=True, readonly=True, index=True,
                              copy=False, track_visibility='onchange')
     external_job_id = fields.Char(readonly=True, copy=False, index=True)
     attempt = fields.Integer(readonly=True, copy=False, default=1,
@@ -309,19 +285,7 @@ class LlmTrainingJob(models.Model):
             # a web client button: call_button passes the context as the first argument (odoo.api.split_context)
             budget_override_reason = None
         self._check_write_access()
-        for job in self:
-            if not job.dataset_ids:
-                raise UserError(_('Add at least one training dataset before submitting.'))
-            job._check_readable_links()  # what was linked may have been restricted since
-            over = job._check_budget(budget_override_reason)
-            job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
-                              cancel_requested=False, progress=0.0)
-            if over:
-                job._add_event(_('Submitted over the monthly budget by %s: %s Reason: %s')
-                               % (self.env.user.name, over, budget_override_reason.strip()), level='warning')
-        # the job moves on right after this commits, not at the cron's next minute
-        self.env['llm.training.engine']._follow_after_commit(self)
-        return True
+        return self.env['llm.training.engine']._submit(self, budget_override_reason)
 
     @api.multi
     def action_submit_from_form(self):
@@ -354,43 +318,26 @@ class LlmTrainingJob(models.Model):
     def action_resume(self):
         """Start a failed or cancelled job again from its last checkpoint, as a new attempt."""
         self._check_write_access()
-        for job in self:
-            if job.state not in ('failed', 'cancelled'):
-                raise UserError(_('Job "%s" is %s; only a failed or cancelled job can be resumed.') % (job.name, job.state))
-            if not job.provider_can_resume:
-                raise UserError(_('Provider "%s" cannot resume a job from a checkpoint; submit a copy instead.')
-                                % job.provider_id.name)
-            job._set_provider_data(resume=True)
-            job._change_state('queued', error_message=False, external_job_id=False, retry_count=0,
-                              next_attempt_at=False, cancel_requested=False, finished_at=False,
-                              attempt=job.attempt + 1, start_pending=False, resubmit_count=0)
-        self.env['llm.training.engine']._follow_after_commit(self)
-        return True
+        return self.env['llm.training.engine']._resume(self)
 
     @api.multi
     def action_reset_to_draft(self):
         self._check_write_access()
-        for job in self:
-            job._change_state('draft', error_message=False, external_job_id=False, provider_data='{}',
-                              progress=0.0, current_step=0, total_steps=0, current_epoch=0.0,
-                              retry_count=0, next_attempt_at=False, cancel_requested=False,
-                              attempt=job.attempt + 1, start_pending=False)
-        return True
+        return self.env['llm.training.engine']._reset_to_draft(self)
 
-    # -- state machine ---------------------------------------------------------------------------
+    # -- state machine (lib/job_status.py; called by the engine only) ------------------------
     def _change_state(self, new_state, **values):
         """The only way `state` changes: refuses illegal moves, stamps times."""
         self.ensure_one()
-        if new_state not in TRANSITIONS:
-            raise ValueError('unknown job state %r' % (new_state,))
-        if new_state not in TRANSITIONS[self.state]:
+        if not job_status.is_legal(self.state, new_state):
             raise UserError(_('Job "%s" cannot go from %s to %s.') % (self.name, self.state, new_state))
         now = _now()
         values.update(state=new_state, last_progress_at=now)
-        if new_state in STATE_STAMPS:
+        stamp = job_status.STATE_STAMPS.get(new_state)
+        if stamp:
             # the provider's own time when it gave one (a run seen only once it ended still
             # started when it started, not now)
-            values[STATE_STAMPS[new_state]] = values.get(STATE_STAMPS[new_state]) or now
+            values[stamp] = values.get(stamp) or now
         if new_state == 'completed':
             values['progress'] = 100.0
         if new_state in job_status.FINAL_STATES and 'final_cost' not in values:
@@ -399,7 +346,7 @@ class LlmTrainingJob(models.Model):
                                                     self.base_model_id.training_price)
         # super().write: the setup lock in write() is for people, not for the workflow.
         super(LlmTrainingJob, self).write(values)
-        self._add_event('State: %s' % dict(STATES)[new_state])
+        self._add_event('State: %s' % dict(job_status.STATES)[new_state])
         if new_state in job_status.FINAL_STATES:
             self._notify_finished()
 

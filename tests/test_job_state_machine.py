@@ -6,7 +6,7 @@ from odoo.exceptions import ValidationError, UserError
 from odoo.addons.llm_training.lib import job_summary
 
 from odoo.addons.llm_training.lib.job_status import PROVIDER_STATUSES, plan_transitions
-from odoo.addons.llm_training.models.llm_training_job import STATES, TRANSITIONS
+from odoo.addons.llm_training.lib.job_status import STATES, TRANSITIONS
 
 from .common import TrainingCase
 

@@ -20,7 +20,7 @@ def job(**values):
 class TestProtocol(unittest.TestCase):
 
     def test_status_mapping_covers_every_state_with_schema_values(self):
-        from odoo.addons.llm_training.models.llm_training_job import STATES
+        from odoo.addons.llm_training.lib.job_status import STATES
         self.assertEqual(set(oa.JOB_STATUS), {s for s, _ in STATES})
         self.assertLessEqual(set(oa.JOB_STATUS.values()),
                              {'validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled'})
