@@ -15,7 +15,7 @@ from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetry
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..hyperparameters import check_processes, trainer_config
-from ..model_server import ModelServer, ModelServerError
+from ..model_server import ModelServer, ModelServerError, chat_endpoint
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from .base import CHAT_OPTIONS, TrainingProvider
 
@@ -38,8 +38,53 @@ def chat_template_table(python, path):
     return _TEMPLATE_TABLES[key]
 
 
+class ServedChat(object):
+    """generate / chat / chat_stream through the endpoint lib/model_server.chat_endpoint chooses for
+    the provider: this host's model server, or its Ray Serve deployment. A provider says with
+    `served_path(model_ref, where)` which folder that side ('host' or 'cluster') reads."""
+
+    def served_path(self, model_ref, where):
+        raise NotImplementedError
+
+    def model_server(self):
+        """The persistent model server (trainer/serve.py) of this Odoo data folder: one process
+        shared by every worker, started on first use, keeping the last base model loaded."""
+        run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
+        return ModelServer(self.config.get('trainer_python') or 'python3', run_dir, env=trainer_env(), cwd=ADDON_ROOT,
+                           allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
+                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
+
+    def chat_endpoint(self):
+        try:
+            return chat_endpoint(self.config, self.model_server, lambda: self.secret('serve_token'))
+        except ModelServerError as e:
+            raise generation_failed(e)
+
+    def generate(self, model_ref, prompt, max_new_tokens=128):
+        """The model form's Test button and Compare Models: one user message, greedy."""
+        answer = self.chat(model_ref, [{'role': 'user', 'content': prompt}], {'max_tokens': max_new_tokens})
+        return answer['text'].strip()
+
+    def chat(self, model_ref, messages, options=None):
+        options, endpoint = chat_options(options), self.chat_endpoint()
+        path = self.served_path(model_ref, endpoint.where)
+        try:
+            return endpoint.chat(path, messages, **options)
+        except ModelServerError as e:
+            raise generation_failed(e)
+
+    def chat_stream(self, model_ref, messages, options=None):
+        options, endpoint = chat_options(options), self.chat_endpoint()
+        path = self.served_path(model_ref, endpoint.where)
+        try:
+            items = endpoint.chat_stream(path, messages, **options)
+        except ModelServerError as e:
+            raise generation_failed(e)
+        return _failed_on_error(items)
+
+
 @register
-class LocalTrainer(TrainingProvider):
+class LocalTrainer(ServedChat, TrainingProvider):
     service = 'local'
     capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'techniques': ('lora', 'qlora', 'full')}
 
@@ -142,33 +187,8 @@ class LocalTrainer(TrainingProvider):
                             env=trainer_env(), cwd=ADDON_ROOT, timeout=PROBE_TIMEOUT)
         return TemplateCounter(tokenizer_json, table, exact=exact)
 
-    def model_server(self):
-        """The persistent model server (trainer/serve.py) of this Odoo data folder: one process
-        shared by every worker, started on first use, keeping the last base model loaded."""
-        run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
-        return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT,
-                           allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
-                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
-
-    def generate(self, model_ref, prompt, max_new_tokens=128):
-        """The model form's Test button and Compare Models: one user message, greedy."""
-        answer = self.chat(model_ref, [{'role': 'user', 'content': prompt}], {'max_tokens': max_new_tokens})
-        return answer['text'].strip()
-
-    def chat(self, model_ref, messages, options=None):
-        path, options = self.model_path(model_ref), chat_options(options)
-        try:
-            return self.model_server().chat(path, messages, **options)
-        except ModelServerError as e:
-            raise generation_failed(e)
-
-    def chat_stream(self, model_ref, messages, options=None):
-        path, options = self.model_path(model_ref), chat_options(options)
-        try:
-            items = self.model_server().chat_stream(path, messages, **options)
-        except ModelServerError as e:
-            raise generation_failed(e)
-        return _failed_on_error(items)
+    def served_path(self, model_ref, where):
+        return self.model_path(model_ref)  # this host only: its models are on its own disk
 
 
 def chat_options(options):
