@@ -133,11 +133,20 @@ class TestRayServe(HttpCase):
         smol = self.env['llm.model'].create({'name': 'smol-on-serve', 'provider_id': ray.id, 'model_ref': base_path})
         with self.assertRaisesRegex(UserError, 'no serving token yet: press Deploy Serving'):
             ray._call_adapter('chat', smol.model_ref, QUESTION, {'max_tokens': 2})
+        # the one choice of endpoint (lib/model_server.chat_endpoint): this host's model server
+        # (reading Odoo's view of the storage) until the provider says the cluster
+        ray.serve_on = 'host'
+        self.assertEqual(ray._adapter().chat_endpoint().where, 'host')
+        ray.serve_on = 'ray'
 
         ray.action_serve_deploy()
         self.assertTrue(ray.serve_token_hint, 'a token was made and kept as a secret')
         self.wait_serving(ray, 'RUNNING')
         self.assertRegex(ray.serve_status, r'^RUNNING: 1 replica\(s\) running, 1 model folder\(s\) served')
+        token = ray._get_secret('serve_token')
+        deployed = requests.get(self.head.url + '/api/serve/applications/', timeout=30).text
+        self.assertNotIn(token, deployed, 'the dashboard shows the config: it holds only the token\'s hash')
+        self.assertIn(ray_serve.token_sha256(token), deployed)
 
         # Odoo's /v1, whole and streamed (greedy: the same text), answered by the replica
         key = self.env['llm.api.key']._generate('serve', self.env.ref('base.user_root'))[1]
