@@ -349,12 +349,14 @@ class ServeEndpoint(object):
 
     def _post(self, model_path, messages, options, stream):
         body = dict(options, model=model_path, messages=messages, stream=stream)
+        wait = self.request_timeout  # no longer than the caller's deadline, as for the local server
+        if options.get('max_seconds') is not None:
+            wait = min(wait, options['max_seconds'] + DEADLINE_MARGIN)
         try:
             answer = self._session.post(self.url + '/chat', json=body, stream=stream, headers=self._headers(),
-                                        timeout=(self.connect_timeout, self.request_timeout))
+                                        timeout=(self.connect_timeout, wait))
         except requests.Timeout:
-            raise ModelServerError('the Ray Serve deployment at %s did not answer within %d s'
-                                   % (self.url, self.request_timeout))
+            raise ModelServerError('the Ray Serve deployment at %s did not answer within %d s' % (self.url, wait))
         except requests.RequestException as e:
             raise ModelServerError('the Ray Serve deployment at %s could not be reached (%s); is it deployed and '
                                    'is Serve URL right?' % (self.url, type(e).__name__))

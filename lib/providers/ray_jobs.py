@@ -24,7 +24,7 @@ from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryab
 from ..hyperparameters import check_processes, trainer_config
 from .base import TrainingProvider
 from ..host.trainer_env import ADDON_ROOT
-from .local import ServedChat
+from .serving import ServedChat
 
 _logger = logging.getLogger(__name__)
 RAY_STATUS = {'PENDING': 'queued', 'RUNNING': 'running', 'SUCCEEDED': 'succeeded', 'FAILED': 'failed',
