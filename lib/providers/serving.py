@@ -60,7 +60,7 @@ def chat_options(options):
     options = dict(options or {})
     unknown = sorted(set(options) - set(CHAT_OPTIONS))
     if unknown:
-        raise InvalidRequestError('Unknown chat option(s) %s; the local provider takes %s.'
+        raise InvalidRequestError('Unknown chat option(s) %s; the model server takes %s.'
                                   % (', '.join(unknown), ', '.join(CHAT_OPTIONS)))
     return {k: v for k, v in options.items() if v is not None}
 
