@@ -32,6 +32,7 @@
         'views/llm_training_menus.xml',
         'wizards/llm_model_export_wizard_views.xml',
         'views/llm_model_export_views.xml',
+        'views/llm_provider_serving_views.xml',
         'data/llm_model_export_data.xml',
     ],
     'demo': [

@@ -85,7 +85,7 @@ def is_server_process(pid, started_at=None):
 
 
 class ModelServer(object):
-    """A client of the model server in `run_dir`, starting it when needed.
+    """A client of the model server in `run_dir`, starting it when needed (`where`: this host).
 
     python     the trainer venv's python (runs `python -m trainer.serve`)
     port       a fixed port on 127.0.0.1, or None: the OS chooses one (read from the state file)
@@ -95,6 +95,8 @@ class ModelServer(object):
     private_top    the run folder and the folders between it and this one are made 0700
                (default: the run folder alone)
     """
+
+    where = 'host'
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
                  request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None):
@@ -275,14 +277,7 @@ class ModelServer(object):
             except requests.Timeout:
                 raise ModelServerError('the model server did not answer within %d s' % wait)
         if answer.status_code != 200:
-            try:
-                message = answer.json().get('error') or answer.text
-            except ValueError:
-                message = answer.text
-            answer.close()
-            retry_after = answer.headers.get('Retry-After')
-            raise ModelServerError(message, answer.status_code,
-                                   retry_after=int(retry_after) if (retry_after or '').isdigit() else None)
+            raise _refusal(answer)
         return answer
 
     @staticmethod
@@ -302,6 +297,94 @@ class ModelServer(object):
             raise ModelServerError('the model server\'s answer broke off: %s' % e)
         finally:
             answer.close()
+
+
+def _refusal(answer):
+    """The ModelServerError for a non-200 answer of a model server (its {"error"} body, its
+    status, its Retry-After); closes the answer."""
+    try:
+        message = answer.json().get('error') or answer.text
+    except ValueError:
+        message = answer.text
+    answer.close()
+    retry_after = answer.headers.get('Retry-After')
+    return ModelServerError(message or 'HTTP %d' % answer.status_code, answer.status_code,
+                            retry_after=int(retry_after) if (retry_after or '').isdigit() else None)
+
+
+class ServeEndpoint(object):
+    """The model server as a Ray Serve deployment (trainer/serve_ray.py) at `url` (Serve's proxy
+    and the application's route): the same /health and /chat, the same bearer token, reached
+    over the network; nothing to start (Odoo deploys it from the provider)."""
+    where = 'cluster'
+
+    def __init__(self, url, token, request_timeout=REQUEST_TIMEOUT, connect_timeout=HEALTH_TIMEOUT):
+        self.url = url.rstrip('/')
+        self.token = token
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self._session = requests.Session()
+
+    def _headers(self):
+        return {'Authorization': 'Bearer %s' % self.token}
+
+    def health(self):
+        try:
+            answer = self._session.get(self.url + '/health', headers=self._headers(), timeout=HEALTH_TIMEOUT)
+        except requests.RequestException as e:
+            raise ModelServerError('the Ray Serve deployment at %s did not answer (%s)' % (self.url, type(e).__name__))
+        if answer.status_code != 200:
+            raise _refusal(answer)
+        return answer.json()
+
+    def chat(self, model_path, messages, **options):
+        answer = self._post(model_path, messages, options, stream=False)
+        try:
+            return answer.json()
+        finally:
+            answer.close()
+
+    def chat_stream(self, model_path, messages, **options):
+        return ModelServer._lines(self._post(model_path, messages, options, stream=True))
+
+    def _post(self, model_path, messages, options, stream):
+        body = dict(options, model=model_path, messages=messages, stream=stream)
+        wait = self.request_timeout  # no longer than the caller's deadline, as for the local server
+        if options.get('max_seconds') is not None:
+            wait = min(wait, options['max_seconds'] + DEADLINE_MARGIN)
+        try:
+            answer = self._session.post(self.url + '/chat', json=body, stream=stream, headers=self._headers(),
+                                        timeout=(self.connect_timeout, wait))
+        except requests.Timeout:
+            raise ModelServerError('the Ray Serve deployment at %s did not answer within %d s' % (self.url, wait))
+        except requests.RequestException as e:
+            raise ModelServerError('the Ray Serve deployment at %s could not be reached (%s); is it deployed and '
+                                   'is Serve URL right?' % (self.url, type(e).__name__))
+        if answer.status_code == 404 and 'text/plain' in answer.headers.get('Content-Type', ''):
+            answer.close()  # Serve's own 404: no application at this route
+            raise ModelServerError('no Ray Serve application answers at %s: deploy serving from the provider'
+                                   % self.url, 404)
+        if answer.status_code != 200:
+            raise _refusal(answer)
+        return answer
+
+
+def chat_endpoint(config, local_server, serve_token):
+    """Where a provider's models answer, chosen in this one place: its Ray Serve deployment when
+    the provider serves on its cluster (config `serve_on` 'ray'), else this host's model server.
+    Both answer chat / chat_stream alike and say `where` they are ('cluster' or 'host'), so the
+    caller hands them each model folder as that side sees it.
+
+    local_server   a callable returning this host's ModelServer (started on first use)
+    serve_token    a callable returning the deployment's token (a secret, read only when needed)"""
+    if config.get('serve_on') != 'ray':
+        return local_server()
+    token = serve_token()
+    if not token:
+        raise ModelServerError('provider "%s" serves on its Ray cluster but has no serving token yet: press Deploy '
+                               'Serving on the provider' % config.get('name'))
+    url = '%s/%s' % ((config.get('serve_url') or 'http://127.0.0.1:8000').rstrip('/'), config['serve_application'])
+    return ServeEndpoint(url, token)
 
 
 def main(argv=None):

@@ -12,3 +12,4 @@ from . import llm_conversation_import
 from . import llm_training_schedule
 from . import llm_api_key
 from . import llm_model_export
+from . import llm_provider_serving

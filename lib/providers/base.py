@@ -25,7 +25,7 @@ from ..exceptions import TrainingFailedError
 from ..hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
-                'lists_models', 'tests_connection', 'can_chat', 'bills_training')
+                'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster')
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 # max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
 # an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.

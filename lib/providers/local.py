@@ -11,13 +11,13 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
-from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
+from ..exceptions import TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..hyperparameters import check_processes, trainer_config
-from ..model_server import ModelServer, ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
-from .base import CHAT_OPTIONS, TrainingProvider
+from .base import TrainingProvider
+from .serving import ServedChat, chat_options, generation_failed  # noqa: F401  (tests import them here)
 
 _logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 120
@@ -39,7 +39,7 @@ def chat_template_table(python, path):
 
 
 @register
-class LocalTrainer(TrainingProvider):
+class LocalTrainer(ServedChat, TrainingProvider):
     service = 'local'
     capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'techniques': ('lora', 'qlora', 'full')}
 
@@ -142,61 +142,5 @@ class LocalTrainer(TrainingProvider):
                             env=trainer_env(), cwd=ADDON_ROOT, timeout=PROBE_TIMEOUT)
         return TemplateCounter(tokenizer_json, table, exact=exact)
 
-    def model_server(self):
-        """The persistent model server (trainer/serve.py) of this Odoo data folder: one process
-        shared by every worker, started on first use, keeping the last base model loaded."""
-        run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
-        return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT,
-                           allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
-                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
-
-    def generate(self, model_ref, prompt, max_new_tokens=128):
-        """The model form's Test button and Compare Models: one user message, greedy."""
-        answer = self.chat(model_ref, [{'role': 'user', 'content': prompt}], {'max_tokens': max_new_tokens})
-        return answer['text'].strip()
-
-    def chat(self, model_ref, messages, options=None):
-        path, options = self.model_path(model_ref), chat_options(options)
-        try:
-            return self.model_server().chat(path, messages, **options)
-        except ModelServerError as e:
-            raise generation_failed(e)
-
-    def chat_stream(self, model_ref, messages, options=None):
-        path, options = self.model_path(model_ref), chat_options(options)
-        try:
-            items = self.model_server().chat_stream(path, messages, **options)
-        except ModelServerError as e:
-            raise generation_failed(e)
-        return _failed_on_error(items)
-
-
-def chat_options(options):
-    """The options the model server takes, without the unset ones; an unknown one is refused
-    rather than ignored."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(CHAT_OPTIONS))
-    if unknown:
-        raise InvalidRequestError('Unknown chat option(s) %s; the local provider takes %s.'
-                                  % (', '.join(unknown), ', '.join(CHAT_OPTIONS)))
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def generation_failed(error):
-    """The model server's refusal of the request itself (400, 413) is the caller's to fix; a busy
-    server (503, its waiting line full) is worth a retry after its Retry-After; anything else is
-    the server's failure."""
-    message = 'Generation failed: %s' % error
-    if error.status == 503:
-        return TrainingRetryableError(message, seconds=error.retry_after or 5)
-    return InvalidRequestError(message) if error.status in (400, 413) else TrainingFailedError(message)
-
-
-def _failed_on_error(items):
-    try:
-        for item in items:
-            yield item
-    except ModelServerError as e:
-        raise TrainingFailedError('Generation failed: %s' % e)
-    finally:
-        items.close()
+    def served_path(self, model_ref, where):
+        return self.model_path(model_ref)  # this host only: its models are on its own disk

@@ -19,11 +19,12 @@ import uuid
 import requests
 
 from . import register
-from .. import trainer_folder
+from .. import ray_serve, trainer_folder
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..hyperparameters import check_processes, trainer_config
 from .base import TrainingProvider
 from ..host.trainer_env import ADDON_ROOT
+from .serving import ServedChat
 
 _logger = logging.getLogger(__name__)
 RAY_STATUS = {'PENDING': 'queued', 'RUNNING': 'running', 'SUCCEEDED': 'succeeded', 'FAILED': 'failed',
@@ -59,10 +60,10 @@ def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
 
 
 @register
-class RayJobs(TrainingProvider):
+class RayJobs(ServedChat, TrainingProvider):
     service = 'ray'
     capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True, 'supports_text': True,
-                    'techniques': ('lora', 'qlora', 'full')}
+                    'can_chat': True, 'serves_on_cluster': True, 'techniques': ('lora', 'qlora', 'full')}
 
     # -- paths: Odoo's view and the workers' view of the shared storage ----------------------------
     @property
@@ -299,3 +300,70 @@ class RayJobs(TrainingProvider):
             raise TrainingFailedError('The probe job with worker Python %s ended %s without running: %s'
                                       % (python, info.get('status'), (info.get('message') or text)[-500:]))
         return 'worker Python %s imports %s.' % (python, ', '.join(TRAINER_PACKAGES))
+
+    # -- serving: this host's model server, or a Ray Serve deployment on the cluster ----------------
+    def served_path(self, model_ref, where):
+        """The model folder as the side that answers reads it: the workers' view of the shared
+        storage for the cluster, Odoo's for this host (whose model server then needs the folder
+        where the workers put it: the same path unless worker_storage_path differs)."""
+        if where == 'cluster':
+            if not os.path.isabs(model_ref):
+                return self.worker_model_path(model_ref)
+            under_storage = not os.path.relpath(model_ref, self.storage).startswith(os.pardir)
+            return self.on_workers(model_ref) if under_storage else model_ref
+        path = model_ref if os.path.isabs(model_ref) else os.path.join(self.storage, 'models', model_ref)
+        if not os.path.isfile(os.path.join(path, 'config.json')) and \
+                not os.path.isfile(os.path.join(path, 'adapter_config.json')):
+            raise TrainingFailedError('Model %s: no Hugging Face model folder at %s on this host.' % (model_ref, path))
+        return path
+
+    def serve_details(self):
+        """What Serve runs on the cluster (GET /api/serve/applications/)."""
+        response = self.request('GET', '/api/serve/applications/', 'reading its Serve applications')
+        if response.status_code == 501:
+            raise TrainingFailedError('The Ray head at %s has no Ray Serve (HTTP 501): install ray[serve] in the '
+                                      'Python that runs the head (requirements-trainer.txt has it).' % self.url(''))
+        if response.status_code != 200:
+            raise TrainingFailedError('The Ray head refused to list its Serve applications (HTTP %d): %s'
+                                      % (response.status_code, self.error_text(response)))
+        return response.json()
+
+    def _put_applications(self, body, action):
+        response = self.request('PUT', '/api/serve/applications/', action, json=body)
+        if response.status_code != 200:
+            raise TrainingFailedError('The Ray head refused %s (HTTP %d): %s'
+                                      % (action, response.status_code, self.error_text(response)))
+
+    def serve_deploy(self, model_refs, token):
+        """Create or update this provider's Serve application so that it serves `model_refs` (its
+        models' technical ids) with `token`; the same call twice changes nothing. Returns
+        (status, text) as serve_status."""
+        name = self.config['serve_application']
+        try:
+            app = ray_serve.application(
+                name, self.on_workers(self.code_dir()), [self.served_path(ref, 'cluster') for ref in model_refs],
+                ray_serve.token_sha256(token), replicas=int(self.config.get('serve_replicas') or 1),
+                min_replicas=int(self.config.get('serve_min_replicas') or 0),
+                max_replicas=int(self.config.get('serve_max_replicas') or 0),
+                cpus=float(self.config.get('serve_cpus') or 1))
+            body = ray_serve.deploy_body(self.serve_details(), self.config.get('serve_url'), app=app)
+        except ray_serve.ServeConfigError as e:
+            raise TrainingFailedError('Provider "%s": %s' % (self.name, e))
+        self._put_applications(body, 'deploying Serve application %s' % name)
+        _logger.info('Ray Serve application %s deployed with %d model folder(s)', name, len(model_refs))
+        return self.serve_status()
+
+    def serve_status(self):
+        return ray_serve.describe(self.serve_details(), self.config['serve_application'])
+
+    def serve_delete(self):
+        """Remove this provider's Serve application (the others stay); nothing to do when absent."""
+        name = self.config['serve_application']
+        details = self.serve_details()
+        if name in (details.get('applications') or {}):
+            try:
+                body = ray_serve.deploy_body(details, self.config.get('serve_url'), remove=name)
+            except ray_serve.ServeConfigError as e:
+                raise TrainingFailedError('Provider "%s": %s' % (self.name, e))
+            self._put_applications(body, 'deleting Serve application %s' % name)
+        return self.serve_status()
