@@ -187,6 +187,15 @@ class LocalTrainer(TrainingProvider):
             raise generation_failed(e)
         return _failed_on_error(items)
 
+    def embed(self, model_ref, texts):
+        """Embeddings by a named model of the model server (trainer/knowledge/embed.py)."""
+        try:
+            return self.model_server().embed(texts, model_ref)['data']
+        except ModelServerError as e:
+            if e.status in (400, 404):
+                raise InvalidRequestError('Embedding failed: %s' % e)
+            raise generation_failed(e)
+
 
 def chat_options(options):
     """The options the model server takes, without the unset ones; an unknown one is refused

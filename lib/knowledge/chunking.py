@@ -1,0 +1,59 @@
+"""Chunks of a text by tokens, with overlap, each keeping its position and character span."""
+import hashlib
+
+
+def text_hash(text):
+    """What a source record's text is compared by, to embed again only what changed."""
+    return hashlib.sha1(text.encode('utf-8')).hexdigest()
+
+
+def check_sizes(size, overlap, max_tokens=None):
+    """An error message for bad chunk sizes, or None."""
+    if size < 8:
+        return 'chunk size must be at least 8 tokens (it is %d)' % size
+    if max_tokens and size > max_tokens:
+        return 'chunk size %d is over the embedding model\'s %d tokens' % (size, max_tokens)
+    if overlap < 0 or overlap >= size:
+        return 'chunk overlap must be from 0 to less than the chunk size (%d, size %d)' % (overlap, size)
+    return None
+
+
+def chunk_text(text, offsets, size, overlap):
+    """Windows of `size` tokens starting every `size - overlap` tokens over `text`, whose tokens
+    span the character `offsets` [(start, end), ...] (a tokenizer's, without special tokens).
+    -> [{'position', 'text', 'start', 'end', 'tokens'}]; the last window ends at the text's end."""
+    error = check_sizes(size, overlap)
+    if error:
+        raise ValueError(error)
+    offsets = [(s, e) for s, e in offsets if e > s]
+    if not offsets:
+        return [{'position': 0, 'text': text.strip(), 'start': 0, 'end': len(text), 'tokens': 0}] if text.strip() else []
+    chunks, step, first = [], size - overlap, 0
+    while True:
+        last = min(first + size, len(offsets))
+        start, end = offsets[first][0], offsets[last - 1][1]
+        piece = text[start:end].strip()
+        if piece:
+            chunks.append({'position': len(chunks), 'text': piece, 'start': start, 'end': end, 'tokens': last - first})
+        if last >= len(offsets):
+            return chunks
+        first += step
+
+
+class TokenizerChunker(object):
+    """chunk_text with a `tokenizers.Tokenizer` (the embedding model's tokenizer.json)."""
+
+    def __init__(self, tokenizer_json):
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(tokenizer_json)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+
+    def offsets(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).offsets
+
+    def __call__(self, text, size, overlap):
+        return chunk_text(text, self.offsets(text), size, overlap)
+
+    def count(self, text):
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
