@@ -158,7 +158,7 @@ class LlmKnowledgeCollection(models.Model):
         """Work on this collection's sources until `deadline` (or `max_batches` batches)."""
         self.ensure_one()
         batches = 0
-        for source in self.source_ids.sorted('id'):
+        for source in self.source_ids.sorted('id').filtered(lambda s: s.kind == 'records' or s.state == 'pending'):
             while time.time() < deadline and (max_batches is None or batches < max_batches):
                 more = source._sync_batch(batch_size)
                 batches += 1
