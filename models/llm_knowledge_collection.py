@@ -175,6 +175,15 @@ class LlmKnowledgeCollection(models.Model):
         """Token chunking with the embedding model's tokenizer (the local default model's for an
         OpenAI model: its tokenizer does not run on Odoo's Python; sizes are then close, not exact)."""
         model = self.embedding_model if self.provider_id.service == 'local' else DEFAULT_EMBEDDING_MODEL
+        return self._chunker_of(model)
+
+    @api.model
+    def _token_counter(self):
+        """Counts tokens as the default embedding model does (the usage of /v1/embeddings)."""
+        return self._chunker_of(DEFAULT_EMBEDDING_MODEL).count
+
+    @api.model
+    def _chunker_of(self, model):
         try:
             info = documents.tokenizer_info(self._trainer_python(), trainer_env(), model)
         except documents.DocumentError as e:

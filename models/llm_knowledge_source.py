@@ -40,6 +40,10 @@ class LlmKnowledgeSource(models.Model):
                                  help='The last record id of the sync pass under way: a cut-off cron resumes here.')
     last_sync = fields.Datetime(readonly=True, copy=False)
     chunk_count = fields.Integer(compute='_compute_chunk_count')
+    # the OpenAI-compatible API (/v1/vector_stores): the uploaded file and file batch it came from
+    api_file_id = fields.Char(readonly=True, copy=False, index=True)
+    api_batch_id = fields.Char(readonly=True, copy=False, index=True)
+    file_size = fields.Integer(readonly=True, copy=False)
 
     @api.multi
     def _compute_chunk_count(self):
