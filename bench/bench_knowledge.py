@@ -151,12 +151,18 @@ def bench_search(server, base_vectors, sizes, connection, queries, k=10):
 
 
 def bench_quality(server, chunker, questions):
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    cut = chunker(readme, 200, 40)
+    starts = [(m.start(), m.group(1).strip()) for m in re.finditer(r'^#{2,3} (.+)$', readme, re.M)]
+
+    def section(chunk):  # the section where most of the chunk lies
+        middle = (chunk['start'] + chunk['end']) // 2
+        return ([title for start, title in starts if start <= middle] or ['Introduction'])[-1]
     for headed in (False, True):
-        chunks = []
-        for title, body in readme_sections():
-            for chunk in chunker(body, 200, 40):
-                chunks.append((title, '%s\n%s' % (title, chunk['text']) if headed else chunk['text']))
-        _quality(server, chunks, questions, 'chunks with their section heading' if headed else 'plain chunks')
+        pieces = chunking.with_headings(readme, cut) if headed else cut
+        chunks = [(section(c), c['text']) for c in pieces]
+        _quality(server, chunks, questions, 'Markdown chunks with their heading (ours)' if headed else 'plain chunks')
 
 
 def _quality(server, chunks, questions, variant):

@@ -117,6 +117,8 @@ class LlmKnowledgeSource(models.Model):
         text = documents.extract_text(collection._trainer_python(), _trainer_env(), attachment._full_path(attachment.store_fname),
                                       filename, int(collection.max_file_mb * 1024 * 1024))
         chunks = collection._chunker()(text, collection.chunk_size, collection.chunk_overlap)
+        if documents.kind_of(filename) == 'markdown':
+            chunks = chunking.with_headings(text, chunks)
         self._drop_chunks()
         content_hash = chunking.text_hash(text)
         collection._add_chunks(self, [(self._name, self.id, filename, content_hash, c) for c in chunks])

@@ -125,3 +125,13 @@ class TestPgVector(unittest.TestCase):
         store = stores.store_class('pgvector')({})
         with self.assertRaisesRegex(stores.StoreError, 'no "vector" extension'):
             store.search(stores.CollectionRef(1, 3, 1, None, cursor=Cursor()), [1, 0, 0], 3)
+
+
+class TestHeadings(unittest.TestCase):
+
+    def test_a_markdown_chunk_carries_its_heading(self):
+        text = '# Refunds\nwithin thirty days of delivery to the card used\n# Shipping\nfrom Rotterdam'
+        chunks = chunking.chunk_text(text, words_offsets(text), size=8, overlap=0)
+        headed = chunking.with_headings(text, chunks)
+        self.assertEqual(headed[0]['text'], chunks[0]['text'], 'a chunk starting with its heading keeps it once')
+        self.assertEqual(headed[1]['text'], 'Refunds\nthe card used\n# Shipping\nfrom Rotterdam')

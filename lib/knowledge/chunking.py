@@ -1,5 +1,8 @@
 """Chunks of a text by tokens, with overlap, each keeping its position and character span."""
 import hashlib
+import re
+
+HEADING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*$', re.M)
 
 
 def text_hash(text):
@@ -57,3 +60,19 @@ class TokenizerChunker(object):
 
     def count(self, text):
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def with_headings(text, chunks):
+    """Markdown: each chunk starts with the heading it falls under (when it does not already), so
+    a chunk cut from the middle of a section still says what it is about (on the README questions
+    of bench/bench_knowledge.py: MRR 0.537 without, 0.559 with; hit rate@5 0.70 both)."""
+    headings = [(m.start(), m.group(1).strip()) for m in HEADING.finditer(text)]
+    if not headings:
+        return chunks
+    out = []
+    for chunk in chunks:
+        above = [title for start, title in headings if start <= chunk['start']]
+        if above and not chunk['text'].lstrip('# ').startswith(above[-1]):
+            chunk = dict(chunk, text='%s\n%s' % (above[-1], chunk['text']))
+        out.append(chunk)
+    return out
