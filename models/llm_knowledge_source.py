@@ -25,7 +25,10 @@ class LlmKnowledgeSource(models.Model):
     name = fields.Char(required=True)
     collection_id = fields.Many2one('llm.knowledge.collection', required=True, ondelete='cascade', index=True)
     company_id = fields.Many2one(related='collection_id.company_id', store=True, readonly=True)
-    kind = fields.Selection([('file', 'Uploaded file'), ('records', 'Records')], required=True, default='file')
+    kind = fields.Selection([('file', 'Uploaded file'), ('records', 'Records'), ('dataset', "Dataset's answers")],
+                            required=True, default='file')
+    dataset_id = fields.Many2one('llm.training.dataset', string='Dataset', ondelete='cascade',
+                                 help="Each assistant answer of a chat dataset (JSONL), with the question before it.")
     datas = fields.Binary(string='File', attachment=True)
     datas_fname = fields.Char(string='File Name')
     model_id = fields.Many2one('ir.model', string='Model', ondelete='cascade',
@@ -65,7 +68,7 @@ class LlmKnowledgeSource(models.Model):
 
     @api.multi
     def write(self, values):
-        if {'datas', 'domain', 'field_ids', 'model_id'} & set(values):
+        if {'datas', 'domain', 'field_ids', 'model_id', 'dataset_id'} & set(values):
             values = dict(values, state='pending', sync_cursor=0, error=False)
         return super(LlmKnowledgeSource, self).write(values)
 
@@ -89,10 +92,12 @@ class LlmKnowledgeSource(models.Model):
         """One batch of work on this source; whether more is left. A failure is written on the
         source (its error, for the user to fix) and stops this source only."""
         self.ensure_one()
-        if self.kind == 'file' and self.state != 'pending':
+        if self.kind in ('file', 'dataset') and self.state != 'pending':
             return False
         try:
             with self.env.cr.savepoint():
+                if self.kind == 'dataset':
+                    return self._index_dataset()
                 return self._index_file() if self.kind == 'file' else self._sync_records(batch_size)
         except (documents.DocumentError, UserError, ValidationError) as e:
             self._set_error(getattr(e, 'name', None) or str(e))
@@ -122,6 +127,30 @@ class LlmKnowledgeSource(models.Model):
         self._drop_chunks()
         content_hash = chunking.text_hash(text)
         collection._add_chunks(self, [(self._name, self.id, filename, content_hash, c) for c in chunks])
+        self.write({'state': 'done', 'error': False, 'last_sync': fields.Datetime.now()})
+        collection._bump_version()
+        return False
+
+    def _index_dataset(self):
+        """A dataset's answers, one unit each; the chunks point to the dataset, so its rights
+        (owner-only for a restricted dataset) decide who gets them."""
+        collection, dataset = self.collection_id, self.dataset_id
+        if not dataset:
+            raise UserError(_('Source "%s": choose a dataset.') % self.name)
+        answers = []
+        for filename, stream in dataset.sudo()._data_streams():
+            if not filename.lower().endswith('.jsonl'):
+                raise documents.DocumentError(_('%s: only chat datasets in JSONL give answers') % filename)
+            answers.extend(chunking.dataset_answers(stream))
+        if not answers:
+            raise documents.DocumentError(_('dataset %s has no assistant answer') % dataset.name)
+        chunker, items = collection._chunker(), []
+        for number, text in answers:
+            title = '%s, example %d' % (dataset.name, number)
+            items.extend(('llm.training.dataset', dataset.id, title, chunking.text_hash(text), chunk)
+                         for chunk in chunker(text, collection.chunk_size, collection.chunk_overlap))
+        self._drop_chunks()
+        collection._add_chunks(self, items)
         self.write({'state': 'done', 'error': False, 'last_sync': fields.Datetime.now()})
         collection._bump_version()
         return False

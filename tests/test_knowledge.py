@@ -60,6 +60,15 @@ class TestKnowledge(SavepointCase):
             'collection_id': cls.collection.id, 'name': 'Actions', 'kind': 'records',
             'model_id': env.ref('base.model_ir_actions_server').id, 'domain': "[('name', '=', 'Knowledge test action')]",
             'field_ids': [(6, 0, Fields.search([('model', '=', 'ir.actions.server'), ('name', 'in', ('name', 'code'))]).ids)]})
+        examples = b'{"messages": [{"role": "user", "content": "What is the vault code word?"}, ' \
+                   b'{"role": "assistant", "content": "The vault code word is marmalade."}]}\n'
+        attachment = env['ir.attachment'].create({'name': 'vault.jsonl', 'datas_fname': 'vault.jsonl',
+                                                  'datas': base64.b64encode(examples)})
+        cls.dataset = env['llm.training.dataset'].create({'name': 'Vault', 'visibility': 'restricted',
+                                                          'attachment_ids': [(6, 0, attachment.ids)]})
+        cls.dataset_source = env['llm.knowledge.source'].create({
+            'collection_id': cls.collection.id, 'name': 'Vault answers', 'kind': 'dataset',
+            'dataset_id': cls.dataset.id})
         cls.collection._sync(FAR)
         cls.user = env['res.users'].create({
             'name': 'Restricted', 'login': 'knowledge_restricted', 'password': 'knowledge_restricted',
@@ -120,6 +129,12 @@ class TestKnowledge(SavepointCase):
         self.assertIn('Alice Ltd', wizard.sources_html)
         self.assertNotIn('Zeta', wizard.sources_html)
         self.assertIn('href="/web#model=res.partner&amp;id=%d"' % self.alice.id, wizard.sources_html)
+        # a restricted dataset's answers: its owner (and managers) only
+        vault = 'What is the code word of the vault?'
+        self.assertEqual(self.collection.search_chunks(vault, top_k=1)[0]['res_model'], 'llm.training.dataset')
+        self.assertIn('marmalade', self.collection.search_chunks(vault, top_k=1)[0]['text'])
+        self.assertNotIn('llm.training.dataset', [h['res_model'] for h in
+                                                  self.collection.sudo(self.user).search_chunks(vault, top_k=10)])
         # rights are checked when answering: once the partner moves to company B, it is gone for the user
         self.alice.company_id = self.company_b
         partners = [h['res_id'] for h in self.collection.sudo(self.user).search_chunks(question, top_k=10)

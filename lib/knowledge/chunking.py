@@ -76,3 +76,30 @@ def with_headings(text, chunks):
             chunk = dict(chunk, text='%s\n%s' % (above[-1], chunk['text']))
         out.append(chunk)
     return out
+
+
+def dataset_answers(lines, limit=None):
+    """'Question: ...\nAnswer: ...' per assistant answer of chat JSONL lines (bytes or str), with
+    the user message before it; other lines (prompt/completion, preference) by their fields."""
+    import json
+    found = []
+    for number, line in enumerate(lines, 1):
+        try:
+            example = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(example, dict):
+            continue
+        question = None
+        for message in example.get('messages') or ():
+            if not isinstance(message, dict) or not isinstance(message.get('content'), str):
+                continue
+            if message.get('role') == 'user':
+                question = message['content']
+            elif message.get('role') == 'assistant' and message['content'].strip():
+                found.append((number, 'Question: %s\nAnswer: %s' % (question or '', message['content'])))
+        if isinstance(example.get('prompt'), str) and isinstance(example.get('completion'), str):
+            found.append((number, 'Question: %s\nAnswer: %s' % (example['prompt'], example['completion'])))
+        if limit and len(found) >= limit:
+            break
+    return found
