@@ -89,6 +89,13 @@ class LlmKnowledgeCollection(models.Model):
             if collection.max_file_mb <= 0:
                 raise ValidationError(_('The maximum file size must be positive.'))
 
+    @api.constrains('store')
+    def _check_store(self):
+        """pgvector only where the server has the extension: detected, never assumed."""
+        if any(c.store == 'pgvector' for c in self) and not stores.pgvector_available(self.env.cr):
+            raise ValidationError(_('This PostgreSQL server has no "vector" extension (pgvector): install it on the '
+                                    'database server, or keep the embedded store.'))
+
     @api.multi
     def write(self, values):
         reindex = [c for c in self if any(f in values and values[f] != (c[f].id if isinstance(c[f], models.BaseModel)
@@ -101,7 +108,7 @@ class LlmKnowledgeCollection(models.Model):
     @api.multi
     def unlink(self):
         for collection in self:
-            collection._store_delete_all()
+            collection.sudo()._store().drop(collection.sudo()._ref())
         return super(LlmKnowledgeCollection, self).unlink()
 
     # -- actions ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ class, tiny documents."""
 import base64
 import time
 
+from odoo.exceptions import ValidationError
 from odoo.tests.common import SavepointCase
 
 from odoo.addons.llm_training.lib.knowledge.stores import EmbeddedStore
@@ -186,6 +187,12 @@ class TestKnowledge(SavepointCase):
 
     def test_changing_the_embedding_model_reindexes(self):
         self.assertTrue(self.chunks(self.handbook))
+        self.env.cr.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'")
+        if not self.env.cr.fetchone()[0]:  # this server has no pgvector: the store says so, nothing changes
+            with self.assertRaisesRegex(ValidationError, 'no "vector" extension'):
+                with self.env.cr.savepoint():
+                    self.collection.store = 'pgvector'
+            self.assertTrue(self.chunks(self.handbook))
         self.collection.write({'chunk_size': 64})
         self.assertFalse(self.chunks(self.handbook))
         self.assertEqual(self.handbook.state, 'pending')

@@ -111,6 +111,8 @@ class TestEmbeddedStore(unittest.TestCase):
         hits = store.search(self.ref(2, rows=300), self.matrix[400], 5)
         self.assertEqual(self.loads, 2)
         self.assertTrue(all(h[0] < 1300 for h in hits), 'vectors gone from the new version are gone from the index')
+        store.drop(self.ref(2))
+        self.assertEqual(os.listdir(self.folder), [])
 
 
 class TestPgVector(unittest.TestCase):

@@ -7,6 +7,7 @@ what changed and searched by the retrieval (retrieval.py), which filters by righ
     store.add(collection, ids, vectors)      after chunks were written
     store.delete(collection, ids)            after chunks were removed
     store.search(collection, vector, k)      -> [(chunk id, score)], best first, at most k
+    store.drop(collection)                   the collection is deleted
 
 `collection` is a CollectionRef: its id, its vector dimensions, its version (a counter the ORM
 raises in the database whenever its chunks change) and `load()`, which reads (ids, matrix) of its
@@ -72,6 +73,10 @@ class VectorStore(object):
     def search(self, collection, vector, k):
         raise NotImplementedError
 
+    def drop(self, collection):
+        """Forget the collection (deleted): its index, its rows."""
+        raise NotImplementedError
+
 
 @register
 class EmbeddedStore(VectorStore):
@@ -85,6 +90,15 @@ class EmbeddedStore(VectorStore):
 
     def delete(self, collection, ids):
         pass
+
+    def drop(self, collection):
+        index_path, meta_path = self._paths(collection)
+        for path in (index_path, meta_path, index_path + '.lock'):  # deleted: no one builds it any more
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self._loaded.pop((self.config['index_dir'], collection.id), None)
 
     @property
     def approx_min(self):
@@ -196,6 +210,10 @@ class PgVectorStore(VectorStore):
     def delete(self, collection, ids):
         self._check(collection.cursor)
         collection.cursor.execute('DELETE FROM llm_knowledge_pgvector WHERE chunk_id = ANY(%s)', (list(ids),))
+
+    def drop(self, collection):
+        self._check(collection.cursor)
+        collection.cursor.execute('DELETE FROM llm_knowledge_pgvector WHERE collection_id = %s', (collection.id,))
 
     def search(self, collection, vector, k):
         cursor = collection.cursor
