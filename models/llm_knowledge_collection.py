@@ -11,7 +11,7 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 
 from ..lib.knowledge import chunking, documents, retrieval, stores
-from ..lib.knowledge.vectors import from_bytes, to_bytes
+from ..lib.knowledge.vectors import to_bytes
 from ..lib.providers.local import trainer_env
 
 _logger = logging.getLogger(__name__)
