@@ -10,7 +10,7 @@
     'author': 'llm_training',
     'depends': ['mail'],
     # orjson is optional (lib/dataset_validator.py falls back to json); jsonschema is for the tests only
-    'external_dependencies': {'python': ['psutil', 'requests', 'openai', 'tokenizers', 'pyarrow']},
+    'external_dependencies': {'python': ['psutil', 'requests', 'openai', 'tokenizers', 'pyarrow', 'numpy', 'usearch']},
     'data': [
         'security/llm_training_security.xml',
         'security/ir.model.access.csv',
@@ -34,6 +34,12 @@
         'views/llm_model_export_views.xml',
         'views/llm_provider_serving_views.xml',
         'data/llm_model_export_data.xml',
+        'security/llm_knowledge_security.xml',
+        'views/llm_knowledge_views.xml',
+        'views/llm_assistant_views.xml',
+        'wizards/llm_assistant_ask_wizard_views.xml',
+        'views/llm_knowledge_menus.xml',
+        'data/llm_knowledge_data.xml',
     ],
     'demo': [
         'demo/llm_training_demo.xml',

@@ -157,6 +157,9 @@ class OpenAIApi(http.Controller):
     def create_file(self, env, **kw):
         max_file = v1_hooks.max_file_bytes()  # a larger body was refused unread (v1_hooks)
         Dataset = env['llm.training.dataset']
+        from . import knowledge_api  # imports this module: imported here
+        if request.httprequest.form.get('purpose') in knowledge_api.PURPOSES and request.httprequest.files.get('file'):
+            return knowledge_api.create_file(env, request.httprequest.files['file'], max_file)  # for vector stores
         Dataset.check_access_rights('create')
         if request.httprequest.form.get('purpose') != 'fine-tune':
             raise oa.ApiError(400, "purpose must be 'fine-tune' (the only purpose this server accepts).",
@@ -477,6 +480,10 @@ class OpenAIApi(http.Controller):
         deadline = limits.deadline(tools.config, started, evented=odoo.evented)
         if deadline is not None:
             options['max_seconds'] = max(deadline - time.time(), 0.1)
+        assistant = env['llm.assistant'].search([('name', '=', model_name)], limit=1)
+        if assistant:  # a RAG assistant answers with retrieval (controllers/knowledge_api.py)
+            from . import knowledge_api
+            return knowledge_api.assistant_completion(env, assistant, model_name, messages, stream, include_usage)
         model = self._find_model(env, model_name, param='model')
         if not model.provider_id.can_chat:
             raise oa.ApiError(400, 'Model %s cannot chat: its provider "%s" serves no chat completions.'

@@ -280,6 +280,30 @@ class ModelServer(object):
             raise _refusal(answer)
         return answer
 
+    def embed(self, texts, model):
+        """The vectors of `texts` by the named embedding model (trainer/knowledge/embed.py):
+        {'data': [[float]], 'tokens': [int], 'dimensions', 'model'}."""
+        for attempt in (1, 2):
+            state = self.ensure_running()
+            try:
+                answer = self._session.post(self._url(state, '/embed'), json={'model': model, 'input': list(texts)},
+                                            headers=self._headers(), timeout=(HEALTH_TIMEOUT, self.request_timeout))
+            except requests.ConnectionError:
+                if attempt == 2:
+                    raise ModelServerError('the model server stopped answering: %s' % self.log_tail())
+                continue
+            except requests.Timeout:
+                raise ModelServerError('the model server did not answer within %d s' % self.request_timeout)
+            if answer.status_code == 401 and attempt == 1:  # restarted (new token) since we read it
+                continue
+            try:
+                body = answer.json()
+            except ValueError:
+                body = {'error': answer.text}
+            if answer.status_code != 200:
+                raise ModelServerError(body.get('error') or answer.text, answer.status_code)
+            return body
+
     @staticmethod
     def _lines(answer):
         try:

@@ -13,3 +13,7 @@ from . import llm_training_schedule
 from . import llm_api_key
 from . import llm_model_export
 from . import llm_provider_serving
+from . import llm_knowledge_collection
+from . import llm_knowledge_source
+from . import llm_knowledge_chunk
+from . import llm_assistant

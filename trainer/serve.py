@@ -25,6 +25,7 @@ Loopback is shared by every local user and process, so the server trusts none of
                      -> {"text", "finish_reason": "stop"|"length", "prompt_tokens", "completion_tokens"}
                      stream: one JSON object per line, {"delta": "..."} ..., then
                      {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
+    POST /embed      {"model": name, "input": [str]} -> {"data": [[float]], ...} (trainer/knowledge/embed.py)
     POST /shutdown   answers, then exits; SIGTERM does the same
 
 A model folder is either a full model (config.json: loaded as the base, replacing the loaded one)
@@ -420,6 +421,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, {'status': 'shutting down'})
                 self.server.stop_soon()
                 return
+            if self.path == '/embed':  # knowledge collections' embeddings: trainer/knowledge/embed.py
+                from trainer.knowledge import embed
+                return self._json(*embed.answer(raw))
             if self.path != '/chat':
                 raise RequestError('unknown path %s' % self.path, 404)
             try:

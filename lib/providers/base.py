@@ -130,6 +130,11 @@ class TrainingProvider(object):
         before this returns, so refusals raise here, not at the first item."""
         raise TrainingFailedError('Provider "%s" cannot chat with its models.' % self.name)
 
+    def embed(self, model_ref, texts):
+        """The embedding vectors of `texts` (a list of lists of floats, in order) by the named
+        embedding model (knowledge collections)."""
+        raise TrainingFailedError('Provider "%s" cannot embed texts.' % self.name)
+
     def list_models(self):
         """The service's models: [{'id': model_ref}]."""
         raise TrainingFailedError('Provider "%s" cannot list its models.' % self.name)

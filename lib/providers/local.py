@@ -11,10 +11,11 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
-from ..exceptions import TrainingFailedError
+from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..hyperparameters import check_processes, trainer_config
+from ..model_server import ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from .base import TrainingProvider
 from .serving import ServedChat, chat_options, generation_failed  # noqa: F401  (tests import them here)
@@ -144,3 +145,12 @@ class LocalTrainer(ServedChat, TrainingProvider):
 
     def served_path(self, model_ref, where):
         return self.model_path(model_ref)  # this host only: its models are on its own disk
+
+    def embed(self, model_ref, texts):
+        """Embeddings by a named model of this host's model server (trainer/knowledge/embed.py)."""
+        try:
+            return self.model_server().embed(texts, model_ref)['data']
+        except ModelServerError as e:
+            if e.status in (400, 404):
+                raise InvalidRequestError('Embedding failed: %s' % e)
+            raise generation_failed(e)

@@ -252,6 +252,13 @@ class OpenAIFineTuning(TrainingProvider):
     def test_connection(self):
         return '%d models visible with this key.' % len(self.list_models())
 
+    def embed(self, model_ref, texts):
+        """OpenAI's embedding models (text-embedding-3-small, ...), in order."""
+        client = self.client()
+        with self.errors('embedding texts'):
+            answer = client.embeddings.create(model=model_ref, input=list(texts))
+        return [item.embedding for item in sorted(answer.data, key=lambda item: item.index)]
+
 
 def _retry_after(error):
     try:

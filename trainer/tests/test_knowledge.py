@@ -1,0 +1,50 @@
+"""Knowledge in the trainer env: the embedding model (all-MiniLM-L6-v2 from its package, mean
+pooling + L2 norm, batched) and the document parsers, on real files made here."""
+import json
+
+import pytest
+
+from trainer.knowledge import embed, parse
+
+
+@pytest.fixture(scope='module')
+def cache():
+    return embed.EmbeddingCache()
+
+
+def test_embeddings_are_normalised_and_do_not_depend_on_the_batch(cache):
+    texts = ['The refund window is thirty days.', 'Parcels ship from Rotterdam.', 'Refunds: 30 days after delivery.']
+    together, tokens = embed.embed(texts, cache=cache, batch_size=2)  # sorted by length, padded in pairs
+    alone = [embed.embed([t], cache=cache)[0][0] for t in texts]
+    assert len(together[0]) == 384 and all(t > 3 for t in tokens)
+    for a, b in zip(together, alone):
+        assert sum(x * x for x in a) == pytest.approx(1.0, abs=1e-5)
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, 'padding must not change a vector (mean over the mask)'
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b))
+    assert cos(together[0], together[2]) > cos(together[0], together[1]), 'similar meaning, closer vectors'
+
+
+def test_unknown_model_and_bad_requests_are_refused():
+    status, body = embed.answer(json.dumps({'model': 'no-such-model', 'input': ['x']}).encode())
+    assert status == 404 and "unknown embedding model 'no-such-model'" in body['error']
+    assert embed.answer(b'{"input": []}')[0] == 400
+    assert embed.answer(b'not json')[0] == 400
+
+
+def test_parsers_read_docx_html_and_refuse_broken_files(tmp_path):
+    import docx
+    document = docx.Document()
+    document.add_paragraph('Refunds are paid within five working days.')
+    document.save(str(tmp_path / 'policy.docx'))
+    assert parse.extract(str(tmp_path / 'policy.docx'), 'docx') == 'Refunds are paid within five working days.'
+    (tmp_path / 'page.html').write_text('<html><script>var x;</script><p>Open 9 to 5.</p></html>')
+    assert parse.extract(str(tmp_path / 'page.html'), 'html') == 'Open 9 to 5.'
+    (tmp_path / 'broken.pdf').write_bytes(b'%PDF-1.4 broken')
+    with pytest.raises(parse.ParseError, match='unreadable PDF'):
+        parse.extract(str(tmp_path / 'broken.pdf'), 'pdf')
+    (tmp_path / 'empty.txt').write_bytes(b'')
+    with pytest.raises(parse.ParseError, match='empty'):
+        parse.extract(str(tmp_path / 'empty.txt'), 'text')
+    (tmp_path / 'big.txt').write_bytes(b'x' * 2000)
+    with pytest.raises(parse.ParseError, match='the limit is 1000'):
+        parse.extract(str(tmp_path / 'big.txt'), 'text', max_bytes=1000)
