@@ -188,7 +188,7 @@ def _adapter_names(model, rows):
 class Engine(object):
     """The loop thread and its waiting line; see the module's docstring."""
 
-    def __init__(self, cache, max_batch=8, max_queue=16, idle_unload=900, clock=time.monotonic):
+    def __init__(self, cache, max_batch=8, max_queue=16, idle_unload=900, clock=time.monotonic, autostart=True):
         self.cache = cache
         self.max_batch = max(1, int(max_batch))
         self.max_queue = max(0, int(max_queue))
@@ -198,6 +198,8 @@ class Engine(object):
         self._waiting = collections.deque()
         self._batches = collections.OrderedDict()  # base folder -> Batch
         self._thread = None
+        self._autostart = autostart
+        self._admitting = 0  # taken from the line, being loaded and prefilled
         self._stopping = False
         self.iterations = 0
         self.stats = {'finished': 0, 'cancelled': 0, 'steps': 0, 'max_rows': 0}
@@ -211,17 +213,25 @@ class Engine(object):
         with self._cond:
             if self._stopping:
                 raise RequestError('the model server is stopping', 503)
-            if len(self._waiting) >= self.max_queue and self._rows() >= self.max_batch:
+            free = max(0, self.max_batch - self._rows() - self._admitting)
+            if len(self._waiting) >= self.max_queue + free:
                 error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
                 error.retry_after = BUSY_RETRY_AFTER
                 raise error
             ticket = Ticket(request)
             self._waiting.append(ticket)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name='batching-engine', daemon=True)
-                self._thread.start()
+            if self._autostart:
+                self.start()
             self._cond.notify_all()
         return ticket
+
+    def start(self):
+        """Start the loop (at the first request, unless made with autostart=False)."""
+        with self._cond:
+            self._autostart = True
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._run, name='batching-engine', daemon=True)
+                self._thread.start()
 
     def chat(self, request, emit, is_gone=None):
         """Generate the reply, handing text deltas to `emit` as they come; returns {'finish_reason',
@@ -235,13 +245,18 @@ class Engine(object):
         return dict(final, text=''.join(parts))
 
     def follow(self, ticket, emit, is_gone=None, poll=0.2):
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     kind, value = ticket.events.get(timeout=poll)
                 except queue.Empty:
-                    if is_gone is not None and is_gone():
+                    kind = None
+                if is_gone is not None and (kind is None or time.monotonic() - checked >= poll):
+                    checked = time.monotonic()
+                    if is_gone():
                         raise ClientGone()
+                if kind is None:
                     continue
                 if kind == 'delta':
                     emit(value)
@@ -290,15 +305,18 @@ class Engine(object):
                 admit = []
                 while self._waiting and self._rows() + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
+                self._admitting = len(admit)
             later = []
             for ticket in admit:
                 if not self._start(ticket):
                     later.append(ticket)
+            with self._cond:
+                self._waiting.extendleft(reversed(later))
+                self._admitting = 0
             for batch in list(self._batches.values()):
                 self._step(batch)
             self._unload_idle()
             with self._cond:
-                self._waiting.extendleft(reversed(later))
                 self._snapshot = self._describe()
                 self.iterations += 1
                 self._cond.notify_all()

@@ -334,6 +334,7 @@ class ModelCache(object):
             entry.model.load_adapter(path, adapter_name=name, is_trainable=False)
         else:
             entry.model = PeftModel.from_pretrained(entry.model, path, adapter_name=name, is_trainable=False)
+        entry.model.set_adapter(name)  # never a deleted one: peft reads the active adapter on every call
         entry.model.eval()
         entry.adapters[name] = path
 
