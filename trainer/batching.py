@@ -408,4 +408,6 @@ class Engine(object):
 
     def _describe(self):
         return {'rows': self._rows(), 'waiting': len(self._waiting), 'max_batch': self.max_batch,
-                'max_queue': self.max_queue, 'idle_unload': self.idle_unload, 'stats': dict(self.stats)}
+                'max_queue': self.max_queue, 'idle_unload': self.idle_unload,
+                'max_memory_mb': self.cache.max_memory // 2 ** 20 if self.cache.max_memory else None,
+                'stats': dict(self.stats)}

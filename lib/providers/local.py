@@ -165,7 +165,8 @@ class LocalTrainer(TrainingProvider):
         run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
         return ModelServer(self.python, run_dir, env=trainer_env(), cwd=ADDON_ROOT,
                            allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
-                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
+                           private_top=os.path.dirname(run_dir),  # <data_dir>/llm_training: job folders too
+                           **self.config.get('serve_settings', {}))
 
     def generate(self, model_ref, prompt, max_new_tokens=128):
         """The model form's Test button and Compare Models: one user message, greedy."""
