@@ -27,6 +27,7 @@ The seam other servers call (the HTTP handler, a Ray Serve deployment):
 """
 import collections
 import queue
+import sys
 import threading
 import time
 
@@ -306,16 +307,25 @@ class Engine(object):
                 while self._waiting and self._rows() + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
                 self._admitting = len(admit)
-            later = []
-            for ticket in admit:
-                if not self._start(ticket):
-                    later.append(ticket)
-            with self._cond:
-                self._waiting.extendleft(reversed(later))
-                self._admitting = 0
-            for batch in list(self._batches.values()):
-                self._step(batch)
-            self._unload_idle()
+            try:
+                later = []
+                for ticket in admit:
+                    if not self._start(ticket):
+                        later.append(ticket)
+                with self._cond:
+                    self._waiting.extendleft(reversed(later))
+                    self._admitting = 0
+                for batch in list(self._batches.values()):
+                    self._step(batch)
+                self._unload_idle()
+            except Exception as e:  # a bug here must not leave every caller waiting forever
+                sys.stderr.write('batching loop failed: %r\n' % e)
+                for batch in self._batches.values():
+                    for row in batch.rows:
+                        row.ticket.events.put(('error', e))
+                    self._leave(batch, [])
+                with self._cond:
+                    self._admitting = 0
             with self._cond:
                 self._snapshot = self._describe()
                 self.iterations += 1

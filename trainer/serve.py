@@ -1,12 +1,17 @@
 """A persistent local model server: one base model kept loaded, LoRA adapters swapped on it.
 
     python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
-                            [--max-adapters 8] [--max-waiting 4] [--read-timeout 30]
+                            [--max-adapters 8] [--max-waiting 4] [--read-timeout 30] [--max-batch 8]
+                            [--idle-unload 900] [--max-memory-mb MB]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
-lib/model_server.py finds it. Requests are answered in threads, generations run one at a time (a
-lock: on a CPU two at once are slower than one after the other).
+lib/model_server.py finds it. Requests are answered in threads; their generations decode together
+in one batch (trainer/batching.py: continuous batching, up to --max-batch rows, rows of different
+LoRA adapters of one base side by side): one forward pass over 8 rows costs little more than over
+one, since decoding is bound by reading the weights. Several base models stay loaded while their
+weights fit in --max-memory-mb (unset: one at a time); one unused for --idle-unload seconds is
+unloaded, and loaded again by the next request that needs it.
 
 Loopback is shared by every local user and process, so the server trusts none of them:
 - a random token is made at start and written, mode 0600, to `server.token` beside the state file
@@ -15,10 +20,14 @@ Loopback is shared by every local user and process, so the server trusts none of
 - it serves model folders (and an adapter's base) only under the --allowed-root folders, checked
   on the real path (no root: nothing is served); any other folder is refused with 403;
 - each connection has a read timeout (--read-timeout): a client that stops sending is dropped;
-- at most --max-waiting requests wait for the generation lock; one more is answered 503 with
-  Retry-After at once, instead of holding its caller for minutes.
+- at most --max-waiting requests wait for a row of the batch; one more is answered 503 with
+  Retry-After at once, instead of holding its caller for minutes;
+- a client that closes its connection loses its row at the loop's next step.
 
-    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"}, "allowed_roots": [...]}
+    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"} (the last used), "allowed_roots": [...],
+                      "models": [{"base", "kind", "adapters", "mb"}] (all loaded), "loads", "unloaded":
+                      [{"base", "reason" ("idle for N s", "room for ..."), "at"}] (the last few),
+                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats"}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
                       with "length" that long after the request arrived, waiting included)}
@@ -428,7 +437,8 @@ def chat(cache, model, messages, **options):
 
 
 def whole_answer(cache, request):
-    """The answer to a checked request, all at once."""
+    """The answer to a checked request, all at once (one at a time, transformers' generate: the
+    path before batching, kept for in-process callers and as the benchmark's baseline)."""
     parts = []
     final = run_chat(cache, request, parts.append)
     return dict(final, text=''.join(parts))
