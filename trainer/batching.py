@@ -169,6 +169,15 @@ class Batch(object):
             row.accept(row.pick(logits[i]), now)
 
 
+def _torch_threads():
+    """torch's thread count, read in the thread that makes the engine, after one small parallel
+    op there: when OpenMP's first parallel region ran in the loop thread instead, decode steps
+    were about 2x slower on the 2-core machine (torch 2.13 CPU; measured, not explained)."""
+    import torch
+    torch.mm(torch.ones(256, 256), torch.ones(256, 256))
+    return torch.get_num_threads()
+
+
 def _pad_left(tensor, total, dim=2):
     import torch
     missing = total - tensor.shape[dim]
@@ -199,6 +208,7 @@ class Engine(object):
         self._waiting = collections.deque()
         self._batches = collections.OrderedDict()  # base folder -> Batch
         self._thread = None
+        self._threads = _torch_threads()
         self._autostart = autostart
         self._admitting = 0  # taken from the line, being loaded and prefilled
         self._stopping = False
@@ -292,6 +302,10 @@ class Engine(object):
         return sum(len(batch.rows) for batch in self._batches.values())
 
     def _run(self):
+        import torch
+        # OpenMP's thread count is per native thread: a new one starts with one thread per CPU
+        # of the host (not of this process's share), which oversubscribes a small CPU set badly
+        torch.set_num_threads(self._threads)
         while True:
             with self._cond:
                 if not self._waiting and not self._rows() and not self._stopping:
