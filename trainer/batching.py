@@ -49,6 +49,23 @@ class Ticket(object):
         self.cancelled = True
 
 
+class Samples(object):
+    """The tickets of a request for n answers: samples of one prompt, side by side in the batch."""
+
+    def __init__(self, tickets):
+        self.tickets = tickets
+
+    def cancel(self):
+        for ticket in self.tickets:
+            ticket.cancel()
+
+
+def sample_request(request, i):
+    """The i-th sample of a request for n answers: its own seed (seed + i), when one was given."""
+    seed = request.get('seed')
+    return dict(request, n=1, seed=None if seed is None else seed + i)
+
+
 class Row(object):
     """A request decoding: its tokens so far, its stop text, its sampler."""
 
@@ -218,23 +235,24 @@ class Engine(object):
 
     # -- the seam -----------------------------------------------------------------------------
     def submit(self, request):
-        """Queue a checked request: a Ticket; RequestError 403/404 for a folder it may not or
-        cannot serve, 503 (busy, with retry_after) when the waiting line is full."""
+        """Queue a checked request: a Ticket (Samples for n > 1); RequestError 403/404 for a folder
+        it may not or cannot serve, 503 (busy, with retry_after) when the waiting line is full."""
+        n = request.get('n') or 1
         model_kind(request['model'], self.cache.roots)
         with self._cond:
             if self._stopping:
                 raise RequestError('the model server is stopping', 503)
             free = max(0, self.max_batch - self._rows() - self._admitting)
-            if len(self._waiting) >= self.max_queue + free:
+            if len(self._waiting) + n > self.max_queue + free:
                 error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
                 error.retry_after = BUSY_RETRY_AFTER
                 raise error
-            ticket = Ticket(request)
-            self._waiting.append(ticket)
+            tickets = [Ticket(sample_request(request, i) if n > 1 else request) for i in range(n)]
+            self._waiting.extend(tickets)
             if self._autostart:
                 self.start()
             self._cond.notify_all()
-        return ticket
+        return tickets[0] if n == 1 else Samples(tickets)
 
     def start(self):
         """Start the loop (at the first request, unless made with autostart=False)."""
@@ -256,6 +274,10 @@ class Engine(object):
         return dict(final, text=''.join(parts))
 
     def follow(self, ticket, emit, is_gone=None, poll=0.2):
+        """The final answer of a ticket, its deltas handed to `emit`; for Samples (n answers,
+        not streamed) the first one's final with 'choices' and the tokens summed."""
+        if isinstance(ticket, Samples):
+            return self._follow_samples(ticket, emit, is_gone, poll)
         checked = time.monotonic()
         try:
             while True:
@@ -278,6 +300,21 @@ class Engine(object):
         except BaseException:
             ticket.cancel()
             raise
+
+    def _follow_samples(self, samples, emit, is_gone, poll):
+        choices = []
+        try:
+            for ticket in samples.tickets:
+                parts = []
+                final = self.follow(ticket, parts.append, is_gone, poll)
+                choices.append(dict(final, text=''.join(parts)))
+        except BaseException:
+            samples.cancel()
+            raise
+        emit(choices[0]['text'])
+        return {'finish_reason': choices[0]['finish_reason'], 'prompt_tokens': choices[0]['prompt_tokens'],
+                'completion_tokens': sum(c['completion_tokens'] for c in choices),
+                'choices': [{k: c[k] for k in ('text', 'finish_reason', 'completion_tokens')} for c in choices]}
 
     def describe(self):
         """A snapshot (taken by the loop): loaded models, rows, waiting, idle unloads."""

@@ -30,8 +30,11 @@ Loopback is shared by every local user and process, so the server trusts none of
                       "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats"}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
-                      with "length" that long after the request arrived, waiting included)}
+                      with "length" that long after the request arrived, waiting included),
+                      "n" (answers, 1 to 8, not streamed; sample i uses seed + i)}
                      -> {"text", "finish_reason": "stop"|"length", "prompt_tokens", "completion_tokens"}
+                     (n > 1: also "choices": [{"text", "finish_reason", "completion_tokens"}], the
+                     first one's in "text", completion_tokens summed)
                      stream: one JSON object per line, {"delta": "..."} ..., then
                      {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
     POST /shutdown   answers, then exits; SIGTERM does the same
@@ -62,6 +65,7 @@ class ClientGone(Exception):
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 8
+MAX_N = 8  # answers to one request at most (they decode side by side in the batch)
 TOKEN_FILE = 'server.token'
 BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait
 
@@ -114,8 +118,14 @@ def parse_chat_request(body):
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                     or max_seconds <= 0):
         raise RequestError('"max_seconds" must be a positive number or null')
+    n = body.get('n')
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise RequestError('"n" must be an integer from 1 to %d' % MAX_N)
+    if n > 1 and body.get('stream'):
+        raise RequestError('"n" above 1 is answered whole, not streamed')
     return {'model': model, 'messages': messages, 'max_tokens': max_tokens, 'temperature': float(temperature),
-            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream')),
+            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream')), 'n': n,
             'deadline': time.monotonic() + max_seconds if max_seconds else None}
 
 

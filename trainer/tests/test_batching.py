@@ -77,6 +77,16 @@ def test_batched_greedy_answers_equal_one_at_a_time_answers_with_two_adapters(en
     assert engine.describe()['rows'] == 0
 
 
+def test_n_samples_of_one_prompt_share_the_batch_each_with_its_seed(engine, model_dir):
+    answer = engine.whole_answer(request(model_dir, PROMPTS[1], temperature=1.0, seed=7, max_tokens=4, n=3))
+    texts = [choice['text'] for choice in answer['choices']]
+    assert texts[0] == answer['text'] and len(set(texts)) == 3  # seeds 7, 8, 9
+    assert texts[1] == engine.whole_answer(request(model_dir, PROMPTS[1], temperature=1.0, seed=8, max_tokens=4))['text']
+    assert answer['completion_tokens'] == sum(choice['completion_tokens'] for choice in answer['choices'])
+    with pytest.raises(serve.RequestError):
+        request(model_dir, PROMPTS[1], n=2, stream=True)
+
+
 def test_a_client_that_goes_away_frees_its_row(engine, model_dir):
     server = serve.ModelServer(0, roots=[model_dir])
     server.engine.close()
