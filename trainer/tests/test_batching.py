@@ -9,6 +9,7 @@ import time
 import pytest
 
 from trainer import serve
+from trainer import batching
 from trainer.batching import Engine
 
 PROMPTS = ['What is the capital of France?', 'Write a poem about the sea.', 'Name three colours.',
@@ -34,7 +35,8 @@ def engine():
     engine.close()
 
 
-def test_batched_greedy_answers_equal_one_at_a_time_answers_with_two_adapters(engine, model_dir, adapters):
+def test_batched_greedy_answers_equal_one_at_a_time_answers_with_two_adapters(engine, model_dir, adapters,
+                                                                              monkeypatch):
     models = [model_dir] + adapters
     wave = [request(models[i % 3], PROMPTS[i % 3 if i < 3 else 1], max_tokens=6) for i in range(4)]  # 3 models, 2 prompts
     wave += [request(model_dir, PROMPTS[1], temperature=1.0, seed=seed, max_tokens=4) for seed in (7, 7, 8)]
@@ -46,23 +48,26 @@ def test_batched_greedy_answers_equal_one_at_a_time_answers_with_two_adapters(en
     assert len(set(a['text'] for a in expected[:3])) == 3  # base and adapters answer differently
     engine.sync()
     engine.stats['max_rows'] = 0
+    gate, step = threading.Event(), batching.Batch.step
+
+    def gated_step(batch, clock):  # the first decode step waits until the late request is queued
+        assert gate.wait(60)
+        step(batch, clock)
+    monkeypatch.setattr(batching.Batch, 'step', gated_step)
     with engine._cond:  # the loop waits while nothing is queued: let the wave queue up whole
         tickets = [engine.submit(r) for r in wave]
     answers = [None] * len(tickets)
-    late_ticket = []
 
     def follow(i):
         parts = []
-
-        def emit(delta):
-            parts.append(delta)
-            if i == 0 and not late_ticket:  # the first one is decoding: one more arrives
-                late_ticket.append(engine.submit(late))
-        final = engine.follow(tickets[i], emit)
+        final = engine.follow(tickets[i], parts.append)
         answers[i] = dict(final, text=''.join(parts))
     threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(tickets))]
     for thread in threads:
         thread.start()
+    wait_for(lambda: engine._rows() == len(wave), 'the wave was prefilled')
+    late_ticket = [engine.submit(late)]  # arrives while the others decode: joins at the next step
+    gate.set()
     for thread in threads:
         thread.join(120)
     late_parts = []
