@@ -502,6 +502,9 @@ class OpenAIApi(http.Controller):
                           headers=[('Retry-After', str(wait))])
         except UserError as e:
             raise _logged(503, 'The model server failed.', 'model_server_error', e.name)
+        if not stream and (options.get('n') or 1) > 1 and len(answer.get('choices') or ()) != options['n']:
+            raise oa.ApiError(400, 'Model %s answers one choice at a time: n must be 1.' % model_name, param='n',
+                              code='unsupported_parameter')  # its provider does not honour n
         if not stream:
             return _json(oa.completion_object(completion_id, created, model_name, answer))
         rid = v1_hooks.request_id()

@@ -11,8 +11,10 @@ The server trusts no local process: every request carries the token it wrote (06
 `server.token` in the run folder, which only this user can read (`make stop` included). It serves
 model folders only under the allowed roots it was started with (the places the addon puts
 models); a client that needs a root the running server lacks restarts it with the union of both
-sets. A busy server (its waiting line full) is ModelServerError with status 503 and
-`retry_after`. No Odoo import: plain Python 3.7 with `requests` and `psutil`.
+sets. It batches the requests of every worker (trainer/batching.py), with the settings of
+SERVE_SETTINGS (odoo.conf); a server running with other settings is restarted with ours. A busy
+server (its waiting line full) is ModelServerError with status 503 and `retry_after`, which
+`/v1` answers as 429 with Retry-After. No Odoo import: plain Python 3.7 with `requests` and `psutil`.
 """
 import json
 import os
@@ -37,7 +39,14 @@ STATE_FILE = 'server.json'
 TOKEN_FILE = 'server.token'  # written by the server (trainer/serve.py), mode 0600
 LOCK_FILE = 'server.lock'
 LOG_FILE = 'server.log'
-MAX_WAITING = 4  # requests that may wait behind the one generating; more are refused at once
+MAX_WAITING = 16  # requests that may wait for a row of the batch; more are refused at once
+# The batching settings (odoo.conf key -> server option, default); see serve_settings.
+SERVE_SETTINGS = (
+    ('llm_training_serve_max_queue', 'max_waiting', MAX_WAITING),  # waiting requests; more: 429 + Retry-After
+    ('llm_training_serve_max_batch', 'max_batch', 8),  # requests decoding together
+    ('llm_training_serve_idle_unload', 'idle_unload', 900),  # seconds unused before a model is unloaded; 0: never
+    ('llm_training_serve_max_memory_mb', 'max_memory_mb', 0),  # weights kept loaded at once; 0: one model
+)
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
 HEALTH_TIMEOUT = 5
@@ -52,6 +61,23 @@ class ModelServerError(Exception):
         super(ModelServerError, self).__init__(message)
         self.status = status
         self.retry_after = retry_after
+
+
+def serve_settings(get):
+    """The model server's batching settings from odoo.conf (`get`: tools.config.get), checked:
+    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb'}; ValueError names a bad key."""
+    settings = {}
+    for key, name, default in SERVE_SETTINGS:
+        raw = get(key)
+        try:
+            value = default if raw in (None, '') else float(raw) if name == 'idle_unload' else int(raw)
+        except (TypeError, ValueError):
+            value = -1
+        if value < 0 or (name == 'max_batch' and value < 1):
+            raise ValueError('odoo.conf %s = %r: give a %s number' % (key, raw, 'positive' if name == 'max_batch'
+                                                                       else 'non-negative'))
+        settings[name] = value
+    return settings
 
 
 def read_state(run_dir):
@@ -99,12 +125,16 @@ class ModelServer(object):
     where = 'host'
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
-                 request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None):
+                 request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None,
+                 max_batch=8, idle_unload=900, max_memory_mb=0):
         self.python = python
         self.run_dir = run_dir
         self.private_top = private_top or run_dir
         self.allowed_roots = sorted(set(os.path.realpath(root) for root in allowed_roots if root))
         self.max_waiting = max_waiting
+        self.max_batch = max_batch
+        self.idle_unload = idle_unload
+        self.max_memory_mb = max_memory_mb
         self.port = port
         self.env = env or dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
         self.cwd = cwd or ADDON_ROOT
@@ -127,7 +157,12 @@ class ModelServer(object):
         return health if answer.status_code == 200 and health.get('pid') == state['pid'] else None
 
     def _serves_ours(self, health):
-        return bool(health) and set(self.allowed_roots) <= set(health.get('allowed_roots') or ())
+        """Whether a running server serves our roots with our batching settings (odoo.conf
+        changed: it is restarted with the new ones)."""
+        engine = (health or {}).get('engine') or {}
+        return bool(health) and set(self.allowed_roots) <= set(health.get('allowed_roots') or ()) and \
+            (engine.get('max_queue'), engine.get('max_batch'), engine.get('idle_unload'), engine.get('max_memory_mb')) \
+            == (self.max_waiting, self.max_batch, self.idle_unload, self.max_memory_mb or None)
 
     def ensure_running(self):
         """The state ({'pid', 'port', ...}) of a live, healthy server serving our allowed roots,
@@ -153,7 +188,10 @@ class ModelServer(object):
 
     def _start(self, roots):
         command = [self.python, '-m', 'trainer.serve', '--port', str(self.port or 0),
-                   '--state-file', os.path.join(self.run_dir, STATE_FILE), '--max-waiting', str(self.max_waiting)]
+                   '--state-file', os.path.join(self.run_dir, STATE_FILE), '--max-waiting', str(self.max_waiting),
+                   '--max-batch', str(self.max_batch), '--idle-unload', str(self.idle_unload)]
+        if self.max_memory_mb:
+            command += ['--max-memory-mb', str(self.max_memory_mb)]
         command += ['--allowed-root=%s' % root for root in roots]
         with open(os.path.join(self.run_dir, LOG_FILE), 'ab') as log:
             try:

@@ -40,6 +40,7 @@ EVENT_LEVEL = {'info': 'info', 'warning': 'warn', 'error': 'error'}
 OPENAI_HYPERPARAMETERS = ('n_epochs', 'batch_size', 'learning_rate_multiplier', 'beta')
 METHOD_TYPES = ('supervised', 'dpo', 'reinforcement')
 METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
+MAX_N = 8  # chat answers to one request (the model server decodes them side by side)
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
 ERROR_TYPES = {400: 'invalid_request_error', 401: 'invalid_request_error', 403: 'permission_error',
@@ -379,8 +380,12 @@ def chat_request(body):
             raise ApiError(400, 'messages[%d]: content must be text.' % index, param='messages[%d].content' % index,
                            code='invalid_value')
         plain.append({'role': 'system' if message['role'] == 'developer' else message['role'], 'content': content})
-    if body.get('n') not in (None, 1):
-        raise ApiError(400, 'Only n=1 is supported.', param='n', code='invalid_value')
+    n = body.get('n')
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N):
+        raise ApiError(400, 'n must be an integer from 1 to %d.' % MAX_N, param='n', code='invalid_value')
+    if n and n > 1 and body.get('stream'):
+        raise ApiError(400, 'n above 1 is answered whole: it cannot be streamed by this server.', param='n',
+                       code='unsupported_parameter')
     for name in ('tools', 'functions', 'logprobs', 'response_format', 'audio'):
         if body.get(name):
             raise ApiError(400, '%s is not supported by this server.' % name, param=name, code='unsupported_parameter')
@@ -405,6 +410,8 @@ def chat_request(body):
             raise ApiError(400, 'stop must be a string or a list of at most 4 strings.', param='stop',
                            code='invalid_value')
         options['stop'] = stop
+    if n and n > 1:
+        options['n'] = n  # the samples decode side by side in the model server's batch
     if body.get('seed') is not None:
         if not isinstance(body['seed'], int) or isinstance(body['seed'], bool):
             raise ApiError(400, 'seed must be an integer.', param='seed', code='invalid_value')
@@ -415,10 +422,13 @@ def chat_request(body):
 
 
 def completion_object(completion_id, created, model, result):
-    """chat.completion from the adapter's {'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'}."""
+    """chat.completion from the adapter's {'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'}
+    (and, for n > 1, 'choices': [{'text', 'finish_reason'}])."""
+    answers = result.get('choices') or [result]
     return {'id': completion_id, 'object': 'chat.completion', 'created': created, 'model': model,
-            'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': result['text'], 'refusal': None},
-                         'logprobs': None, 'finish_reason': result.get('finish_reason') or 'stop'}],
+            'choices': [{'index': i, 'message': {'role': 'assistant', 'content': a['text'], 'refusal': None},
+                         'logprobs': None, 'finish_reason': a.get('finish_reason') or 'stop'}
+                        for i, a in enumerate(answers)],
             'usage': usage(result)}
 
 

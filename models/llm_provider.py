@@ -10,6 +10,7 @@ from odoo.exceptions import UserError
 
 from ..lib import budget, job_status, openai_jobs, providers
 from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
+from ..lib.model_server import serve_settings
 from ..lib.providers.base import CAPABILITIES
 
 _logger = logging.getLogger(__name__)
@@ -284,7 +285,16 @@ class LlmProvider(models.Model):
             'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
                 tools.config['data_dir'], 'llm_training', 'models'),
             'model_roots': self._model_roots(),
+            'serve_settings': self._serve_settings(),
         }
+
+    @api.model
+    def _serve_settings(self):
+        """The model server's batching settings (odoo.conf llm_training_serve_*)."""
+        try:
+            return serve_settings(tools.config.get)
+        except ValueError as e:
+            raise UserError(str(e))
 
     @api.model
     def _model_roots(self):

@@ -39,6 +39,9 @@ bench_contended() {
 bench_export() {
   cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_export 2>/dev/null
 }
+bench_serving() {  # llama.cpp's log goes to stderr
+  cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_serving 2>/dev/null
+}
 
 bench_step "dataset validation (Odoo's Python)" bench_validation
 bench_step "benchmark database $DB (the addon and the scripted provider)" bench_database
@@ -58,4 +61,5 @@ bench_knowledge() {
   LLMT_TRAINER_PYTHON="$LLMT_TRAINER_VENV/bin/python" "$LLMT_ODOO_VENV/bin/python" "$here/bench/bench_knowledge.py"
 }
 bench_step "knowledge: indexing vs a cookbook loop, search p50/p95 and recall at 10k/100k chunks, hit rate@5 and MRR (Odoo's Python, model server)" bench_knowledge
+bench_step "serving many chats: batched vs one at a time, two adapters, bf16 flips, llama.cpp 8 slots (trainer venv)" bench_serving
 bench_summary

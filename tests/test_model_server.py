@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import unittest
+from unittest import mock
 
 import psutil
 import requests
@@ -20,7 +21,7 @@ from odoo.addons.llm_training.lib.exceptions import TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import generation_failed
 
 from odoo.addons.llm_training.lib import model_server as model_server_lib
-from odoo.addons.llm_training.lib.model_server import STATE_FILE, TOKEN_FILE, ModelServer, read_state
+from odoo.addons.llm_training.lib.model_server import STATE_FILE, TOKEN_FILE, ModelServer, read_state, serve_settings
 
 from .common import TrainingCase
 
@@ -134,6 +135,29 @@ class TestBusyServer(unittest.TestCase):
         failed = generation_failed(model_server_lib.ModelServerError('exploded', 500))
         self.assertNotIsInstance(failed, TrainingRetryableError)
         self.assertNotIsInstance(_as_user_error(failed), ServiceBusy)
+
+
+class TestServeSettings(TrainingCase):
+
+    def test_the_batching_settings_come_from_odoo_conf_and_a_server_with_others_is_replaced(self):
+        conf = {'llm_training_serve_max_queue': '3', 'llm_training_serve_max_batch': '4',
+                'llm_training_serve_idle_unload': '60', 'llm_training_serve_max_memory_mb': '2048'}
+        self.assertEqual(serve_settings(conf.get), {'max_waiting': 3, 'max_batch': 4, 'idle_unload': 60.0,
+                                                    'max_memory_mb': 2048})
+        self.assertEqual(serve_settings({}.get), {'max_waiting': 16, 'max_batch': 8, 'idle_unload': 900,
+                                                  'max_memory_mb': 0})
+        for key, bad in (('llm_training_serve_max_batch', '0'), ('llm_training_serve_idle_unload', 'soon')):
+            with self.assertRaisesRegex(ValueError, key):
+                serve_settings({key: bad}.get)
+        local = self.env['llm.provider'].create({'name': 'Local', 'service': 'local'})
+        with mock.patch.dict(tools.config.options, conf):
+            client = local._adapter().model_server()
+        self.assertEqual((client.max_waiting, client.max_batch, client.idle_unload, client.max_memory_mb), (3, 4, 60.0, 2048))
+        health = {'allowed_roots': client.allowed_roots,
+                  'engine': {'max_queue': 3, 'max_batch': 4, 'idle_unload': 60.0, 'max_memory_mb': 2048}}
+        self.assertTrue(client._serves_ours(health))
+        health['engine']['max_batch'] = 8  # started before odoo.conf changed: replaced
+        self.assertFalse(client._serves_ours(health))
 
 
 class TestModelServerSecret(TrainingCase):

@@ -210,7 +210,11 @@ class TestOpenAIApiRequests(ApiCase):
         self.assertEqual((chunks[-1]['choices'], chunks[-1]['usage']['completion_tokens']), ([], 4))
         plain = self.ok('chat_stream', model='tiny-api', messages=messages)
         self.assertNotIn('usage', plain[-1])
-        self.refused(400, 'chat', model='tiny-api', messages=messages, n=2, param='n')
+        two = self.ok('chat', model='tiny-api', messages=messages, n=2)
+        self.assertEqual([(c['index'], c['message']['content']) for c in two['choices']],
+                         [(0, 'tiny-api heard: one two three'), (1, 'tiny-api heard: one two three')])
+        self.assertEqual(two['usage']['completion_tokens'], 2 * 5)
+        self.refused(400, 'chat', model='tiny-api', messages=messages, n=9, param='n')
         self.refused(404, 'chat', model='nope', messages=messages, code='model_not_found')
         mute = self.env['llm.provider'].create({'name': 'Mute', 'service': 'test'})
         self.env['llm.model'].create({'name': 'Mute', 'provider_id': mute.id, 'model_ref': 'mute-1'})

@@ -109,6 +109,21 @@ class TestProtocol(unittest.TestCase):
         with self.assertRaises(oa.ApiError):
             oa.chat_request({'model': 'm', 'messages': [{'role': 'user', 'content': 'x'}], 'temperature': 3})
 
+    def test_n_answers_ask_the_model_server_for_them_and_come_back_as_choices(self):
+        question = [{'role': 'user', 'content': 'x'}]
+        self.assertEqual(oa.chat_request({'model': 'm', 'messages': question, 'n': 3})[2]['n'], 3)
+        self.assertNotIn('n', oa.chat_request({'model': 'm', 'messages': question, 'n': 1})[2])
+        for bad in ({'n': 0}, {'n': 9}, {'n': '2'}, {'n': 2, 'stream': True}):
+            with self.assertRaises(oa.ApiError) as refused:
+                oa.chat_request(dict(bad, model='m', messages=question))
+            self.assertEqual((refused.exception.status, refused.exception.param), (400, 'n'))
+        answer = oa.completion_object('c', 1, 'm', {
+            'text': 'a', 'finish_reason': 'stop', 'prompt_tokens': 5, 'completion_tokens': 7,
+            'choices': [{'text': 'a', 'finish_reason': 'stop'}, {'text': 'b', 'finish_reason': 'length'}]})
+        self.assertEqual([(c['index'], c['message']['content'], c['finish_reason']) for c in answer['choices']],
+                         [(0, 'a', 'stop'), (1, 'b', 'length')])
+        self.assertEqual(answer['usage'], {'prompt_tokens': 5, 'completion_tokens': 7, 'total_tokens': 12})
+
 
 class TestApiKeys(TransactionCase):
 

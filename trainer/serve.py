@@ -1,12 +1,17 @@
 """A persistent local model server: one base model kept loaded, LoRA adapters swapped on it.
 
     python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
-                            [--max-adapters 8] [--max-waiting 4] [--read-timeout 30]
+                            [--max-adapters 8] [--max-waiting 4] [--read-timeout 30] [--max-batch 8]
+                            [--idle-unload 900] [--max-memory-mb MB]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
-lib/model_server.py finds it. Requests are answered in threads, generations run one at a time (a
-lock: on a CPU two at once are slower than one after the other).
+lib/model_server.py finds it. Requests are answered in threads; their generations decode together
+in one batch (trainer/batching.py: continuous batching, up to --max-batch rows, rows of different
+LoRA adapters of one base side by side): one forward pass over 8 rows costs little more than over
+one, since decoding is bound by reading the weights. Several base models stay loaded while their
+weights fit in --max-memory-mb (unset: one at a time); one unused for --idle-unload seconds is
+unloaded, and loaded again by the next request that needs it.
 
 Loopback is shared by every local user and process, so the server trusts none of them:
 - a random token is made at start and written, mode 0600, to `server.token` beside the state file
@@ -15,14 +20,21 @@ Loopback is shared by every local user and process, so the server trusts none of
 - it serves model folders (and an adapter's base) only under the --allowed-root folders, checked
   on the real path (no root: nothing is served); any other folder is refused with 403;
 - each connection has a read timeout (--read-timeout): a client that stops sending is dropped;
-- at most --max-waiting requests wait for the generation lock; one more is answered 503 with
-  Retry-After at once, instead of holding its caller for minutes.
+- at most --max-waiting requests wait for a row of the batch; one more is answered 503 with
+  Retry-After at once, instead of holding its caller for minutes;
+- a client that closes its connection loses its row at the loop's next step.
 
-    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"}, "allowed_roots": [...]}
+    GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"} (the last used), "allowed_roots": [...],
+                      "models": [{"base", "kind", "adapters", "mb"}] (all loaded), "loads", "unloaded":
+                      [{"base", "reason" ("idle for N s", "room for ..."), "at"}] (the last few),
+                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats"}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
-                      with "length" that long after the request arrived, waiting included)}
+                      with "length" that long after the request arrived, waiting included),
+                      "n" (answers, 1 to 8, not streamed; sample i uses seed + i)}
                      -> {"text", "finish_reason": "stop"|"length", "prompt_tokens", "completion_tokens"}
+                     (n > 1: also "choices": [{"text", "finish_reason", "completion_tokens"}], the
+                     first one's in "text", completion_tokens summed)
                      stream: one JSON object per line, {"delta": "..."} ..., then
                      {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
     POST /embed      {"model": name, "input": [str]} -> {"data": [[float]], ...} (trainer/knowledge/embed.py)
@@ -49,9 +61,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import job_files
 
+
+class ClientGone(Exception):
+    """The caller went away (closed its connection): its row was dropped."""
+
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 8
+MAX_N = 8  # answers to one request at most (they decode side by side in the batch)
 TOKEN_FILE = 'server.token'
 BUSY_RETRY_AFTER = 5  # seconds a refused caller is told to wait
 
@@ -104,8 +121,14 @@ def parse_chat_request(body):
     if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
                                     or max_seconds <= 0):
         raise RequestError('"max_seconds" must be a positive number or null')
+    n = body.get('n')
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise RequestError('"n" must be an integer from 1 to %d' % MAX_N)
+    if n > 1 and body.get('stream'):
+        raise RequestError('"n" above 1 is answered whole, not streamed')
     return {'model': model, 'messages': messages, 'max_tokens': max_tokens, 'temperature': float(temperature),
-            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream')),
+            'top_p': float(top_p), 'stop': stop, 'seed': seed, 'stream': bool(body.get('stream')), 'n': n,
             'deadline': time.monotonic() + max_seconds if max_seconds else None}
 
 
@@ -213,18 +236,48 @@ def folder_version(path):
     return hashlib.sha1('|'.join([path] + stamps).encode()).hexdigest()[:16]
 
 
-class ModelCache(object):
-    """One base model in memory (a new base replaces it) and up to `max_adapters` LoRA adapters
-    loaded on it by name, least recently used evicted. Not thread-safe: the caller holds the lock."""
+class LoadedModel(object):
+    """One base model in memory, its LoRA adapters loaded on it by name (least recent first),
+    the rows decoding on it now (the engine's) and when it was last used."""
 
-    def __init__(self, max_adapters=8, roots=None):
+    def __init__(self, base, version, model, kind):
+        self.base, self.version, self.model, self.kind = base, version, model, kind
+        self.adapters = collections.OrderedDict()  # adapter name -> folder
+        self.in_use = {}  # id of a row decoding on it -> its adapter name (or None)
+        self.last_used = time.monotonic()
+        self.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# How each kind of model is loaded: the chat models here; another kind (an embedding model) adds
+# its loader and shares the memory bound.
+LOADERS = {'causal-lm': lambda path, dtype: _from_pretrained('AutoModelForCausalLM', path, dtype)}
+
+
+def _from_pretrained(auto_class, path, dtype):
+    import transformers
+    options = {} if dtype is None else {'dtype': dtype}
+    model = getattr(transformers, auto_class).from_pretrained(path, **options)
+    model.eval()
+    return model
+
+
+class ModelCache(object):
+    """Base models in memory, several at once while their weights fit in `max_memory_mb` (least
+    recently used, not decoding, unloaded first; one model is always allowed), each with up to
+    `max_adapters` LoRA adapters loaded on it by name, least recently used evicted. Used by one
+    thread at a time (the engine's loop, or a caller holding the server's lock)."""
+
+    def __init__(self, max_adapters=8, roots=None, max_memory_mb=None, dtype=None):
         self.max_adapters = max_adapters
         self.roots = None if roots is None else [os.path.realpath(root) for root in roots]
-        self.base_key = None  # (realpath, version)
-        self.model = None  # the base, or a PeftModel around it once an adapter was loaded
+        self.max_memory = max_memory_mb * 2 ** 20 if max_memory_mb else None
+        self.dtype = dtype  # None: the checkpoint's own
+        self.entries = collections.OrderedDict()  # base folder -> LoadedModel, least recent first
         self.tokenizers = collections.OrderedDict()  # folder -> tokenizer (a few)
-        self.adapters = collections.OrderedDict()  # adapter name -> folder, least recent first
+        self.loads = 0
+        self.unloaded = []  # the last few unloads: {'base', 'reason', 'at'}
         self.loaded = {'base': None, 'adapters': []}  # a snapshot /health reads without the lock
+        self.models = []  # likewise, every loaded model
 
     def describe(self):
         return self.loaded
@@ -232,41 +285,80 @@ class ModelCache(object):
     def get(self, path):
         """(model to call generate on, tokenizer, adapter name or None) for a model folder; the
         model has that adapter active, or its adapters disabled when adapter name is None."""
+        entry, tokenizer, name = self.entry(path)
+        return entry.model, tokenizer, name
+
+    def entry(self, path, busy=(), now=None, kind='causal-lm'):
+        """(LoadedModel, tokenizer, adapter name or None) for a model folder, loading what is
+        missing; (None, None, None) when its base is not loaded and there is no room for it
+        while the bases in `busy` decode."""
         path = os.path.realpath(path)
-        kind, base = model_kind(path, self.roots)
-        self._load_base(base)
+        what, base = model_kind(path, self.roots)
+        entry = self._load_base(base, busy, kind)
+        if entry is None:
+            return None, None, None
+        entry.last_used = time.monotonic() if now is None else now
         name = None
-        if kind == 'adapter':
+        if what == 'adapter':
             name = 'a' + folder_version(path)
-            self._load_adapter(name, path)
-        self.loaded = {'base': base, 'adapters': list(self.adapters.values())}  # replaced whole, never changed
-        return self.model, self._tokenizer(path if _has_tokenizer(path) else base), name
+            self._load_adapter(entry, name, path)
+        self._snapshot(entry)
+        return entry, self._tokenizer(path if _has_tokenizer(path) else base), name
 
-    def _load_base(self, base):
-        from transformers import AutoModelForCausalLM
-        key = (base, folder_version(base))
-        if key == self.base_key:
-            return
-        self.model, self.base_key, self.adapters = None, None, collections.OrderedDict()  # free it first
-        model = AutoModelForCausalLM.from_pretrained(base)
-        model.eval()
-        self.model, self.base_key = model, key
+    def unload(self, base, reason):
+        entry = self.entries.pop(base, None)
+        if entry is not None:
+            self.unloaded = (self.unloaded + [{'base': base, 'reason': reason, 'at': time.time()}])[-5:]
+            self._snapshot(None)
 
-    def _load_adapter(self, name, path):
+    def _snapshot(self, entry):
+        if entry is not None:
+            self.loaded = {'base': entry.base, 'adapters': list(entry.adapters.values())}  # replaced whole
+        elif self.loaded['base'] not in self.entries:
+            self.loaded = {'base': None, 'adapters': []}
+        self.models = [{'base': e.base, 'kind': e.kind, 'adapters': list(e.adapters.values()),
+                        'mb': round(e.bytes / 2 ** 20)} for e in self.entries.values()]
+
+    def _load_base(self, base, busy, kind):
+        version = folder_version(base)
+        entry = self.entries.get(base)
+        if entry is not None and entry.version == version and entry.kind == kind:
+            self.entries.move_to_end(base)
+            return entry
+        if entry is not None:  # retrained (or another kind): load it again
+            if base in busy:
+                return None
+            self.unload(base, 'changed on disk')
+        need = _weights_size(base) if self.max_memory else 0
+        while self.entries and (not self.max_memory  # no bound set: one model at a time
+                                or sum(e.bytes for e in self.entries.values()) + need > self.max_memory):
+            idle = [b for b in self.entries if b not in busy]
+            if not idle:
+                return None  # wait for a running batch to finish
+            self.unload(idle[0], 'room for %s (memory bound %s MB)' % (base, self.max_memory // 2 ** 20 if self.max_memory
+                                                                        else 'unset: one model'))
+        entry = LoadedModel(base, version, LOADERS[kind](base, self.dtype), kind)
+        self.entries[base] = entry
+        self.loads += 1
+        return entry
+
+    def _load_adapter(self, entry, name, path):
         from peft import PeftModel
-        if name in self.adapters:
-            self.adapters.move_to_end(name)
+        if name in entry.adapters:
+            entry.adapters.move_to_end(name)
             return
-        if len(self.adapters) >= self.max_adapters:
-            oldest = next(iter(self.adapters))
-            self.model.delete_adapter(oldest)
-            del self.adapters[oldest]
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        used = set(entry.in_use.values())
+        idle = [n for n in entry.adapters if n not in used]  # one a row decodes with stays, over the bound
+        if len(entry.adapters) >= self.max_adapters and idle:
+            entry.model.delete_adapter(idle[0])
+            del entry.adapters[idle[0]]
+        if isinstance(entry.model, PeftModel):
+            entry.model.load_adapter(path, adapter_name=name, is_trainable=False)
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-        self.model.eval()
-        self.adapters[name] = path
+            entry.model = PeftModel.from_pretrained(entry.model, path, adapter_name=name, is_trainable=False)
+        entry.model.set_adapter(name)  # never a deleted one: peft reads the active adapter on every call
+        entry.model.eval()
+        entry.adapters[name] = path
 
     def _tokenizer(self, folder):
         from transformers import AutoTokenizer
@@ -276,6 +368,15 @@ class ModelCache(object):
                 self.tokenizers.popitem(last=False)
         self.tokenizers.move_to_end(folder)
         return self.tokenizers[folder]
+
+
+def _weights_size(base):
+    """Bytes of a model folder's weights files, to size it before loading."""
+    for ext in ('.safetensors', '.bin'):
+        files = [os.path.join(base, n) for n in os.listdir(base) if n.endswith(ext)]
+        if files:
+            return sum(os.path.getsize(f) for f in files)
+    return 0
 
 
 def _has_tokenizer(path):
@@ -349,7 +450,8 @@ def chat(cache, model, messages, **options):
 
 
 def whole_answer(cache, request):
-    """The answer to a checked request, all at once."""
+    """The answer to a checked request, all at once (one at a time, transformers' generate: the
+    path before batching, kept for in-process callers and as the benchmark's baseline)."""
     parts = []
     final = run_chat(cache, request, parts.append)
     return dict(final, text=''.join(parts))
@@ -406,7 +508,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != '/health':
             return self._json(404, {'error': 'unknown path %s' % self.path})
         self._json(200, {'status': 'ok', 'pid': os.getpid(), 'loaded': self.server.describe(),
-                         'allowed_roots': self.server.cache.roots})
+                         'allowed_roots': self.server.cache.roots, 'models': self.server.cache.models,
+                         'loads': self.server.cache.loads, 'unloaded': self.server.cache.unloaded,
+                         'engine': self.server.engine.describe()})
 
     def do_POST(self):
         if not self._authorized():
@@ -433,22 +537,35 @@ class Handler(BaseHTTPRequestHandler):
             request = parse_chat_request(body)
         except RequestError as e:
             return self._json(e.status, {'error': str(e)})
-        if not self.server.queue.enter():
-            return self._json(503, {'error': 'the server is busy: %d requests are waiting already'
-                                             % self.server.queue.max_waiting},
-                              headers=[('Retry-After', str(BUSY_RETRY_AFTER))])
         try:
-            if request['stream']:
-                self._stream(request)
-            else:
-                self._whole(request)
-        finally:
-            self.server.queue.leave()
+            ticket = self.server.engine.submit(request)  # refused now when the waiting line is full
+        except RequestError as e:
+            busy = [('Retry-After', str(BUSY_RETRY_AFTER))] if e.status == 503 else []
+            return self._json(e.status, {'error': str(e)}, headers=busy)
+        if request['stream']:
+            self._stream(ticket)
+        else:
+            self._whole(ticket)
 
-    def _whole(self, request):
+    def _gone(self):
+        """Whether the client closed its connection (it sends nothing more while it waits)."""
+        import select
+        import socket
         try:
-            with self.server.lock:
-                answer = whole_answer(self.server.cache, request)
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b''
+        except OSError:
+            return True
+
+    def _whole(self, ticket):
+        parts = []
+        try:
+            final = self.server.engine.follow(ticket, parts.append, self._gone)
+            answer = dict(final, text=''.join(parts))
+        except ClientGone:
+            self.close_connection = True
+            return
         except RequestError as e:
             return self._json(e.status, {'error': str(e)})
         except Exception as e:  # a failed generation answers 500 and the server goes on
@@ -456,7 +573,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(500, {'error': '%s: %s' % (type(e).__name__, e)})
         self._json(200, answer)
 
-    def _stream(self, request):
+    def _stream(self, ticket):
         """NDJSON in chunked encoding. The status line goes out only once the model is loaded and
         the prompt checked, so that those errors still get their HTTP status."""
         started = []
@@ -473,10 +590,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            with self.server.lock:
-                final = run_chat(self.server.cache, request, lambda delta: write_line({'delta': delta}))
+            final = self.server.engine.follow(ticket, lambda delta: write_line({'delta': delta}), self._gone)
             write_line(final)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left: generation stopped with it
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, ClientGone):  # the client left: its row with it
             self.close_connection = True
             return
         except Exception as e:
@@ -498,36 +614,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class WaitingLine(object):
-    """Counts the requests that want the generation lock: the one generating and at most
-    `max_waiting` behind it; `enter` refuses one more instead of letting it wait."""
-
-    def __init__(self, max_waiting):
-        self.max_waiting = max_waiting
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def enter(self):
-        with self._lock:
-            if self.count > self.max_waiting:
-                return False
-            self.count += 1
-            return True
-
-    def leave(self):
-        with self._lock:
-            self.count -= 1
-
-
 class ModelServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port, max_adapters=8, token=None, roots=(), max_waiting=4, read_timeout=30):
+    def __init__(self, port, max_adapters=8, token=None, roots=(), max_waiting=4, read_timeout=30, max_batch=8,
+                 idle_unload=900, max_memory_mb=None, dtype=None):
+        from trainer.batching import Engine
         super().__init__(('127.0.0.1', port), Handler)
-        self.cache = ModelCache(max_adapters, roots=list(roots))
-        self.lock = threading.Lock()
+        self.cache = ModelCache(max_adapters, roots=list(roots), max_memory_mb=max_memory_mb, dtype=dtype)
         self.token = token or secrets.token_urlsafe(32)
-        self.queue = WaitingLine(max_waiting)
+        self.engine = Engine(self.cache, max_batch=max_batch, max_queue=max_waiting, idle_unload=idle_unload)
         self.read_timeout = read_timeout
 
     def describe(self):
@@ -542,6 +638,10 @@ class ModelServer(ThreadingHTTPServer):
     def stop_soon(self):
         """shutdown() waits for serve_forever to return: call it from another thread."""
         threading.Thread(target=self.shutdown, daemon=True).start()
+
+    def server_close(self):
+        super().server_close()
+        self.engine.close()
 
 
 def write_token(path, token):
@@ -577,7 +677,12 @@ def make_parser():
     parser.add_argument('--allowed-root', action='append', default=[], metavar='DIR',
                         help='a folder whose model folders may be served (repeat; none: nothing is served)')
     parser.add_argument('--max-waiting', type=int, default=4,
-                        help='requests that may wait for the one generating; more are answered 503 at once')
+                        help='requests that may wait while --max-batch decode; more are answered 503 at once')
+    parser.add_argument('--max-batch', type=int, default=8, help='requests decoding together at most')
+    parser.add_argument('--idle-unload', type=float, default=900,
+                        help='seconds a model may stay unused before it is unloaded (0: never)')
+    parser.add_argument('--max-memory-mb', type=int, default=None,
+                        help='weights of the models kept loaded at once, at most (default: one model)')
     parser.add_argument('--read-timeout', type=float, default=30, help='seconds a connection may stay silent')
     return parser
 
@@ -589,7 +694,8 @@ def main(argv=None):
     if not token_file:
         parser.error('give --state-file or --token-file: the token must be written somewhere')
     server = ModelServer(args.port, args.max_adapters, roots=args.allowed_root, max_waiting=args.max_waiting,
-                         read_timeout=args.read_timeout)
+                         read_timeout=args.read_timeout, max_batch=args.max_batch, idle_unload=args.idle_unload,
+                         max_memory_mb=args.max_memory_mb)
     port = server.server_address[1]
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     write_token(token_file, server.token)  # before the state file: whoever finds the server can find its token
@@ -609,4 +715,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # run as trainer.serve, not __main__: trainer.batching imports this module, and one copy of
+    # its classes (RequestError) must be caught by both
+    from trainer import serve as _serve
+    sys.exit(_serve.main())

@@ -1,5 +1,5 @@
 """The model server as a Ray Serve deployment: the same request handling as trainer/serve.py
-(its `ModelCache`, `parse_chat_request`, `run_chat`, `whole_answer`), run by Serve's replicas on a
+(its `ModelCache`, `parse_chat_request` and the batching `Engine` of trainer/batching.py), run by Serve's replicas on a
 Ray cluster instead of one process on the Odoo host.
 
 Odoo deploys it through the Serve REST API of the head's dashboard (lib/ray_serve/), importing
@@ -15,9 +15,10 @@ light update (`reconfigure`, no replica restarted):
 The routes are those of trainer/serve.py under the application's route prefix, with the same
 bearer-token scheme: `GET .../health`, `POST .../chat` (`stream: true`: newline-delimited JSON).
 The deployment knows only the token's hash (the Serve config is readable by whoever reaches the
-dashboard). A model folder not in "models" is answered 404 with what to do. Each replica generates
-one answer at a time (the lock of trainer/serve.py); Serve's `max_queued_requests` bounds the
-callers waiting, over it its proxy answers 503.
+dashboard). A model folder not in "models" is answered 404 with what to do. Each replica decodes
+its requests together (continuous batching, as the local server: trainer/batching.py); Serve's
+`max_queued_requests` bounds the callers waiting, over it its proxy answers 503, as does the
+engine's own waiting line.
 """
 import asyncio
 import hashlib
@@ -31,7 +32,8 @@ from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
 # The one seam with the local server's generation code.
-from trainer.serve import MAX_BODY, ModelCache, RequestError, parse_chat_request, run_chat, whole_answer
+from trainer.batching import Engine
+from trainer.serve import MAX_BODY, ModelCache, RequestError, parse_chat_request
 
 _END = object()
 
@@ -72,23 +74,18 @@ def check_config(config):
 class ModelServerDeployment(object):
 
     def __init__(self):
-        self.lock = threading.Lock()  # one generation at a time, as in trainer/serve.py
         self.config = None
-        self.cache = None
-        self.cache_key = None
+        self.engine = None  # one batching engine per replica, made at the first configuration
 
     def reconfigure(self, config):
         # Replaced whole (never changed in place): a running request keeps the one it read.
         self.config = check_config(config)
-
-    def _cache(self, config):
-        """The model cache for these settings; the caller holds the lock. Only the listed folders
-        (and what lies in them) may be loaded: they are its allowed roots."""
-        key = (tuple(config['models']), config['max_adapters'])
-        if key != self.cache_key:
-            self.cache = ModelCache(config['max_adapters'], roots=config['models'])
-            self.cache_key = key
-        return self.cache
+        if self.engine is None:
+            self.engine = Engine(ModelCache(self.config['max_adapters'], roots=self.config['models']))
+        else:  # new models served from now on; what is loaded and decoding stays
+            cache = self.engine.cache
+            cache.max_adapters = self.config['max_adapters']
+            cache.roots = [os.path.realpath(root) for root in self.config['models']]
 
     async def __call__(self, http_request):
         config = self.config
@@ -96,7 +93,7 @@ class ModelServerDeployment(object):
             return JSONResponse({'error': 'this server needs its token (Authorization: Bearer <token>)'}, 401)
         route = http_request.url.path.rstrip('/').rsplit('/', 1)[-1]
         if route == 'health' and http_request.method == 'GET':
-            loaded = self.cache.describe() if self.cache else {'base': None, 'adapters': []}
+            loaded = self.engine.cache.describe() if self.engine else {'base': None, 'adapters': []}
             return JSONResponse({'status': 'ok', 'pid': os.getpid(), 'loaded': loaded, 'models': config['models']})
         if route != 'chat' or http_request.method != 'POST':
             return JSONResponse({'error': 'unknown path %s' % http_request.url.path}, 404)
@@ -115,19 +112,18 @@ class ModelServerDeployment(object):
         except RequestError as e:
             return JSONResponse({'error': str(e)}, e.status)
         if request['stream']:
-            return await self._stream(config, request)
-        return await asyncio.get_running_loop().run_in_executor(None, self._whole, config, request)
+            return await self._stream(request)
+        return await asyncio.get_running_loop().run_in_executor(None, self._whole, request)
 
-    def _whole(self, config, request):
+    def _whole(self, request):
         try:
-            with self.lock:
-                return JSONResponse(whole_answer(self._cache(config), request))
+            return JSONResponse(self.engine.whole_answer(request))
         except RequestError as e:
             return JSONResponse({'error': str(e)}, e.status)
         except Exception as e:  # a failed generation answers 500 and the replica goes on
             return JSONResponse({'error': '%s: %s' % (type(e).__name__, e)}, 500)
 
-    async def _stream(self, config, request):
+    async def _stream(self, request):
         """NDJSON lines as trainer/serve.py sends them. The status goes out with the first line, so
         that errors found before the first token (no such folder, prompt too long) keep theirs."""
         items = queue.Queue()
@@ -140,8 +136,7 @@ class ModelServerDeployment(object):
 
         def produce():
             try:
-                with self.lock:
-                    items.put(run_chat(self._cache(config), request, emit))
+                items.put(self.engine.chat(request, emit))  # a raise in emit drops the row
             except _Cancelled:
                 pass
             except RequestError as e:

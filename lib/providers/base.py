@@ -29,7 +29,7 @@ CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'reg
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 # max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
 # an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.
-CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed', 'max_seconds')
+CHAT_OPTIONS = ('max_tokens', 'temperature', 'top_p', 'stop', 'seed', 'max_seconds', 'n')
 
 
 class JobSpec(object):

@@ -23,7 +23,8 @@ class ServedChat(object):
         run_dir = self.config.get('model_server_dir') or os.path.join(ADDON_ROOT, '.run', 'model_server')
         return ModelServer(self.config.get('trainer_python') or 'python3', run_dir, env=trainer_env(), cwd=ADDON_ROOT,
                            allowed_roots=self.config.get('model_roots') or [self.config['models_dir']],
-                           private_top=os.path.dirname(run_dir))  # <data_dir>/llm_training: job folders too
+                           private_top=os.path.dirname(run_dir),  # <data_dir>/llm_training: job folders too
+                           **self.config.get('serve_settings', {}))  # odoo.conf's batching settings
 
     def chat_endpoint(self):
         try:

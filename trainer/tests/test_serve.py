@@ -120,26 +120,6 @@ def server(tmp_path_factory, model_dir):
     server.log.close()
 
 
-@pytest.fixture(scope='module')
-def adapters(model_dir, tmp_path_factory):
-    """Two LoRA adapters with random weights (no training) on the base model, saved as folders."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    folders = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(model_dir)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=['q_proj', 'v_proj'],
-                                                init_lora_weights=False))
-        folder = str(tmp_path_factory.mktemp('adapter%d' % seed))
-        model.save_pretrained(folder)
-        with open(os.path.join(folder, 'adapter_config.json')) as f:
-            assert json.load(f)['base_model_name_or_path'] == model_dir
-        folders.append(folder)
-    return folders
-
-
 def test_health_names_the_process(server):
     status, health = server.call('/health')
     assert status == 200
@@ -275,24 +255,24 @@ def test_no_allowed_root_serves_nothing_and_a_real_model_outside_them_is_refused
     assert status == 200 and health['allowed_roots'] == []
 
 
-def test_over_the_waiting_line_a_request_is_refused_at_once(http_server, monkeypatch):
+def test_over_the_waiting_line_a_request_is_refused_at_once(http_server, monkeypatch, model_dir):
     entered, release = threading.Event(), threading.Event()
 
-    def blocking_answer(cache, request):
+    def blocking_entry(cache, path, **kwargs):  # the engine's loop is loading the first one's model
         entered.set()
         assert release.wait(60)
-        return {'text': 'ok', 'finish_reason': 'stop', 'prompt_tokens': 1, 'completion_tokens': 1}
-    monkeypatch.setattr(serve, 'whole_answer', blocking_answer)
-    server, call = http_server(roots=[], max_waiting=1)
+        raise RequestError('released', 400)
+    monkeypatch.setattr(serve.ModelCache, 'entry', blocking_entry)
+    server, call = http_server(roots=[model_dir], max_waiting=1, max_batch=1)
     answers = []
-    body = {'model': '/m', 'messages': QUESTION}
+    body = {'model': model_dir, 'messages': QUESTION}
     first = threading.Thread(target=lambda: answers.append(call('/chat', body)))
     first.start()
-    assert entered.wait(60)  # the first one generates (holds the lock)
+    assert entered.wait(60)  # the first one is being started (holds the batch's one row)
     second = threading.Thread(target=lambda: answers.append(call('/chat', body)))
     second.start()
     deadline = time.time() + 60
-    while server.queue.count < 2:  # the second one waits for the lock
+    while len(server.engine._waiting) < 1:  # the second one waits in the line
         assert time.time() < deadline, 'the second request never reached the waiting line'
         time.sleep(0.01)
     status, headers, answer = call('/chat', body)  # a third: over the line, answered now
@@ -301,8 +281,8 @@ def test_over_the_waiting_line_a_request_is_refused_at_once(http_server, monkeyp
     first.join(60)
     second.join(60)
     assert not first.is_alive() and not second.is_alive()
-    assert [a[0] for a in answers] == [200, 200]
-    assert server.queue.count == 0
+    assert [a[0] for a in answers] == [400, 400]  # both were served (here: refused by the fake load)
+    assert not server.engine._waiting
 
 
 def test_a_silent_connection_is_dropped(http_server):

@@ -99,8 +99,12 @@ class ScriptedChatProvider(ScriptedProvider):
         for stop in options.get('stop') or ():
             if stop in text:
                 text, finish = text[:text.index(stop)], 'stop'
-        return {'text': text, 'finish_reason': finish, 'completion_tokens': len(text.split(' ')),
-                'prompt_tokens': sum(len(m['content'].split(' ')) for m in messages)}
+        answer = {'text': text, 'finish_reason': finish, 'completion_tokens': len(text.split(' ')),
+                  'prompt_tokens': sum(len(m['content'].split(' ')) for m in messages)}
+        if (options.get('n') or 1) > 1:  # n answers, as the model server gives them
+            answer['choices'] = [{'text': text, 'finish_reason': finish}] * options['n']
+            answer['completion_tokens'] *= options['n']
+        return answer
 
     def chat_stream(self, model_ref, messages, options=None):
         answer = self.chat(model_ref, messages, options)
