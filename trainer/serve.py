@@ -526,7 +526,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.server.stop_soon()
                 return
             if self.path == '/embed':  # knowledge collections' embeddings: trainer/knowledge/embed.py
-                from trainer.knowledge import embed
+                from .knowledge import embed
                 return self._json(*embed.answer(raw))
             if self.path != '/chat':
                 raise RequestError('unknown path %s' % self.path, 404)
