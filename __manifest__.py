@@ -33,6 +33,9 @@
         'wizards/llm_model_export_wizard_views.xml',
         'views/llm_model_export_views.xml',
         'data/llm_model_export_data.xml',
+        'security/llm_training_evaluation_security.xml',
+        'views/llm_training_evaluation_views.xml',
+        'wizards/llm_model_deploy_wizard_views.xml',
     ],
     'demo': [
         'demo/llm_training_demo.xml',

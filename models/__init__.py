@@ -11,3 +11,5 @@ from . import llm_training_engine
 from . import llm_training_schedule
 from . import llm_api_key
 from . import llm_model_export
+from . import llm_training_evaluation
+from . import llm_training_evaluation_example

@@ -383,11 +383,13 @@ def run(folder):
     with open(os.path.join(folder, CONFIG)) as f:
         config = dict(DEFAULTS, **json.load(f))
     write_status(folder, 'running', progress=0.0)
-    import torch
-    torch.manual_seed(0)
+    if not os.path.exists(config['examples']):  # checked before torch loads: a failure says so at once
+        raise RuntimeError('the examples file %s is missing' % config['examples'])
     examples = load_examples(config['examples'])[:config['max_examples']]
     if not examples:
         raise RuntimeError('no example to evaluate in %s' % config['examples'])
+    import torch
+    torch.manual_seed(0)
     models = Models({'reference': config['reference'], 'candidate': config['candidate']})
     progress = Progress(folder, 4)
     progress.advance(0)

@@ -4,3 +4,4 @@ from . import llm_model_compare_wizard
 from . import llm_training_dataset_import_wizard
 from . import llm_api_key_wizard
 from . import llm_model_export_wizard
+from . import llm_model_deploy_wizard

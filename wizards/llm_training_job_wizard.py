@@ -86,6 +86,8 @@ class LlmTrainingJobWizard(models.TransientModel):
             wizard.estimate = job_estimate.estimate_text(
                 examples, tokens, job.estimated_epochs, price=wizard.base_model_id.training_price,
                 tokens_per_second=speed.tokens_per_second or None, complete=validated == datasets)
+            if wizard.provider_id.evaluates:  # what the model will be evaluated on, before Submit
+                wizard.estimate += '\n' + _('Evaluation after training: %s') % job.evaluation_plan
             wizard.warnings = job_estimate.warnings_text(
                 examples if validated == datasets else None,
                 [{'name': d.name, 'state': d.state, 'token_max': d.token_max}
