@@ -386,7 +386,7 @@ class LlmTrainingEngine(models.AbstractModel):
                                                                        report.get('precision'))
                 job._change_state('completed', final_cost=openai_jobs.cost(
                     job.trained_tokens, job.base_model_id.training_price))
-                job._queue_evaluation()  # its own step after the job, run by the next passes
+                self._queue_evaluation(job)  # its own step after the job, run by the next passes
             elif new_state == 'failed':
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
             elif new_state == 'training' and report.get('started_at'):
@@ -433,6 +433,18 @@ class LlmTrainingEngine(models.AbstractModel):
             visited += 1
             self._commit()  # ends this evaluation's transaction and releases its row lock
         return visited
+
+    def _queue_evaluation(self, job):
+        """Queue the completed job's evaluation; whatever goes wrong there never undoes the
+        completion (a savepoint of its own, an error event)."""
+        try:
+            with self.env.cr.savepoint():
+                job._queue_evaluation()
+        except (psycopg2.Error, MemoryError):
+            raise
+        except Exception as e:
+            _logger.exception('Training job %s: the evaluation could not be queued', job.id)
+            job._add_event(_('Evaluation not queued: %s') % (e.name if hasattr(e, 'name') else e), level='error')
 
     def _claim_evaluation(self, evaluation_id):
         try:

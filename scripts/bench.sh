@@ -39,6 +39,9 @@ bench_contended() {
 bench_export() {
   cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_export 2>/dev/null
 }
+bench_evaluation() {
+  cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_evaluation
+}
 
 bench_step "dataset validation (Odoo's Python)" bench_validation
 bench_step "benchmark database $DB (the addon and the scripted provider)" bench_database
@@ -54,4 +57,5 @@ bench_step "training throughput (trainer venv)" bench_training
 bench_step "training beside a busy process on one core: tuning controller vs all threads + start-up probe (trainer venv)" bench_contended
 bench_step "API: answers through the persistent model server vs in-process generate (trainer venv)" bench_model_server
 bench_step "export to GGUF: time, memory, llama.cpp vs our model server (trainer venv)" bench_export
+bench_step "evaluation: batched greedy generation vs a one-at-a-time generate loop (trainer venv)" bench_evaluation
 bench_summary
