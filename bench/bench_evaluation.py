@@ -45,10 +45,11 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bench.machine import cpu_line
-    from trainer.evaluate import generate_batched, generate_one_by_one
-    print('machine: %s; torch %s, %d threads' % (cpu_line(), torch.__version__, torch.get_num_threads()))
+    from trainer.evaluate import choose_threads, generate_batched, generate_one_by_one
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    threads = choose_threads(model, torch)  # as the evaluator does; both loops run with them
+    print('machine: %s; torch %s, %d threads (measured)' % (cpu_line(), torch.__version__, threads))
     prompts, references = prompts_and_references(args.examples)
     print('%d examples, greedy, at most %d new tokens; ours: batches of %d'
           % (args.examples, args.max_new_tokens, args.batch_size))

@@ -291,6 +291,32 @@ def generate_one_by_one(model, tokenizer, prompts, max_new_tokens, torch):
     return answers
 
 
+def choose_threads(model, torch, cores=None):
+    """The thread count that runs this model's small decode-sized forwards fastest now, measured
+    as the trainer measures its steps (tuning.py: screened, interleaved, best of rounds, ties to
+    fewer threads): on a loaded 2-core machine 2 spinning threads generated 10x slower than one."""
+    from . import tuning
+    from .distributed import threads_per_process
+    options = tuning.thread_options(cores or threads_per_process())
+    if len(options) < 2:
+        torch.set_num_threads(options[0])
+        return options[0]
+    ids = torch.full((4, 16), 100, dtype=torch.long)
+
+    def timer(candidate):
+        torch.set_num_threads(candidate[1])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids)
+        return time.perf_counter() - started
+
+    candidates = [('fp32', threads) for threads in options]
+    kept, _screened = tuning.screen(candidates, timer)
+    chosen = tuning.pick(tuning.measure(kept, timer, rounds=2))[1] if len(kept) > 1 else kept[0][1]
+    torch.set_num_threads(chosen)
+    return chosen
+
+
 # -- one evaluation -------------------------------------------------------------------------------------
 class Progress(object):
     def __init__(self, folder, total):
@@ -391,6 +417,7 @@ def run(folder):
     import torch
     torch.manual_seed(0)
     models = Models({'reference': config['reference'], 'candidate': config['candidate']})
+    threads = choose_threads(models.roles['reference'][0], torch)
     progress = Progress(folder, 4)
     progress.advance(0)
     rows, summary = EVALUATORS[config['data_format']](models, examples, config, progress)
@@ -399,7 +426,7 @@ def run(folder):
             f.write(json.dumps(row, ensure_ascii=False) + '\n')
     os.replace(os.path.join(folder, EXAMPLES + '.tmp'), os.path.join(folder, EXAMPLES))
     job_files.write_json_atomic(os.path.join(folder, SUMMARY), dict(
-        summary, n=len(rows) or len(examples), data_format=config['data_format']))
+        summary, n=len(rows) or len(examples), data_format=config['data_format'], threads=threads))
     write_status(folder, 'done', progress=100.0)
 
 
