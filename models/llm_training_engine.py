@@ -89,6 +89,16 @@ def _follow_jobs(dbname, job_ids, seconds=FOLLOW_SECONDS):
         _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
 
 
+def _evaluations_enabled():
+    """odoo.conf `llm_training_run_evaluations = False` leaves evaluations pending (queued, not
+    run). Off in test runs unless a test turns it on: the suite's other trainings would each start
+    an evaluator process that outlives its test and takes CPU from the next ones."""
+    option = tools.config.get('llm_training_run_evaluations')
+    if option is None:
+        return not tools.config.get('test_enable')
+    return str(option).lower() not in ('0', 'false', 'no')
+
+
 def _now():
     return fields.Datetime.now()
 
@@ -422,6 +432,8 @@ class LlmTrainingEngine(models.AbstractModel):
         claimed and committed alone, within the cron's budget. A failure fails the evaluation,
         with an event on its job: the job stays Completed."""
         started = started or time.time()
+        if not _evaluations_enabled():
+            return 0
         self.env.cr.execute("SELECT id FROM llm_training_evaluation WHERE state IN ('pending', 'running') ORDER BY id")
         visited = 0
         for evaluation_id in [row[0] for row in self.env.cr.fetchall()]:

@@ -17,7 +17,9 @@ from .common import TrainingCase, jsonl
 
 OBJECTS = ('printer', 'laptop', 'phone', 'badge')
 # the answers are 10 tokens and their end token; a short evaluation
-EVAL_CONFIG = {'llm_training_eval_max_new_tokens': 14, 'llm_training_eval_max_examples': 10}
+# (evaluations run in test runs only where a test turns them on: llm_training_run_evaluations)
+EVAL_CONFIG = {'llm_training_eval_max_new_tokens': 14, 'llm_training_eval_max_examples': 10,
+               'llm_training_run_evaluations': True}
 
 
 def ticket_examples(n):
