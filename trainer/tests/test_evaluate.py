@@ -93,3 +93,45 @@ def test_token_sums_count_only_the_training_targets():
     figures = evaluate.token_statistics(loss_a + loss_b, tokens_a + tokens_b, right_a + right_b)
     assert figures['perplexity'] == pytest.approx(4.0, abs=1e-3)
     assert figures['token_accuracy'] == pytest.approx(2 / 3)
+
+
+class LetterTokenizer(object):
+    """A chat template in miniature: each message is its role's id, one id per letter (its code
+    modulo 8), then an end id; prefixes render consistently, as data.py requires."""
+    ROLES = {'system': 4, 'user': 5, 'assistant': 6}
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False, return_dict=False, **kw):
+        ids = []
+        for message in messages:
+            ids += [self.ROLES[message['role']]] + [ord(c) % 8 for c in message['content']] + [7]
+        return ids + ([self.ROLES['assistant']] if add_generation_prompt else [])
+
+
+class FavoursTwo(object):
+    """Next token 2 (letters b, j, r, z) is likelier than any other."""
+
+    def __call__(self, input_ids, attention_mask):
+        import torch
+        logits = torch.zeros(input_ids.shape + (8,))
+        logits[..., 2] = 2.0
+        return type('Output', (), {'logits': logits})()
+
+
+def test_preference_win_rate_prefers_the_likelier_answer():
+    import contextlib
+
+    import torch
+    models = type('Models', (), {'tokenizer': LetterTokenizer(), 'torch': torch,
+                                 'use': lambda self, role: (FavoursTwo(), contextlib.nullcontext())})()
+    examples = [{'input': {'messages': [{'role': 'user', 'content': 'q'}]},
+                 'preferred_output': [{'role': 'assistant', 'content': 'bbb'}],     # token 2: likely
+                 'non_preferred_output': [{'role': 'assistant', 'content': 'aaa'}]},  # token 1
+                {'input': {'messages': [{'role': 'user', 'content': 'q'}]},
+                 'preferred_output': [{'role': 'assistant', 'content': 'aaa'}],
+                 'non_preferred_output': [{'role': 'assistant', 'content': 'bbb'}]}]
+    progress = type('Progress', (), {'advance': lambda self, units=1: None})()
+    rows, summary = evaluate.evaluate_preference(models, examples, {'batch_size': 4}, progress)
+    assert [row['candidate']['preference_win'] for row in rows] == [1.0, 0.0]
+    # 3 letters differ; each costs log-softmax: ln(e^2 + 7) - 2 for token 2, ln(e^2 + 7) for another
+    assert rows[0]['candidate']['preference_margin'] == pytest.approx(3 * 2.0, abs=1e-5)
+    assert summary['candidate']['preference_win'] == 0.5 and summary['candidate']['preference_margin'] == 0.0
