@@ -180,6 +180,20 @@ class TestEvaluation(TrainingCase):
         self.assertEqual(set(self.evaluation.example_ids.mapped('prompt')),
                          {'system: Support desk.\nuser: %s' % e['messages'][1]['content'] for e in held})
 
+    def test_the_evaluation_set_is_shown_before_submit(self):
+        wizard = self.env['llm.training.job.wizard'].create({
+            'name': 'Tickets', 'dataset_ids': [(6, 0, self.data.ids)], 'provider_id': self.local.id,
+            'base_model_id': self.smol.id})
+        self.assertIn('Evaluation after training: 5 held-out examples (not trained on)', wizard.estimate)
+        small = self.make_dataset(jsonl(ticket_examples(12)), name='few.jsonl')
+        small._validate(self.smol)
+        job = self.make_job(small, provider=self.local, base_model_id=self.smol.id)
+        self.assertEqual(job.evaluation_plan, 'Training examples (in-sample: too few examples to hold some out)')
+        job.validation_split = 0.2
+        self.assertEqual(job.evaluation_plan, 'The validation examples')
+        scripted = self.make_job(small)
+        self.assertIn('cannot evaluate models yet', scripted.evaluation_plan)
+
     def test_readable_by_internal_users(self):
         user = self.env['res.users'].create({'name': 'Reader', 'login': 'eval-reader',
                                              'groups_id': [(6, 0, [self.env.ref('base.group_user').id])]})
