@@ -69,8 +69,10 @@ class LlmTrainingJobWizard(models.TransientModel):
                 wizard.warnings = False
                 continue
             try:
-                job = self.env['llm.training.job'].new(
-                    self.env['llm.training.job']._split_hyperparameters(wizard._job_values()))
+                Job = self.env['llm.training.job']
+                # new() applies no defaults: the job's own (evaluation settings) come first
+                job = Job.new(dict(Job.default_get(['evaluate_after_training', 'evaluation_holdout']),
+                                   **Job._split_hyperparameters(wizard._job_values())))
             except ValidationError as e:
                 wizard.estimate, wizard.warnings = False, e.name
                 continue
