@@ -40,6 +40,9 @@
         'wizards/llm_assistant_ask_wizard_views.xml',
         'views/llm_knowledge_menus.xml',
         'data/llm_knowledge_data.xml',
+        'security/llm_training_evaluation_security.xml',
+        'views/llm_training_evaluation_views.xml',
+        'wizards/llm_model_deploy_wizard_views.xml',
     ],
     'demo': [
         'demo/llm_training_demo.xml',

@@ -17,3 +17,5 @@ from . import llm_knowledge_collection
 from . import llm_knowledge_source
 from . import llm_knowledge_chunk
 from . import llm_assistant
+from . import llm_training_evaluation
+from . import llm_training_evaluation_example

@@ -2,6 +2,8 @@
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
+from ..lib.evaluation import report as evaluation_report
+
 MODEL_STATES = [('draft', 'Draft'), ('deployed', 'Deployed'), ('archived', 'Archived')]
 
 
@@ -56,6 +58,10 @@ class LlmModel(models.Model):
     test_prompt = fields.Text(help='A message to send to the model from the Test button.')
     test_reply = fields.Text(readonly=True)
     test_base_reply = fields.Text(readonly=True, help='What the base model answers, to compare.')
+    evaluation_ids = fields.One2many('llm.training.evaluation', 'model_id', string='Evaluations', readonly=True)
+    deploy_check = fields.Text(readonly=True, copy=False, help='What the deploy guard found at the last Deploy.')
+    deploy_override_reason = fields.Text(readonly=True, copy=False,
+                                         help='Why a manager deployed the model although the guard warned.')
     export_ids = fields.One2many('llm.model.export', 'model_id', string='Exports', readonly=True)
 
     _sql_constraints = [
@@ -82,9 +88,18 @@ class LlmModel(models.Model):
         return True
 
     @api.multi
-    def action_deploy(self):
+    def action_deploy(self, guard_override_reason=None):
         """Make each model the company's deployed model for its purpose; the one deployed before for
-        that purpose goes back to draft (one deployed model per purpose and company)."""
+        that purpose goes back to draft (one deployed model per purpose and company).
+
+        The deploy guard first compares the model with the one deployed for that purpose on the
+        model's evaluation examples (queued when that comparison is missing): worse on the main
+        metric beyond the 95% bootstrap interval, or not compared yet, and Deploy returns the
+        confirmation (llm.model.deploy.wizard) instead of deploying, unless
+        `guard_override_reason` says why (kept on the model). With fewer than 20 examples it
+        only informs (kept on the model too)."""
+        if isinstance(guard_override_reason, dict):
+            guard_override_reason = None  # a web client button passes the context first
         self._check_write_access()
         for model in self:
             if not (model.purpose or '').strip():
@@ -94,9 +109,63 @@ class LlmModel(models.Model):
                 raise UserError(_('Model "%s" is archived; restore it before deploying it.') % model.name)
             previous = self.search([('state', '=', 'deployed'), ('purpose', '=', model.purpose),
                                     ('company_id', '=', model.company_id.id), ('id', '!=', model.id)])
+            verdict, text = model._deploy_guard(previous[:1])
+            values = {'state': 'deployed', 'deploy_check': text or False}
+            if verdict in ('worse', 'pending', 'failed'):
+                if not (guard_override_reason or '').strip():
+                    return model._deploy_wizard_action(text)
+                values['deploy_override_reason'] = _('%s, by %s: %s') % (
+                    fields.Datetime.now(), self.env.user.name, guard_override_reason.strip())
             previous.write({'state': 'draft'})
-            model.write({'state': 'deployed'})
+            model.write(values)
         return True
+
+    def _deploy_guard(self, previous):
+        """(verdict, text): None when there is nothing to compare with, 'pending' while the
+        comparison runs (queued here when missing), 'failed', else lib/evaluation/report.compare's
+        'worse' / 'inform' / 'ok' with the figures."""
+        self.ensure_one()
+        job = self.sudo().job_id
+        if not previous or not job:
+            return None, None
+        if previous.provider_id != self.provider_id or not self.provider_id.evaluates:
+            return None, _('Not compared with the deployed model %s: its provider cannot evaluate both.') \
+                % previous.display_name
+        Evaluation = self.env['llm.training.evaluation'].sudo()
+        evaluation = Evaluation.search([('model_id', '=', self.id), ('reference_model_id', '=', previous.id)],
+                                       order='id desc', limit=1)
+        if not evaluation:
+            evaluation = job._queue_evaluation(model=self, reference=previous, kind='deploy_check')
+            if not evaluation:
+                return None, _('Not compared with the deployed model %s: the job kept no evaluation examples.') \
+                    % previous.display_name
+        if evaluation.state in ('pending', 'running'):
+            return 'pending', _('Comparing with the deployed model %s on %d evaluation examples (%s, %d%%): Deploy '
+                                'again when it is done, or deploy anyway with a reason.') % (
+                previous.display_name, evaluation.example_count, evaluation.state, evaluation.progress)
+        if evaluation.state == 'failed':
+            return 'failed', _('The comparison with the deployed model %s failed (%s): Retry it from its Evaluation, '
+                               'or deploy anyway with a reason.') % (previous.display_name, evaluation.error_message)
+        result = evaluation_report.compare(evaluation._guard_rows(), evaluation.main_metric)
+        labels = dict((key, label) for key, label, _percent in evaluation_report.METRICS)
+        low, high = result['interval'] or (0.0, 0.0)
+        figures = _('%s on %d examples: %s %s, %s %s; difference %+.3f (95%% interval %+.3f to %+.3f)') % (
+            labels.get(result['metric'], result['metric']), result['n'], previous.display_name,
+            evaluation_report.format_value(result['metric'], evaluation.reference_score), self.display_name,
+            evaluation_report.format_value(result['metric'], evaluation.candidate_score),
+            result['difference'] or 0.0, low, high)
+        if result['verdict'] == 'worse':
+            return 'worse', _('Worse than the deployed model beyond chance. %s') % figures
+        if result['verdict'] == 'inform':
+            return 'inform', _('Fewer than %d examples: for information only. %s') % (
+                evaluation_report.MIN_GUARD_EXAMPLES, figures)
+        return 'ok', figures
+
+    def _deploy_wizard_action(self, text):
+        wizard = self.env['llm.model.deploy.wizard'].create({'model_id': self.id, 'figures': text})
+        return {'type': 'ir.actions.act_window', 'name': _('Deploy %s?') % self.display_name,
+                'res_model': 'llm.model.deploy.wizard', 'res_id': wizard.id, 'view_mode': 'form',
+                'views': [(False, 'form')], 'target': 'new'}
 
     @api.multi
     def action_archive_model(self):

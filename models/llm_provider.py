@@ -126,6 +126,8 @@ class LlmProvider(models.Model):
                                     help='Charges per trained token: its models have a training price.')
     can_chat = fields.Boolean(compute='_compute_capabilities', help='Answers conversations with its models '
                                                                     '(chat, chat_stream).')
+    evaluates = fields.Boolean(compute='_compute_capabilities', help='Evaluates a fine-tuned model against its base '
+                                                                     'when its job completes.')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')

@@ -20,6 +20,7 @@ import psycopg2
 import odoo
 from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
+from odoo.tools import html_escape
 
 from ..lib import job_status, pricing
 from ..lib.host import limits
@@ -86,6 +87,16 @@ def _follow_jobs(dbname, job_ids, seconds=FOLLOW_SECONDS):
             _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
     except Exception:
         _logger.exception('Training jobs %s: following them after Submit failed; the cron goes on', job_ids)
+
+
+def _evaluations_enabled():
+    """odoo.conf `llm_training_run_evaluations = False` leaves evaluations pending (queued, not
+    run). Off in test runs unless a test turns it on: the suite's other trainings would each start
+    an evaluator process that outlives its test and takes CPU from the next ones."""
+    option = tools.config.get('llm_training_run_evaluations')
+    if option is None:
+        return not tools.config.get('test_enable')
+    return str(option).lower() not in ('0', 'false', 'no')
 
 
 def _now():
@@ -185,6 +196,8 @@ class LlmTrainingEngine(models.AbstractModel):
             visited += 1
             # Ends this job's transaction: keeps its progress and releases its row lock.
             self._commit()
+        if time.time() - started <= budget:
+            visited += self._run_evaluations(started, budget)
         return visited
 
     def _read_ahead(self, job_ids):
@@ -430,6 +443,7 @@ class LlmTrainingEngine(models.AbstractModel):
                                                                        report.get('precision'))
                 job._change_state('completed', final_cost=pricing.cost(
                     job.trained_tokens, job.base_model_id.training_price))
+                self._queue_evaluation(job)  # its own step after the job, run by the next passes
             elif new_state == 'failed':
                 job._set_failed(report.get('error') or _('The provider reported the job as failed.'))
             elif new_state == 'training' and report.get('started_at'):
@@ -457,6 +471,108 @@ class LlmTrainingEngine(models.AbstractModel):
             job._change_state('queued', **values)
         job._add_event(_('%s Resubmitted from the last checkpoint as attempt %d (%d of %d).')
                        % (reason, job.attempt, job.resubmit_count, MAX_RESUBMITS), level='warning')
+
+    # -- evaluations: their own step after a job completes, never a job state ---------------------
+    @api.model
+    def _run_evaluations(self, started=None, budget=None):
+        """Move every pending or running evaluation on (start it, or read where it stands), each
+        claimed and committed alone, within the cron's budget. A failure fails the evaluation,
+        with an event on its job: the job stays Completed."""
+        started = started or time.time()
+        if not _evaluations_enabled():
+            return 0
+        self.env.cr.execute("SELECT id FROM llm_training_evaluation WHERE state IN ('pending', 'running') ORDER BY id")
+        visited = 0
+        for evaluation_id in [row[0] for row in self.env.cr.fetchall()]:
+            if budget is not None and time.time() - started > budget:
+                break
+            if not self._claim_evaluation(evaluation_id):
+                continue
+            self._step_evaluation(self.env['llm.training.evaluation'].browse(evaluation_id))
+            visited += 1
+            self._commit()  # ends this evaluation's transaction and releases its row lock
+        return visited
+
+    def _queue_evaluation(self, job):
+        """Queue the completed job's evaluation; whatever goes wrong there never undoes the
+        completion (a savepoint of its own, an error event)."""
+        try:
+            with self.env.cr.savepoint():
+                job._queue_evaluation()
+        except (psycopg2.Error, MemoryError):
+            raise
+        except Exception as e:
+            _logger.exception('Training job %s: the evaluation could not be queued', job.id)
+            job._add_event(_('Evaluation not queued: %s') % (e.name if hasattr(e, 'name') else e), level='error')
+
+    def _claim_evaluation(self, evaluation_id):
+        try:
+            with self.env.cr.savepoint():
+                self.env.cr.execute("""SELECT id FROM llm_training_evaluation WHERE id = %s
+                                         AND state IN ('pending', 'running') FOR UPDATE SKIP LOCKED""",
+                                    (evaluation_id,))
+                claimed = self.env.cr.fetchone()
+        except psycopg2.extensions.TransactionRollbackError:
+            return False
+        self.env['llm.training.evaluation'].invalidate_cache(ids=[evaluation_id])
+        return bool(claimed)
+
+    def _step_evaluation(self, evaluation):
+        if evaluation.state == 'pending':
+            # the intent first, committed: a start that then fails is retried as 'running' without a
+            # process, which the adapter starts (the same key) instead of making a second
+            evaluation._change_state('running', progress=0.0)
+            if self._auto_commit():
+                self._commit()
+                if not self._claim_evaluation(evaluation.id):
+                    return
+        try:
+            with self.env.cr.savepoint():
+                adapter = evaluation.job_id.provider_id._adapter()
+                spec = evaluation._spec()
+                if not spec.provider_data.get('key'):
+                    adapter.start_evaluation(spec)
+                    evaluation.sudo().write({'provider_data': json.dumps(spec.provider_data, sort_keys=True)})
+                    evaluation.job_id._add_event(_('Evaluation started: %s') % evaluation.name)
+                    return
+                report = adapter.check_evaluation(spec)
+                if report['status'] == 'done':
+                    self._finish_evaluation(evaluation, report)
+                elif report['status'] == 'failed':
+                    self._fail_evaluation(evaluation, report.get('error'), report.get('log'))
+                elif report.get('progress') is not None and report['progress'] != evaluation.progress:
+                    evaluation.sudo().write({'progress': report['progress']})
+        except (psycopg2.Error, MemoryError):
+            raise
+        except TrainingRetryableError as e:
+            _logger.info('Evaluation %s: %s; next pass', evaluation.id, e)
+        except Exception as e:
+            if not isinstance(e, (TrainingFailedError, UserError, ValidationError)):
+                _logger.exception('Evaluation %s: unexpected error', evaluation.id)
+            self._fail_evaluation(evaluation, e.name if hasattr(e, 'name') else str(e))
+
+    def _finish_evaluation(self, evaluation, report):
+        evaluation._apply_results(report.get('summary') or {}, report.get('examples') or [])
+        job = evaluation.job_id
+        where = dict(evaluation._fields['eval_set'].selection).get(evaluation.eval_set, '').lower()
+        job._add_event(_('Evaluation done (%s): %s') % (evaluation.name, evaluation.headline))
+        if evaluation.kind == 'job':
+            body = '<p><strong>%s</strong> %s</p><p>%s</p>' % (
+                html_escape(_('Evaluation:')), html_escape(evaluation.headline or _('no figures')),
+                html_escape(_('%s vs %s on %d %s.') % (evaluation.model_id.display_name,
+                                                       evaluation.reference_model_id.display_name,
+                                                       evaluation.example_count, where)))
+            job.with_context(mail_notify_force_send=False).message_post(
+                body=body, subject=_('Evaluation of %s') % job.name, subtype='mail.mt_comment',
+                message_type='notification')
+
+    def _fail_evaluation(self, evaluation, message, log=None):
+        evaluation.invalidate_cache()
+        message = message or _('The evaluation failed.')
+        if evaluation.state in ('pending', 'running'):
+            evaluation._change_state('failed', error_message=message, log=log or False)
+        evaluation.job_id._add_event(_('Evaluation failed: %s The job stays Completed; Retry on its Evaluation tab.')
+                                     % message, level='error')
 
     # -- cancel --------------------------------------------------------------------------------
     @api.model

@@ -12,6 +12,7 @@ from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
+from ..lib.evaluation import holdout as evaluation_holdout
 from ..lib.host.private_dirs import make_private_dirs
 from .llm_provider import BudgetExceeded
 
@@ -44,6 +45,7 @@ class LlmTrainingJob(models.Model):
     service = fields.Selection(related='provider_id.service', readonly=True)
     provider_can_resume = fields.Boolean(related='provider_id.can_resume', readonly=True)
     provider_registers_checkpoints = fields.Boolean(related='provider_id.registers_checkpoints', readonly=True)
+    provider_evaluates = fields.Boolean(related='provider_id.evaluates', readonly=True)
     base_model_id = fields.Many2one('llm.model', string='Base Model', required=True, ondelete='restrict',
                                     domain="[('provider_id', '=', provider_id)]")
     dataset_ids = fields.Many2many('llm.training.dataset', 'llm_training_job_dataset_rel', 'job_id',
@@ -66,6 +68,17 @@ class LlmTrainingJob(models.Model):
     max_seq_length = fields.Integer(string='Max sequence length', default=DEFAULTS['max_seq_length'])
     seed = fields.Integer(default=DEFAULTS['seed'])
     suffix = fields.Char(size=64, help='Added to the fine-tuned model name (at most 64 characters).')
+    evaluate_after_training = fields.Boolean(
+        default=True, string='Evaluate', help='When training ends, the fine-tuned model and its base answer the '
+                                              'evaluation examples and are scored side by side (Evaluation tab).')
+    evaluation_holdout = fields.Float(
+        default=evaluation_holdout.DEFAULT_FRACTION, string='Evaluation hold-out',
+        help='Without validation data: the fraction of the training examples kept out of training to evaluate '
+             'on (at most 200, at least 5; only when at least 10 are left to train on, else the evaluation runs '
+             'on training examples and says so).')
+    evaluation_plan = fields.Char(compute='_compute_evaluation_plan', string='Evaluation Set',
+                                  help='What the model will be evaluated on, from the datasets\' last validation.')
+    evaluation_ids = fields.One2many('llm.training.evaluation', 'job_id', string='Evaluations', readonly=True)
     api_metadata = fields.Text(copy=False, help='The metadata a client gave through the OpenAI-compatible API '
                                                 '(JSON object of strings), returned and filtered on there.')
     hyperparameters = fields.Text(default='{}', help='Other settings as a JSON object, e.g. '
@@ -200,6 +213,28 @@ class LlmTrainingJob(models.Model):
             job.estimated_duration_text = job_summary.estimated_duration_text(job.estimated_duration * 3600.0) \
                 if job.estimated_duration else False
 
+    @api.depends('dataset_ids.example_count', 'validation_dataset_ids', 'validation_split', 'evaluation_holdout',
+                 'evaluate_after_training', 'provider_id.service')
+    def _compute_evaluation_plan(self):
+        for job in self:
+            if not job.evaluate_after_training:
+                job.evaluation_plan = _('No evaluation')
+            elif job.provider_id and not job.provider_id.evaluates:
+                job.evaluation_plan = _('None: provider "%s" cannot evaluate models yet') % job.provider_id.name
+            elif job.validation_dataset_ids or job.validation_split:
+                job.evaluation_plan = _('The validation examples')
+            else:
+                total = sum(job.dataset_ids.mapped('example_count'))
+                held = evaluation_holdout.holdout_size(total, job.evaluation_holdout)
+                job.evaluation_plan = _('%d held-out examples (not trained on)') % held if held else _(
+                    'Training examples (in-sample: too few examples to hold some out)')
+
+    @api.constrains('evaluation_holdout')
+    def _check_evaluation_holdout(self):
+        for job in self:
+            if not 0.0 <= job.evaluation_holdout <= 0.5:
+                raise ValidationError(_('Job "%s": the evaluation hold-out is a fraction from 0 to 0.5.') % job.name)
+
     @api.constrains('hyperparameters', 'validation_split', 'epochs', 'batch_size', 'lora_r',
                     'max_seq_length', 'learning_rate', 'lora_dropout')
     def _check_hyperparameters(self):
@@ -257,7 +292,7 @@ class LlmTrainingJob(models.Model):
     def write(self, vals):
         vals = self._split_hyperparameters(vals)
         self._check_links(vals)
-        locked = set(vals) & {'provider_id', 'base_model_id', 'dataset_ids', 'technique',
+        locked = set(vals) & {'provider_id', 'base_model_id', 'dataset_ids', 'technique', 'evaluation_holdout',
                               'hyperparameters', 'validation_dataset_ids', 'validation_split'}
         if locked and any(job.state not in ('draft', 'failed', 'cancelled') for job in self):
             raise UserError(_('A submitted job cannot change its setup (%s); cancel it or copy it.')
@@ -540,11 +575,21 @@ class LlmTrainingJob(models.Model):
             validation_split=hyper['validation_split'], seed=hyper['seed'])
         if counts['train'] < 1:
             raise TrainingFailedError(_('No training examples are left after the validation split.'))
+        held = 0
+        eval_path = os.path.join(self.work_dir, trainer_folder.EVAL_FILE)
+        if os.path.exists(eval_path):
+            os.remove(eval_path)  # a resubmitted job prepares again
+        if self.evaluate_after_training and self.provider_id.evaluates and not counts['validation']:
+            # the evaluation hold-out: kept out of train.jsonl, the trainer never sees it
+            held = evaluation_holdout.split_holdout(os.path.join(self.work_dir, trainer_folder.TRAIN_FILE), eval_path,
+                                                    self.evaluation_holdout, seed=hyper['seed'])
+            counts['train'] -= held
         self._write_workflow({
             'train_examples': counts['train'], 'validation_examples': counts['validation'],
             'train_tokens': sum(d.token_total for d in self.dataset_ids)})
-        self._add_event(_('Prepared %d training and %d validation examples')
-                        % (counts['train'], counts['validation']))
+        self._add_event(_('Prepared %d training and %d validation examples%s')
+                        % (counts['train'], counts['validation'],
+                           _(', %d held out for evaluation') % held if held else ''))
 
     def _register_result(self, result):
         if not result.get('model_ref'):
@@ -575,6 +620,38 @@ class LlmTrainingJob(models.Model):
                           version=Model._next_version(self.base_model_id, self.suffix, self))
             model = Model.create(values)
         return model
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _evaluation_examples(self):
+        """(file, set) the job's models are evaluated on: its hold-out, else its validation
+        examples, else its training examples (in-sample); (None, None) when none was prepared."""
+        self.ensure_one()
+        for name, eval_set in ((trainer_folder.EVAL_FILE, 'holdout'), (trainer_folder.VALIDATION_FILE, 'validation'),
+                               (trainer_folder.TRAIN_FILE, 'in_sample')):
+            path = os.path.join(self.work_dir, name)
+            if evaluation_holdout.count_lines(path):
+                return path, eval_set
+        return None, None
+
+    def _queue_evaluation(self, model=None, reference=None, kind='job'):
+        """A pending evaluation of `model` (the job's result) against `reference` (its base) on the
+        job's evaluation examples, for the engine's next pass; nothing when the job asks for none, the
+        provider cannot evaluate (the Evaluation tab says so) or no examples were prepared."""
+        self.ensure_one()
+        model, reference = model or self.result_model_id, reference or self.base_model_id
+        if not (model and reference and self.provider_id.evaluates) or \
+                (kind == 'job' and not self.evaluate_after_training):
+            return self.env['llm.training.evaluation']
+        path, eval_set = self._evaluation_examples()
+        if not path:
+            return self.env['llm.training.evaluation']
+        evaluation = self.env['llm.training.evaluation'].sudo().create({
+            'job_id': self.id, 'kind': kind, 'model_id': model.id, 'reference_model_id': reference.id,
+            'examples_file': path, 'eval_set': eval_set, 'data_format': self._data_format(),
+            'example_count': evaluation_holdout.count_lines(path)})
+        self._add_event(_('Evaluation queued: %s on %s') % (evaluation.name, dict(
+            evaluation._fields['eval_set'].selection)[eval_set].lower()))
+        return evaluation
 
     @api.multi
     def action_open_loss_curve(self):

@@ -42,6 +42,9 @@ bench_export() {
 bench_serving() {  # llama.cpp's log goes to stderr
   cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_serving 2>/dev/null
 }
+bench_evaluation() {
+  cd "$here" && PYTHONPATH="$here" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" "$LLMT_TRAINER_VENV/bin/python" -m bench.bench_evaluation
+}
 
 bench_step "dataset validation (Odoo's Python)" bench_validation
 bench_step "benchmark database $DB (the addon and the scripted provider)" bench_database
@@ -62,4 +65,5 @@ bench_knowledge() {
 }
 bench_step "knowledge: indexing vs a cookbook loop, search p50/p95 and recall at 10k/100k chunks, hit rate@5 and MRR (Odoo's Python, model server)" bench_knowledge
 bench_step "serving many chats: batched vs one at a time, two adapters, bf16 flips, llama.cpp 8 slots (trainer venv)" bench_serving
+bench_step "evaluation: batched greedy generation vs a one-at-a-time generate loop (trainer venv)" bench_evaluation
 bench_summary

@@ -1,6 +1,6 @@
 """The job folder: what Odoo writes for the trainer and what the trainer writes back.
 
-Odoo writes   config.json, train.jsonl, validation.jsonl
+Odoo writes   config.json, train.jsonl, validation.jsonl, eval.jsonl
 The trainer   status.json  (rewritten atomically: temp file + os.replace, never half-read)
 writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
               trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
@@ -21,6 +21,7 @@ CHECKPOINTS = 'checkpoints'
 RESULT = 'result'
 TRAIN_FILE = 'train.jsonl'
 VALIDATION_FILE = 'validation.jsonl'
+EVAL_FILE = 'eval.jsonl'  # the evaluation hold-out: Odoo moves it out of train.jsonl, never trained on
 # The trainer's defaults for the settings Odoo shows on a job (its form, the job wizard, the
 # estimate): config.json may leave any of them out, and 0 in epochs or batch_size means these.
 CONFIG_DEFAULTS = {'epochs': 3, 'batch_size': 4, 'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32,

@@ -5,3 +5,4 @@ from . import llm_training_dataset_import_wizard
 from . import llm_api_key_wizard
 from . import llm_model_export_wizard
 from . import llm_assistant_ask_wizard
+from . import llm_model_deploy_wizard

@@ -21,6 +21,21 @@ class LlmModelCompareWizard(models.TransientModel):
                                  string='Models', default=_default_models)
     prompt = fields.Text()
     result = fields.Text(readonly=True)
+    evaluation_summary = fields.Text(compute='_compute_evaluation_summary', string='Evaluations',
+                                     help="Each model's last finished evaluation against the model it was compared "
+                                          "with (its base, or the deployed one).")
+
+    @api.depends('model_ids')
+    def _compute_evaluation_summary(self):
+        for wizard in self:
+            lines = []
+            for model in wizard.model_ids:
+                evaluation = model.evaluation_ids.filtered(lambda e: e.state == 'done').sorted('id', reverse=True)[:1]
+                if evaluation:
+                    lines.append(_('%s: %s (vs %s, %d examples)') % (
+                        model.display_name, evaluation.headline, evaluation.reference_model_id.display_name,
+                        evaluation.example_count))
+            wizard.evaluation_summary = '\n'.join(lines) or False
 
     @api.multi
     def action_compare(self):

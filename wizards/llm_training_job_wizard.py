@@ -70,8 +70,10 @@ class LlmTrainingJobWizard(models.TransientModel):
                 wizard.warnings = False
                 continue
             try:
-                job = self.env['llm.training.job'].new(
-                    self.env['llm.training.job']._split_hyperparameters(wizard._job_values()))
+                Job = self.env['llm.training.job']
+                # new() applies no defaults: the job's own (evaluation settings) come first
+                job = Job.new(dict(Job.default_get(['evaluate_after_training', 'evaluation_holdout']),
+                                   **Job._split_hyperparameters(wizard._job_values())))
             except ValidationError as e:
                 wizard.estimate, wizard.warnings = False, e.name
                 continue
@@ -87,6 +89,8 @@ class LlmTrainingJobWizard(models.TransientModel):
             wizard.estimate = job_estimate.estimate_text(
                 examples, tokens, job.estimated_epochs, price=wizard.base_model_id.training_price,
                 tokens_per_second=speed.tokens_per_second or None, complete=validated == datasets)
+            if wizard.provider_id.evaluates:  # what the model will be evaluated on, before Submit
+                wizard.estimate += '\n' + _('Evaluation after training: %s') % job.evaluation_plan
             wizard.warnings = job_estimate.warnings_text(
                 examples if validated == datasets else None,
                 [{'name': d.name, 'state': d.state, 'token_max': d.token_max}

@@ -25,7 +25,8 @@ from ..exceptions import TrainingFailedError
 from ..hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
-                'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster')
+                'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster',
+                'evaluates')
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 # max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
 # an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.
@@ -66,6 +67,30 @@ class JobSpec(object):
 
     def note(self, message, level='info'):
         self.events.append({'message': message, 'level': level})
+
+
+class EvaluationSpec(object):
+    """One evaluation run, as a provider sees it: two models answer the same examples.
+
+    key               stable for the run (a repeated start finds the run it began)
+    folder            where the run's files are (config, status, examples, summary)
+    reference         the model compared against (the base model, or the deployed one): its ref
+    candidate         the model evaluated (the fine-tuned one): its ref
+    examples          the JSONL file of examples (train.jsonl's shape)
+    data_format       chat / preference / text
+    limits            {'max_examples', 'max_new_tokens', 'batch_size', 'max_length'}
+    provider_data     the adapter's own memory across calls (JSON-able); changes are kept
+    """
+    __slots__ = ('key', 'folder', 'reference', 'candidate', 'examples', 'data_format', 'limits', 'provider_data')
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.__slots__)
+        if unknown:
+            raise TypeError('EvaluationSpec has no %s' % ', '.join(sorted(unknown)))
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+        self.provider_data = dict(self.provider_data or {})
+        self.limits = dict(self.limits or {})
 
 
 class TrainingProvider(object):
@@ -112,6 +137,19 @@ class TrainingProvider(object):
         raise NotImplementedError
 
     # -- optional services ---------------------------------------------------------------------------
+    def start_evaluation(self, spec):
+        """Start evaluating `spec.candidate` against `spec.reference` (an EvaluationSpec), or find
+        the run a previous start of `spec.key` made. Capability `evaluates`."""
+        raise TrainingFailedError('Provider "%s" cannot evaluate models yet; evaluation runs on the local '
+                                  'trainer for now.' % self.name)
+
+    def check_evaluation(self, spec):
+        """Where the evaluation stands: {'status': 'running' | 'done' | 'failed', 'progress', 'error',
+        'summary' (done: {'n', 'data_format', 'reference': {metric: mean}, 'candidate': {...}}),
+        'examples' (done: [{'prompt', 'expected', 'reference': {'answer', scores},
+        'candidate': {...}}])}."""
+        raise TrainingFailedError('Provider "%s" cannot evaluate models yet.' % self.name)
+
     def token_counter(self, model_ref):
         """A callable counting an example's tokens as this service will, or None (estimated)."""
         return None

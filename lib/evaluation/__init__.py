@@ -1,0 +1,3 @@
+"""Evaluation of a fine-tuned model against its base (or against the deployed model): the
+hold-out, the files the trainer's evaluator reads and writes, the headline and the deploy guard's
+statistics. Plain Python 3.7, no Odoo import."""
