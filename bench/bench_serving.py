@@ -21,7 +21,6 @@ the same on both sides.
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading

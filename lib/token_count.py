@@ -9,7 +9,6 @@ with the same tokenizer.json in Rust (`template_counter`). Whatever the table ca
 environment (`PipeCounter`), as OpenAI's tiktoken counts do.
 """
 import json
-import os
 import select
 import subprocess
 import threading

@@ -6,7 +6,6 @@ offset, so each poll reads only what is new; a trailing partial line is left for
 """
 import json
 import os
-import time
 
 import psutil
 

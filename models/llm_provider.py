@@ -8,7 +8,7 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
-from ..lib import budget, job_status, openai_jobs, providers
+from ..lib import budget, openai_jobs, providers
 from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..lib.model_server import serve_settings
 from ..lib.providers.base import CAPABILITIES

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import psycopg2
 
 import odoo
-from odoo import SUPERUSER_ID, api, fields
+from odoo import fields
 from odoo.exceptions import UserError
 from odoo.tests.common import get_db_name
 

@@ -3,7 +3,6 @@
 The SDK runs in the client venv (Python 3.11) as a subprocess (tests/clients/openai_sdk_driver.py)
 that takes one command per line, so this test steps it and runs the cron between steps. Every
 answer is checked against the reference OpenAPI schemas by the driver."""
-import base64
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from odoo.tests.common import HttpCase
 
 from odoo.addons.llm_training.lib import trainer_folder
 
-from .common import chat, jsonl, valid_examples
+from .common import jsonl, valid_examples
 from .test_local_provider import code_word_examples
 from .test_xmlrpc import ensure_http_server
 

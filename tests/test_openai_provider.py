@@ -8,7 +8,7 @@ from odoo.tests.common import SavepointCase
 
 from odoo.addons.llm_training.lib.providers import openai_fine_tuning
 
-from .common import TrainingCase, chat, jsonl, valid_examples
+from .common import TrainingCase, chat, jsonl
 from .openai_fake_server import FakeOpenAI
 from .test_dataset_validator import preference
 from .openapi_contract import load_contract

@@ -19,7 +19,6 @@ GGUF) and answers the same prompt; the first VERIFY_TOKENS tokens are compared. 
 the verification) go to --events FILE as JSON lines (the Odoo side reads them) and to stderr.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import os

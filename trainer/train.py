@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from . import distributed, job_files
 from .job_files import JobFolder

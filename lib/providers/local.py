@@ -12,7 +12,7 @@ import subprocess
 from . import register
 from .. import trainer_folder
 from ..evaluation import files as evaluation_files
-from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
+from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..hyperparameters import check_processes, trainer_config
