@@ -12,15 +12,28 @@ source "$here/scripts/env.sh"
 llmt_link_addon
 
 # The trainer's tests need no database: with `make test` they run beside the addon's, from the start
-# (the addon's tests spend much of their time waiting on trainers, servers and HTTP).
+# (the addon's tests spend much of their time waiting on trainers, servers and HTTP), each suite on
+# its own half of the CPUs this process may use: two trainings whose threads spin on the same cores
+# run several times slower than each on its own cores (the trainer sizes its threads to them).
 trainer_out="$LLMT_CACHE/trainer-tests-${LLMT_TEST_DB:-llm_test}.out"
 trainer_pid=
+addon_pin=()
+trainer_pin=()
+if [ $# = 0 ]; then
+  read -r addon_cpus trainer_cpus < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); h = len(c) // 2
+print(",".join(map(str, c[:len(c) - h])), ",".join(map(str, c[len(c) - h:])) or "-")')
+  if [ "$trainer_cpus" != "-" ] && command -v taskset >/dev/null; then
+    addon_pin=(taskset -c "$addon_cpus")
+    trainer_pin=(taskset -c "$trainer_cpus")
+    echo "[test] CPUs: addon tests on $addon_cpus, trainer tests on $trainer_cpus"
+  fi
+fi
 if [ -d "$here/trainer/tests" ] && [ $# = 0 ]; then
   # Through a link whose parent has no __init__.py: pytest must see `trainer` as the top package,
   # not as part of the addon at the repo root.
   link="$LLMT_CACHE/trainer-$(printf %s "$LLMT_ROOT" | sha1sum | cut -c1-10)"
   mkdir -p "$link" && ln -sfn "$LLMT_ROOT/trainer" "$link/trainer"
-  (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" exec "$LLMT_TRAINER_VENV/bin/python" \
+  (cd "$link" && PYTHONPATH="$link" LLMT_BASE_MODEL_DIR="$LLMT_BASE_MODEL_DIR" exec "${trainer_pin[@]}" "$LLMT_TRAINER_VENV/bin/python" \
      -m pytest -p no:cacheprovider -q -rfE --durations=10 --rootdir="$link" "$link/trainer/tests") >"$trainer_out" 2>&1 &
   trainer_pid=$!
   trap '[ -n "$trainer_pid" ] && kill "$trainer_pid" 2>/dev/null' EXIT
@@ -60,7 +73,7 @@ if [ $# -gt 0 ]; then
   done
 fi
 echo "[test] addon tests (pytest-odoo)"
-(cd "$LLMT_RUN/test" && "$LLMT_ODOO_VENV/bin/pytest" -p no:cacheprovider --odoo-database="$DB" --odoo-config="$conf" \
+(cd "$LLMT_RUN/test" && "${addon_pin[@]}" "$LLMT_ODOO_VENV/bin/pytest" -p no:cacheprovider --odoo-database="$DB" --odoo-config="$conf" \
    --odoo-log-level=warn -q -rfE -p no:warnings --durations=15 --rootdir="$LLMT_RUN/test" "${selected[@]}") 2>&1 | tee "$LLMT_RUN/test/addon.out"
 addon_rc=${PIPESTATUS[0]}
 

@@ -1,7 +1,7 @@
 """lib/openai_jobs.py as plain functions."""
 import unittest
 
-from odoo.addons.llm_training.lib import openai_jobs
+from odoo.addons.llm_training.lib import openai_jobs, pricing
 
 
 class TestOpenAIJobs(unittest.TestCase):
@@ -41,7 +41,7 @@ class TestOpenAIJobs(unittest.TestCase):
         self.assertEqual(redacted.count('[API key]'), 3)
 
     def test_cost_and_model_names(self):
-        self.assertEqual(openai_jobs.cost(2000000, 3.0), 6.0)
-        self.assertEqual(openai_jobs.cost(None, 3.0), 0.0)
+        self.assertEqual(pricing.cost(2000000, 3.0), 6.0)
+        self.assertEqual(pricing.cost(None, 3.0), 0.0)
         self.assertEqual(openai_jobs.base_of_fine_tuned('ft:gpt-4o-mini-2024-07-18:org:x:abc'), 'gpt-4o-mini-2024-07-18')
         self.assertIsNone(openai_jobs.base_of_fine_tuned('gpt-4o-mini'))
