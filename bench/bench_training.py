@@ -38,6 +38,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH_SIZE = 4  # examples per step of the trainer's runs
 sys.path.insert(0, ROOT)
 
 MODEL_DIR = os.environ.get('LLMT_BASE_MODEL_DIR', os.path.expanduser('~/.cache/llm_training/models/SmolLM2-135M-Instruct'))
@@ -210,7 +211,7 @@ def write_job(folder, args, **config):
     with open(os.path.join(folder, 'train.jsonl'), 'w') as f:
         f.writelines(json.dumps(e) + '\n' for e in make_examples(args.examples))
     with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': 4,
+        json.dump({'base_model_path': MODEL_DIR, 'technique': 'lora', 'epochs': args.epochs, 'batch_size': BATCH_SIZE,
                    'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32, 'max_seq_length': 256,
                    'seed': 42, 'save_steps': 100000, **config}, f)
 
@@ -288,6 +289,14 @@ def run_trainer(args, code_dir):
 def contended(args):
     """Old (all threads, start-up probe) vs new (tuning controller), quiet and contended."""
     cores = sorted(os.sched_getaffinity(0))
+    # Enough steps that the new trainer tunes on its own steps (shorter jobs keep the start-up
+    # probe, trainer/train.py TUNE_MIN_STEPS): the controller is what this line measures.
+    from trainer.train import TUNE_MIN_STEPS
+    needed = -(-TUNE_MIN_STEPS // args.epochs) * BATCH_SIZE
+    if args.examples < needed:
+        print('contended: %d examples instead of %d, so that the job has the %d steps the tuning controller needs'
+              % (needed, args.examples, TUNE_MIN_STEPS))
+        args.examples = needed
     print('contended: the busy process is pinned to core %d of %s; %d examples x %d epochs a run'
           % (cores[-1], cores, args.examples, args.epochs))
     runs = {}
