@@ -12,11 +12,13 @@ import psutil
 from .host.file_lock import held
 
 try:
-    from ..trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_FILE, EVENTS, LOG,  # noqa: F401
-                                     METRICS, STATUS, TRAIN_FILE, VALIDATION_FILE, write_json_atomic)
+    from ..trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_EXAMPLES, EVAL_FILE,  # noqa: F401
+                                     EVAL_LOG, EVAL_SUMMARY, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,
+                                     VALIDATION_FILE, write_json_atomic)
 except (ImportError, ValueError):  # lib imported as a top-level package (bench/), the addon root on the path
-    from trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_FILE, EVENTS, LOG,  # noqa: F401
-                                   METRICS, STATUS, TRAIN_FILE, VALIDATION_FILE, write_json_atomic)
+    from trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_EXAMPLES, EVAL_FILE,  # noqa: F401
+                                   EVAL_LOG, EVAL_SUMMARY, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,
+                                   VALIDATION_FILE, write_json_atomic)
 
 PID_FILE = 'trainer.pid'     # written by the launcher: pid, start time and job key of the trainer
 LAUNCH_LOCK = 'launch.lock'  # held by a launcher while it checks and starts

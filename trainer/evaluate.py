@@ -40,10 +40,8 @@ import traceback
 from . import job_files
 from .data import IGNORE_INDEX, load_examples, tokenize_example, tokenize_text
 
-STATUS = 'status.json'
-EXAMPLES = 'examples.jsonl'
-SUMMARY = 'summary.json'
-CONFIG = 'config.json'
+STATUS, CONFIG = job_files.STATUS, job_files.CONFIG
+EXAMPLES, SUMMARY = job_files.EVAL_EXAMPLES, job_files.EVAL_SUMMARY
 DEFAULTS = {'max_examples': 50, 'max_new_tokens': 64, 'batch_size': 8, 'max_length': 1024, 'data_format': 'chat'}
 GENERATION_METRICS = ('exact_match', 'token_f1', 'rouge_l', 'chrf', 'length_ratio')
 

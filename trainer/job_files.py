@@ -27,6 +27,11 @@ EVAL_FILE = 'eval.jsonl'  # the evaluation hold-out: Odoo moves it out of train.
 CONFIG_DEFAULTS = {'epochs': 3, 'batch_size': 4, 'learning_rate': 2e-4, 'lora_r': 16, 'lora_alpha': 32,
                    'lora_dropout': 0.05, 'max_seq_length': 1024, 'seed': 42}
 LOG = 'trainer.log'  # the trainer's stdout and stderr, written by whoever launched it
+# An evaluation's folder (trainer/evaluate.py; Odoo: lib/evaluation/files.py) has its own CONFIG and
+# STATUS (the names above) and these:
+EVAL_EXAMPLES = 'examples.jsonl'  # one scored example a line
+EVAL_SUMMARY = 'summary.json'     # the metrics of both models
+EVAL_LOG = 'evaluator.log'        # the evaluator's stdout and stderr
 TRAINER_LOCK = 'trainer.lock'  # held (flock) by the one trainer that writes this folder
 
 

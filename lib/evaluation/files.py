@@ -1,22 +1,20 @@
 """The evaluation folder, as lib/trainer_folder.py is the job folder: what Odoo writes for
-trainer/evaluate.py and reads back (the same file names; no trainer import here)."""
+trainer/evaluate.py and reads back (the names are trainer/job_files.py's)."""
 import json
 import os
 
-CONFIG = 'config.json'
-STATUS = 'status.json'
-EXAMPLES = 'examples.jsonl'
-SUMMARY = 'summary.json'
+from .. import trainer_folder
+from ..trainer_folder import CONFIG, STATUS
+
+EXAMPLES = trainer_folder.EVAL_EXAMPLES
+SUMMARY = trainer_folder.EVAL_SUMMARY
+LOG = trainer_folder.EVAL_LOG
 PID = 'evaluator.pid'
-LOG = 'evaluator.log'
 
 
 def write_config(folder, config):
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    tmp = os.path.join(folder, CONFIG + '.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(config, f)
-    os.replace(tmp, os.path.join(folder, CONFIG))
+    trainer_folder.write_json_atomic(os.path.join(folder, CONFIG), config)
 
 
 def _read_json(path):
@@ -44,9 +42,4 @@ def read_examples(folder):
 
 
 def log_tail(folder, size=4000):
-    path = os.path.join(folder, LOG)
-    if not os.path.exists(path):
-        return ''
-    with open(path, 'rb') as f:
-        f.seek(max(0, os.path.getsize(path) - size))
-        return f.read().decode('utf-8', 'replace')
+    return trainer_folder.tail(folder, LOG, size)
