@@ -110,7 +110,57 @@ def is_server_process(pid, started_at=None):
         return False
 
 
-class ModelServer(object):
+class ChatClient(object):
+    """chat / chat_stream over a model server's /chat, the same for this host's server (ModelServer)
+    and a Ray Serve deployment (ServeEndpoint); each sends the request its own way (`_post`)."""
+    request_timeout = REQUEST_TIMEOUT
+
+    def chat(self, model_path, messages, **options):
+        """{'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'}. Options: max_tokens,
+        temperature (0: greedy), top_p, stop, seed, n, max_seconds."""
+        answer = self._post(model_path, messages, options, stream=False)
+        try:
+            return answer.json()
+        finally:
+            answer.close()
+
+    def chat_stream(self, model_path, messages, **options):
+        """An iterator of {'delta': str} dicts, then one {'finish_reason', 'prompt_tokens',
+        'completion_tokens'}. The request is sent (and refused) here, before the first item is
+        asked for; closing the iterator early closes the connection and stops the generation."""
+        return self._lines(self._post(model_path, messages, options, stream=True))
+
+    def _post(self, model_path, messages, options, stream):
+        raise NotImplementedError
+
+    def _wait(self, options):
+        """Seconds to wait for the answer. A request with a deadline (max_seconds: the Odoo worker's
+        time left) waits no longer than that: a stuck server must not hold the worker until it is
+        killed."""
+        if options.get('max_seconds') is not None:
+            return min(self.request_timeout, options['max_seconds'] + DEADLINE_MARGIN)
+        return self.request_timeout
+
+    @staticmethod
+    def _lines(answer):
+        try:
+            for line in answer.iter_lines():
+                if not line:
+                    continue
+                item = json.loads(line.decode('utf-8'))
+                if 'error' in item:
+                    raise ModelServerError(item['error'], 500)
+                yield item
+                if 'finish_reason' in item:
+                    return
+            raise ModelServerError('the model server ended the answer early')
+        except (requests.RequestException, ValueError) as e:
+            raise ModelServerError('the model server\'s answer broke off: %s' % e)
+        finally:
+            answer.close()
+
+
+class ModelServer(ChatClient):
     """A client of the model server in `run_dir`, starting it when needed (`where`: this host).
 
     python     the trainer venv's python (runs `python -m trainer.serve`)
@@ -277,29 +327,10 @@ class ModelServer(object):
         """The server's token, read fresh: a restarted server made a new one."""
         return {'Authorization': 'Bearer %s' % read_token(self.run_dir)}
 
-    # -- generation ------------------------------------------------------------------------------
-    def chat(self, model_path, messages, **options):
-        """{'text', 'finish_reason', 'prompt_tokens', 'completion_tokens'}. Options: max_tokens,
-        temperature (0: greedy), top_p, stop, seed."""
-        answer = self._post(model_path, messages, options, stream=False)
-        try:
-            return answer.json()
-        finally:
-            answer.close()
-
-    def chat_stream(self, model_path, messages, **options):
-        """An iterator of {'delta': str} dicts, then one {'finish_reason', 'prompt_tokens',
-        'completion_tokens'}. The request is sent (and refused) here, before the first item is
-        asked for; closing the iterator early closes the connection and stops the generation."""
-        return self._lines(self._post(model_path, messages, options, stream=True))
-
+    # -- generation (chat, chat_stream: ChatClient) ----------------------------------------------
     def _post(self, model_path, messages, options, stream):
         body = dict(options, model=model_path, messages=messages, stream=stream)
-        # A request with a deadline (max_seconds: the Odoo worker's time limit) waits for the
-        # server no longer than that: a stuck server must not hold the worker until it is killed.
-        wait = self.request_timeout
-        if options.get('max_seconds') is not None:
-            wait = min(wait, options['max_seconds'] + DEADLINE_MARGIN)
+        wait = self._wait(options)
         for attempt in (1, 2):
             state = self.ensure_running()
             try:
@@ -342,24 +373,6 @@ class ModelServer(object):
                 raise ModelServerError(body.get('error') or answer.text, answer.status_code)
             return body
 
-    @staticmethod
-    def _lines(answer):
-        try:
-            for line in answer.iter_lines():
-                if not line:
-                    continue
-                item = json.loads(line.decode('utf-8'))
-                if 'error' in item:
-                    raise ModelServerError(item['error'], 500)
-                yield item
-                if 'finish_reason' in item:
-                    return
-            raise ModelServerError('the model server ended the answer early')
-        except (requests.RequestException, ValueError) as e:
-            raise ModelServerError('the model server\'s answer broke off: %s' % e)
-        finally:
-            answer.close()
-
 
 def _refusal(answer):
     """The ModelServerError for a non-200 answer of a model server (its {"error"} body, its
@@ -374,7 +387,7 @@ def _refusal(answer):
                             retry_after=int(retry_after) if (retry_after or '').isdigit() else None)
 
 
-class ServeEndpoint(object):
+class ServeEndpoint(ChatClient):
     """The model server as a Ray Serve deployment (trainer/serve_ray.py) at `url` (Serve's proxy
     and the application's route): the same /health and /chat, the same bearer token, reached
     over the network; nothing to start (Odoo deploys it from the provider)."""
@@ -399,21 +412,9 @@ class ServeEndpoint(object):
             raise _refusal(answer)
         return answer.json()
 
-    def chat(self, model_path, messages, **options):
-        answer = self._post(model_path, messages, options, stream=False)
-        try:
-            return answer.json()
-        finally:
-            answer.close()
-
-    def chat_stream(self, model_path, messages, **options):
-        return ModelServer._lines(self._post(model_path, messages, options, stream=True))
-
     def _post(self, model_path, messages, options, stream):
         body = dict(options, model=model_path, messages=messages, stream=stream)
-        wait = self.request_timeout  # no longer than the caller's deadline, as for the local server
-        if options.get('max_seconds') is not None:
-            wait = min(wait, options['max_seconds'] + DEADLINE_MARGIN)
+        wait = self._wait(options)
         try:
             answer = self._session.post(self.url + '/chat', json=body, stream=stream, headers=self._headers(),
                                         timeout=(self.connect_timeout, wait))
