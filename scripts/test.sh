@@ -20,9 +20,9 @@ trainer_pid=
 addon_pin=()
 trainer_pin=()
 if [ $# = 0 ]; then
-  read -r addon_cpus trainer_cpus < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); h = len(c) // 2
-print(",".join(map(str, c[:len(c) - h])), ",".join(map(str, c[len(c) - h:])) or "-")')
-  if [ "$trainer_cpus" != "-" ] && command -v taskset >/dev/null; then
+  read -r addon_cpus trainer_cpus < <("$LLMT_TRAINER_VENV/bin/python" -c 'import os; c = sorted(os.sched_getaffinity(0))
+h = len(c) // 2; print(",".join(map(str, c[:len(c) - h])), ",".join(map(str, c[len(c) - h:])) or "-")')
+  if [ -n "${trainer_cpus:-}" ] && [ "$trainer_cpus" != "-" ] && command -v taskset >/dev/null; then
     addon_pin=(taskset -c "$addon_cpus")
     trainer_pin=(taskset -c "$trainer_cpus")
     echo "[test] CPUs: addon tests on $addon_cpus, trainer tests on $trainer_cpus"
