@@ -157,7 +157,11 @@ def choose_precision(folder, config, model, threads):
 
 
 SCREEN_TOKENS = 32  # tokens of the tiny step that screens out a pathologically slow precision
-TUNE_MIN_STEPS = 60  # jobs with fewer training steps keep the start-up probe (see main)
+# Jobs with fewer training steps keep the start-up probe (see main). Several processes measure on
+# about five discarded steps; one process measures on its first training steps (about ten, kept),
+# which costs only the screening and the slower candidates' extra time.
+TUNE_MIN_STEPS = 60
+TUNE_MIN_STEPS_ONE_PROCESS = 30
 
 
 def tuning_choices(config, threads, single_process):
@@ -253,25 +257,49 @@ class Tuning(object):
         self.seconds = 0.0  # all measurements together
 
     def tune(self, batch, reason):
-        from . import tuning
+        """Measures now, on discarded steps of `batch` (several processes: rank 0 measures, all
+        apply its choice from the first step)."""
         self.timers.batch = {k: v for k, v in batch.items()}
         with DiscardedSteps(self.model):
             record = self.controller.tune(reason)
         self.timers.batch = None
+        self._report(record, 'measured on training steps of this job (%s; discarded) in %.1f s'
+                     % (reason, record['measure_seconds']))
+        return record
+
+    def start(self, batch, reason):
+        """One process: screens on tiny discarded steps of `batch`, then measures on the coming
+        training steps themselves (observe)."""
+        self.timers.batch = {k: v for k, v in batch.items()}
+        with DiscardedSteps(self.model):
+            self.controller.start(reason)
+        self.timers.batch = None
+
+    def current(self):
+        """(precision, threads) in force: the choice, or the candidate being measured."""
+        return self.controller.choice or self.controller._candidate
+
+    def _report(self, record, source):
+        from . import tuning
         self.seconds += record['measure_seconds']
         self.record = record
         if self.report:
-            source = 'measured on training steps of this job (%s; discarded) in %.1f s' % (
-                reason, record['measure_seconds'])
             self.folder.event(tuning.describe(record, source), **record)
             if self.folder.writes:
                 job_files.write_json_atomic(self.folder.file(TUNING_RECORD), record)
-        return record
 
     def observe(self, seconds, batch):
-        reason = self.controller.observe(seconds, int(batch['input_ids'].numel()))
+        tokens = int(batch['input_ids'].numel())
+        if self.controller.measuring:
+            record = self.controller.measured(seconds, tokens)
+            if record:
+                self._report(record, 'measured on %d training steps of this job (%s), %d tokens each on '
+                             'average; cost %.1f s' % (record['measured_steps'], record['reason'],
+                                                        record['step_tokens'], record['measure_seconds']))
+            return
+        reason = self.controller.observe(seconds, tokens)
         if reason:
-            self.tune(batch, reason)
+            self.start(batch, reason)
 
 
 TUNING_RECORD = 'precision.json'
@@ -503,9 +531,11 @@ def train(folder, config):
             use_bf16_matmuls(model, switch)
         epochs = config.epochs or job_files.CONFIG_DEFAULTS['epochs']
         steps = math.ceil(len(train_features) / float(per_process_batch * processes)) * epochs
-        if steps < TUNE_MIN_STEPS:
-            # Measuring costs about five steps' time: a short job cannot repay it and keeps the
-            # start-up probe (precision.py); every longer one is tuned on its own steps.
+        if config.max_steps:
+            steps = min(steps, config.max_steps * config.gradient_accumulation_steps)
+        if steps < (TUNE_MIN_STEPS if processes > 1 else TUNE_MIN_STEPS_ONE_PROCESS):
+            # A short job cannot repay the measurement and keeps the start-up probe (precision.py);
+            # every longer one is tuned on its own steps.
             choice = choose_precision(folder, config, model, threads)
             switch['bf16'] = choice['precision'] == 'bf16'
         else:
@@ -513,12 +543,16 @@ def train(folder, config):
             if processes > 1 and distributed.rank() != 0:
                 precisions = []  # rank 0 measures, the others wait for its choice
             tuning = Tuning(folder, model, switch, full, precisions, thread_counts, report=distributed.rank() == 0)
-            record = tuning.tune(collator(train_features[:per_process_batch]), 'start') if precisions else None
-            record = distributed.broadcast(record)
-            switch['bf16'] = record['precision'] == 'bf16'
+            first_batch = collator(train_features[:per_process_batch])
             if processes > 1:
+                record = tuning.tune(first_batch, 'start') if precisions else None
+                record = distributed.broadcast(record)
+                switch['bf16'] = record['precision'] == 'bf16'
                 tuning = None  # all ranks compute alike: no rank revises its choice alone
-            choice = {'precision': record['precision'], 'threads': record['threads']}
+                choice = {'precision': record['precision'], 'threads': record['threads']}
+            else:
+                tuning.start(first_batch, 'start')  # the choice is made on the first training steps
+                choice = dict(zip(('precision', 'threads'), tuning.current()))
         bf16 = False  # TrainingArguments' autocast: off on CPU, the switch does it
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -579,8 +613,8 @@ def train(folder, config):
     runtime = time.time() - started
     # This run's training speed on this machine: Odoo keeps it to estimate later jobs' time.
     tokens_run = n_train_tokens * ((trainer.state.epoch or 0.0) - progress.start_epoch)
-    if tuning is not None and tuning.record:  # the last choice, the one training ended in
-        choice = {'precision': tuning.record['precision'], 'threads': tuning.record['threads']}
+    if tuning is not None:  # the last choice, the one training ended in
+        choice = dict(zip(('precision', 'threads'), tuning.current()))
     final = {'train_loss': output.training_loss, 'train_runtime': runtime, 'precision': choice['precision'],
              'threads': choice['threads'], 'tuning_seconds': round(tuning.seconds, 2) if tuning else 0.0,
              'tuning_measurements': tuning.controller.measurements if tuning else 0, 'tokens_per_second': round(tokens_run / runtime, 1) if runtime else None}

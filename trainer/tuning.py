@@ -4,21 +4,28 @@ Chosen from real training steps, never assumed: CPUs differ (with bf16 units a b
 about 2-4x fp32, without them 5x to 60x slower) and so does the load beside the trainer (on 2 cores
 with one other busy process, 2 spinning OpenMP threads reached 0.31x their quiet speed, 1 thread
 about half). So the trainer times forward + backward on the real model, with the job's technique, on
-a real batch of the job (its own batch shape), once per candidate (precision x threads), the
+real batches of the job (its own batch shape), once per candidate (precision x threads), the
 candidates interleaved round after round (a moment of load weighs on all of them alike), and keeps
-each candidate's best time. Those measured steps are discarded: their gradients are put back as they
-were and the random state too, so training is the same as without them; they only cost time.
+each candidate's best time.
 
-Cheap: every candidate is first screened on a few tokens of the batch, so a pathologically slow bf16
-(60x on some CPUs) or threads spinning against another process cost a tiny step, not a full one;
-after the first full-size round, candidates far behind the fastest are dropped, and a lone survivor
-is not timed again. About 4 to 6 batch-sized steps in all on 2 cores. Ties (within TIE) go to the cheaper candidate: fp32 (no bf16 copy, exact
-arithmetic), then fewer threads (less spinning, more left to others).
+One process measures on its training steps themselves (start/measured): each of the first steps
+runs in the next candidate's setting and is kept, so measuring costs only the slower candidates'
+extra time and the screening; the batches differ, so they compare by seconds per token (their padded
+tokens: what the step computes). Several processes must compute alike from the first step, so rank 0
+measures on discarded steps of the first batch (tune): their gradients and the random state are put
+back as they were, and training is the same as without them.
+
+Cheap either way: every candidate is first screened on a few tokens of the batch (discarded), so a
+pathologically slow bf16 (60x on some CPUs) or threads spinning against another process cost a tiny
+step, not a full one; after the first full-size round, candidates far behind the fastest are dropped,
+and a lone survivor is not timed again: about 4 to 8 full-size steps on 2 cores. Ties (within TIE) go
+to the cheaper candidate: fp32 (no bf16 copy, exact arithmetic), then fewer threads (less spinning,
+more left to others).
 
 Revised while training: every step's time per token goes into a running window; the median of the
 first WINDOW steps after a measurement is the reference, and when the running median drifts more than
-DRIFT times from it (another process started or stopped), the candidates are measured again on the
-current batch. Since one thread under load can look exactly like one thread alone, a re-measurement
+DRIFT times from it (another process started or stopped), the candidates are measured again (one
+process: on the next steps). Since one thread under load can look exactly like one thread alone, a re-measurement
 also happens after every RECHECK times the cost of the last measurement in training time (so
 measuring stays a few per cent of the run at most).
 
@@ -76,22 +83,35 @@ def screen(candidates, screen_timer, tries=2):
     return [c for c in candidates if best[c] <= PATHOLOGICAL * fastest], best
 
 
-def measure(candidates, step_timer, rounds=ROUNDS):
-    """{candidate: best seconds} over `rounds` interleaved rounds of `step_timer(candidate)`; the
-    order alternates between rounds so no candidate always runs first (after another's warm-up) or
-    last. After the first round (the kernels were warmed by the screening), candidates slower than
-    PRUNE x the fastest are not run again, and once one candidate is left it is not timed again."""
+def measure_steps(candidates, rounds=ROUNDS):
+    """The interleaved measurement as a generator: it yields the candidate for the next step and is
+    sent that step's cost (seconds, or seconds per token when the steps' batches differ); it returns
+    {candidate: best cost}. The order alternates between rounds so no candidate always runs first
+    (after another's warm-up) or last. After the first round (the kernels were warmed by the
+    screening), candidates slower than PRUNE x the fastest are not run again, and once one candidate
+    is left it is not timed again."""
     best, remaining = {}, list(candidates)
     for round_ in range(rounds):
         for candidate in (remaining if round_ % 2 == 0 else list(reversed(remaining))):
-            seconds = step_timer(candidate)
-            best[candidate] = min(seconds, best.get(candidate, seconds))
+            cost = yield candidate
+            best[candidate] = min(cost, best.get(candidate, cost))
         if round_ == 0:
             fastest = min(best[c] for c in remaining)
             remaining = [c for c in remaining if best[c] <= PRUNE * fastest]
         if len(remaining) < 2:
             break
     return best
+
+
+def measure(candidates, step_timer, rounds=ROUNDS):
+    """{candidate: best seconds} of `step_timer(candidate)` over the rounds of measure_steps."""
+    plan = measure_steps(candidates, rounds)
+    try:
+        candidate = next(plan)
+        while True:
+            candidate = plan.send(step_timer(candidate))
+    except StopIteration as done:
+        return done.value
 
 
 def pick(best):
@@ -117,7 +137,8 @@ class Controller(object):
         self._window = []
         self._reference = None
         self._trained_since = 0.0   # seconds of training steps since the last measurement
-        self._cost = 0.0            # seconds the last measurement took
+        self._cost = 0.0            # seconds the last measurement cost
+        self._plan = None           # the measurement under way on training steps (start/measured)
 
     def tune(self, reason='start'):
         """Measure, choose, apply; returns the record of this choice (for the precision event)."""
@@ -146,6 +167,55 @@ class Controller(object):
                 'candidates': [{'precision': p, 'threads': t, 'seconds': round(s, 4)}
                                for (p, t), s in sorted(best.items(), key=lambda item: cheaper(item[0]))],
                 'measure_seconds': round(self._cost, 3), 'measurement': self.measurements}
+
+    # The measurement on training steps (one process): the steps measured are the training's own
+    # (kept, not discarded), so it costs only the screening and the extra time of the slower
+    # candidates' steps. Steps' batches differ, so they compare by seconds per token.
+
+    @property
+    def measuring(self):
+        return self._plan is not None
+
+    def start(self, reason='start'):
+        """Screens now (tiny steps), then measures on the coming training steps: each step is run in
+        the setting applied here or by measured(), and reported to measured()."""
+        self._started = self.clock()
+        candidates = [(p, t) for p in self.precisions for t in self.threads]
+        kept, self._screened = screen(candidates, self.screen_timer)
+        self._screen_seconds = self.clock() - self._started
+        self._reason, self._steps, self._warm = reason, [], len(kept) < 2
+        self._plan = measure_steps(kept, self.rounds)
+        self._candidate = next(self._plan)
+        self.apply(self._candidate)
+
+    def measured(self, seconds, tokens):
+        """A training step run in the applied candidate took `seconds` for `tokens`; returns the
+        record of the choice once the measurement ends, else None. The first step only warms the
+        kernels at the training's own shapes (the screening used tiny ones): it is not counted."""
+        if not self._warm:
+            self._warm = True
+            return None
+        tokens = max(int(tokens), 1)
+        self._steps.append((self._candidate, seconds, tokens))
+        try:
+            self._candidate = self._plan.send(seconds / tokens)
+            self.apply(self._candidate)
+            return None
+        except StopIteration as done:
+            best = done.value
+        self._plan = None
+        self.choice = pick(best)
+        self.apply(self.choice)
+        # the cost: the discarded screening, and what the steps took beyond the chosen setting's pace
+        extra = sum(s - best[self.choice] * n for _c, s, n in self._steps)
+        self._cost = self._screen_seconds + max(extra, 0.0)
+        self.measurements += 1
+        self._window, self._reference, self._trained_since = [], None, 0.0
+        mean_tokens = statistics.mean(n for _c, _s, n in self._steps)
+        record = self.record({c: cost * mean_tokens for c, cost in best.items()}, self._screened, self._reason)
+        record.update(measured_steps=len(self._steps), step_tokens=int(mean_tokens),
+                      elapsed_seconds=round(self.clock() - self._started, 3))
+        return record
 
     def observe(self, seconds, tokens):
         """One training step took `seconds` for `tokens`; returns the reason to measure again, or

@@ -36,20 +36,23 @@ def wait_for_step(job_dir, step, timeout=300):
 
 
 def test_lora_trains_and_loss_goes_down(tmp_path, model_dir):
-    job = write_job(str(tmp_path / 'lora'), model_dir, epochs=3)
+    job = write_job(str(tmp_path / 'lora'), model_dir, epochs=3, batch_size=2)
     status = run(job)
     assert status['state'] == 'completed', status
-    assert status['step'] == status['total_steps'] == 18  # 24 examples / batch 4 x 3 epochs
+    assert status['step'] == status['total_steps'] == 36  # 24 examples / batch 2 x 3 epochs
     metrics = read_jsonl(os.path.join(job, 'metrics.jsonl'))
     losses = [m['train_loss'] for m in metrics if 'train_loss' in m]
-    assert len(losses) == 18
+    assert len(losses) == 36
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.7, losses
     assert any('valid_loss' in m for m in metrics)
     assert any(m.get('tokens_per_second', 0) > 0 for m in metrics)
     final = status['final_metrics']
     assert final['precision'] in ('bf16', 'fp32') and final['tokens_per_second'] > 0
     events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
-    assert any(m.startswith('precision: %s' % final['precision']) for m in events), events  # probe (short job) or tuning
+    # 36 steps: precision and threads are chosen on the job's first training steps (kept)
+    tuned = [m for m in events if m.startswith('precision: %s, %d thread' % (final['precision'], final['threads']))]
+    assert tuned and 'measured on' in tuned[-1] and 'training steps of this job (start)' in tuned[0], events
+    assert final['tuning_measurements'] >= 1
     assert final['perplexity'] > 1 and 0 <= final['valid_token_accuracy'] <= 1
     result = status['result']['model_ref']
     assert os.path.exists(os.path.join(result, 'adapter_config.json'))

@@ -186,3 +186,49 @@ def test_measured_steps_are_discarded():
     assert torch.equal(model[0].weight.grad, torch.ones(4, 4)) and not model.training
     assert torch.equal(torch.rand(1), expected_torch)
     assert model[1].rng.bytes(8) == expected_numpy
+
+
+def run_online(control, machine, steps, tokens=lambda i: 100 + 10 * (i % 3)):
+    """Drives a measurement on training steps as the trainer does: each step runs in the setting
+    last applied; its batch size varies. Returns (record, steps taken)."""
+    for i in range(steps):
+        n = tokens(i)
+        record = control.measured(machine.times[machine.applied[-1]] * n / 100.0, n)
+        if record:
+            return record, i + 1
+    raise AssertionError('the measurement did not end in %d steps' % steps)
+
+
+def test_measuring_on_training_steps_picks_the_fastest_per_token():
+    """One process: the candidates are measured on the training's own steps (kept), whose batches
+    differ in size, so they compare by seconds per token; the first step only warms up."""
+    machine = FakeMachine(QUIET, screen={'fp32': 1, 'bf16': 1})
+    control = controller(machine)
+    control.start()
+    assert control.measuring and machine.applied, 'the first candidate is in force before the first step'
+    record, steps = run_online(control, machine, 50)
+    assert (record['precision'], record['threads']) == ('bf16', 2) and control.choice == ('bf16', 2)
+    assert machine.applied[-1] == ('bf16', 2) and not control.measuring
+    assert record['measured_steps'] == steps - 1, 'the warm-up step is not counted'
+    assert 4 <= record['measured_steps'] <= 4 + 2 * (tuning.ROUNDS - 1)
+    assert not [c for c in machine.calls if c[0] != 'screen'], 'no discarded full-size step'
+    # its cost is the extra time of the slower candidates' steps (plus the screening), not the steps
+    assert record['measure_seconds'] < sum(QUIET.values()) * 1.3 + 10
+
+
+def test_measuring_on_training_steps_under_load_then_revisited():
+    machine = FakeMachine(CONTENDED, screen={'fp32': 1, 'bf16': 1})
+    control = controller(machine)
+    control.start()
+    record, _ = run_online(control, machine, 50)
+    assert (record['precision'], record['threads']) == ('bf16', 1)
+    machine.times = dict(QUIET)  # the other process ends: steps get faster
+    for _ in range(tuning.WINDOW):
+        assert control.observe(QUIET[control.choice], 100) is None
+    reasons = [control.observe(QUIET[control.choice] / 2.0, 100) for _ in range(tuning.WINDOW)]
+    reason = [r for r in reasons if r]
+    assert reason and 'faster' in reason[0], reasons
+    control.start(reason[0])
+    record, _ = run_online(control, machine, 50)
+    assert (record['precision'], record['threads']) == ('bf16', 2) and record['reason'] == reason[0]
+    assert control.measurements == 2
