@@ -17,7 +17,7 @@ from odoo.exceptions import UserError
 from odoo.tests.common import get_db_name
 
 from odoo.addons.llm_training.lib import budget
-from odoo.addons.llm_training.models.llm_provider import BudgetExceeded
+from odoo.addons.llm_training.user_errors import BudgetExceeded
 
 from .common import TrainingCase, jsonl, valid_examples
 from .test_concurrency import in_new_thread
@@ -104,6 +104,20 @@ class TestBudgetGuard(BudgetCase):
         self.assertEqual(len(event), 1)
         self.assertIn('Quarter-end model for the support team', event.message)
         self.assertIn(self.figures(self.estimate, self.estimate, self.estimate * 1.5), event.message)
+
+    def test_new_job_wizard_keeps_the_job_and_asks_for_a_reason(self):
+        wizard = self.env['llm.training.job.wizard'].create({
+            'name': 'from the wizard', 'provider_id': self.provider.id, 'base_model_id': self.base_model.id,
+            'dataset_ids': [(6, 0, self.data.ids)]})
+        action = wizard.action_submit()
+        self.assertEqual((action['res_model'], action['target']), ('llm.training.job.budget.wizard', 'new'))
+        job = wizard.job_id
+        self.assertEqual((job.name, job.state), ('from the wizard', 'draft'), 'the job is kept, not rolled back')
+        confirm = self.env[action['res_model']].browse(action['res_id'])
+        self.assertIn(self.figures(self.estimate, job.estimated_cost, self.estimate * 1.5), confirm.figures)
+        confirm.reason = 'Launch week'
+        confirm.action_submit_anyway()
+        self.assertEqual(job.state, 'validating')
 
     def test_submit_is_refused_with_the_figures_unless_a_reason_is_given(self):
         job = self.priced_job(name='second')

@@ -150,8 +150,9 @@ class LlmTrainingJobWizard(models.TransientModel):
 
     @api.multi
     def action_submit(self):
-        """Create the job with the user's rights, submit it through the job's own Submit, and
-        open it."""
+        """Create the job with the user's rights, submit it through the job form's own Submit,
+        and open it; over the provider's monthly budget, the job is kept as a draft and the form's
+        confirmation asks for the reason to go over."""
         self.ensure_one()
         self._check_access()
         if self.job_id:
@@ -160,8 +161,10 @@ class LlmTrainingJobWizard(models.TransientModel):
         self._check_step('data')
         self._check_step('settings')
         job = self.env['llm.training.job'].create(self._job_values())
-        job.action_submit()
+        submitted = job.action_submit_from_form()
         self.write({'job_id': job.id, 'step': 'review'})
+        if isinstance(submitted, dict):  # the budget's confirmation
+            return submitted
         return {'type': 'ir.actions.act_window', 'name': job.name, 'res_model': 'llm.training.job',
                 'res_id': job.id, 'view_mode': 'form', 'views': [(False, 'form')], 'target': 'current'}
 
