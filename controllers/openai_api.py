@@ -34,7 +34,7 @@ from odoo.http import request, Response
 from ..lib import job_status, openai_api as oa, trainer_folder
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
-from ..models.llm_provider import BudgetExceeded, InvalidServiceRequest, ServiceBusy
+from ..user_errors import BudgetExceeded, InvalidServiceRequest, JobRefused, ServiceBusy
 from . import v1_hooks
 
 _logger = logging.getLogger(__name__)
@@ -247,19 +247,14 @@ class OpenAIApi(http.Controller):
         spec = oa.job_request(oa.json_body(request.httprequest.get_data()))
         Job = env['llm.training.job']
         Job.check_access_rights('create')
-        limit = _setting(env, 'api_running_jobs_per_company', 10)
-        if limit and Job.sudo().search_count([('company_id', '=', env.user.company_id.id),
-                                              ('state', 'in', job_status.ACTIVE_STATES)]) >= limit:
-            raise oa.ApiError(429, 'Your organization has %d fine-tuning jobs running, its limit; wait for one to '
-                                   'finish or cancel one.' % limit, code='rate_limit_exceeded')
         model = self._find_model(env, spec['model'], param='model')
         if model.kind != 'base':
             raise oa.ApiError(400, 'Model %s is a fine-tuned model; this server fine-tunes base models.' % spec['model'],
                               param='model', code='invalid_model')
-        provider = model.provider_id
-        if spec['method'] == 'reinforcement' or (spec['method'] == 'dpo' and not provider.supports_dpo):
+        # the method asked for, against what the model's provider offers (its capability)
+        if spec['method'] == 'reinforcement' or (spec['method'] == 'dpo' and not model.provider_id.supports_dpo):
             raise oa.ApiError(400, 'Method %s is not supported for model %s (provider "%s").'
-                              % (spec['method'], spec['model'], provider.name), param='method.type',
+                              % (spec['method'], spec['model'], model.provider_id.name), param='method.type',
                               code='unsupported_method')
         training = self._find_file(env, spec['training_file'], param='training_file')
         validation = self._find_file(env, spec['validation_file'], param='validation_file') \
@@ -278,7 +273,7 @@ class OpenAIApi(http.Controller):
         if spec['seed'] is not None:
             settings['seed'] = spec['seed']
         values = {'name': '%s%s' % (spec['model'], (' ' + spec['suffix']) if spec['suffix'] else ''),
-                  'provider_id': provider.id, 'base_model_id': model.id,
+                  'provider_id': model.provider_id.id, 'base_model_id': model.id,
                   'dataset_ids': [(6, 0, training.ids)], 'validation_dataset_ids': [(6, 0, validation.ids)],
                   'epochs': 0, 'batch_size': 0, 'learning_rate_multiplier': 0.0,  # OpenAI's default: "auto"
                   'suffix': spec['suffix'] or False, 'hyperparameters': json.dumps(settings),
@@ -287,8 +282,22 @@ class OpenAIApi(http.Controller):
             job = Job.create(values)
         except ValidationError as e:
             raise oa.ApiError(400, oa.without_paths(e.name), param=spec['method_param'], code='invalid_hyperparameter')
-        job.action_submit()
+        try:  # the job's own rules, as for its Submit button; the organisation's limit is the API's
+            job.with_context(llm_active_jobs_limit=_setting(env, 'api_running_jobs_per_company', 10)).action_submit()
+        except JobRefused as e:
+            raise self._refusal(e, spec)
         return _json(self._job(job))
+
+    def _refusal(self, error, spec):
+        """The ApiError OpenAI gives for what the job's rules refused (JobRefused)."""
+        message = oa.without_paths(error.name)
+        if error.kind == 'limit':
+            return oa.ApiError(429, message, code='rate_limit_exceeded')
+        if error.kind == 'unsupported' and error.field == 'dataset_ids':
+            return oa.ApiError(400, 'Method %s is not supported for model %s: %s' % (spec['method'], spec['model'], message),
+                               param='method.type', code='unsupported_method')
+        return oa.ApiError(400, message, param='training_file' if error.field == 'dataset_ids' else None,
+                           code='invalid_request')
 
     @_route('/v1/fine_tuning/jobs', ['GET'])
     @endpoint
@@ -394,7 +403,7 @@ class OpenAIApi(http.Controller):
             ref = checkpoint['model_ref']
             found.append((checkpoint['step'], ref if ref.startswith('ft:') else '%s:ckpt-step-%d' % (ident, checkpoint['step']),
                           checkpoint.get('metrics') or {}, oa.unix(job.write_date)))
-        if not found and job.work_dir and job.service in ('local', 'ray'):
+        if not found and job.work_dir and not job.provider_id.registers_checkpoints:  # kept in the job folder
             for step, _path, mtime in trainer_folder.list_checkpoints(job.work_dir):
                 found.append((step, '%s:ckpt-step-%d' % (ident, step), {}, mtime))
         out = []

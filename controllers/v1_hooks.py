@@ -30,6 +30,7 @@ from werkzeug.wrappers import Response
 from odoo import http, tools
 
 from ..lib import openai_api as oa
+from ..lib.host import limits
 
 PREFIX = '/v1/'
 DB_CHOICE_SECONDS = 60
@@ -55,8 +56,7 @@ def request_id(httprequest=None):
 
 def max_file_bytes():
     """The largest dataset file accepted (odoo.conf llm_training_max_file_bytes; the dataset's rule)."""
-    from ..models.llm_training_dataset import size_limits  # one rule for the UI and the API
-    return size_limits()[1]
+    return limits.dataset_size_limits(tools.config)[1]
 
 
 def body_limit(httprequest):

@@ -12,34 +12,11 @@ from ..lib import budget, openai_jobs, providers
 from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..lib.model_server import serve_settings
 from ..lib.providers.base import CAPABILITIES
+from ..user_errors import BudgetExceeded, InvalidServiceRequest, ServiceBusy
 
 _logger = logging.getLogger(__name__)
 # Credentials kept in llm.secret; each field only takes a new value and has a `<name>_hint`.
 SECRET_FIELDS = ('api_key', 'ray_auth_header')
-
-
-class InvalidServiceRequest(UserError):
-    """The service refused the request itself (lib's InvalidRequestError): a button shows it like
-    any UserError; the /v1 API answers it with a 400 instead of a server failure."""
-
-
-class ServiceBusy(UserError):
-    """The service is busy right now (lib's TrainingRetryableError, e.g. the model server's waiting
-    line is full): a button shows it like any UserError; the /v1 API answers 429 with Retry-After
-    (`seconds`)."""
-
-    def __init__(self, message, seconds=None):
-        super(ServiceBusy, self).__init__(message)
-        self.seconds = seconds
-
-
-class BudgetExceeded(UserError):
-    """Submit would take the provider over its monthly budget. Carries the figures; the /v1 API
-    answers it as OpenAI does an exhausted quota (429 insufficient_quota)."""
-
-    def __init__(self, message, month_cost, estimate, budget):
-        super(BudgetExceeded, self).__init__(message)
-        self.month_cost, self.estimate, self.budget = month_cost, estimate, budget
 
 
 def _as_user_error(error):

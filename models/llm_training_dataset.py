@@ -14,10 +14,10 @@ from odoo.exceptions import AccessError, UserError
 
 from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
 from ..lib.host import limits
-from ..lib.dataset_validator import (MAX_FILE_BYTES, MAX_LINE_BYTES, DatasetValidator, preview_examples,
-                                     render_preview)
+from ..lib.dataset_validator import DatasetValidator, preview_examples, render_preview
 from ..lib.server_files import ServerPathError, open_server_path, resolve_server_path
 from ..lib.token_count import CounterUnavailable
+from ..user_errors import DatasetBusyError
 
 _logger = logging.getLogger(__name__)
 
@@ -27,16 +27,6 @@ READING_FIELDS = ('attachment_ids', 'server_path', 'data_format', 'file_type', '
 VISIBILITIES = [('company', 'Company'), ('restricted', 'Restricted')]
 # What each format trains as: prompt/completion rows become chat examples.
 TRAINING_FORMATS = {'chat': 'chat', 'prompt_completion': 'chat', 'preference': 'preference', 'text': 'text'}
-
-
-class DatasetBusyError(UserError):
-    """Another request is validating this dataset right now: try again in a moment."""
-
-
-def size_limits():
-    """(max line bytes, max file bytes), from odoo.conf or the defaults (1 MB, 512 MB)."""
-    return (int(tools.config.get('llm_training_max_line_bytes') or MAX_LINE_BYTES),
-            int(tools.config.get('llm_training_max_file_bytes') or MAX_FILE_BYTES))
 
 
 def data_root():
@@ -294,7 +284,7 @@ class LlmTrainingDataset(models.Model):
         if not self.attachment_ids and not self.server_path:
             raise UserError(_('Dataset "%s" has no file; upload at least one file or set a server path.') % self.name)
         self._lock_for_validation()
-        max_line, max_file = size_limits()
+        max_line, max_file = limits.dataset_size_limits(tools.config)
         options = dict(self._reader_options(), long_tokens=4096, max_line_bytes=max_line, max_file_bytes=max_file)
         if base_model:
             options['max_tokens'] = base_model.context_length or None

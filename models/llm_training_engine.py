@@ -25,7 +25,7 @@ from odoo.tools import html_escape
 from ..lib import job_status, pricing
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
-from .llm_training_dataset import DatasetBusyError
+from ..user_errors import DatasetBusyError, JobRefused
 
 _logger = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ class LlmTrainingEngine(models.AbstractModel):
             if not job.dataset_ids:
                 raise UserError(_('Add at least one training dataset before submitting.'))
             job._check_readable_links()  # what was linked may have been restricted since
+            job._check_trainable()
+            job._check_company_active_jobs(self.env.context.get('llm_active_jobs_limit') or 0)
             over = job._check_budget(budget_override_reason)
             job._change_state('validating', error_message=False, retry_count=0, next_attempt_at=False,
                               cancel_requested=False, progress=0.0)
@@ -344,17 +346,10 @@ class LlmTrainingEngine(models.AbstractModel):
         hyper = job._get_hyperparameters()
         if job.validation_dataset_ids and hyper['validation_split']:
             raise TrainingFailedError(_('Use either validation datasets or a validation split, not both.'))
-        provider = job.provider_id
-        if job._data_format() == 'preference' and not provider.supports_dpo:
-            raise TrainingFailedError(_('Provider "%s" does supervised fine-tuning on chat datasets only; preference '
-                                        '(DPO) datasets need a provider that trains them (OpenAI).') % provider.name)
-        if job._data_format() == 'text' and not provider.supports_text:
-            raise TrainingFailedError(_('Provider "%s" cannot train plain text (continued pre-training); train text '
-                                        'datasets on a provider that does (the local trainer, Ray), or convert them '
-                                        'to chat or prompt / completion data.') % provider.name)
-        if provider.techniques and job.technique not in provider.techniques.split(','):
-            raise TrainingFailedError(_('Provider "%s" does not train with %s; choose one of %s.')
-                                      % (provider.name, job.technique, provider.techniques.replace(',', ', ')))
+        try:
+            job._check_trainable()
+        except JobRefused as e:
+            raise TrainingFailedError(e.name)
         self._call(job, 'validate')
         job._change_state('preparing')
         return True

@@ -14,7 +14,7 @@ from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, 
 from ..lib.prepare import merge_examples
 from ..lib.evaluation import holdout as evaluation_holdout
 from ..lib.host.private_dirs import make_private_dirs
-from .llm_provider import BudgetExceeded
+from ..user_errors import BudgetExceeded, JobRefused
 
 _logger = logging.getLogger(__name__)
 
@@ -470,6 +470,39 @@ class LlmTrainingJob(models.Model):
             raise TrainingFailedError(_('The datasets mix %s formats; a job trains on one format. Split them into '
                                         'separate jobs.') % ' and '.join(sorted(formats)))
         return formats.pop() if formats else 'chat'
+
+    def _check_trainable(self):
+        """Refuse (JobRefused) what the job's provider cannot train: datasets that mix formats,
+        preference data without DPO, plain text where text is not trained, a technique it does not
+        run. Submit asks before the job moves (buttons, XML-RPC and /v1 alike); Validating asks
+        again, on the validated datasets."""
+        self.ensure_one()
+        provider = self.provider_id
+        try:
+            data_format = self._data_format()
+        except TrainingFailedError as e:
+            raise JobRefused(str(e), 'dataset_ids', 'format')
+        if data_format == 'preference' and not provider.supports_dpo:
+            raise JobRefused(_('Provider "%s" does supervised fine-tuning on chat datasets only; preference (DPO) '
+                               'datasets need a provider that trains them (OpenAI).') % provider.name,
+                             'dataset_ids', 'unsupported')
+        if data_format == 'text' and not provider.supports_text:
+            raise JobRefused(_('Provider "%s" cannot train plain text (continued pre-training); train text datasets '
+                               'on a provider that does (the local trainer, Ray), or convert them to chat or prompt '
+                               '/ completion data.') % provider.name, 'dataset_ids', 'unsupported')
+        if provider.techniques and self.technique not in provider.techniques.split(','):
+            raise JobRefused(_('Provider "%s" does not train with %s; choose one of %s.')
+                             % (provider.name, self.technique, provider.techniques.replace(',', ', ')),
+                             'technique', 'unsupported')
+
+    def _check_company_active_jobs(self, limit):
+        """Refuse (JobRefused) a submit when the job's company has `limit` active jobs already (the
+        /v1 API's limit per organisation; 0: none)."""
+        self.ensure_one()
+        if limit and self.sudo().search_count([('company_id', '=', self.company_id.id), ('id', '!=', self.id),
+                                               ('state', 'in', job_status.ACTIVE_STATES)]) >= limit:
+            raise JobRefused(_('Your company has %d fine-tuning jobs running, its limit; wait for one to finish or '
+                               'cancel one.') % limit, 'company_id', 'limit')
 
     def _job_spec(self):
         """The plain spec of this attempt that provider adapters work from (lib/providers/base.py)."""

@@ -10,7 +10,7 @@ from odoo.exceptions import AccessError, ValidationError
 from odoo.tools import html_escape
 
 from ..lib.conversations import SOURCES
-from .llm_provider import BudgetExceeded
+from ..user_errors import BudgetExceeded
 
 _logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from odoo.tools import config
 
 from odoo.addons.llm_training.lib import trainer_folder
 from odoo.addons.llm_training.lib.dataset_validator import validate_files
+from odoo.addons.llm_training.user_errors import JobRefused
 
 from .common import TrainingCase, jsonl
 
@@ -204,10 +205,9 @@ class TestConversions(FormatsCase):
     def test_text_and_chat_do_not_mix_in_a_job(self):
         text = self.dataset(jsonl([{'text': 'T%d' % i} for i in range(10)]), 'text.jsonl', data_format='text')
         job = self.make_job(text, validation_dataset_ids=[(6, 0, self.make_dataset().ids)])
-        job.action_submit()
-        self.run_cron()
-        self.assertEqual(job.state, 'failed')
-        self.assertIn('The datasets mix chat and text formats', job.error_message)
+        with self.assertRaisesRegex(JobRefused, 'The datasets mix chat and text formats'):
+            job.action_submit()  # refused at Submit: the job stays a draft to fix
+        self.assertEqual(job.state, 'draft')
 
 
 class TestPreview(FormatsCase):
@@ -401,7 +401,13 @@ class TestTextTraining(TrainingCase):
         self.assertFalse(openai.supports_text)
         self.assertTrue(self.local.supports_text)
         job = self.make_job(self.data, provider=openai, base_model_id=gpt.id)
+        with self.assertRaisesRegex(JobRefused, r'Provider "OpenAI" cannot train plain text \(continued pre-training\)'):
+            job.action_submit()
+        self.assertEqual(job.state, 'draft')
+        # a dataset's format changed after Submit: Validating refuses it the same way
+        self.data.data_format = 'chat'
         job.action_submit()
+        self.data.data_format = 'text'
         self.run_cron()
         self.assertEqual(job.state, 'failed')
         self.assertIn('Provider "OpenAI" cannot train plain text (continued pre-training)', job.error_message)

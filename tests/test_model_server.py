@@ -16,7 +16,8 @@ import requests
 
 from odoo import tools
 from odoo.exceptions import UserError
-from odoo.addons.llm_training.models.llm_provider import InvalidServiceRequest, ServiceBusy, _as_user_error
+from odoo.addons.llm_training.models.llm_provider import _as_user_error
+from odoo.addons.llm_training.user_errors import InvalidServiceRequest, ServiceBusy
 from odoo.addons.llm_training.lib.exceptions import TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import generation_failed
 

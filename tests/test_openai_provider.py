@@ -7,6 +7,7 @@ from odoo.exceptions import UserError
 from odoo.tests.common import SavepointCase
 
 from odoo.addons.llm_training.lib.providers import openai_fine_tuning
+from odoo.addons.llm_training.user_errors import JobRefused
 
 from .common import TrainingCase, chat, jsonl
 from .openai_fake_server import FakeOpenAI
@@ -176,10 +177,9 @@ class TestOpenAIWorkflow(OpenAICase):
         pairs = self.make_dataset(jsonl([preference(i) for i in range(10)]), name='pairs.jsonl')
         pairs.data_format = 'preference'
         job = self.make_openai_job(validation_dataset_ids=[(6, 0, pairs.ids)])
-        job.action_submit()
-        self.run_cron()
-        self.assertEqual(job.state, 'failed')
-        self.assertIn('mix chat and preference', job.error_message)
+        with self.assertRaisesRegex(JobRefused, 'mix chat and preference'):
+            job.action_submit()
+        self.assertEqual(job.state, 'draft')
 
 
 class TestOpenAIFaults(OpenAICase):

@@ -9,6 +9,8 @@ rest to the next pass.
 """
 import time
 
+from ..dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES
+
 # The worker pings the master's watchdog, then waits up to one beat (4 s) for a connection
 # before it reads a request: the request's own clock starts up to that much late.
 WATCHDOG_BEAT = 4
@@ -40,3 +42,11 @@ def cron_budget(config, default):
     sooner (half its limit: other crons of the database run in the same pass)."""
     limit = worker_time_limit(config, cron=True)
     return default if limit is None else min(default, limit / 2.0)
+
+
+def dataset_size_limits(config):
+    """(max line bytes, max file bytes) a dataset file may have: odoo.conf's
+    llm_training_max_line_bytes / llm_training_max_file_bytes, else 1 MB and 512 MB. One rule for
+    the dataset's validation and the /v1 upload's body limit."""
+    return (int(config.get('llm_training_max_line_bytes') or MAX_LINE_BYTES),
+            int(config.get('llm_training_max_file_bytes') or MAX_FILE_BYTES))
