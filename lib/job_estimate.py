@@ -25,6 +25,14 @@ def preset_values(preset, given=None):
     return {k: v for k, v in PRESETS.get(preset, {}).items() if k not in given}
 
 
+def training_share(examples, tokens, validation_split=0.0):
+    """(examples, tokens) a job trains on, once, when `validation_split` of its examples are held
+    out for validation (the trainer rounds the held-out count down). One rule for the job's
+    estimate and the wizard's."""
+    split = validation_split or 0.0
+    return examples - int(examples * split), tokens * (1.0 - split)
+
+
 def estimate_text(examples, tokens, epochs, price=0.0, tokens_per_second=None, complete=True):
     """The estimate shown on the wizard's review step.
 

@@ -7,7 +7,7 @@ from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.tools import html_escape
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..lib import job_status, job_summary, pricing, providers, trainer_folder
+from ..lib import job_estimate, job_status, job_summary, pricing, providers, trainer_folder
 from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
@@ -197,13 +197,13 @@ class LlmTrainingJob(models.Model):
                  'provider_id.throughput_ids.tokens_per_second')
     def _compute_estimate(self):
         for job in self:
-            examples = sum(job.dataset_ids.mapped('example_count'))
-            train_examples = examples - int(examples * (job.validation_split or 0.0))
+            train_examples, tokens = job_estimate.training_share(
+                sum(job.dataset_ids.mapped('example_count')), sum(job.dataset_ids.mapped('token_total')),
+                job.validation_split)
             # 0 epochs ("auto"): the provider's own rule (OpenAI's), else the local trainer's default
             adapter = providers.adapter_class(job.service)
             job.estimated_epochs = job.epochs or (adapter.default_epochs(train_examples) if adapter
                                                   else DEFAULTS['epochs'])
-            tokens = sum(job.dataset_ids.mapped('token_total')) * (1.0 - (job.validation_split or 0.0))
             job.estimated_cost = pricing.cost(tokens * job.estimated_epochs, job.base_model_id.training_price)
             speed = job.provider_id and job.base_model_id and self.env['llm.provider.throughput']._lookup(
                 job.provider_id, job.base_model_id, job.technique)

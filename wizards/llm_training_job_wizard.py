@@ -80,10 +80,8 @@ class LlmTrainingJobWizard(models.TransientModel):
             datasets = wizard.dataset_ids
             # a validated dataset, valid or not, has its figures; a draft one has none yet
             validated = datasets.filtered(lambda d: d.state != 'draft')
-            split = wizard.validation_split or 0.0
-            examples = sum(validated.mapped('example_count'))
-            examples -= int(examples * split)
-            tokens = sum(validated.mapped('token_total')) * (1.0 - split)
+            examples, tokens = job_estimate.training_share(
+                sum(validated.mapped('example_count')), sum(validated.mapped('token_total')), wizard.validation_split)
             speed = self.env['llm.provider.throughput']._lookup(wizard.provider_id, wizard.base_model_id,
                                                                  wizard.technique)
             wizard.estimate = job_estimate.estimate_text(
