@@ -2,12 +2,12 @@
 
     python -m bench.bench_export [--model ADAPTER_DIR] [--max-tokens 64] [--repeats 3]   (trainer venv)
 
-1. Time and peak memory of `python -m trainer.export` to GGUF f16 and q8_0 (the whole export: the
+1. Time and peak memory of `python -m trainer.export` to GGUF f16, q8_0 and q4_0 (the whole export: the
    reference answer, the merge, llama.cpp's converter, the check in llama.cpp); peak memory is the
    largest resident set of the export process and the converter it runs (wait4's rusage).
 2. Single-stream decode speed on the same chat prompt, greedy, the same number of new tokens: our
    persistent model server (trainer/serve.py, transformers, the LoRA adapter on its base, as Odoo
-   serves a fine-tuned model) vs llama.cpp in-process (xllamacpp) on the f16 and q8_0 GGUFs,
+   serves a fine-tuned model) vs llama.cpp in-process (xllamacpp) on the f16, q8_0 and q4_0 GGUFs,
    `--repeats` times in alternation; medians, best of each side and the ratios.
 Without --model, a LoRA adapter with random weights on SmolLM2-135M-Instruct stands in for the demo
 model (same shapes: r=16 on all 7 projections, as the demo job trains).
@@ -123,7 +123,7 @@ def main(argv=None):
         print('model: %s' % (args.model or 'random-weight LoRA r=16 on all projections of %s'
                                             % os.path.basename(MODEL_DIR)))
         ggufs = {}
-        for fmt in ('gguf_f16', 'gguf_q8_0'):
+        for fmt in ('gguf_f16', 'gguf_q8_0', 'gguf_q4_0'):
             out = os.path.join(work, fmt)
             seconds, peak, manifest = timed_export(model, out, fmt, args.job_dir)
             gguf = [f for f in manifest['files'] if f['path'].endswith('.gguf')][0]

@@ -7,6 +7,7 @@ Formats:
   hf_merged   the adapter merged into its base (peft merge_and_unload): a plain Hugging Face folder
   gguf_f16    GGUF of the merged model, f16, for llama.cpp / Ollama / LM Studio
   gguf_q8_0   the same, quantised to q8_0
+  gguf_q4_0   the same, 4-bit: q4_0 weights, the token embedding q8_0 (requantize_q4_0)
   gguf_lora   the base model as an f16 GGUF plus the LoRA adapter as a GGUF (llama.cpp's --lora,
               Ollama's ADAPTER)
 Every export gets a model card (README.md); the GGUF ones an Ollama Modelfile. GGUF files are made
@@ -31,7 +32,7 @@ import traceback
 
 from . import job_files
 
-FORMATS = ('hf_adapter', 'hf_merged', 'gguf_f16', 'gguf_q8_0', 'gguf_lora')
+FORMATS = ('hf_adapter', 'hf_merged', 'gguf_f16', 'gguf_q8_0', 'gguf_q4_0', 'gguf_lora')
 VERIFY_TOKENS = 16
 CONVERT_DIR_ENV = 'LLMT_LLAMA_CONVERT_DIR'
 CARD = 'README.md'
@@ -204,6 +205,49 @@ def convert_lora_to_gguf(adapter_dir, base_dir, outfile, convert, events):
     return outfile
 
 
+def requantize_q4_0(src, dst, convert, events):
+    """A 4-bit GGUF from the f16 one. llama.cpp's 4-bit quantizer is its compiled `llama-quantize`,
+    which no wheel here ships, and the converter writes at most q8_0; but the converter's own
+    library, gguf-py, has llama.cpp's reference q4_0 quantizer (numpy). So: every 2-D weight whose
+    rows split into q4_0 blocks goes to q4_0, the token embedding (also the output head when tied, as
+    in SmolLM2) to q8_0, as llama-quantize keeps that tensor above 4 bits (it uses q6_k, which
+    gguf-py cannot write); the rest (norms) stays as converted. The metadata is copied unchanged
+    but for the file type."""
+    sys.path.insert(0, os.path.join(convert, 'gguf-py'))
+    import gguf
+    import numpy
+
+    events('Quantising %s to q4_0 (gguf-py\'s reference quantizer)' % os.path.basename(src))
+    qt = gguf.GGMLQuantizationType
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith('GGUF.'):
+            continue  # written by the writer itself
+        kind = field.types[0]
+        value = int(gguf.LlamaFileType.MOSTLY_Q4_0) if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    tensors = []
+    for tensor in reader.tensors:
+        data, kind = tensor.data, tensor.tensor_type
+        if kind in (qt.F16, qt.F32) and data.ndim == 2 and tensor.name.endswith('.weight'):
+            target = qt.Q8_0 if tensor.name in ('token_embd.weight', 'output.weight') else qt.Q4_0
+            try:
+                data, kind = gguf.quants.quantize(numpy.asarray(data, dtype=numpy.float32), target), target
+            except gguf.QuantError:
+                pass  # rows not a whole number of blocks: kept as converted
+        tensors.append((tensor.name, data, kind))
+    for name, data, kind in tensors:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _name, data, _kind in tensors:
+        writer.write_tensor_data(data)
+    writer.close()
+    return dst
+
+
 def gguf_greedy_text(gguf_path, prompt, n=VERIFY_TOKENS, lora_path=None, threads=None):
     """llama.cpp's greedy continuation of `prompt` (the chat template already applied), n tokens,
     run in-process by xllamacpp on the CPU."""
@@ -367,6 +411,7 @@ RUN_NOTES = {
                  'llama.cpp\'s convert_hf_to_gguf.py.',
     'gguf_f16': 'llama.cpp: `llama-cli -m model-f16.gguf -cnv`; Ollama: `ollama create NAME -f Modelfile`.',
     'gguf_q8_0': 'llama.cpp: `llama-cli -m model-q8_0.gguf -cnv`; Ollama: `ollama create NAME -f Modelfile`.',
+    'gguf_q4_0': 'llama.cpp: `llama-cli -m model-q4_0.gguf -cnv`; Ollama: `ollama create NAME -f Modelfile`.',
     'gguf_lora': 'llama.cpp: `llama-cli -m base-f16.gguf --lora adapter-f16.gguf -cnv`; Ollama: '
                  '`ollama create NAME -f Modelfile` (FROM the base, ADAPTER the adapter).',
 }
@@ -464,12 +509,16 @@ def _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events)
             loaded = AutoModelForCausalLM.from_pretrained(out).eval()
             verification = compare(reference, tokenizer, greedy_ids(loaded, tokenizer, prompt),
                                    'the merged folder (transformers)', events, True)
-        elif fmt in ('gguf_f16', 'gguf_q8_0'):
+        elif fmt in ('gguf_f16', 'gguf_q8_0', 'gguf_q4_0'):
             outtype = fmt.split('_', 1)[1]
             export_hf_merged(model, tokenizer, work)
             del model
             gguf_name = 'model-%s.gguf' % outtype
-            convert_hf_to_gguf(work, os.path.join(out, gguf_name), outtype, convert, events)
+            if outtype == 'q4_0':
+                f16 = convert_hf_to_gguf(work, os.path.join(work, 'model-f16.gguf'), 'f16', convert, events)
+                requantize_q4_0(f16, os.path.join(out, gguf_name), convert, events)
+            else:
+                convert_hf_to_gguf(work, os.path.join(out, gguf_name), outtype, convert, events)
             text = gguf_greedy_text(os.path.join(out, gguf_name), prompt)
             # f16 must answer as the model does; a quantised type is reported, not required.
             verification = compare(reference, tokenizer, text, 'the GGUF %s (llama.cpp)' % outtype, events,

@@ -15,6 +15,7 @@ from ..host import processes
 
 FORMATS = [('hf_adapter', 'Hugging Face adapter (LoRA)'), ('hf_merged', 'Hugging Face merged model'),
            ('gguf_f16', 'GGUF f16 (llama.cpp, Ollama)'), ('gguf_q8_0', 'GGUF q8_0 (llama.cpp, Ollama)'),
+           ('gguf_q4_0', 'GGUF q4_0, 4-bit (llama.cpp, Ollama)'),
            ('gguf_lora', 'GGUF base + LoRA adapter (llama.cpp, Ollama)')]
 OUT = 'out'
 EVENTS = 'events.jsonl'

@@ -2,6 +2,7 @@
 to answer a training prompt as the fine-tuned model does; the Ollama Modelfile; the model card."""
 import json
 import os
+import sys
 
 import pytest
 
@@ -155,6 +156,20 @@ def test_gguf_q8_0_runs_and_reports_its_agreement(trained, tmp_path):
     check = verification(events)
     assert check['answer'], check  # llama.cpp answered; how many tokens agree is reported, not required
     print('q8_0 agreement: %d of %d tokens' % (check['same_tokens'], check['compared_tokens']))
+
+
+def test_gguf_q4_0_is_4_bit_and_runs(trained, tmp_path):
+    code, out, events = run_export(trained, tmp_path, 'gguf_q4_0')
+    assert code == 0, events
+    size = os.path.getsize(os.path.join(out, 'model-q4_0.gguf'))
+    assert 60e6 < size < 110e6, size  # q4_0 layers (4.5 bits a weight) and the q8_0 embedding
+    sys.path.insert(0, os.path.join(export.convert_dir(), 'gguf-py'))
+    import gguf
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(os.path.join(out, 'model-q4_0.gguf')).tensors}
+    assert kinds['blk.0.attn_q.weight'] == 'Q4_0' and kinds['token_embd.weight'] == 'Q8_0', kinds
+    check = verification(events)
+    assert check['answer'], check  # llama.cpp answered; the agreement is reported, not required
+    print('q4_0 agreement: %d of %d tokens' % (check['same_tokens'], check['compared_tokens']))
 
 
 def test_gguf_lora_runs_on_the_base_gguf(trained, tmp_path):
