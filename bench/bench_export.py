@@ -63,7 +63,7 @@ def timed_export(model, out, fmt, job_dir=None):
 def server_rate(url, model, max_tokens):
     """Decode tokens/s of one streamed /chat to the model server (tokens after the first)."""
     body = json.dumps({'model': model, 'messages': MESSAGES, 'max_tokens': max_tokens, 'stream': True}).encode()
-    start, first, final = time.perf_counter(), None, None
+    first, final = None, None
     with urllib.request.urlopen(urllib.request.Request(url + '/chat', data=body), timeout=600) as answer:
         for line in answer:
             item = json.loads(line)
