@@ -261,6 +261,7 @@ class LlmProvider(models.Model):
             'trainer_python': tools.config.get('llm_training_trainer_python') or 'python3',
             # one model server per data folder, shared by the workers; `make stop` looks there too
             'model_server_dir': os.path.join(tools.config['data_dir'], 'llm_training', 'model_server'),
+            'cache_dir': os.path.join(tools.config['data_dir'], 'llm_training', 'cache'),  # shared by every process
             'models_dir': tools.config.get('llm_training_models_dir') or os.path.join(
                 tools.config['data_dir'], 'llm_training', 'models'),
             'model_roots': self._model_roots(),

@@ -3,6 +3,9 @@ import json
 import math
 import os
 import signal
+import stat
+import tempfile
+import unittest
 from datetime import datetime
 
 from odoo import fields
@@ -10,6 +13,7 @@ from odoo.exceptions import AccessError
 
 from odoo.addons.llm_training.lib import trainer_folder
 from odoo.addons.llm_training.lib.host.trainer_env import run_trainer_module
+from odoo.addons.llm_training.lib.providers import local
 
 from .common import TrainingCase, jsonl
 
@@ -201,3 +205,33 @@ class TestLocalProvider(TrainingCase):
         self.run_cron()
         self.assertEqual(job.state, 'failed')
         self.assertIn('preference (DPO) datasets need a provider that trains them', job.error_message)
+
+
+class TestChatTemplateTableCache(unittest.TestCase):
+    """The chat template's table is measured once per model folder for every process: a new
+    process (an Odoo worker) reads the file the first one wrote instead of starting the trainer's
+    Python again."""
+
+    def test_measured_once_then_read_from_the_cache_file(self):
+        work = tempfile.mkdtemp()
+        model = os.path.join(work, 'model')
+        os.makedirs(model)
+        with open(os.path.join(model, 'tokenizer_config.json'), 'w') as f:
+            f.write('{}')
+        calls = os.path.join(work, 'calls')
+        python = os.path.join(work, 'python')  # stands in for the trainer's Python: counts its runs
+        with open(python, 'w') as f:
+            f.write('#!/bin/sh\necho run >> %s\necho \'{"prefix": 7, "additive": true}\'\n' % calls)
+        os.chmod(python, stat.S_IRWXU)
+        cache = os.path.join(work, 'cache')
+        runs = lambda: len(open(calls).read().split()) if os.path.exists(calls) else 0  # noqa: E731
+        local._TEMPLATE_TABLES.clear()
+        self.assertEqual(local.chat_template_table(python, model, cache), {'prefix': 7, 'additive': True})
+        self.assertEqual(runs(), 1)
+        local._TEMPLATE_TABLES.clear()  # another process
+        self.assertEqual(local.chat_template_table(python, model, cache), {'prefix': 7, 'additive': True})
+        self.assertEqual(runs(), 1, 'the second process read the file')
+        os.utime(os.path.join(model, 'tokenizer_config.json'), (1, 1))  # the tokenizer changed
+        local.chat_template_table(python, model, cache)
+        self.assertEqual(runs(), 2, 'a changed tokenizer config is measured again')
+        local._TEMPLATE_TABLES.clear()

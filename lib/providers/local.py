@@ -3,6 +3,7 @@
 Config: `trainer_python` (the trainer venv's python) and `models_dir` (where base models named by a
 relative technical id live). The trainer is detached (own session), so it outlives the Odoo worker
 that started it; `check` finds it again from its pid + start time and reads its folder."""
+import hashlib
 import json
 import logging
 import os
@@ -26,18 +27,35 @@ PROBE_TIMEOUT = 120
 _TEMPLATE_TABLES = {}  # (model folder, tokenizer config mtime) -> chat template table
 
 
-def chat_template_table(python, path):
+def chat_template_table(python, path, cache_dir=None):
     """What the model's chat template adds around messages (trainer/chat_template_costs.py),
-    measured once per model folder and process; None when the trainer environment fails."""
+    measured once per model folder (and its tokenizer config's mtime): kept in this process and,
+    with `cache_dir`, in a file every process reads (the measure starts the trainer's Python, a few
+    seconds a worker would otherwise pay at its first validation). None when the trainer
+    environment fails."""
     config = os.path.join(path, 'tokenizer_config.json')
     key = (path, os.path.getmtime(config) if os.path.exists(config) else 0)
-    if key not in _TEMPLATE_TABLES:
+    if key in _TEMPLATE_TABLES:
+        return _TEMPLATE_TABLES[key]
+    cached = os.path.join(cache_dir, 'chat-template-%s.json' % hashlib.sha1(repr(key).encode()).hexdigest()) \
+        if cache_dir else None
+    if cached and os.path.exists(cached):
         try:
-            result = run_trainer_module(python, ['trainer.chat_template_costs', '--model', path], PROBE_TIMEOUT)
-            _TEMPLATE_TABLES[key] = json.loads(result.stdout.decode().strip().splitlines()[-1])
-        except (TrainingFailedError, ValueError, IndexError):
-            return None
-    return _TEMPLATE_TABLES[key]
+            with open(cached) as f:
+                _TEMPLATE_TABLES[key] = json.load(f)
+            return _TEMPLATE_TABLES[key]
+        except (OSError, ValueError):
+            pass  # unreadable: measured again below, and rewritten
+    try:
+        result = run_trainer_module(python, ['trainer.chat_template_costs', '--model', path], PROBE_TIMEOUT)
+        table = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    except (TrainingFailedError, ValueError, IndexError):
+        return None
+    if cached:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        trainer_folder.write_json_atomic(cached, table)
+    _TEMPLATE_TABLES[key] = table
+    return table
 
 
 @register
@@ -174,7 +192,7 @@ class LocalTrainer(ServedChat, TrainingProvider):
         tokenizer_json = os.path.join(path, 'tokenizer.json')
         if not os.path.exists(tokenizer_json):
             return None
-        table = chat_template_table(self.python, path)
+        table = chat_template_table(self.python, path, self.config.get('cache_dir'))
         if table is None:
             _logger.warning('Model %s: the chat template could not be measured; contents are counted with '
                             'ChatML framing.', path)
