@@ -14,6 +14,7 @@ from odoo.exceptions import AccessError
 from odoo.addons.llm_training.lib import trainer_folder
 from odoo.addons.llm_training.lib.host.trainer_env import run_trainer_module
 from odoo.addons.llm_training.lib.providers import local
+from odoo.addons.llm_training.user_errors import JobRefused
 
 from .common import TrainingCase, jsonl
 
@@ -194,17 +195,16 @@ class TestLocalProvider(TrainingCase):
         self.assertIn('QLoRA needs a CUDA GPU', job.error_message)
         self.assertFalse(job.external_job_id, 'nothing was started')
 
-    def test_preference_data_is_refused_at_validating(self):
+    def test_preference_data_is_refused_at_submit(self):
         pairs = [{'input': {'messages': [{'role': 'user', 'content': 'Q%d' % i}]},
                   'preferred_output': [{'role': 'assistant', 'content': 'Yes %d' % i}],
                   'non_preferred_output': [{'role': 'assistant', 'content': 'No %d' % i}]} for i in range(10)]
         dataset = self.make_dataset(jsonl(pairs), name='pairs.jsonl')
         dataset.data_format = 'preference'
         job = self.make_job(dataset, provider_id=self.local.id, base_model_id=self.smol.id)
-        job.action_submit()
-        self.run_cron()
-        self.assertEqual(job.state, 'failed')
-        self.assertIn('preference (DPO) datasets need a provider that trains them', job.error_message)
+        with self.assertRaisesRegex(JobRefused, r'preference \(DPO\) datasets need a provider that trains them'):
+            job.action_submit()
+        self.assertEqual(job.state, 'draft')
 
 
 class TestChatTemplateTableCache(unittest.TestCase):

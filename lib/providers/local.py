@@ -16,10 +16,9 @@ from ..evaluation import files as evaluation_files
 from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
-from ..hyperparameters import check_processes, trainer_config
 from ..model_server import ModelServerError
 from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
-from .base import TrainingProvider
+from .launcher import TrainerLauncher
 from .serving import ServedChat, chat_options, generation_failed  # noqa: F401  (tests import them here)
 
 _logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def chat_template_table(python, path, cache_dir=None):
 
 
 @register
-class LocalTrainer(ServedChat, TrainingProvider):
+class LocalTrainer(ServedChat, TrainerLauncher):
     service = 'local'
     capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'evaluates': True,
                     'techniques': ('lora', 'qlora', 'full')}
@@ -77,17 +76,8 @@ class LocalTrainer(ServedChat, TrainingProvider):
                                       % (model_name or model_ref, path))
         return path
 
-    def trainer_config(self, spec, resume):
-        """What the trainer reads from the job folder's config.json."""
-        return dict(trainer_config(spec.hyperparameters), technique=spec.technique, resume=resume,
-                    data_format=spec.data_format or 'chat',
-                    base_model_path=self.model_path(spec.base_model, spec.base_model_name))
-
     def validate(self, spec):
-        try:
-            check_processes(spec.hyperparameters)
-        except ValueError as e:
-            raise TrainingFailedError(str(e))
+        self.check_settings(spec)
         self.model_path(spec.base_model, spec.base_model_name)
         if spec.technique == 'qlora':
             probe = run_trainer_module(self.python, ['trainer.env_info'], PROBE_TIMEOUT)
@@ -111,10 +101,7 @@ class LocalTrainer(ServedChat, TrainingProvider):
                 data.update(pid=running['pid'], start_time=running['start_time'], resume=False)
                 spec.note('Trainer already running (pid %d): adopted' % running['pid'])
                 return external_id
-            resume = bool(spec.resume) and trainer_folder.has_checkpoint(folder)
-            trainer_folder.prepare_run(folder, self.trainer_config(spec, resume), resume)
-            if not resume:
-                data['offsets'] = {}
+            self.prepare_attempt(spec, self.model_path(spec.base_model, spec.base_model_name))
             with open(os.path.join(folder, trainer_folder.LOG), 'ab') as log:
                 process = processes.spawn(
                     [self.python, '-m', 'trainer.train', '--job-dir', folder], cwd=ADDON_ROOT, env=trainer_env(),
@@ -127,9 +114,7 @@ class LocalTrainer(ServedChat, TrainingProvider):
 
     def check(self, spec):
         data = spec.provider_data
-        offsets = data.setdefault('offsets', {})
-        alive = trainer_folder.is_alive(data.get('pid'), data.get('start_time'))
-        report = trainer_folder.provider_report(spec.work_dir, offsets, alive)
+        report = self.folder_report(spec, trainer_folder.is_alive(data.get('pid'), data.get('start_time')))
         # the trainer's own start (status.json), else its process's, read before it wrote any
         report['started_at'] = report.get('started_at') or data.get('start_time')
         return report

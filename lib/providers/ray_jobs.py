@@ -21,8 +21,7 @@ import requests
 from . import register
 from .. import ray_serve, trainer_folder
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
-from ..hyperparameters import check_processes, trainer_config
-from .base import TrainingProvider
+from .launcher import TrainerLauncher
 from ..host.trainer_env import ADDON_ROOT
 from .serving import ServedChat
 
@@ -60,7 +59,7 @@ def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
 
 
 @register
-class RayJobs(ServedChat, TrainingProvider):
+class RayJobs(ServedChat, TrainerLauncher):
     service = 'ray'
     capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True, 'supports_text': True,
                     'can_chat': True, 'serves_on_cluster': True, 'techniques': ('lora', 'qlora', 'full')}
@@ -142,10 +141,7 @@ class RayJobs(ServedChat, TrainingProvider):
 
     # -- the provider contract -----------------------------------------------------------------------
     def validate(self, spec):
-        try:
-            check_processes(spec.hyperparameters)
-        except ValueError as e:
-            raise TrainingFailedError(str(e))
+        self.check_settings(spec)
         if not os.path.isdir(self.storage) or not os.access(self.storage, os.W_OK):
             raise TrainingFailedError('Shared storage %s of provider "%s" is missing or not writable from Odoo.'
                                       % (self.storage, self.name))
@@ -180,17 +176,12 @@ class RayJobs(ServedChat, TrainingProvider):
 
     def start(self, spec):
         data = spec.provider_data
-        resume = bool(spec.resume) and trainer_folder.has_checkpoint(spec.work_dir)
         info = self.job_info(spec.job_key)
         if info is not None:  # a previous start of this attempt reached Ray
             data.update(resume=False)
             spec.note('Ray job %s of this attempt found (%s): adopted' % (spec.job_key, info.get('status')))
             return spec.job_key
-        config = dict(trainer_config(spec.hyperparameters), technique=spec.technique, resume=resume,
-                      data_format=spec.data_format or 'chat', base_model_path=self.worker_model_path(spec.base_model))
-        trainer_folder.prepare_run(spec.work_dir, config, resume)
-        if not resume:
-            data['offsets'] = {}
+        self.prepare_attempt(spec, self.worker_model_path(spec.base_model))
         body = {
             'entrypoint': self.entrypoint(spec),
             'submission_id': spec.job_key,
@@ -220,8 +211,7 @@ class RayJobs(ServedChat, TrainingProvider):
             return {'status': 'lost', 'error': 'The Ray head no longer knows job %s (it was restarted without '
                                                'its job history).' % spec.external_id}
         ray_status = info.get('status')
-        report = trainer_folder.provider_report(spec.work_dir, spec.provider_data.setdefault('offsets', {}),
-                                                ray_status in ALIVE)
+        report = self.folder_report(spec, ray_status in ALIVE)
         if ray_status == 'PENDING':
             report['status'] = 'queued'
         elif ray_status == 'STOPPED' and report['status'] != 'succeeded':
