@@ -27,7 +27,8 @@ The choice (odoo.conf `llm_training_serve_engine`, the server's --engine):
 - `llamacpp`: every request on llama.cpp; a model it cannot serve is answered with the reason;
 - `auto` (default): llama.cpp on a CPU host for every model whose architecture its converter
   knows (and when xllamacpp is installed); transformers on CUDA (where it batches on the GPU and
-  llama.cpp's CPU wheel would lose) and for a model that does not convert.
+  llama.cpp's CPU wheel would lose), for a model that does not convert, and for a prompt longer
+  than llama.cpp's slot (SLOT_CONTEXT tokens: llama.cpp allocates that much cache per slot).
 
 Both engines have the seam trainer/serve.py calls: submit(request) -> ticket, follow(ticket, emit,
 is_gone), chat, whole_answer, describe, close.
@@ -36,7 +37,6 @@ import collections
 import hashlib
 import json
 import os
-import queue
 import random
 import sys
 import threading
@@ -196,6 +196,17 @@ class LlamaCppEngine(object):
         if what != 'adapter':
             return base, base_gguf, None, None
         return base, base_gguf, real, self.files.adapter(real, base)
+
+    def fits(self, request):
+        """Whether the request's prompt leaves room in a llama.cpp slot (SLOT_CONTEXT tokens at most)."""
+        base, _gguf, adapter, _adapter_gguf = self.prepare(request['model'])
+        return len(self._prompt_ids(request, base, adapter)) < min(_context_length(base), SLOT_CONTEXT)
+
+    def _prompt_ids(self, request, base, adapter):
+        tokenizer = self._tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, 'tokenizer_config.json'))
+                                    else base)
+        return list(tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
+                                                  return_dict=True)['input_ids'])
 
     def submit(self, request):
         """Queue a checked request (converting its model first, in the caller's thread): a Ticket
@@ -360,10 +371,7 @@ class LlamaCppEngine(object):
     def _generate(self, ticket, served):
         request = ticket.request
         base, _gguf, adapter, adapter_gguf = ticket.prepared
-        tokenizer = self._tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, 'tokenizer_config.json'))
-                                    else base)
-        ids = list(tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
-                                                 return_dict=True)['input_ids'])
+        ids = self._prompt_ids(request, base, adapter)
         room = served.context - len(ids)
         if room < 1:
             raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
@@ -463,12 +471,14 @@ class EngineChoice(object):
                 raise RequestError('the setting says llamacpp but this server has no llama.cpp engine', 500)
             return self.transformers, 'no llama.cpp engine'
         try:
-            self.llamacpp.prepare(request['model'])
+            fits = self.llamacpp.fits(request)
         except Unservable as e:
             if self.setting == 'llamacpp':
                 raise RequestError(str(e), 500)
             sys.stderr.write('%s: served with transformers\n' % e)
             return self.transformers, str(e)
+        if not fits and self.setting == 'auto':  # transformers takes the model's whole context
+            return self.transformers, 'the prompt is over llama.cpp\'s %d-token slot' % SLOT_CONTEXT
         return self.llamacpp, 'llama.cpp on the CPU'
 
     def submit(self, request):

@@ -2,7 +2,7 @@
 
     python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
                             [--max-adapters 8] [--max-waiting 4] [--read-timeout 30] [--max-batch 8]
-                            [--idle-unload 900] [--max-memory-mb MB]
+                            [--idle-unload 900] [--max-memory-mb MB] [--engine auto|transformers|llamacpp]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
@@ -27,7 +27,8 @@ Loopback is shared by every local user and process, so the server trusts none of
     GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"} (the last used), "allowed_roots": [...],
                       "models": [{"base", "kind", "adapters", "mb"}] (all loaded), "loads", "unloaded":
                       [{"base", "reason" ("idle for N s", "room for ..."), "at"}] (the last few),
-                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats"}}
+                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats",
+                                 "setting" (--engine), "on_cuda", "llamacpp": {"rows", "waiting", "models", ...}}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
                       with "length" that long after the request arrived, waiting included),

@@ -68,29 +68,22 @@ def test_greedy_answers_on_the_base_in_f16_equal_transformers_fp32(llama, refere
         assert answer['prompt_tokens'] > 10 and 1 <= answer['completion_tokens'] <= N
 
 
-def test_an_adapter_applied_per_request_changes_the_answer_as_transformers_does(llama, reference, model_dir, adapters):
-    adapted = llama.whole_answer(request(adapters[0], PROMPTS[1]))['text']
-    assert adapted != reference(model_dir, PROMPTS[1])
-    assert adapted == reference(adapters[0], PROMPTS[1])
-    assert llama.whole_answer(request(model_dir, PROMPTS[1]))['text'] == reference(model_dir, PROMPTS[1])  # adapter off
-
-
-def test_two_requests_with_different_adapters_decode_at_once(files, reference, model_dir, adapters):
-    engine = LlamaCppEngine(files, max_batch=2, autostart=False)
-    try:
-        tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
-        engine.start()  # both are waiting: admitted together, on one server with both adapters
-        texts = []
-        for ticket in tickets:
-            parts = []
-            engine.follow(ticket, parts.append)
-            texts.append(''.join(parts))
-        assert texts == [reference(adapter, PROMPTS[1]) for adapter in adapters]
-        assert texts[0] != texts[1]
-        assert (engine.stats['max_running'], engine.stats['starts']) == (2, 1)
-        assert sorted(engine.describe()['models'][0]['adapters']) == sorted(os.path.realpath(a) for a in adapters)
-    finally:
-        engine.close()
+def test_adapters_applied_per_request_two_at_once_each_as_transformers_answers(llama, reference, model_dir, adapters):
+    starts = llama.stats['starts']
+    with llama._cond:  # both in the line before the engine looks: admitted together, one server restart
+        tickets = [llama.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+    texts = []
+    for ticket in tickets:
+        parts = []
+        llama.follow(ticket, parts.append)
+        texts.append(''.join(parts))
+    assert texts == [reference(adapter, PROMPTS[1]) for adapter in adapters]
+    assert reference(model_dir, PROMPTS[1]) not in texts and texts[0] != texts[1]
+    assert llama.stats['max_running'] == 2 and llama.stats['starts'] == starts + 1
+    assert sorted(llama.describe()['models'][0]['adapters']) == sorted(os.path.realpath(a) for a in adapters)
+    # the base on the same server: every adapter off
+    assert llama.whole_answer(request(model_dir, PROMPTS[1]))['text'] == reference(model_dir, PROMPTS[1])
+    assert llama.stats['starts'] == starts + 1
 
 
 def test_stop_strings_and_a_caller_that_goes_away(llama, reference, model_dir):
@@ -138,6 +131,8 @@ def test_the_setting_picks_the_engine(llama, reference, model_dir, broken_conver
         assert EngineChoice('auto', transformers, llama, on_cuda=False).engine_for(request(model_dir, 'x'))[0] is llama
         assert EngineChoice('auto', transformers, llama, on_cuda=True).engine_for(request(model_dir, 'x'))[0] \
             is transformers  # CUDA: transformers batches on the GPU
+        long = request(model_dir, 'word ' * 4200)  # over llama.cpp's slot, within the model's context
+        assert EngineChoice('auto', transformers, llama, on_cuda=False).engine_for(long)[0] is transformers
 
         unconvertible = LlamaCppEngine(GgufFiles(str(tmp_path / 'gguf'), broken_converter), roots=None)
         engine, why = EngineChoice('auto', transformers, unconvertible, on_cuda=False).engine_for(request(model_dir, 'x'))
