@@ -404,7 +404,7 @@ class LlamaCppEngine(object):
                 state['finish'] = 'stop'
             elif late and not state['finish']:
                 state['finish'] = 'length'
-            return bool(ticket.cancelled or stop.stopped or late)  # True: llama.cpp drops the request
+            return bool(ticket.cancelled or stop.stopped or late or self._stopping)  # True: llama.cpp drops the request
 
         served.server.handle_completions(body, on_chunk)
         if state['error'] is not None:
