@@ -147,5 +147,30 @@ def test_the_setting_picks_the_engine(llama, reference, model_dir, broken_conver
     assert serve.make_parser().parse_args([]).engine == 'auto'  # the server's default
 
 
+def test_the_server_streams_with_llamacpp_under_auto_and_says_so_in_health(files, reference, model_dir):
+    import json
+    import urllib.request
+    server = serve.ModelServer(0, roots=[model_dir], engine='auto', gguf_cache=files.folder)
+    server.engine.on_cuda = False
+    threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+
+    def call(path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                'http://127.0.0.1:%d%s' % (server.server_address[1], path), data=data,
+                headers={'Authorization': 'Bearer %s' % server.token}), timeout=120) as answer:
+            return [json.loads(line) for line in answer.read().decode().splitlines()]
+    try:
+        lines = call('/chat', {'model': model_dir, 'messages': [{'role': 'user', 'content': PROMPTS[0]}],
+                               'max_tokens': N, 'stream': True})
+        assert ''.join(line.get('delta', '') for line in lines) == reference(model_dir, PROMPTS[0])
+        engine = call('/health')[0]['engine']
+        assert engine['setting'] == 'auto' and engine['stats']['finished'] == 0  # transformers did nothing
+        assert [m['base'] for m in engine['llamacpp']['models']] == [os.path.realpath(model_dir)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 if __name__ == '__main__':
     sys.exit(pytest.main([__file__, '-q']))
