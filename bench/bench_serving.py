@@ -2,13 +2,16 @@
 path, and llama.cpp's server (xllamacpp, in-process) as the anchor of what CPU serving reaches.
 
     python -m bench.bench_serving [--concurrency 1,4,8,16] [--max-tokens 64] [--repeats 2] [--gguf FILE]
-                                  [--no-llamacpp] [--no-adapters] [--no-bf16]   (trainer venv; scripts/bench.sh)
+                                  [--no-llamacpp] [--no-llamacpp-engine] [--no-adapters] [--no-bf16]
+                                  (trainer venv; scripts/bench.sh)
 
 Same model (SmolLM2-135M-Instruct, fp32), same prompts (one per chat), greedy, `--max-tokens` new
 tokens at most. For each concurrency, in turn and `--repeats` times (interleaved): N threads start
 together and stream their chats
 - one at a time: a lock around `serve.run_chat` (transformers' generate), what the server did before;
-- batched: `Engine.chat`, the rows decoding together.
+- batched: `Engine.chat`, the rows decoding together (transformers);
+- llama.cpp engine: our server's llama.cpp engine (trainer/llamacpp_engine.py, the base as GGUF
+  f16 converted by it, streamed through the same seam), what `auto` serves with on a CPU.
 It prints aggregate tokens/s (every completion token over the wave's wall time) and first-token
 p50/p95 (from the wave's start), the best of the repeats, and the ratios batched/one at a time.
 Then: a mixed batch of two LoRA adapters (random weights) against a batch of one adapter
@@ -142,6 +145,7 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--gguf', help='the model as GGUF f16 (default: converted here with llama.cpp\'s converter)')
     parser.add_argument('--no-llamacpp', action='store_true')
+    parser.add_argument('--no-llamacpp-engine', action='store_true', help='leave out our llama.cpp engine\'s line')
     parser.add_argument('--no-adapters', action='store_true')
     parser.add_argument('--no-bf16', action='store_true')
     args = parser.parse_args(argv)
@@ -162,6 +166,11 @@ def main(argv=None):
             return serve.run_chat(old_cache, request, emit)
     engine = Engine(serve.ModelCache(), max_batch=max(levels), max_queue=max(levels))
     sides = [('one at a time', one_at_a_time), ('batched', engine.chat)]
+    llama_engine = None
+    if not args.no_llamacpp_engine:
+        from trainer.llamacpp_engine import LlamaCppEngine
+        llama_engine = LlamaCppEngine(max_batch=max(levels), max_queue=max(levels))
+        sides.append(('llama.cpp engine', llama_engine.chat))
     for _name, call in sides:  # load and warm both
         wave(call, [chat_request(MODEL_DIR, PROMPTS[0], 4)])
     results = {}
@@ -180,12 +189,19 @@ def main(argv=None):
                   % (n, name, rate, p50, p95))
         print('%2d concurrent: batched/one at a time %.2fx tokens/s; greedy texts equal %d of %d'
               % (n, best['batched'][0] / best['one at a time'][0], same, n))
+        if llama_engine is not None:
+            ours = best['llama.cpp engine']
+            print('%2d concurrent: llama.cpp engine/batched %.2fx tokens/s; its greedy texts (f16) equal the fp32 ones '
+                  '%d of %d' % (n, ours[0] / best['batched'][0],
+                                sum(a == b for a, b in zip(best['one at a time'][3], ours[3])), n))
     one_stream = max(r[0] for r in results[(levels[0], 'one at a time')])
     if 8 in levels:
         print('goal at 8 concurrent: batched %.1f tokens/s = %.2fx today\'s one stream (%.1f; goal >= 4x)'
               % (max(r[0] for r in results[(8, 'batched')]), max(r[0] for r in results[(8, 'batched')]) / one_stream,
                  one_stream))
     old_cache.entries.clear()
+    if llama_engine is not None:
+        llama_engine.close()
 
     work = tempfile.mkdtemp(prefix='bench-serving-')
     n = min(8, max(levels))

@@ -47,6 +47,9 @@ SERVE_SETTINGS = (
     ('llm_training_serve_idle_unload', 'idle_unload', 900),  # seconds unused before a model is unloaded; 0: never
     ('llm_training_serve_max_memory_mb', 'max_memory_mb', 0),  # weights kept loaded at once; 0: one model
 )
+# What generates (the server's --engine, trainer/llamacpp_engine.py): auto = llama.cpp on a CPU host
+# where the model converts, transformers on CUDA and for the others.
+SERVE_ENGINES = ('auto', 'transformers', 'llamacpp')
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
 HEALTH_TIMEOUT = 5
@@ -64,8 +67,9 @@ class ModelServerError(Exception):
 
 
 def serve_settings(get):
-    """The model server's batching settings from odoo.conf (`get`: tools.config.get), checked:
-    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb'}; ValueError names a bad key."""
+    """The model server's settings from odoo.conf (`get`: tools.config.get), checked:
+    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb', 'engine', 'convert_dir'}; ValueError
+    names a bad key."""
     settings = {}
     for key, name, default in SERVE_SETTINGS:
         raw = get(key)
@@ -77,6 +81,11 @@ def serve_settings(get):
             raise ValueError('odoo.conf %s = %r: give a %s number' % (key, raw, 'positive' if name == 'max_batch'
                                                                        else 'non-negative'))
         settings[name] = value
+    engine = get('llm_training_serve_engine') or 'auto'
+    if engine not in SERVE_ENGINES:
+        raise ValueError('odoo.conf llm_training_serve_engine = %r: give one of %s' % (engine, ', '.join(SERVE_ENGINES)))
+    settings['engine'] = engine
+    settings['convert_dir'] = get('llm_training_llama_convert_dir') or None  # llama.cpp's converters (GGUF)
     return settings
 
 
@@ -176,7 +185,7 @@ class ModelServer(ChatClient):
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
                  request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None,
-                 max_batch=8, idle_unload=900, max_memory_mb=0):
+                 max_batch=8, idle_unload=900, max_memory_mb=0, engine='auto', convert_dir=None):
         self.python = python
         self.run_dir = run_dir
         self.private_top = private_top or run_dir
@@ -185,6 +194,8 @@ class ModelServer(ChatClient):
         self.max_batch = max_batch
         self.idle_unload = idle_unload
         self.max_memory_mb = max_memory_mb
+        self.engine = engine
+        self.convert_dir = convert_dir
         self.port = port
         self.env = env or dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
         self.cwd = cwd or ADDON_ROOT
@@ -211,8 +222,9 @@ class ModelServer(ChatClient):
         changed: it is restarted with the new ones)."""
         engine = (health or {}).get('engine') or {}
         return bool(health) and set(self.allowed_roots) <= set(health.get('allowed_roots') or ()) and \
-            (engine.get('max_queue'), engine.get('max_batch'), engine.get('idle_unload'), engine.get('max_memory_mb')) \
-            == (self.max_waiting, self.max_batch, self.idle_unload, self.max_memory_mb or None)
+            (engine.get('max_queue'), engine.get('max_batch'), engine.get('idle_unload'), engine.get('max_memory_mb'),
+             engine.get('setting')) == (self.max_waiting, self.max_batch, self.idle_unload, self.max_memory_mb or None,
+                                        self.engine)
 
     def ensure_running(self):
         """The state ({'pid', 'port', ...}) of a live, healthy server serving our allowed roots,
@@ -242,6 +254,9 @@ class ModelServer(ChatClient):
                    '--max-batch', str(self.max_batch), '--idle-unload', str(self.idle_unload)]
         if self.max_memory_mb:
             command += ['--max-memory-mb', str(self.max_memory_mb)]
+        command += ['--engine', self.engine]
+        if self.convert_dir:
+            command += ['--convert-dir', self.convert_dir]
         command += ['--allowed-root=%s' % root for root in roots]
         with open(os.path.join(self.run_dir, LOG_FILE), 'ab') as log:
             try:

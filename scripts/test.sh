@@ -44,6 +44,9 @@ PORT=${LLMT_TEST_PORT:-8169}
 conf="$LLMT_RUN/test/odoo.conf"
 rm -rf "$LLMT_RUN/test"
 llmt_write_config "$conf" "$DB" "$PORT" "$LLMT_RUN/test/data" "$LLMT_ROOT/tests/addons"
+# The addon tests check Odoo's side on the transformers engine (no GGUF conversion of every model they
+# train); the llama.cpp engine and the auto choice are tested in trainer/tests/test_llamacpp_engine.py.
+echo "llm_training_serve_engine = ${LLMT_TEST_SERVE_ENGINE:-transformers}" >> "$conf"
 
 dropdb --if-exists "$DB"
 echo "[test] creating database $DB with llm_training and the test provider"

@@ -60,7 +60,7 @@ class TestModelServer(TrainingCase):
         # two workers asking at once start one server between them (the start lock)
         states = []
         clients = [ModelServer(self.server.python, run_dir, env=self.server.env, cwd=self.server.cwd,
-                               allowed_roots=self.server.allowed_roots) for _ in range(2)]
+                               allowed_roots=self.server.allowed_roots, engine=self.server.engine) for _ in range(2)]
         threads = [threading.Thread(target=lambda c=c: states.append(c.ensure_running())) for c in clients]
         for thread in threads:
             thread.start()
@@ -143,21 +143,28 @@ class TestServeSettings(TrainingCase):
     def test_the_batching_settings_come_from_odoo_conf_and_a_server_with_others_is_replaced(self):
         conf = {'llm_training_serve_max_queue': '3', 'llm_training_serve_max_batch': '4',
                 'llm_training_serve_idle_unload': '60', 'llm_training_serve_max_memory_mb': '2048'}
+        conf.update(llm_training_serve_engine='llamacpp', llm_training_llama_convert_dir='/opt/convert')
         self.assertEqual(serve_settings(conf.get), {'max_waiting': 3, 'max_batch': 4, 'idle_unload': 60.0,
-                                                    'max_memory_mb': 2048})
+                                                    'max_memory_mb': 2048, 'engine': 'llamacpp',
+                                                    'convert_dir': '/opt/convert'})
         self.assertEqual(serve_settings({}.get), {'max_waiting': 16, 'max_batch': 8, 'idle_unload': 900,
-                                                  'max_memory_mb': 0})
-        for key, bad in (('llm_training_serve_max_batch', '0'), ('llm_training_serve_idle_unload', 'soon')):
+                                                  'max_memory_mb': 0, 'engine': 'auto', 'convert_dir': None})
+        for key, bad in (('llm_training_serve_max_batch', '0'), ('llm_training_serve_idle_unload', 'soon'),
+                         ('llm_training_serve_engine', 'vllm')):
             with self.assertRaisesRegex(ValueError, key):
                 serve_settings({key: bad}.get)
         local = self.env['llm.provider'].create({'name': 'Local', 'service': 'local'})
         with mock.patch.dict(tools.config.options, conf):
             client = local._adapter().model_server()
-        self.assertEqual((client.max_waiting, client.max_batch, client.idle_unload, client.max_memory_mb), (3, 4, 60.0, 2048))
+        self.assertEqual((client.max_waiting, client.max_batch, client.idle_unload, client.max_memory_mb, client.engine,
+                          client.convert_dir), (3, 4, 60.0, 2048, 'llamacpp', '/opt/convert'))
         health = {'allowed_roots': client.allowed_roots,
-                  'engine': {'max_queue': 3, 'max_batch': 4, 'idle_unload': 60.0, 'max_memory_mb': 2048}}
+                  'engine': {'max_queue': 3, 'max_batch': 4, 'idle_unload': 60.0, 'max_memory_mb': 2048,
+                             'setting': 'llamacpp'}}
         self.assertTrue(client._serves_ours(health))
-        health['engine']['max_batch'] = 8  # started before odoo.conf changed: replaced
+        health['engine']['setting'] = 'transformers'  # started before odoo.conf changed: replaced
+        self.assertFalse(client._serves_ours(health))
+        health['engine'].update(setting='llamacpp', max_batch=8)
         self.assertFalse(client._serves_ours(health))
 
 

@@ -90,6 +90,7 @@ class PreforkOdoo(object):
             'admin_passwd': 'admin', 'log_level': 'info',
             'llm_training_trainer_python': config['llm_training_trainer_python'],
             'llm_training_models_dir': config['llm_training_models_dir'],
+            'llm_training_serve_engine': config.get('llm_training_serve_engine') or 'auto',  # the suite's engine
         }
         with open(self.conf, 'w') as f:
             f.write('[options]\n' + ''.join('%s = %s\n' % item for item in options.items()))

@@ -2,7 +2,7 @@
 
     python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
                             [--max-adapters 8] [--max-waiting 4] [--read-timeout 30] [--max-batch 8]
-                            [--idle-unload 900] [--max-memory-mb MB]
+                            [--idle-unload 900] [--max-memory-mb MB] [--engine auto|transformers|llamacpp]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
@@ -27,7 +27,8 @@ Loopback is shared by every local user and process, so the server trusts none of
     GET  /health     {"status": "ok", "pid", "loaded": {"base", "adapters"} (the last used), "allowed_roots": [...],
                       "models": [{"base", "kind", "adapters", "mb"}] (all loaded), "loads", "unloaded":
                       [{"base", "reason" ("idle for N s", "room for ..."), "at"}] (the last few),
-                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats"}}
+                      "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats",
+                                 "setting" (--engine), "on_cuda", "llamacpp": {"rows", "waiting", "models", ...}}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
                       with "length" that long after the request arrived, waiting included),
@@ -618,12 +619,16 @@ class ModelServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, port, max_adapters=8, token=None, roots=(), max_waiting=4, read_timeout=30, max_batch=8,
-                 idle_unload=900, max_memory_mb=None, dtype=None):
-        from trainer.batching import Engine
+                 idle_unload=900, max_memory_mb=None, dtype=None, engine='transformers', gguf_cache=None,
+                 convert_dir=None):
+        from trainer.llamacpp_engine import make_engine
         super().__init__(('127.0.0.1', port), Handler)
         self.cache = ModelCache(max_adapters, roots=list(roots), max_memory_mb=max_memory_mb, dtype=dtype)
         self.token = token or secrets.token_urlsafe(32)
-        self.engine = Engine(self.cache, max_batch=max_batch, max_queue=max_waiting, idle_unload=idle_unload)
+        # transformers (trainer/batching.py) or llama.cpp (trainer/llamacpp_engine.py), per --engine (whose
+        # default is auto; in-process callers keep transformers unless they say otherwise)
+        self.engine = make_engine(engine, self.cache, max_batch=max_batch, max_queue=max_waiting, idle_unload=idle_unload,
+                                  max_memory_mb=max_memory_mb, gguf_cache=gguf_cache, convert_dir=convert_dir)
         self.read_timeout = read_timeout
 
     def describe(self):
@@ -684,6 +689,12 @@ def make_parser():
     parser.add_argument('--max-memory-mb', type=int, default=None,
                         help='weights of the models kept loaded at once, at most (default: one model)')
     parser.add_argument('--read-timeout', type=float, default=30, help='seconds a connection may stay silent')
+    parser.add_argument('--engine', choices=('auto', 'transformers', 'llamacpp'), default='auto',
+                        help='what generates: llama.cpp on a CPU where the model converts (auto), or always one '
+                             '(trainer/llamacpp_engine.py)')
+    parser.add_argument('--gguf-cache', help='where the GGUF files llama.cpp serves are kept (default '
+                                             '~/.cache/llm_training/gguf or $LLMT_GGUF_CACHE)')
+    parser.add_argument('--convert-dir', help='llama.cpp\'s converters (default $LLMT_LLAMA_CONVERT_DIR)')
     return parser
 
 
@@ -695,7 +706,8 @@ def main(argv=None):
         parser.error('give --state-file or --token-file: the token must be written somewhere')
     server = ModelServer(args.port, args.max_adapters, roots=args.allowed_root, max_waiting=args.max_waiting,
                          read_timeout=args.read_timeout, max_batch=args.max_batch, idle_unload=args.idle_unload,
-                         max_memory_mb=args.max_memory_mb)
+                         max_memory_mb=args.max_memory_mb, engine=args.engine, gguf_cache=args.gguf_cache,
+                         convert_dir=args.convert_dir)
     port = server.server_address[1]
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     write_token(token_file, server.token)  # before the state file: whoever finds the server can find its token

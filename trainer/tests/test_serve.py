@@ -73,7 +73,7 @@ class Server(object):
         self.log = open(os.path.join(folder, 'server.log'), 'wb')
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', self.state_file,
-             '--max-adapters', '1'] + ['--allowed-root=%s' % root for root in roots],
+             '--max-adapters', '1', '--engine', 'transformers'] + ['--allowed-root=%s' % root for root in roots],
             cwd=TRAINER_ROOT, env=dict(os.environ, PYTHONPATH=TRAINER_ROOT), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while not os.path.exists(self.state_file):  # written once the socket listens

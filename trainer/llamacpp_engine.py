@@ -1,0 +1,508 @@
+"""llama.cpp as the model server's engine on CPU (trainer/serve.py), and the choice between it and
+the transformers engine (trainer/batching.py).
+
+llama.cpp decodes several times faster than transformers on a CPU (bench/bench_serving.py:
+the README gives the figures), so on a CPU host the server serves with it where it can:
+
+- the base model as a GGUF f16, made once by llama.cpp's own converter (convert_hf_to_gguf.py,
+  as trainer/export.py does) and kept in a cache folder under a name made of the folder's real path
+  and its files' mtimes (a retrained folder gets a new file);
+- each fine-tune's LoRA adapter as a llama.cpp LoRA GGUF (convert_lora_to_gguf.py), cached the same
+  way. llama.cpp loads adapters only when its server starts (`lora_adapters`, each off until a
+  request turns it on: `lora_init_without_apply`) and applies them per request (the request's
+  `lora` field: one scale per loaded adapter), so rows of different fine-tunes of one base decode
+  in one batch, as its own server does. A request for an adapter its base's server has not loaded
+  waits until the requests running there end, then that server is started again with the adapter
+  added (at most `max_adapters`, least recently used dropped): about a second for a small model;
+- the prompt is the chat template applied by the model folder's own tokenizer (the same token ids
+  the transformers engine feeds), sent as token ids; llama.cpp's server (xllamacpp, in-process)
+  batches the running requests (`max_batch` parallel slots, continuous batching);
+- each request keeps its sampling (greedy at temperature 0; else temperature and top_p with
+  llama.cpp's sampler, seeded by the request's `seed`: sampled texts differ from transformers'
+  for the same seed), its stop strings (ours, on the decoded text: never shown, even in part),
+  `max_tokens`, deadline; a caller that goes away ends its request at its next token.
+
+The choice (odoo.conf `llm_training_serve_engine`, the server's --engine):
+- `transformers`: every request on the transformers engine (trainer/batching.py), as before;
+- `llamacpp`: every request on llama.cpp; a model it cannot serve is answered with the reason;
+- `auto` (default): llama.cpp on a CPU host for every model whose architecture its converter
+  knows (and when xllamacpp is installed); transformers on CUDA (where it batches on the GPU and
+  llama.cpp's CPU wheel would lose), for a model that does not convert, and for a prompt longer
+  than llama.cpp's slot (SLOT_CONTEXT tokens: llama.cpp allocates that much cache per slot).
+
+Both engines have the seam trainer/serve.py calls: submit(request) -> ticket, follow(ticket, emit,
+is_gone), chat, whole_answer, describe, close.
+"""
+import collections
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+from trainer import export
+from trainer.batching import BUSY_RETRY_AFTER, Engine, Samples, Ticket, sample_request
+from trainer.serve import RequestError, StopText, check_allowed, folder_version, model_kind
+
+SETTINGS = ('auto', 'transformers', 'llamacpp')
+SLOT_CONTEXT = 4096  # tokens of context a request may use at most (llama.cpp allocates it per slot)
+GGUF_CACHE_ENV = 'LLMT_GGUF_CACHE'
+
+
+class Unservable(Exception):
+    """llama.cpp cannot serve this model (its converter does not know the architecture, or
+    xllamacpp is missing), with the reason."""
+
+
+def default_cache_folder():
+    return os.environ.get(GGUF_CACHE_ENV) or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llm_training', 'gguf')
+
+
+def cuda_available():
+    import torch
+    return torch.cuda.is_available()
+
+
+class GgufFiles(object):
+    """The GGUF files of model folders, converted once and kept in `folder`; a conversion that
+    failed is remembered (for the same folder version) and not tried on every request."""
+
+    def __init__(self, folder=None, convert_dir=None):
+        self.folder = folder or default_cache_folder()
+        self.convert_dir = convert_dir
+        self.failed = {}  # file name -> reason
+        self._lock = threading.Lock()
+        self._locks = {}  # file name -> its lock: two requests for a new model convert it once
+
+    def base(self, base):
+        return self._file('base', base, lambda out, convert: export.convert_hf_to_gguf(
+            base, out, 'f16', convert, _quiet))
+
+    def adapter(self, adapter, base):
+        return self._file('lora', adapter, lambda out, convert: export.convert_lora_to_gguf(
+            adapter, base, out, convert, _quiet))
+
+    def _file(self, kind, folder, convert):
+        key = hashlib.sha1(('%s|%s' % (os.path.realpath(folder), folder_version(folder))).encode()).hexdigest()[:20]
+        name = '%s-%s-f16.gguf' % (kind, key)
+        path = os.path.join(self.folder, name)
+        with self._lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            if os.path.isfile(path):
+                return path
+            if name in self.failed:
+                raise Unservable(self.failed[name])
+            try:
+                converter = export.convert_dir(self.convert_dir)
+                os.makedirs(self.folder, exist_ok=True)
+                tmp = '%s.tmp.%d' % (path, os.getpid())
+                convert(tmp, converter)
+                os.replace(tmp, path)  # whole or absent: a crash mid-way leaves no half file
+            except export.ExportError as e:
+                self.failed[name] = 'llama.cpp cannot serve %s: %s' % (folder, e)
+                raise Unservable(self.failed[name])
+            return path
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+class Served(object):
+    """One base model in llama.cpp: its server (xllamacpp, in-process) and the adapters loaded in
+    it, in the order llama.cpp numbers them."""
+
+    def __init__(self, base, gguf, adapters, slots, threads, context):
+        import xllamacpp as xlc
+        self.base, self.gguf, self.context = base, gguf, context
+        self.adapters = list(adapters)  # [(adapter folder, its GGUF)]
+        params = xlc.CommonParams()
+        params.model.path = gguf
+        params.n_parallel = slots
+        params.cont_batching = True
+        params.n_ctx = context * slots
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.warmup = False
+        params.verbosity = -1
+        params.cache_ram_mib = 0  # no prompt cache kept between requests (it may hold another adapter's keys)
+        if self.adapters:
+            params.lora_init_without_apply = True  # each request says which adapter it uses
+            params.lora_adapters = [xlc.CommonAdapterLoraInfo(path, 1.0) for _folder, path in self.adapters]
+        self.server = xlc.Server(params)
+        self.running = 0
+        self.last_used = time.monotonic()
+        self.bytes = os.path.getsize(gguf) + sum(os.path.getsize(path) for _folder, path in self.adapters)
+
+    def index(self, adapter, gguf):
+        """llama.cpp's number for an adapter folder in this GGUF version; None: not loaded."""
+        for i, item in enumerate(self.adapters):
+            if item == (adapter, gguf):
+                return i
+        return None
+
+
+class LlamaCppEngine(object):
+    """Requests on llama.cpp, up to `max_batch` decoding at once per base (its parallel slots),
+    `max_queue` more waiting; one thread admits them in order and each admitted one runs in a
+    thread of its own (xllamacpp's call blocks while llama.cpp's loop decodes every slot)."""
+
+    follow = Engine.follow  # the same tickets as the transformers engine: the same reading of them
+    _follow_samples = Engine._follow_samples
+    chat = Engine.chat
+    whole_answer = Engine.whole_answer
+
+    def __init__(self, files=None, roots=None, max_batch=8, max_queue=16, idle_unload=900, max_adapters=8,
+                 max_memory_mb=None, threads=None, clock=time.monotonic, autostart=True):
+        from transformers import AutoTokenizer  # here, once: transformers' lazy import is not safe in two threads at once
+        from trainer.precision import available_cores
+        self._tokenizer_class = AutoTokenizer
+        self.files = files or GgufFiles()
+        self.roots = None if roots is None else [os.path.realpath(root) for root in roots]
+        self.max_batch = max(1, int(max_batch))
+        self.max_queue = max(0, int(max_queue))
+        self.idle_unload = idle_unload
+        self.max_adapters = max(1, int(max_adapters))
+        self.max_memory = max_memory_mb * 2 ** 20 if max_memory_mb else None
+        self.threads = threads or available_cores()
+        self.clock = clock
+        self.served = collections.OrderedDict()  # base -> Served, least recently used first
+        self.tokenizers = collections.OrderedDict()
+        self.unloaded = []
+        self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0}
+        self._cond = threading.Condition()
+        self._waiting = collections.deque()
+        self._running = 0
+        self._thread = None
+        self._autostart = autostart
+        self._stopping = False
+
+    # -- the seam -------------------------------------------------------------------------------
+    def prepare(self, path):
+        """(base folder, its GGUF, adapter folder or None, its GGUF or None) for a model folder,
+        converting what is not converted yet; RequestError 403/404 as the transformers engine,
+        Unservable when llama.cpp cannot serve it."""
+        try:
+            import xllamacpp  # noqa: F401
+        except ImportError as e:
+            raise Unservable('llama.cpp is not installed in the trainer environment (xllamacpp: %s)' % e)
+        real = check_allowed(path, self.roots)
+        what, base = model_kind(real, self.roots)
+        base_gguf = self.files.base(base)
+        if what != 'adapter':
+            return base, base_gguf, None, None
+        return base, base_gguf, real, self.files.adapter(real, base)
+
+    def fits(self, request):
+        """Whether the request's prompt leaves room in a llama.cpp slot (SLOT_CONTEXT tokens at most)."""
+        base, _gguf, adapter, _adapter_gguf = self.prepare(request['model'])
+        return len(self._prompt_ids(request, base, adapter)) < min(_context_length(base), SLOT_CONTEXT)
+
+    def _prompt_ids(self, request, base, adapter):
+        tokenizer = self._tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, 'tokenizer_config.json'))
+                                    else base)
+        return list(tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
+                                                  return_dict=True)['input_ids'])
+
+    def submit(self, request):
+        """Queue a checked request (converting its model first, in the caller's thread): a Ticket
+        (Samples for n > 1); RequestError 503 (retry_after) when the line is full."""
+        prepared = self.prepare(request['model'])
+        n = request.get('n') or 1
+        with self._cond:
+            if self._stopping:
+                raise RequestError('the model server is stopping', 503)
+            free = max(0, self.max_batch - self._running)
+            if len(self._waiting) + n > self.max_queue + free:
+                error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
+                error.retry_after = BUSY_RETRY_AFTER
+                raise error
+            tickets = [Ticket(sample_request(request, i) if n > 1 else request) for i in range(n)]
+            for ticket in tickets:
+                ticket.prepared = prepared
+            self._waiting.extend(tickets)
+            if self._autostart:
+                self.start()
+            self._cond.notify_all()
+        return tickets[0] if n == 1 else Samples(tickets)
+
+    def start(self):
+        with self._cond:
+            self._autostart = True
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._admit_loop, name='llamacpp-engine', daemon=True)
+                self._thread.start()
+
+    def describe(self):
+        with self._cond:
+            return {'rows': self._running, 'waiting': len(self._waiting), 'max_batch': self.max_batch,
+                    'max_queue': self.max_queue, 'idle_unload': self.idle_unload, 'stats': dict(self.stats),
+                    'models': [{'base': s.base, 'gguf': s.gguf, 'adapters': [f for f, _p in s.adapters],
+                                'mb': round(s.bytes / 2 ** 20)} for s in self.served.values()],
+                    'unloaded': list(self.unloaded)}
+
+    def close(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._thread is None and not self._running, 30)
+            self.served.clear()  # each server's destructor stops its loop
+
+    # -- admitting ------------------------------------------------------------------------------
+    def _admit_loop(self):
+        with self._cond:
+            while True:
+                if self._stopping:
+                    for ticket in self._waiting:
+                        ticket.events.put(('error', RequestError('the model server is stopping', 503)))
+                    self._waiting.clear()
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                started = False
+                while self._waiting and self._running < self.max_batch:
+                    ticket = self._waiting[0]
+                    if ticket.cancelled:
+                        self._waiting.popleft()
+                        self.stats['cancelled'] += 1
+                        continue
+                    try:
+                        served = self._served_for(ticket)
+                    except Exception as e:  # this request's failure (a server that does not start), not the loop's
+                        self._waiting.popleft()
+                        ticket.events.put(('error', e))
+                        continue
+                    if served is None:
+                        break  # its base's server must restart with its adapter: once the running requests end
+                    self._waiting.popleft()
+                    served.running += 1
+                    self._running += 1
+                    self.stats['max_running'] = max(self.stats['max_running'], self._running)
+                    threading.Thread(target=self._run, args=(ticket, served), name='llamacpp-request',
+                                     daemon=True).start()
+                    started = True
+                if not started:
+                    self._unload_idle()
+                    self._cond.wait(self._idle_wait())
+
+    def _served_for(self, ticket):
+        """The running server of the ticket's base with its adapter loaded, started (again) here
+        if need be; None when that needs a restart while requests still run on it."""
+        base, gguf, adapter, adapter_gguf = ticket.prepared
+        served = self.served.get(base)
+        if served is not None and served.gguf == gguf and (adapter is None or served.index(adapter, adapter_gguf) is not None):
+            self.served.move_to_end(base)
+            return served
+        if served is not None and served.running:
+            return None
+        adapters = [] if served is None or served.gguf != gguf else list(served.adapters)
+        wanted = [(o.prepared[2], o.prepared[3]) for o in self._waiting  # what the line wants here: one restart for all
+                  if o.prepared[0] == base and o.prepared[1] == gguf and o.prepared[2] and o.prepared[2] != adapter]
+        for item in wanted + ([(adapter, adapter_gguf)] if adapter else []):  # its own last: never dropped
+            if item in adapters:
+                adapters.remove(item)
+            adapters.append(item)
+        adapters = adapters[-self.max_adapters:]
+        if served is not None:
+            self._unload(base, 'restarted with adapters %s' % [os.path.basename(f) for f, _p in adapters])
+            served = None  # its server stops here, before the new one loads
+        if not self._make_room(base, gguf):
+            return None
+        context = min(_context_length(base), SLOT_CONTEXT)
+        self._cond.release()  # starting a server takes a while: callers may queue meanwhile
+        try:
+            served = Served(base, gguf, adapters, self.max_batch, self.threads, context)
+        finally:
+            self._cond.acquire()
+        self.served[base] = served
+        self.stats['starts'] += 1
+        return served
+
+    def _make_room(self, base, gguf):
+        """Unload idle bases until this one fits the memory bound (unset: one base at a time)."""
+        need = os.path.getsize(gguf)
+        while self.served and (not self.max_memory or sum(s.bytes for s in self.served.values()) + need > self.max_memory):
+            idle = [b for b, s in self.served.items() if not s.running and b != base]
+            if not idle:
+                return False
+            self._unload(idle[0], 'room for %s' % base)
+        return True
+
+    def _unload(self, base, reason):
+        served = self.served.pop(base, None)
+        if served is not None:
+            self.unloaded = (self.unloaded + [{'base': base, 'reason': reason, 'at': time.time()}])[-5:]
+
+    def _idle_wait(self):
+        if not self.idle_unload or not self.served:
+            return None
+        oldest = min(s.last_used for s in self.served.values() if not s.running) if \
+            any(not s.running for s in self.served.values()) else self.clock()
+        return max(0.05, oldest + self.idle_unload - self.clock())
+
+    def _unload_idle(self):
+        if not self.idle_unload:
+            return
+        now = self.clock()
+        for base, served in list(self.served.items()):
+            if not served.running and now - served.last_used >= self.idle_unload:
+                self._unload(base, 'idle for %d s' % (now - served.last_used))
+
+    # -- one request ----------------------------------------------------------------------------
+    def _run(self, ticket, served):
+        try:
+            final = self._generate(ticket, served)
+            if final is not None:
+                ticket.events.put(('done', final))
+        except Exception as e:  # this request's failure: its caller hears it
+            ticket.events.put(('error', e))
+        finally:
+            with self._cond:
+                served.running -= 1
+                served.last_used = self.clock()
+                self._running -= 1
+                self.stats['finished'] += 1
+                self._cond.notify_all()
+
+    def _generate(self, ticket, served):
+        request = ticket.request
+        base, _gguf, adapter, adapter_gguf = ticket.prepared
+        ids = self._prompt_ids(request, base, adapter)
+        room = served.context - len(ids)
+        if room < 1:
+            raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
+        chosen = served.index(adapter, adapter_gguf) if adapter else None
+        body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': False,
+                'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0, 'min_p': 0.0,
+                'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
+        if served.adapters:  # every loaded adapter's scale, every time: 1 for this request's, 0 for the others
+            body['lora'] = [{'id': i, 'scale': 1.0 if i == chosen else 0.0} for i in range(len(served.adapters))]
+        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None}
+        stop = StopText(request['stop'])
+        deadline = request.get('deadline')
+
+        def on_chunk(chunk):
+            if 'error' in chunk:
+                state['error'] = chunk['error']
+                return True
+            choice = chunk['choices'][0]
+            if choice.get('finish_reason'):
+                state['finish'] = 'stop' if choice['finish_reason'] == 'stop' else 'length'
+                state['usage'] = chunk.get('usage')
+            else:
+                state['tokens'] += 1
+            state['text'] += choice.get('text') or ''
+            late = deadline is not None and time.monotonic() >= deadline
+            delta = stop.feed(state['text'], final=bool(state['finish']) or late)
+            if delta:
+                ticket.events.put(('delta', delta))
+            if stop.stopped:
+                state['finish'] = 'stop'
+            elif late and not state['finish']:
+                state['finish'] = 'length'
+            return bool(ticket.cancelled or stop.stopped or late or self._stopping)  # True: llama.cpp drops the request
+
+        served.server.handle_completions(body, on_chunk)
+        if state['error'] is not None:
+            error = state['error']
+            raise RequestError('llama.cpp: %s' % (error.get('message') if isinstance(error, dict) else error),
+                               error.get('code', 500) if isinstance(error, dict) else 500)
+        if ticket.cancelled:
+            with self._cond:
+                self.stats['cancelled'] += 1
+            return None
+        tokens = (state['usage'] or {}).get('completion_tokens', state['tokens'])
+        return {'finish_reason': state['finish'] or 'length', 'prompt_tokens': len(ids), 'completion_tokens': tokens}
+
+    def _tokenizer(self, folder):
+        with self._cond:
+            tokenizer = self.tokenizers.get(folder)
+        if tokenizer is None:
+            tokenizer = self._tokenizer_class.from_pretrained(folder)
+            with self._cond:
+                self.tokenizers[folder] = tokenizer
+                while len(self.tokenizers) > self.max_adapters + 1:
+                    self.tokenizers.popitem(last=False)
+        return tokenizer
+
+
+def _context_length(base):
+    with open(os.path.join(base, 'config.json')) as f:
+        config = json.load(f)
+    return config.get('max_position_embeddings') or config.get('n_positions') or 2048
+
+
+class EngineChoice(object):
+    """The engine seam over both engines: each request goes to the one `setting` picks (see the
+    module's docstring); describe() is the transformers engine's, with the setting and
+    llama.cpp's own state beside it."""
+
+    follow = Engine.follow
+    _follow_samples = Engine._follow_samples
+    chat = Engine.chat
+    whole_answer = Engine.whole_answer
+
+    def __init__(self, setting, transformers, llamacpp=None, on_cuda=None):
+        if setting not in SETTINGS:
+            raise ValueError('the serving engine must be one of %s, not %r' % (', '.join(SETTINGS), setting))
+        self.setting = setting
+        self.transformers = transformers
+        self.llamacpp = llamacpp
+        self.on_cuda = cuda_available() if on_cuda is None else on_cuda
+        self.cache = transformers.cache
+
+    def __getattr__(self, name):  # the rest (stats, sync, the waiting line) is the transformers engine's
+        if name in ('transformers', 'llamacpp'):
+            raise AttributeError(name)
+        return getattr(self.transformers, name)
+
+    def engine_for(self, request):
+        """(engine, why) for a request; the llama.cpp engine converts its model here, once."""
+        if self.setting == 'transformers':
+            return self.transformers, 'the setting says transformers'
+        if self.setting == 'auto' and self.on_cuda:
+            return self.transformers, 'CUDA: transformers batches on the GPU'
+        if self.llamacpp is None:
+            if self.setting == 'llamacpp':
+                raise RequestError('the setting says llamacpp but this server has no llama.cpp engine', 500)
+            return self.transformers, 'no llama.cpp engine'
+        try:
+            fits = self.llamacpp.fits(request)
+        except Unservable as e:
+            if self.setting == 'llamacpp':
+                raise RequestError(str(e), 500)
+            sys.stderr.write('%s: served with transformers\n' % e)
+            return self.transformers, str(e)
+        if not fits and self.setting == 'auto':  # transformers takes the model's whole context
+            return self.transformers, 'the prompt is over llama.cpp\'s %d-token slot' % SLOT_CONTEXT
+        return self.llamacpp, 'llama.cpp on the CPU'
+
+    def submit(self, request):
+        return self.engine_for(request)[0].submit(request)
+
+    def describe(self):
+        snapshot = dict(self.transformers.describe(), setting=self.setting, on_cuda=self.on_cuda)
+        if self.llamacpp is not None:
+            snapshot['llamacpp'] = self.llamacpp.describe()
+        return snapshot
+
+    def close(self):
+        if self.llamacpp is not None:
+            self.llamacpp.close()
+        self.transformers.close()
+
+
+def make_engine(setting, cache, max_batch=8, max_queue=16, idle_unload=900, max_memory_mb=None, gguf_cache=None,
+                convert_dir=None):
+    """The engine trainer/serve.py serves with for an --engine setting."""
+    transformers = Engine(cache, max_batch=max_batch, max_queue=max_queue, idle_unload=idle_unload)
+    llamacpp = None
+    if setting != 'transformers':
+        llamacpp = LlamaCppEngine(GgufFiles(gguf_cache, convert_dir), roots=cache.roots, max_batch=max_batch,
+                                  max_queue=max_queue, idle_unload=idle_unload, max_adapters=cache.max_adapters,
+                                  max_memory_mb=max_memory_mb)
+    return EngineChoice(setting, transformers, llamacpp)

@@ -1,0 +1,176 @@
+"""The llama.cpp engine of the model server (trainer/llamacpp_engine.py) against the transformers
+answers, and the choice between the two engines. One engine (one GGUF cache) for the module."""
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from trainer import serve
+from trainer.batching import Engine
+from trainer.llamacpp_engine import EngineChoice, GgufFiles, LlamaCppEngine
+from trainer.serve import RequestError
+
+PROMPTS = ['What is the capital of France?', 'Why is the sky blue?']
+N = 12  # tokens compared: f16 (llama.cpp) and fp32 (transformers) agree on these prompts, greedy
+
+
+def request(model, prompt, **options):
+    return serve.parse_chat_request(dict({'model': model, 'messages': [{'role': 'user', 'content': prompt}],
+                                          'max_tokens': N}, **options))
+
+
+@pytest.fixture(scope='module')
+def files(model_dir, adapters, tmp_path_factory):
+    """The GGUFs of the base and both adapters, converted side by side (llama.cpp's converters); the
+    base's from the cache the server uses too (converted once for every run, as the server does)."""
+    files = GgufFiles(str(tmp_path_factory.mktemp('gguf')))
+
+    def base():
+        shared = GgufFiles().base(model_dir)
+        os.symlink(shared, os.path.join(files.folder, os.path.basename(shared)))
+    jobs = [base] + [lambda a=a: files.adapter(a, model_dir) for a in adapters]
+    threads = [threading.Thread(target=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return files
+
+
+@pytest.fixture(scope='module')
+def llama(files, model_dir):
+    engine = LlamaCppEngine(files, max_batch=2, max_queue=4)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope='module')
+def reference(model_dir):
+    """transformers' fp32 greedy answers (one at a time, its generate), by (model, prompt)."""
+    import torch
+    cache = serve.ModelCache(dtype=torch.float32)
+    answers = {}
+
+    def answer(model, prompt):
+        if (model, prompt) not in answers:
+            answers[(model, prompt)] = serve.whole_answer(cache, request(model, prompt))['text']
+        return answers[(model, prompt)]
+    answer.cache = cache
+    return answer
+
+
+def test_greedy_answers_on_the_base_in_f16_equal_transformers_fp32(llama, reference, model_dir):
+    for prompt in PROMPTS:
+        answer = llama.whole_answer(request(model_dir, prompt))
+        assert answer['text'] == reference(model_dir, prompt), prompt
+        assert answer['prompt_tokens'] > 10 and 1 <= answer['completion_tokens'] <= N
+
+
+def test_adapters_applied_per_request_two_at_once_each_as_transformers_answers(llama, reference, model_dir, adapters):
+    starts = llama.stats['starts']
+    with llama._cond:  # both in the line before the engine looks: admitted together, one server restart
+        tickets = [llama.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+    texts = []
+    for ticket in tickets:
+        parts = []
+        llama.follow(ticket, parts.append)
+        texts.append(''.join(parts))
+    assert texts == [reference(adapter, PROMPTS[1]) for adapter in adapters]
+    assert reference(model_dir, PROMPTS[1]) not in texts and texts[0] != texts[1]
+    assert llama.stats['max_running'] == 2 and llama.stats['starts'] == starts + 1
+    assert sorted(llama.describe()['models'][0]['adapters']) == sorted(os.path.realpath(a) for a in adapters)
+    # the base on the same server: every adapter off
+    assert llama.whole_answer(request(model_dir, PROMPTS[1]))['text'] == reference(model_dir, PROMPTS[1])
+    assert llama.stats['starts'] == starts + 1
+
+
+def test_stop_strings_and_a_caller_that_goes_away(llama, reference, model_dir):
+    full = reference(model_dir, PROMPTS[1])
+    cut = full.split()[3]
+    answer = llama.whole_answer(request(model_dir, PROMPTS[1], stop=[cut]))
+    assert (answer['text'], answer['finish_reason']) == (full[:full.index(cut)], 'stop')
+
+    class Gone(Exception):
+        pass
+
+    def emit(delta):
+        raise Gone()
+    before, before_finished = llama.stats['cancelled'], llama.stats['finished']
+    with pytest.raises(Gone):
+        llama.chat(request(model_dir, PROMPTS[0], max_tokens=200), emit)
+    deadline = time.monotonic() + 60
+    while llama.stats['cancelled'] == before or llama.describe()['rows']:  # ended at its next token
+        assert time.monotonic() < deadline, 'the request was not dropped'
+        time.sleep(0.05)
+    assert llama.stats['finished'] == before_finished + 1  # its thread ended, long before 200 tokens
+
+
+@pytest.fixture
+def broken_converter(tmp_path):
+    """llama.cpp's converter as it answers a model architecture it does not know."""
+    folder = tmp_path / 'convert'
+    folder.mkdir()
+    (folder / 'convert_hf_to_gguf.py').write_text(
+        'import sys\nprint("ERROR:hf-to-gguf:Model FooForCausalLM is not supported")\nsys.exit(1)\n')
+    return str(folder)
+
+
+def test_the_setting_picks_the_engine(llama, reference, model_dir, broken_converter, tmp_path):
+    transformers = Engine(reference.cache)
+    try:
+        forced = EngineChoice('transformers', transformers, llama, on_cuda=False)
+        before = dict(llama.stats)
+        answer = forced.whole_answer(request(model_dir, PROMPTS[0], max_tokens=3))
+        transformers.sync()  # the loop counts a row after its last token is sent
+        assert answer['completion_tokens'] == 3 and transformers.stats['finished'] == 1
+        assert llama.stats == before  # llama.cpp never saw it
+        assert forced.describe()['setting'] == 'transformers'
+
+        assert EngineChoice('auto', transformers, llama, on_cuda=False).engine_for(request(model_dir, 'x'))[0] is llama
+        assert EngineChoice('auto', transformers, llama, on_cuda=True).engine_for(request(model_dir, 'x'))[0] \
+            is transformers  # CUDA: transformers batches on the GPU
+        long = request(model_dir, 'word ' * 4200)  # over llama.cpp's slot, within the model's context
+        assert EngineChoice('auto', transformers, llama, on_cuda=False).engine_for(long)[0] is transformers
+
+        unconvertible = LlamaCppEngine(GgufFiles(str(tmp_path / 'gguf'), broken_converter), roots=None)
+        engine, why = EngineChoice('auto', transformers, unconvertible, on_cuda=False).engine_for(request(model_dir, 'x'))
+        assert engine is transformers and 'not supported' in why
+        with pytest.raises(RequestError) as refused:
+            EngineChoice('llamacpp', transformers, unconvertible, on_cuda=False).submit(request(model_dir, 'x'))
+        assert 'cannot serve' in str(refused.value) and 'not supported' in str(refused.value)
+        with pytest.raises(ValueError):
+            EngineChoice('vllm', transformers, llama)
+    finally:
+        transformers.close()
+    assert serve.make_parser().parse_args([]).engine == 'auto'  # the server's default
+
+
+def test_the_server_streams_with_llamacpp_under_auto_and_says_so_in_health(files, reference, model_dir):
+    import json
+    import urllib.request
+    server = serve.ModelServer(0, roots=[model_dir], engine='auto', gguf_cache=files.folder)
+    server.engine.on_cuda = False
+    threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+
+    def call(path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                'http://127.0.0.1:%d%s' % (server.server_address[1], path), data=data,
+                headers={'Authorization': 'Bearer %s' % server.token}), timeout=120) as answer:
+            return [json.loads(line) for line in answer.read().decode().splitlines()]
+    try:
+        lines = call('/chat', {'model': model_dir, 'messages': [{'role': 'user', 'content': PROMPTS[0]}],
+                               'max_tokens': N, 'stream': True})
+        assert ''.join(line.get('delta', '') for line in lines) == reference(model_dir, PROMPTS[0])
+        engine = call('/health')[0]['engine']
+        assert engine['setting'] == 'auto' and engine['stats']['finished'] == 0  # transformers did nothing
+        assert [m['base'] for m in engine['llamacpp']['models']] == [os.path.realpath(model_dir)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == '__main__':
+    sys.exit(pytest.main([__file__, '-q']))
