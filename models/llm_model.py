@@ -59,6 +59,16 @@ class LlmModel(models.Model):
     test_reply = fields.Text(readonly=True)
     test_base_reply = fields.Text(readonly=True, help='What the base model answers, to compare.')
     evaluation_ids = fields.One2many('llm.training.evaluation', 'model_id', string='Evaluations', readonly=True)
+    # what answering costs (USD per 1M tokens; OpenAI's evaluation through the chat API is priced with these)
+    chat_input_price = fields.Float(digits=(16, 6), help='Chat: prompt tokens, per 1M, in USD.')
+    chat_output_price = fields.Float(digits=(16, 6), help='Chat: answer tokens, per 1M, in USD.')
+    fine_tuned_chat_input_price = fields.Float(digits=(16, 6),
+                                               help='Chat with a model fine-tuned from this one: prompt tokens, per 1M.')
+    fine_tuned_chat_output_price = fields.Float(digits=(16, 6),
+                                                help='Chat with a model fine-tuned from this one: answer tokens, per 1M.')
+    evaluation_chart = fields.Html(compute='_compute_evaluation_chart', sanitize=False, string='Evaluation Chart',
+                                   help='The last finished evaluation of this model, per metric against the model '
+                                        'it was compared with.')
     deploy_check = fields.Text(readonly=True, copy=False, help='What the deploy guard found at the last Deploy.')
     deploy_override_reason = fields.Text(readonly=True, copy=False,
                                          help='Why a manager deployed the model although the guard warned.')
@@ -68,6 +78,12 @@ class LlmModel(models.Model):
         ('provider_ref_unique', 'unique(provider_id, model_ref)',
          'A model with this technical id already exists for this provider.'),
     ]
+
+    @api.depends('evaluation_ids.state', 'evaluation_ids.summary')
+    def _compute_evaluation_chart(self):
+        for model in self:
+            done = model.evaluation_ids.filtered(lambda e: e.state == 'done')
+            model.evaluation_chart = done.sorted('id', reverse=True)[:1].chart_html or False
 
     def _check_write_access(self):
         self.check_access_rights('write')

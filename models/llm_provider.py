@@ -105,6 +105,12 @@ class LlmProvider(models.Model):
                                                                     '(chat, chat_stream).')
     evaluates = fields.Boolean(compute='_compute_capabilities', help='Evaluates a fine-tuned model against its base '
                                                                      'when its job completes.')
+    evaluation_optional = fields.Boolean(compute='_compute_capabilities',
+                                         help='Can evaluate through its chat API when Evaluate with chat is on.')
+    evaluate_with_chat = fields.Boolean(
+        string='Evaluate with chat', help='After each job, the base and the fine-tuned model answer the evaluation '
+                                          'prompts through the service\'s chat API to be scored side by side: paid '
+                                          'calls (priced in the job\'s estimate). Off by default.')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')
@@ -115,13 +121,16 @@ class LlmProvider(models.Model):
                                      readonly=True, help="Training speed this provider's machine reached, "
                                                          "per base model and technique.")
 
-    @api.depends('service')
+    @api.depends('service', 'evaluate_with_chat')
     def _compute_capabilities(self):
         for provider in self:
             adapter = providers.adapter_class(provider.service)
             capabilities = adapter.capabilities if adapter else {}
             for name in CAPABILITIES:
                 provider[name] = bool(capabilities.get(name))
+            provider.evaluation_optional = bool(capabilities.get('evaluates_on_request'))
+            if provider.evaluation_optional and provider.evaluate_with_chat:
+                provider.evaluates = True
             provider.techniques = ','.join(capabilities.get('techniques') or ())
 
     @api.depends('job_ids.state', 'job_ids.final_cost', 'job_ids.submitted_at')

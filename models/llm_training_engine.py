@@ -26,6 +26,8 @@ from ..lib import job_status, pricing
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..user_errors import DatasetBusyError, JobRefused
+from .llm_training_evaluation import TIMEOUT_OPTION as EVAL_TIMEOUT_OPTION
+from .llm_training_evaluation import timeout_minutes as evaluation_timeout_minutes
 
 _logger = logging.getLogger(__name__)
 
@@ -476,6 +478,7 @@ class LlmTrainingEngine(models.AbstractModel):
         started = started or time.time()
         if not _evaluations_enabled():
             return 0
+        self._sweep_stuck_evaluations()
         self.env.cr.execute("SELECT id FROM llm_training_evaluation WHERE state IN ('pending', 'running') ORDER BY id")
         visited = 0
         for evaluation_id in [row[0] for row in self.env.cr.fetchall()]:
@@ -546,8 +549,29 @@ class LlmTrainingEngine(models.AbstractModel):
                 _logger.exception('Evaluation %s: unexpected error', evaluation.id)
             self._fail_evaluation(evaluation, e.name if hasattr(e, 'name') else str(e))
 
+    def _sweep_stuck_evaluations(self):
+        """Evaluations running longer than odoo.conf llm_training_eval_timeout_minutes: their
+        process is stopped and they fail with an event (the job stays Completed, Retry is there)."""
+        Evaluation = self.env['llm.training.evaluation']
+        minutes = evaluation_timeout_minutes()
+        deadline = fields.Datetime.to_string(datetime.utcnow() - timedelta(minutes=minutes))
+        for evaluation in Evaluation.search([('state', '=', 'running'), ('started_at', '<', deadline)]):
+            if not self._claim_evaluation(evaluation.id) or evaluation.state != 'running':
+                continue
+            try:
+                with self.env.cr.savepoint():
+                    evaluation.job_id.provider_id._adapter().cancel_evaluation(evaluation._spec())
+            except (psycopg2.Error, MemoryError):
+                raise
+            except Exception:
+                _logger.exception('Evaluation %s: stopping it failed; failed anyway', evaluation.id)
+            self._fail_evaluation(evaluation, _('The evaluation ran longer than %d minutes (odoo.conf %s) and was '
+                                                'stopped.') % (minutes, EVAL_TIMEOUT_OPTION))
+            self._commit()  # this evaluation's failure is kept whatever the next one does
+
     def _finish_evaluation(self, evaluation, report):
         evaluation._apply_results(report.get('summary') or {}, report.get('examples') or [])
+        evaluation._run_judge()
         job = evaluation.job_id
         where = dict(evaluation._fields['eval_set'].selection).get(evaluation.eval_set, '').lower()
         job._add_event(_('Evaluation done (%s): %s') % (evaluation.name, evaluation.headline))

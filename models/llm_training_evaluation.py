@@ -13,6 +13,7 @@ from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 from odoo.tools import html_escape
 
+from ..lib.evaluation import judge as evaluation_judge
 from ..lib.evaluation import report as evaluation_report
 from ..lib.providers.base import EvaluationSpec
 
@@ -29,22 +30,36 @@ LIMITS = (('max_examples', 'llm_training_eval_max_examples', 50),
           ('max_new_tokens', 'llm_training_eval_max_new_tokens', 64),
           ('batch_size', 'llm_training_eval_batch_size', 8))
 METRIC_SELECTION = [(key, label) for key, label, _percent in evaluation_report.METRICS]
+JUDGE_CALLS_OPTION, JUDGE_CALLS_DEFAULT = 'llm_training_eval_max_judge_calls', 40
+TIMEOUT_OPTION, TIMEOUT_DEFAULT = 'llm_training_eval_timeout_minutes', 180
+
+
+def _positive_option(option, default):
+    raw = tools.config.get(option, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise UserError(_('odoo.conf %s = %r: give a whole number of 1 or more.') % (option, raw))
+    return value
 
 
 def eval_limits():
     """The limits from odoo.conf, with their defaults; a value that is not a positive integer is
     refused with the option's name."""
-    limits = {}
-    for key, option, default in LIMITS:
-        raw = tools.config.get(option, default)
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            value = 0
-        if value < 1:
-            raise UserError(_('odoo.conf %s = %r: give a whole number of 1 or more.') % (option, raw))
-        limits[key] = value
-    return limits
+    return dict((key, _positive_option(option, default)) for key, option, default in LIMITS)
+
+
+def judge_call_limit():
+    """odoo.conf llm_training_eval_max_judge_calls: the judge's calls per evaluation (two an example)."""
+    return _positive_option(JUDGE_CALLS_OPTION, JUDGE_CALLS_DEFAULT)
+
+
+def timeout_minutes():
+    """odoo.conf llm_training_eval_timeout_minutes: how long an evaluation may run before the cron
+    fails it as stuck."""
+    return _positive_option(TIMEOUT_OPTION, TIMEOUT_DEFAULT)
 
 
 class LlmTrainingEvaluation(models.Model):
@@ -82,6 +97,22 @@ class LlmTrainingEvaluation(models.Model):
     reference_score = fields.Float(readonly=True, digits=(16, 4), help='The compared model on the main metric.')
     candidate_score = fields.Float(readonly=True, digits=(16, 4), help='The evaluated model on the main metric.')
     metrics_html = fields.Html(compute='_compute_metrics_html', string='Metrics', sanitize=False)
+    chart_html = fields.Html(compute='_compute_chart_html', string='Chart', sanitize=False,
+                             help='Each metric of both models as a pair of bars.')
+    # the pairwise judge (optional): a chat model of any provider, both orders of the answers
+    judge_model_id = fields.Many2one('llm.model', string='Judge', readonly=True, ondelete='set null',
+                                     help="The chat model that compared the two models' answers (none: no judge).")
+    judge_calls = fields.Integer(readonly=True, help='Calls made to the judge (odoo.conf '
+                                                     'llm_training_eval_max_judge_calls bounds them).')
+    judge_wins = fields.Integer(readonly=True, string='Judge: wins', help='Examples the evaluated model won.')
+    judge_losses = fields.Integer(readonly=True, string='Judge: losses', help='Examples the compared model won.')
+    judge_ties = fields.Integer(readonly=True, string='Judge: ties')
+    judge_invalid = fields.Integer(readonly=True, string='Judge: no verdict',
+                                   help='Examples where a reply of the judge held no readable verdict.')
+    judge_win_rate = fields.Float(readonly=True, digits=(16, 4),
+                                  help='Wins of the evaluated model over the examples with a verdict.')
+    judge_tie_rate = fields.Float(readonly=True, digits=(16, 4))
+    judge_error = fields.Text(readonly=True, help='Why the judge stopped early (its figures cover what it judged).')
     error_message = fields.Text(readonly=True)
     log = fields.Text(readonly=True)
     started_at = fields.Datetime(readonly=True)
@@ -119,6 +150,44 @@ class LlmTrainingEvaluation(models.Model):
                     _('Metric (* main)'), html_escape(evaluation.reference_model_id.display_name or ''),
                     html_escape(evaluation.model_id.display_name or ''), _('Difference'), ''.join(rows))) or False
 
+    @api.depends('summary', 'main_metric', 'model_id', 'reference_model_id', 'judge_wins', 'judge_losses',
+                 'judge_ties')
+    def _compute_chart_html(self):
+        for evaluation in self:
+            evaluation.chart_html = evaluation._chart_html()
+
+    def _chart_html(self):
+        """Base (or compared) model vs evaluated model per metric, as pairs of horizontal bars in
+        plain HTML: the form shows it without a chart library."""
+        summary = json.loads(self.summary or '{}')
+        rows = evaluation_report.chart_rows(summary)
+        if self.judge_calls and (self.judge_wins + self.judge_losses + self.judge_ties):
+            valid = float(self.judge_wins + self.judge_losses + self.judge_ties)
+            rows.append(('judge', _('judge: wins'), self.judge_losses / valid, self.judge_wins / valid,
+                         round(100.0 * self.judge_losses / valid, 1), round(100.0 * self.judge_wins / valid, 1)))
+        if not rows:
+            return False
+        bar = ('<div class="o_llm_eval_bar %s" style="background:%s;height:10px;width:%s%%;min-width:1px;'
+               'margin:1px 0"></div>')
+        lines = []
+        def value(key, figure):  # the judge's shares as percentages, the metrics as the report shows them
+            return '%d%%' % round(100 * figure) if key == 'judge' else evaluation_report.format_value(key, figure)
+
+        for key, label, ref, cand, ref_width, cand_width in rows:
+            lines.append(
+                '<tr><td style="white-space:nowrap;padding-right:8px">%s%s</td><td style="width:70%%">%s%s</td>'
+                '<td style="white-space:nowrap;padding-left:8px">%s<br/>%s</td></tr>' % (
+                    html_escape(label), ' *' if key == self.main_metric else '',
+                    bar % ('o_llm_eval_bar_reference', '#9e9e9e', ref_width),
+                    bar % ('o_llm_eval_bar_candidate', '#1f77b4', cand_width),
+                    value(key, ref), value(key, cand)))
+        legend = ('<p><span style="display:inline-block;width:12px;height:10px;background:#9e9e9e"></span> %s '
+                  '&#160; <span style="display:inline-block;width:12px;height:10px;background:#1f77b4"></span> %s'
+                  '</p>') % (html_escape(self.reference_model_id.display_name or ''),
+                             html_escape(self.model_id.display_name or ''))
+        return '<div class="o_llm_eval_chart">%s<table style="width:100%%">%s</table></div>' % (
+            legend, ''.join(lines))
+
     # -- actions ---------------------------------------------------------------------------------
     @api.multi
     def action_retry(self):
@@ -129,7 +198,8 @@ class LlmTrainingEvaluation(models.Model):
             if evaluation.state != 'failed':
                 raise UserError(_('Only a failed evaluation can be retried (this one is %s).') % evaluation.state)
             evaluation._change_state('pending', attempt=evaluation.attempt + 1, progress=0.0, error_message=False,
-                                     provider_data='{}')
+                                     provider_data='{}', judge_calls=0, judge_wins=0, judge_losses=0, judge_ties=0,
+                                     judge_invalid=0, judge_win_rate=0.0, judge_tie_rate=0.0, judge_error=False)
             evaluation.example_ids.unlink()
         return True
 
@@ -177,3 +247,43 @@ class LlmTrainingEvaluation(models.Model):
         """(compared model's score, evaluated model's score) per example on the main metric."""
         self.ensure_one()
         return [(line.reference_score, line.candidate_score) for line in self.example_ids.sorted('sequence')]
+
+    def _run_judge(self):
+        """The pairwise judge over the first examples (as many as odoo.conf
+        llm_training_eval_max_judge_calls allows, two calls an example), through the judge
+        model's provider chat (the path of the model form's Generate). A reply without a readable
+        verdict makes its example invalid; a failing call stops the judge with the error kept, the
+        figures covering what was judged. Never fails the evaluation."""
+        self.ensure_one()
+        judge = self.judge_model_id
+        if not judge or self.data_format not in (False, 'chat'):
+            return
+        lines = self.example_ids.sorted('sequence')
+        lines = lines[:evaluation_judge.examples_to_judge(len(lines), judge_call_limit())]
+        outcomes, calls, error = [], 0, False
+        for line in lines:
+            verdicts, replies = [], []
+            try:
+                for answer_a, answer_b in ((line.reference_answer, line.candidate_answer),
+                                           (line.candidate_answer, line.reference_answer)):
+                    calls += 1
+                    reply = judge.provider_id._call_adapter('chat', judge.model_ref, evaluation_judge.judge_messages(
+                        line.prompt, line.expected, answer_a, answer_b), {'max_tokens': 8, 'temperature': 0.0})
+                    replies.append((reply.get('text') or '').strip())
+                    verdicts.append(evaluation_judge.parse_verdict(reply.get('text')))
+            except UserError as e:
+                error = _('Judge %s stopped after %d calls: %s') % (judge.display_name, calls, e.name)
+                _logger.warning('Evaluation %s: %s', self.id, error)
+                break
+            result = evaluation_judge.outcome(*verdicts)
+            outcomes.append(result)
+            line.sudo().write({'judge_outcome': result, 'judge_replies': json.dumps(replies)})
+        rates = evaluation_judge.win_rate(outcomes)
+        self.sudo().write({'judge_calls': calls, 'judge_wins': rates['wins'], 'judge_losses': rates['losses'],
+                           'judge_ties': rates['ties'], 'judge_invalid': rates['invalid'],
+                           'judge_win_rate': rates['win_rate'] or 0.0, 'judge_tie_rate': rates['tie_rate'] or 0.0,
+                           'judge_error': error})
+        if rates['win_rate'] is not None:
+            self.sudo().write({'headline': _('%s; judge %s: wins %d%%, ties %d%% of %d') % (
+                self.headline or '', judge.display_name, round(100 * rates['win_rate']),
+                round(100 * rates['tie_rate']), rates['wins'] + rates['losses'] + rates['ties'])})

@@ -33,6 +33,11 @@ class LlmTrainingEvaluationExample(models.Model):
     difference = fields.Float(readonly=True, digits=(16, 4), index=True,
                               help='Evaluated minus compared, main metric (negative: a regression).')
     scores = fields.Text(readonly=True, help='Every score of both models on this example (JSON).')
+    judge_outcome = fields.Selection([('candidate', 'Evaluated model better'), ('reference', 'Compared model better'),
+                                      ('tie', 'Tie'), ('invalid', 'No verdict')], readonly=True, string='Judge',
+                                     help='Both orders of the answers must agree for a win; empty: not judged.')
+    judge_replies = fields.Text(readonly=True, help="The judge's two replies (compared model's answer as A, then "
+                                                    "the evaluated model's), as JSON.")
 
     def _values_from_row(self, evaluation, sequence, row, metric):
         reference, candidate = row.get('reference') or {}, row.get('candidate') or {}

@@ -12,6 +12,7 @@ from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
 from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
 from ..lib.prepare import merge_examples
+from ..lib.evaluation import answers as evaluation_answers
 from ..lib.evaluation import holdout as evaluation_holdout
 from ..lib.host.private_dirs import make_private_dirs
 from ..user_errors import BudgetExceeded, JobRefused
@@ -79,6 +80,13 @@ class LlmTrainingJob(models.Model):
     evaluation_plan = fields.Char(compute='_compute_evaluation_plan', string='Evaluation Set',
                                   help='What the model will be evaluated on, from the datasets\' last validation.')
     evaluation_ids = fields.One2many('llm.training.evaluation', 'job_id', string='Evaluations', readonly=True)
+    evaluation_judge_id = fields.Many2one(
+        'llm.model', string='Judge', ondelete='set null',
+        help='Optional: a chat model (any provider) that also compares the two models\' answers, both ways round, '
+             'for a win rate. Each call is a request to its provider (odoo.conf llm_training_eval_max_judge_calls '
+             'bounds them). Empty: no judge.')
+    evaluation_chart = fields.Html(compute='_compute_evaluation_chart', sanitize=False, string='Evaluation Chart',
+                                   help='The last finished evaluation, base vs fine-tuned per metric.')
     api_metadata = fields.Text(copy=False, help='The metadata a client gave through the OpenAI-compatible API '
                                                 '(JSON object of strings), returned and filtered on there.')
     hyperparameters = fields.Text(default='{}', help='Other settings as a JSON object, e.g. '
@@ -214,7 +222,7 @@ class LlmTrainingJob(models.Model):
                 if job.estimated_duration else False
 
     @api.depends('dataset_ids.example_count', 'validation_dataset_ids', 'validation_split', 'evaluation_holdout',
-                 'evaluate_after_training', 'provider_id.service')
+                 'evaluate_after_training', 'provider_id.service', 'provider_id.evaluate_with_chat')
     def _compute_evaluation_plan(self):
         for job in self:
             if not job.evaluate_after_training:
@@ -228,6 +236,38 @@ class LlmTrainingJob(models.Model):
                 held = evaluation_holdout.holdout_size(total, job.evaluation_holdout)
                 job.evaluation_plan = _('%d held-out examples (not trained on)') % held if held else _(
                     'Training examples (in-sample: too few examples to hold some out)')
+
+    def _evaluation_chat_cost(self):
+        """(examples, USD at most) of an evaluation through a service's chat API (billed per token):
+        the examples it will be asked (validation, hold-out or in-sample, at most
+        llm_training_eval_max_examples), their mean size in tokens as prompt, the longest answer
+        (llm_training_eval_max_new_tokens) for both models, at the base model's chat prices and its
+        fine-tuned models'. None when the provider evaluates for free or not at all."""
+        self.ensure_one()
+        if not (self.evaluate_after_training and self.provider_id.evaluates and self.provider_id.evaluation_optional):
+            return None
+        from .llm_training_evaluation import eval_limits
+        limits = eval_limits()
+        datasets = self.dataset_ids
+        total = sum(datasets.mapped('example_count'))
+        if self.validation_dataset_ids:
+            count = sum(self.validation_dataset_ids.mapped('example_count'))
+        elif self.validation_split:
+            count = int(total * self.validation_split)
+        else:
+            count = evaluation_holdout.holdout_size(total, self.evaluation_holdout) or total
+        examples = min(count, limits['max_examples'])
+        prompt_tokens = sum(datasets.mapped('token_total')) / total if total else 0.0
+        base = self.base_model_id
+        return examples, evaluation_answers.cost(
+            examples, prompt_tokens, limits['max_new_tokens'], (base.chat_input_price, base.chat_output_price),
+            (base.fine_tuned_chat_input_price, base.fine_tuned_chat_output_price))
+
+    @api.depends('evaluation_ids.state', 'evaluation_ids.summary')
+    def _compute_evaluation_chart(self):
+        for job in self:
+            done = job.evaluation_ids.filtered(lambda e: e.state == 'done' and e.kind == 'job')
+            job.evaluation_chart = done.sorted('id', reverse=True)[:1].chart_html or False
 
     @api.constrains('evaluation_holdout')
     def _check_evaluation_holdout(self):
@@ -681,7 +721,7 @@ class LlmTrainingJob(models.Model):
         evaluation = self.env['llm.training.evaluation'].sudo().create({
             'job_id': self.id, 'kind': kind, 'model_id': model.id, 'reference_model_id': reference.id,
             'examples_file': path, 'eval_set': eval_set, 'data_format': self._data_format(),
-            'example_count': evaluation_holdout.count_lines(path)})
+            'example_count': evaluation_holdout.count_lines(path), 'judge_model_id': self.evaluation_judge_id.id})
         self._add_event(_('Evaluation queued: %s on %s') % (evaluation.name, dict(
             evaluation._fields['eval_set'].selection)[eval_set].lower()))
         return evaluation

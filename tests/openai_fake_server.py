@@ -48,6 +48,8 @@ class FakeOpenAI(object):
         self.cancel_delay_reads = 0  # reads after a cancel before the job shows cancelled
         self.file_processing_reads = 1
         self.file_status_final = 'processed'
+        # chat completions: the answer of `model` to `messages` (tests set their own); none: an echo
+        self.chat_reply = lambda model, messages: 'Answer of %s.' % model
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._server = None
@@ -209,6 +211,8 @@ class FakeOpenAI(object):
                     return _error(400, 'Job has already completed: %s' % job['id'])
                 job['_cancel_in'] = self.cancel_delay_reads
                 return 200, self._public(job)
+        if parts == ['chat', 'completions'] and method == 'POST':
+            return self._chat_completion(body)
         if parts[0] == 'models':
             models = [{'id': m, 'object': 'model', 'created': 1721172741, 'owned_by': 'system'} for m in BASE_MODELS]
             models += [{'id': j['fine_tuned_model'], 'object': 'model', 'created': j['finished_at'],
@@ -220,6 +224,26 @@ class FakeOpenAI(object):
                     return 200, model
             return _error(404, 'The model %s does not exist' % parts[1], code='model_not_found')
         return _error(404, 'Unknown path %s' % path)
+
+    def _chat_completion(self, body):
+        """A non-streamed chat completion by a base model or a fine-tuned one this server made;
+        usage counts words (a stand-in for tokens); max_tokens cuts the answer ("length")."""
+        model = body['model']
+        known = set(BASE_MODELS) | set(j['fine_tuned_model'] for j in self.jobs.values() if j['fine_tuned_model'])
+        if model not in known:
+            return _error(404, 'The model `%s` does not exist or you do not have access to it.' % model,
+                          code='model_not_found', param='model')
+        words = (self.chat_reply(model, body['messages']) or '').split()
+        limit = body.get('max_completion_tokens') or body.get('max_tokens')
+        finish = 'length' if limit and len(words) > limit else 'stop'
+        words = words[:limit] if limit else words
+        prompt_tokens = sum(len(str(m.get('content') or '').split()) for m in body['messages'])
+        return 200, {'id': self._new_id('chatcmpl'), 'object': 'chat.completion', 'created': int(time.time()),
+                     'model': model, 'choices': [{
+                         'index': 0, 'finish_reason': finish, 'logprobs': None,
+                         'message': {'role': 'assistant', 'content': ' '.join(words), 'refusal': None}}],
+                     'usage': {'prompt_tokens': prompt_tokens, 'completion_tokens': len(words),
+                               'total_tokens': prompt_tokens + len(words)}}
 
     def _create_file(self, fields):
         content = fields.get('file') or ''

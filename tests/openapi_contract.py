@@ -21,14 +21,25 @@ def schema_path():
     return os.environ.get(SCHEMA_ENV) or DEFAULT_PATH
 
 
-def load_contract():
+def load_contract(*more):
+    """The contract of the fine-tuning schema, with the paths and components of `more` schema
+    files of the same folder merged in (e.g. 'openai-chat-completions-openapi.json')."""
     path = schema_path()
-    if not os.path.exists(path):
-        raise RuntimeError('OpenAI schema not found at %s (the shared/ folder beside the repo, or set %s)'
-                           % (path, SCHEMA_ENV))
+    paths = [path] + [os.path.join(os.path.dirname(path), name) for name in more]
+    for each in paths:
+        if not os.path.exists(each):
+            raise RuntimeError('OpenAI schema not found at %s (the shared/ folder beside the repo, or set %s)'
+                               % (each, SCHEMA_ENV))
     import jsonschema  # noqa: F401  (requirements-odoo.txt)
     with open(path) as f:
-        return Contract(json.load(f))
+        spec = json.load(f)
+    for each in paths[1:]:
+        with open(each) as f:
+            extra = json.load(f)
+        spec['paths'].update(extra['paths'])
+        for kind, items in extra.get('components', {}).items():
+            spec.setdefault('components', {}).setdefault(kind, {}).update(items)
+    return Contract(spec)
 
 
 def _normalize(node):

@@ -7,6 +7,9 @@ EVAL_DIR/config.json (written by the Odoo side, lib/evaluation/files.py):
     {"reference": folder, "candidate": folder, "examples": path of a JSONL file (train.jsonl's shape),
      "data_format": "chat" | "preference" | "text", "max_examples": 50, "max_new_tokens": 64,
      "batch_size": 8, "max_length": 1024}
+or, for answers a service gave (the OpenAI chat API, lib/providers/openai_fine_tuning.py):
+    {"answers": path of a JSONL file of {"prompt", "expected", "reference", "candidate"}}: scored
+    with the same functions, no model loaded.
 A folder is a model (config.json) or a LoRA adapter (adapter_config.json) on a base. Adapters on the
 base that is also loaded share one copy of it: the base pass disables the adapter.
 
@@ -403,10 +406,41 @@ def evaluate_text(models, examples, config, progress):
 EVALUATORS = {'chat': evaluate_chat, 'preference': evaluate_preference, 'text': evaluate_text}
 
 
+def score_answered(answered):
+    """Rows and summary of answers given elsewhere (a service's chat API answered for both
+    models): [{'prompt', 'expected', 'reference': answer, 'candidate': answer}] scored as
+    evaluate_chat scores generated answers; no loss, the service does not give it."""
+    json_expected = references_are_json([a['expected'] for a in answered])
+    rows = [{'prompt': a['prompt'], 'expected': a['expected']} for a in answered]
+    summary = {}
+    for role in ('reference', 'candidate'):
+        for row, given in zip(rows, answered):
+            row[role] = dict(score_answer(given[role], row['expected'], json_expected), answer=given[role])
+        summary[role] = dict((name, mean([row[role].get(name) for row in rows]))
+                             for name in GENERATION_METRICS + (('valid_json',) if json_expected else ()))
+    return rows, summary
+
+
+def write_results(folder, rows, summary):
+    with open(os.path.join(folder, EXAMPLES + '.tmp'), 'w') as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + '\n')
+    os.replace(os.path.join(folder, EXAMPLES + '.tmp'), os.path.join(folder, EXAMPLES))
+    job_files.write_json_atomic(os.path.join(folder, SUMMARY), summary)
+    write_status(folder, 'done', progress=100.0)
+
+
 def run(folder):
     with open(os.path.join(folder, CONFIG)) as f:
         config = dict(DEFAULTS, **json.load(f))
     write_status(folder, 'running', progress=0.0)
+    if config.get('answers'):  # answered already (the OpenAI chat API): scores only, no model
+        with open(config['answers'], encoding='utf-8') as f:
+            answered = [json.loads(line) for line in f if line.strip()]
+        if not answered:
+            raise RuntimeError('no answer to score in %s' % config['answers'])
+        rows, summary = score_answered(answered)
+        return write_results(folder, rows, dict(summary, n=len(rows), data_format='chat'))
     if not os.path.exists(config['examples']):  # checked before torch loads: a failure says so at once
         raise RuntimeError('the examples file %s is missing' % config['examples'])
     examples = load_examples(config['examples'])[:config['max_examples']]
@@ -419,13 +453,8 @@ def run(folder):
     progress = Progress(folder, 4)
     progress.advance(0)
     rows, summary = EVALUATORS[config['data_format']](models, examples, config, progress)
-    with open(os.path.join(folder, EXAMPLES + '.tmp'), 'w') as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(os.path.join(folder, EXAMPLES + '.tmp'), os.path.join(folder, EXAMPLES))
-    job_files.write_json_atomic(os.path.join(folder, SUMMARY), dict(
-        summary, n=len(rows) or len(examples), data_format=config['data_format'], threads=threads))
-    write_status(folder, 'done', progress=100.0)
+    write_results(folder, rows, dict(summary, n=len(rows) or len(examples), data_format=config['data_format'],
+                                     threads=threads))
 
 
 def main(argv=None):

@@ -89,6 +89,10 @@ class LlmTrainingJobWizard(models.TransientModel):
                 tokens_per_second=speed.tokens_per_second or None, complete=validated == datasets)
             if wizard.provider_id.evaluates:  # what the model will be evaluated on, before Submit
                 wizard.estimate += '\n' + _('Evaluation after training: %s') % job.evaluation_plan
+                chat_cost = job._evaluation_chat_cost()
+                if chat_cost:
+                    wizard.estimate += '\n' + _('Evaluation through the chat API: %d examples, both models, at most '
+                                                '$%.4f (the judge, if any, is billed by its own provider)') % chat_cost
             wizard.warnings = job_estimate.warnings_text(
                 examples if validated == datasets else None,
                 [{'name': d.name, 'state': d.state, 'token_max': d.token_max}

@@ -67,3 +67,23 @@ def compare(rows, metric, min_examples=MIN_GUARD_EXAMPLES, seed=0):
     else:
         result['verdict'] = 'ok'
     return result
+
+
+UNIT_METRICS = ('exact_match', 'token_f1', 'rouge_l', 'chrf', 'valid_json', 'token_accuracy', 'preference_win')
+
+
+def chart_rows(summary):
+    """The chart's bars, one pair a metric both models have a figure for: [(key, label,
+    reference value, candidate value, reference width %, candidate width %)]. Metrics on a 0-1
+    scale are drawn on it (0.5 is half a bar); the others (loss, perplexity, length ratio, margin)
+    against the larger of the two, so the pair compares at a glance whatever the unit."""
+    reference, candidate = summary.get('reference') or {}, summary.get('candidate') or {}
+    rows = []
+    for key, label, _percent in METRICS:
+        ref, cand = reference.get(key), candidate.get(key)
+        if ref is None or cand is None:
+            continue
+        scale = 1.0 if key in UNIT_METRICS else (max(abs(ref), abs(cand)) or 1.0)
+        rows.append((key, label, ref, cand, round(100.0 * min(abs(ref) / scale, 1.0), 1),
+                     round(100.0 * min(abs(cand) / scale, 1.0), 1)))
+    return rows

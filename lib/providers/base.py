@@ -27,6 +27,8 @@ from ..hyperparameters import DEFAULTS
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster',
                 'evaluates')
+# 'evaluates_on_request' (not a provider field of its own): the adapter evaluates when the provider's
+# Evaluate with chat setting is on (paid chat calls), and `evaluates` then reads True.
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
 # max_seconds: the answer ends (finish_reason "length") that long after the request, e.g. before
 # an Odoo worker's time limit kills the request; adapters that cannot stop by time ignore it.
@@ -149,6 +151,11 @@ class TrainingProvider(object):
         'examples' (done: [{'prompt', 'expected', 'reference': {'answer', scores},
         'candidate': {...}}])}."""
         raise TrainingFailedError('Provider "%s" cannot evaluate models yet.' % self.name)
+
+    def cancel_evaluation(self, spec):
+        """Stop the evaluation's run (the engine fails a stuck one). An adapter whose runs hold
+        nothing between checks has nothing to stop."""
+        return None
 
     def token_counter(self, model_ref):
         """A callable counting an example's tokens as this service will, or None (estimated)."""

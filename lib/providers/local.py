@@ -165,6 +165,11 @@ class LocalTrainer(ServedChat, TrainerLauncher):
                     'log': evaluation_files.log_tail(spec.folder)}
         return {'status': 'running', 'progress': status.get('progress') or 0.0}
 
+    def cancel_evaluation(self, spec):
+        data = spec.provider_data
+        if trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
+            os.killpg(data['pid'], signal.SIGKILL)  # nothing to save: a retry starts again
+
     def token_counter(self, model_ref):
         """Count as the trainer will see it: the model's chat template (measured once per model
         in the trainer environment) around contents counted with its tokenizer.json; None when

@@ -13,10 +13,12 @@ import os
 from . import register
 from .. import openai_jobs
 from .. import trainer_folder
+from ..evaluation import answers as evaluation_answers
+from ..evaluation import files as evaluation_files
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..token_count import PipeCounter
 from .base import TrainingProvider
-from ..host.trainer_env import ADDON_ROOT, trainer_env
+from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 
 _logger = logging.getLogger(__name__)
 MAX_RETRIES = 2            # the SDK's own retries of one call, with exponential backoff
@@ -24,6 +26,8 @@ COUNTER_TIMEOUT = 60       # seconds the token counter may take to answer one ex
 FILE_POLL_SECONDS = 10     # a file OpenAI is still processing is checked again after this
 EVENT_PAGE_SIZE = 100
 EVENT_MAX_PAGES = 50
+EVAL_CALLS_PER_CHECK = 20  # chat calls one evaluation check makes: a cron pass stays short, the next goes on
+SCORE_TIMEOUT = 300        # seconds the trainer env may take to score the answers
 
 
 @register
@@ -31,7 +35,9 @@ class OpenAIFineTuning(TrainingProvider):
     service = 'openai'
     # techniques: none listed, OpenAI chooses its own (a warning says the choice is ignored)
     capabilities = {'supports_dpo': True, 'registers_checkpoints': True, 'uses_api_key': True,
-                    'lists_models': True, 'tests_connection': True, 'bills_training': True}
+                    'lists_models': True, 'tests_connection': True, 'bills_training': True,
+                    # evaluation through the chat API, paid: when the provider's setting turns it on
+                    'evaluates_on_request': True}
 
     @classmethod
     def default_epochs(cls, train_examples):
@@ -238,6 +244,71 @@ class OpenAIFineTuning(TrainingProvider):
         client = self.client()
         with self.errors('cancelling job %s' % spec.external_id):
             client.fine_tuning.jobs.cancel(spec.external_id)
+
+    def chat(self, model_ref, messages, options=None):
+        """One chat completion (not streamed) by a base or fine-tuned model (ft:...)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - {'max_tokens', 'temperature', 'top_p', 'stop', 'seed', 'n', 'max_seconds'})
+        if unknown:
+            raise TrainingFailedError('Unknown chat option(s) %s.' % ', '.join(unknown))
+        options.pop('max_seconds', None)  # the request timeout bounds the call
+        kwargs = dict((k, v) for k, v in options.items() if v is not None)
+        client = self.client()
+        with self.errors('asking %s' % model_ref):
+            answer = client.chat.completions.create(model=model_ref, messages=messages, **kwargs)
+        choice, usage = answer.choices[0], answer.usage
+        return {'text': choice.message.content or '', 'finish_reason': choice.finish_reason,
+                'prompt_tokens': usage.prompt_tokens if usage else None,
+                'completion_tokens': usage.completion_tokens if usage else None}
+
+    # -- evaluation through the chat API (the provider's setting turns it on) --------------------
+    def start_evaluation(self, spec):
+        """Nothing runs at OpenAI between checks: each check asks both models the next prompts
+        (check_evaluation). Start makes a clean folder for the run."""
+        if spec.data_format not in (None, 'chat'):
+            raise TrainingFailedError('OpenAI evaluation compares chat answers; %s data is evaluated on the local '
+                                      'trainer only.' % spec.data_format)
+        if not os.path.exists(spec.examples or ''):
+            raise TrainingFailedError('The examples file %s is missing.' % spec.examples)
+        os.makedirs(spec.folder, mode=0o700, exist_ok=True)
+        for name in (evaluation_files.STATUS, evaluation_files.SUMMARY, evaluation_files.EXAMPLES,
+                     evaluation_answers.ANSWERS):
+            if os.path.exists(os.path.join(spec.folder, name)):
+                os.remove(os.path.join(spec.folder, name))  # a retry starts clean
+        evaluation_files.write_config(spec.folder, {'answers': os.path.join(spec.folder, evaluation_answers.ANSWERS)})
+        spec.provider_data.update(key=spec.key)
+        return spec.key
+
+    def check_evaluation(self, spec):
+        """Ask the base and the fine-tuned model the next prompts (greedy, at most
+        max_new_tokens, EVAL_CALLS_PER_CHECK calls a check), keeping each answered pair; once all
+        are answered, the trainer env scores them with the local evaluator's functions."""
+        status = evaluation_files.read_status(spec.folder)
+        if status.get('state') == 'done':
+            return {'status': 'done', 'progress': 100.0, 'summary': evaluation_files.read_summary(spec.folder),
+                    'examples': evaluation_files.read_examples(spec.folder)}
+        pairs = evaluation_answers.chat_pairs(spec.examples, spec.limits.get('max_examples') or 50)
+        if not pairs:
+            return {'status': 'failed', 'error': 'No chat example to evaluate in %s.' % spec.examples}
+        done, calls = evaluation_answers.answered(spec.folder), 0
+        options = {'max_tokens': spec.limits.get('max_new_tokens') or 64, 'temperature': 0.0}
+        for prompt, expected in pairs[done:]:
+            if calls + 2 > EVAL_CALLS_PER_CHECK:
+                break
+            reference = self.chat(spec.reference, prompt, options)['text']
+            candidate = self.chat(spec.candidate, prompt, options)['text']
+            calls += 2
+            evaluation_answers.append(spec.folder, prompt, expected, reference, candidate)
+            done += 1
+        if done < len(pairs):
+            return {'status': 'running', 'progress': round(95.0 * done / len(pairs), 1)}
+        result = run_trainer_module(self.config.get('trainer_python') or 'python3',
+                                    ['trainer.evaluate', '--dir', spec.folder], SCORE_TIMEOUT)
+        status = evaluation_files.read_status(spec.folder)
+        if status.get('state') == 'done':
+            return self.check_evaluation(spec)
+        error = status.get('error') or (result.stderr or b'').decode('utf-8', 'replace')[-500:] or 'no reason given'
+        return {'status': 'failed', 'error': 'Scoring the answers failed: %s' % error}
 
     def token_counter(self, model_ref):
         """tiktoken in the trainer env (it does not install on Odoo's Python 3.7), counting as OpenAI bills."""

@@ -1,5 +1,6 @@
 """The evaluation's metrics against values computed by hand on fixed strings, and the masked
 token statistics on a stand-in model whose predictions are known: no model is loaded."""
+import json
 import math
 
 import pytest
@@ -135,3 +136,22 @@ def test_preference_win_rate_prefers_the_likelier_answer():
     # 3 letters differ; each costs log-softmax: ln(e^2 + 7) - 2 for token 2, ln(e^2 + 7) for another
     assert rows[0]['candidate']['preference_margin'] == pytest.approx(3 * 2.0, abs=1e-5)
     assert summary['candidate']['preference_win'] == 0.5 and summary['candidate']['preference_margin'] == 0.0
+
+
+def test_answers_given_elsewhere_are_scored_without_a_model(tmp_path):
+    """The OpenAI evaluation: the service answered for both models; the same metric functions
+    score the answers (run as `python -m trainer.evaluate --dir`, torch never imported)."""
+    answers = tmp_path / 'answers.jsonl'
+    rows = [{'prompt': [{'role': 'user', 'content': 'Q%d' % i}], 'expected': 'the cat sat',
+             'reference': 'a dog ran', 'candidate': 'The cat sat.'} for i in range(2)]
+    answers.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (tmp_path / 'config.json').write_text(json.dumps({'answers': str(answers)}))
+    assert evaluate.main(['--dir', str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    assert (summary['n'], summary['data_format']) == (2, 'chat')
+    assert summary['candidate']['exact_match'] == 1.0 and summary['reference']['exact_match'] == 0.0
+    assert summary['candidate']['rouge_l'] == 1.0 and 'loss' not in summary['candidate']
+    examples = [json.loads(line) for line in (tmp_path / 'examples.jsonl').read_text().splitlines()]
+    assert examples[0]['candidate']['answer'] == 'The cat sat.'
+    assert examples[0]['reference']['token_f1'] == 0.0
+    assert json.loads((tmp_path / 'status.json').read_text())['state'] == 'done'
