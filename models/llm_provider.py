@@ -128,6 +128,8 @@ class LlmProvider(models.Model):
                                                                     '(chat, chat_stream).')
     evaluates = fields.Boolean(compute='_compute_capabilities', help='Evaluates a fine-tuned model against its base '
                                                                      'when its job completes.')
+    exports = fields.Boolean(compute='_compute_capabilities', help='Exports its fine-tuned models (Hugging Face, '
+                                                                   'GGUF) where it trained them.')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')

@@ -140,14 +140,14 @@ class TestModelExport(TrainingCase):
         self.assertEqual({name: sha256(os.path.join(self.adapter_dir, name)) for name in os.listdir(self.adapter_dir)},
                          before)
 
-    def test_only_local_fine_tuned_models_are_exported(self):
+    def test_only_models_of_a_provider_that_exports_are_exported(self):
         other = self.env['llm.model'].create({'name': 'Remote tune', 'provider_id': self.provider.id,
                                               'kind': 'fine_tuned', 'model_ref': 'ft-remote-1'})
         export = self.env['llm.model.export'].create({'model_id': other.id, 'format': 'gguf_f16'})
         export.action_check()
         self.assertEqual(export.state, 'failed')
-        self.assertIn('Only fine-tuned models trained by the local trainer', export.error)
-        self.assertFalse(export.pid)
+        self.assertIn('Only fine-tuned models of a provider that runs the trainer (local, Ray)', export.error)
+        self.assertEqual(export.provider_data, '{}', 'nothing was started')
 
 
 class TestExportDownload(HttpCase):
