@@ -209,6 +209,14 @@ class TestExportDownload(HttpCase):
         self.assertEqual(answer.status_code, 404)
         self.assertNotIn(b'PK', answer.content[:2])
 
+    def test_a_folder_this_host_cannot_read_is_said_so(self):
+        # e.g. a Ray export on shared storage that this web server does not mount
+        self.export.write({'path': os.path.join(self.folder, 'not-mounted', 'out')})
+        self.authenticate('llm_export_reader', 'reader')
+        answer = self.opener.get(self.url, timeout=60)
+        self.assertEqual(answer.status_code, 409)
+        self.assertIn('its folder cannot be read from this Odoo host', answer.text)
+
     def test_no_session_no_download(self):
         answer = self.opener.get(self.url, timeout=60, allow_redirects=False)
         self.assertIn(answer.status_code, (302, 303))  # to the login page
