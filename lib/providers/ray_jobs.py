@@ -7,7 +7,9 @@ status, metrics, events, checkpoints and result there, exactly as for the local 
 trainer's code is copied there once per version. Ray's own job status says whether the run is
 alive. `submission_id` is the attempt's job key: a repeated start is refused by Ray ("already
 exists") and adopted; a resume is a new attempt, so a new submission. A head that restarts
-without the job reports it unknown (HTTP 404): the engine resubmits it from the last checkpoint."""
+without the job reports it unknown (HTTP 404): the engine resubmits it from the last checkpoint.
+A trained model's evaluation and exports are Ray jobs too (lib/providers/side_jobs.py), their
+folders on the same storage."""
 import hashlib
 import logging
 import os

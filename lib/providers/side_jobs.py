@@ -104,7 +104,8 @@ class TrainerSideJobs(object):
     def check_export(self, spec):
         data = spec.provider_data
         if not data:
-            raise TrainingFailedError('Export %s was never started here.' % spec.key)
+            raise TrainingFailedError('Export %s has no record of its run (started before an upgrade?); make a new '
+                                      'export.' % spec.key)
         job = self.side_job_status(data)
 
         def ended_error():
