@@ -27,9 +27,13 @@ class ModelExportController(http.Controller):
         except (AccessError, MissingError):
             return Response('Export %d: not found or not yours to read.\n' % export_id, status=404,
                             mimetype='text/plain')
-        if state != 'done' or not folder or not os.path.isdir(folder):
+        if state != 'done' or not folder:
             return Response('Export %d is not available (state %s).\n' % (export_id, state), status=409,
                             mimetype='text/plain')
+        if not os.path.isdir(folder):
+            # a cluster provider's export is on its shared storage, which this Odoo host may not mount
+            return Response('Export %d is done, but its folder cannot be read from this Odoo host; take its files '
+                            'from the path shown on the export.\n' % export_id, status=409, mimetype='text/plain')
         stem = '%s-%s-%d' % (re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'model', export.format, export_id)
         return Response(runner.zip_stream(folder, stem), mimetype='application/zip', direct_passthrough=True,
                         headers=[('Content-Disposition', 'attachment; filename="%s.zip"' % stem)])

@@ -1,6 +1,8 @@
 # -*- coding: utf-8 -*-
 """An export of a fine-tuned model (Hugging Face folder, GGUF + Ollama Modelfile) made by
-trainer/export.py in the trainer environment, as a detached process the cron follows."""
+trainer/export.py in the trainer environment, where the model was trained: the model's provider
+adapter runs it (a detached process on this host, a Ray job on the cluster) and the cron follows it."""
+import json
 import logging
 import os
 import threading
@@ -8,8 +10,9 @@ import threading
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
+from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..lib.export import runner
-from ..lib.host.trainer_env import ADDON_ROOT, trainer_env
+from ..lib.providers.base import ExportSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -27,8 +30,9 @@ class LlmModelExport(models.Model):
     company_id = fields.Many2one(related='model_id.company_id', store=True, readonly=True)
     format = fields.Selection(runner.FORMATS, required=True, readonly=True)
     state = fields.Selection(STATES, default='pending', required=True, readonly=True, index=True, copy=False)
-    folder = fields.Char(readonly=True, copy=False, help='The export\'s folder on the Odoo host; out/ is the export.')
-    path = fields.Char(readonly=True, copy=False, help='Where the exported files are.')
+    folder = fields.Char(readonly=True, copy=False, help='The export\'s folder as Odoo sees it (on a cluster '
+                                                        'provider: on its shared storage); out/ is the export.')
+    path = fields.Char(readonly=True, copy=False, help='Where the exported files are, as Odoo sees them.')
     size = fields.Float(readonly=True, digits=(20, 0), help='Bytes, all files together.')
     size_mb = fields.Float(string='Size (MB)', compute='_compute_size_mb', digits=(16, 1))
     main_file = fields.Char(readonly=True, help='The weights file the checksum is of.')
@@ -39,8 +43,8 @@ class LlmModelExport(models.Model):
     date_done = fields.Datetime(readonly=True, copy=False)
     log = fields.Text(readonly=True, copy=False, help='The export\'s events, oldest first.')
     error = fields.Text(readonly=True, copy=False)
-    pid = fields.Integer(readonly=True, copy=False)
-    start_time = fields.Float(readonly=True, copy=False, digits=(20, 6))
+    provider_data = fields.Text(readonly=True, copy=False, default='{}',
+                                help='What the provider keeps to find its run again (a pid, a Ray job id).')
     events_offset = fields.Integer(readonly=True, copy=False)
 
     @api.depends('size')
@@ -55,8 +59,9 @@ class LlmModelExport(models.Model):
                 raise UserError(_('Export %d cannot go from %s to %s.') % (export.id, export.state, state))
         self.write(dict(values, state=state))
 
-    def _set_running(self, pid, start_time):
-        self._set_state('running', pid=pid, start_time=start_time or 0.0, date_started=fields.Datetime.now())
+    def _set_running(self, provider_data):
+        self._set_state('running', provider_data=json.dumps(provider_data, sort_keys=True),
+                        date_started=fields.Datetime.now())
 
     def _set_done(self, manifest):
         main = runner.main_file(manifest) or {}
@@ -75,10 +80,11 @@ class LlmModelExport(models.Model):
             export.log = ((export.log + '\n') if export.log else '') + line
 
     # -- running ---------------------------------------------------------------------------------
-    def _export_root(self):
-        root = tools.config.get('llm_training_export_dir') or os.path.join(
+    @api.model
+    def _export_root_default(self):
+        """Where exports go on this host (a cluster provider puts them on its shared storage)."""
+        return tools.config.get('llm_training_export_dir') or os.path.join(
             tools.config['data_dir'], 'llm_training', 'exports')
-        return os.path.join(root, self.env.cr.dbname)
 
     def _card(self):
         """Model card facts only Odoo knows (names and counts, never content)."""
@@ -98,35 +104,54 @@ class LlmModelExport(models.Model):
                 card['system_prompt'] = prompts.pop()
         return card
 
+    def _spec(self):
+        model, job = self.model_id, self.model_id.job_id
+        return ExportSpec(key='llm-export-%s-%d' % (self.env.cr.dbname, self.id), folder=self.folder,
+                          model=model.model_ref, format=self.format,
+                          job_dir=job.work_dir if job and job.work_dir and os.path.isdir(job.work_dir) else None,
+                          card=self._card(), convert_dir=tools.config.get('llm_training_llama_convert_dir'),
+                          offset=self.events_offset, provider_data=json.loads(self.provider_data or '{}'))
+
     def _start(self):
+        """Ask the model's provider to run the export where it trained the model (capability
+        `exports`); a provider that cannot says so and the export fails."""
         self.ensure_one()
         model = self.model_id
-        if model.kind != 'fine_tuned' or model.provider_id.service != 'local':
-            return self._set_failed(_('Only fine-tuned models trained by the local trainer can be exported '
-                                      '(model "%s" is on %s).') % (model.name, model.provider_id.service))
-        folder = os.path.join(self._export_root(), 'export-%d' % self.id)
-        self.write({'folder': folder, 'path': runner.out_dir(folder)})
-        job = model.job_id
-        job_dir = job.work_dir if job and job.work_dir and os.path.isdir(job.work_dir) else None
+        if model.kind != 'fine_tuned' or not model.provider_id.exports:
+            return self._set_failed(_('Only fine-tuned models of a provider that runs the trainer (local, Ray) can be '
+                                      'exported (model "%s" is on %s).') % (model.name, model.provider_id.name))
+        adapter = model.provider_id._adapter()
         try:
-            pid, start_time = runner.start(
-                tools.config.get('llm_training_trainer_python') or 'python3', trainer_env(), ADDON_ROOT, folder,
-                model.provider_id._adapter().model_path(model.model_ref, model.name), self.format,
-                job_dir=job_dir, card=self._card(), convert_dir=tools.config.get('llm_training_llama_convert_dir'))
-        except runner.ExportStartError as e:
+            folder = os.path.join(adapter.export_root(self._export_root_default()), self.env.cr.dbname,
+                                  'export-%d' % self.id)
+            self.write({'folder': folder, 'path': runner.out_dir(folder)})
+            spec = self._spec()
+            where = adapter.start_export(spec)
+        except TrainingRetryableError as e:
+            _logger.info('Export %s: %s; next pass', self.id, e)
+            return  # still pending: the next pass starts it (the same key: never twice)
+        except TrainingFailedError as e:
             return self._set_failed(str(e))
-        self._add_event('info', 'Export process started (pid %d)' % pid)
-        self._set_running(pid, start_time)
+        self._add_event('info', 'Export started: %s' % where)
+        self._set_running(spec.provider_data)
 
     def _check(self):
         self.ensure_one()
-        report = runner.check(self.folder, self.events_offset, self.pid, self.start_time)
+        try:
+            report = self.model_id.provider_id._adapter().check_export(self._spec())
+        except TrainingRetryableError as e:
+            _logger.info('Export %s: %s; next pass', self.id, e)
+            return
+        except TrainingFailedError as e:
+            return self._set_failed(str(e))
         for event in report['events']:
             self._add_event(event.get('level') or 'info', event.get('message') or '')
         self.events_offset = report['offset']
         if report['state'] == 'done':
             self._set_done(report['manifest'])
         elif report['state'] == 'failed':
+            if not any(event.get('level') == 'error' for event in report['events']):
+                self._add_event('error', report['error'])  # the trainer said nothing: why it ended is the event
             self._set_state('failed', error=report['error'], date_done=fields.Datetime.now())
 
     @api.model

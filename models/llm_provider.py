@@ -111,6 +111,8 @@ class LlmProvider(models.Model):
         string='Evaluate with chat', help='After each job, the base and the fine-tuned model answer the evaluation '
                                           'prompts through the service\'s chat API to be scored side by side: paid '
                                           'calls (priced in the job\'s estimate). Off by default.')
+    exports = fields.Boolean(compute='_compute_capabilities', help='Exports its fine-tuned models (Hugging Face, '
+                                                                   'GGUF) where it trained them.')
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')

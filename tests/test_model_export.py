@@ -140,14 +140,14 @@ class TestModelExport(TrainingCase):
         self.assertEqual({name: sha256(os.path.join(self.adapter_dir, name)) for name in os.listdir(self.adapter_dir)},
                          before)
 
-    def test_only_local_fine_tuned_models_are_exported(self):
+    def test_only_models_of_a_provider_that_exports_are_exported(self):
         other = self.env['llm.model'].create({'name': 'Remote tune', 'provider_id': self.provider.id,
                                               'kind': 'fine_tuned', 'model_ref': 'ft-remote-1'})
         export = self.env['llm.model.export'].create({'model_id': other.id, 'format': 'gguf_f16'})
         export.action_check()
         self.assertEqual(export.state, 'failed')
-        self.assertIn('Only fine-tuned models trained by the local trainer', export.error)
-        self.assertFalse(export.pid)
+        self.assertIn('Only fine-tuned models of a provider that runs the trainer (local, Ray)', export.error)
+        self.assertEqual(export.provider_data, '{}', 'nothing was started')
 
 
 class TestExportDownload(HttpCase):
@@ -208,6 +208,14 @@ class TestExportDownload(HttpCase):
         answer = self.opener.get(self.url, timeout=60)
         self.assertEqual(answer.status_code, 404)
         self.assertNotIn(b'PK', answer.content[:2])
+
+    def test_a_folder_this_host_cannot_read_is_said_so(self):
+        # e.g. a Ray export on shared storage that this web server does not mount
+        self.export.write({'path': os.path.join(self.folder, 'not-mounted', 'out')})
+        self.authenticate('llm_export_reader', 'reader')
+        answer = self.opener.get(self.url, timeout=60)
+        self.assertEqual(answer.status_code, 409)
+        self.assertIn('its folder cannot be read from this Odoo host', answer.text)
 
     def test_no_session_no_download(self):
         answer = self.opener.get(self.url, timeout=60, allow_redirects=False)

@@ -6,8 +6,8 @@ from ..lib.export import runner
 
 
 class LlmModelExportWizard(models.TransientModel):
-    """Export on a fine-tuned model's form: pick a format; the export starts at once (a detached
-    process in the trainer environment) and the cron follows it."""
+    """Export on a fine-tuned model's form: pick a format; the export starts at once, where the model
+    was trained (its provider's adapter: a detached process here, a Ray job) and the cron follows it."""
     _name = 'llm.model.export.wizard'
     _description = 'Export a fine-tuned model'
 

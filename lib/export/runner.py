@@ -1,17 +1,18 @@
-"""Run an export in the trainer environment and follow it, as the local provider runs a trainer.
+"""The export folder and its reading, as lib/trainer_folder.py is the job folder's: the provider
+that trained the model runs `python -m trainer.export` (lib/providers/side_jobs.py: a detached
+process on this host, a Ray job on the cluster) and this module prepares its folder, names its
+arguments and reads what it wrote.
 
-An export has a folder of its own: `out/` (what the user takes away), `events.jsonl` and
-`export.log` (what the trainer writes while it works), `export.pid`. The process is detached (own
-session), so it outlives the Odoo worker that started it; `check` finds it again by pid + start time.
-Python 3.7, no Odoo import."""
+An export has a folder of its own: `out/` (what the user takes away), `card.json` (facts only Odoo
+knows), `events.jsonl` and `export.log` (what the trainer writes while it works; on Ray its output
+is in Ray's job log). Python 3.7, no Odoo import."""
 import json
 import os
 import shutil
-import subprocess
 import zipfile
 
 from .. import trainer_folder
-from ..host import processes
+from ..exceptions import TrainingFailedError
 
 FORMATS = [('hf_adapter', 'Hugging Face adapter (LoRA)'), ('hf_merged', 'Hugging Face merged model'),
            ('gguf_f16', 'GGUF f16 (llama.cpp, Ollama)'), ('gguf_q8_0', 'GGUF q8_0 (llama.cpp, Ollama)'),
@@ -25,42 +26,43 @@ MANIFEST = 'export.json'  # written by trainer/export.py into out/ when it is do
 CHUNK = 1 << 20
 
 
-class ExportStartError(Exception):
-    pass
-
-
 def out_dir(folder):
     return os.path.join(folder, OUT)
 
 
-def start(python, env, cwd, folder, model_dir, fmt, job_dir=None, card=None, convert_dir=None):
-    """Start `python -m trainer.export` for this export folder; (pid, start time). The folder is
-    created here; out/ is the trainer's to create (it refuses one that is not empty)."""
+def prepare(folder, card=None):
+    """Create the export's folder with its card facts (out/ is the trainer's to create: it refuses
+    one that is not empty)."""
     try:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, CARD), 'w') as f:
             json.dump(card or {}, f)
     except OSError as e:
-        raise ExportStartError('Cannot write the export folder %s: %s' % (folder, e.strerror or e))
-    command = [python, '-m', 'trainer.export', '--model', model_dir, '--out', out_dir(folder), '--format', fmt,
-               '--events', os.path.join(folder, EVENTS), '--card', os.path.join(folder, CARD)]
+        raise TrainingFailedError('Cannot write the export folder %s: %s' % (folder, e.strerror or e))
+
+
+def module_args(folder, model_dir, fmt, job_dir=None, convert_dir=None):
+    """The arguments of `python -m trainer.export` for this export folder, every path as the process
+    that runs it sees them (the caller translates them for a cluster's workers)."""
+    args = ['trainer.export', '--model', model_dir, '--out', out_dir(folder), '--format', fmt,
+            '--events', os.path.join(folder, EVENTS), '--card', os.path.join(folder, CARD)]
     if job_dir:
-        command += ['--job-dir', job_dir]
+        args += ['--job-dir', job_dir]
     if convert_dir:
-        command += ['--convert-dir', convert_dir]
-    try:
-        with open(os.path.join(folder, LOG), 'ab') as log:
-            process = processes.spawn(command, cwd=cwd, env=env, detached=True, stdin=subprocess.DEVNULL,
-                                      stdout=log, stderr=subprocess.STDOUT)
-    except OSError as e:
-        raise ExportStartError('Cannot run the trainer Python %s (%s); set llm_training_trainer_python in the '
-                               'Odoo configuration.' % (python, e))
-    return process.pid, trainer_folder.process_start_time(process.pid)
+        args += ['--convert-dir', convert_dir]
+    return args
 
 
-def check(folder, offset, pid, start_time):
+def _read_manifest(folder):
+    with open(os.path.join(out_dir(folder), MANIFEST)) as f:
+        return json.load(f)
+
+
+def check(folder, offset, alive, ended_error=None):
     """What happened since `offset` in events.jsonl: {'events', 'offset', 'state' (running, done,
-    failed), 'manifest' (when done), 'error' (when failed)}."""
+    failed), 'manifest' (when done), 'error' (when failed)}. `alive`: whether the export's process
+    (or cluster job) still runs; `ended_error()`: why it ended, when it ended without a result
+    (default: the tail of export.log)."""
     events, offset = trainer_folder.read_new_lines(folder, EVENTS, offset)
     report = {'events': events, 'offset': offset, 'state': 'running'}
     failed = [e for e in events if e.get('level') == 'error' and e.get('message', '').startswith('Export failed')]
@@ -68,18 +70,20 @@ def check(folder, offset, pid, start_time):
     if failed:
         report.update(state='failed', error=failed[-1]['message'])
     elif os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            report.update(state='done', manifest=json.load(f))
-    elif not trainer_folder.is_alive(pid, start_time):
+        report.update(state='done', manifest=_read_manifest(folder))
+    elif not alive:
         # Read once more: the process may have written its last lines as it ended.
         late, offset = trainer_folder.read_new_lines(folder, EVENTS, offset)
         report['events'] += late
         report['offset'] = offset
-        if os.path.exists(manifest_path):
-            with open(manifest_path) as f:
-                report.update(state='done', manifest=json.load(f))
+        failed = [e for e in late if e.get('level') == 'error' and e.get('message', '').startswith('Export failed')]
+        if failed:
+            report.update(state='failed', error=failed[-1]['message'])
+        elif os.path.exists(manifest_path):
+            report.update(state='done', manifest=_read_manifest(folder))
         else:
-            report.update(state='failed', error='The export process ended without finishing; its log: %s'
+            report.update(state='failed', error=(ended_error and ended_error()) or
+                          'The export process ended without finishing; its log: %s'
                           % trainer_folder.tail(folder, LOG, 1500).strip()[-1500:])
     return report
 

@@ -26,7 +26,7 @@ from ..hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster',
-                'evaluates')
+                'evaluates', 'exports')
 # 'evaluates_on_request' (not a provider field of its own): the adapter evaluates when the provider's
 # Evaluate with chat setting is on (paid chat calls), and `evaluates` then reads True.
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.
@@ -95,6 +95,32 @@ class EvaluationSpec(object):
         self.limits = dict(self.limits or {})
 
 
+class ExportSpec(object):
+    """One export of a fine-tuned model, as a provider sees it (lib/export/runner.py's folder).
+
+    key               stable for the export (a repeated start finds the run it began)
+    folder            the export's folder as Odoo sees it; out/ in it is what the user takes away
+    model             the fine-tuned model's ref (model_ref)
+    format            one of lib/export/runner.FORMATS
+    job_dir           the job folder (training prompt, config, losses for the card), or None
+    card              model card facts only Odoo knows (names and counts, never content)
+    convert_dir       llama.cpp's converters on the Odoo host (GGUF formats), or None
+    offset            how far events.jsonl has been read
+    provider_data     the adapter's own memory across calls (JSON-able); changes are kept
+    """
+    __slots__ = ('key', 'folder', 'model', 'format', 'job_dir', 'card', 'convert_dir', 'offset', 'provider_data')
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.__slots__)
+        if unknown:
+            raise TypeError('ExportSpec has no %s' % ', '.join(sorted(unknown)))
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+        self.provider_data = dict(self.provider_data or {})
+        self.card = dict(self.card or {})
+        self.offset = self.offset or 0
+
+
 class TrainingProvider(object):
     """Base of every adapter. `config`: the provider's settings as a dict (name, base_url,
     request_timeout, trainer_python, models_dir and the service's own); `secret(name)` reads a
@@ -156,6 +182,16 @@ class TrainingProvider(object):
         """Stop the evaluation's run (the engine fails a stuck one). An adapter whose runs hold
         nothing between checks has nothing to stop."""
         return None
+    def start_export(self, spec):
+        """Start exporting `spec.model` (an ExportSpec) where the provider trains, or find the run
+        a previous start of `spec.key` made. Returns where it runs, in words. Capability `exports`."""
+        raise TrainingFailedError('Provider "%s" cannot export its models: only models trained by a provider that '
+                                  'runs our trainer (local, Ray) can be exported.' % self.name)
+
+    def check_export(self, spec):
+        """Where the export stands: lib/export/runner.check's report ({'state': 'running' | 'done' |
+        'failed', 'events', 'offset', 'manifest' (done), 'error' (failed)})."""
+        raise TrainingFailedError('Provider "%s" cannot export its models.' % self.name)
 
     def token_counter(self, model_ref):
         """A callable counting an example's tokens as this service will, or None (estimated)."""

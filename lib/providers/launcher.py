@@ -1,13 +1,15 @@
 """What the adapters that launch our own trainer share (the local process, the Ray job): the
-trainer's config for an attempt, the job folder made ready for it, the settings check. Each adapter
-keeps only how it starts and watches the process; they import nothing from each other."""
+trainer's config for an attempt, the job folder made ready for it, the settings check, and the
+side jobs (evaluation, export: side_jobs.py). Each adapter keeps only how it starts, watches and
+stops a process; they import nothing from each other."""
 from .. import trainer_folder
 from ..exceptions import TrainingFailedError
 from ..hyperparameters import check_processes, trainer_config
 from .base import TrainingProvider
+from .side_jobs import TrainerSideJobs
 
 
-class TrainerLauncher(TrainingProvider):
+class TrainerLauncher(TrainerSideJobs, TrainingProvider):
     """A provider whose jobs run trainer/train.py from a job folder it can write."""
 
     def check_settings(self, spec):

@@ -12,7 +12,6 @@ import subprocess
 
 from . import register
 from .. import trainer_folder
-from ..evaluation import files as evaluation_files
 from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
@@ -60,7 +59,7 @@ def chat_template_table(python, path, cache_dir=None):
 @register
 class LocalTrainer(ServedChat, TrainerLauncher):
     service = 'local'
-    capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'evaluates': True,
+    capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'evaluates': True, 'exports': True,
                     'techniques': ('lora', 'qlora', 'full')}
 
     @property
@@ -127,46 +126,41 @@ class LocalTrainer(ServedChat, TrainerLauncher):
         else:
             trainer_folder.mark_cancelled(spec.work_dir)
 
-    def start_evaluation(self, spec):
-        """trainer/evaluate.py as a detached process of the trainer env, like the trainer: it
-        writes its status and results into the evaluation folder, which check_evaluation reads.
-        A start that finds the process of the same run alive adopts it."""
-        data = spec.provider_data
-        if data.get('key') == spec.key and trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
-            return data['pid']
-        config = dict(spec.limits, reference=self.model_path(spec.reference), candidate=self.model_path(spec.candidate),
-                      examples=spec.examples, data_format=spec.data_format or 'chat')
-        for name in (evaluation_files.STATUS, evaluation_files.SUMMARY, evaluation_files.EXAMPLES):
-            if os.path.exists(os.path.join(spec.folder, name)):
-                os.remove(os.path.join(spec.folder, name))  # a retry starts clean
-        evaluation_files.write_config(spec.folder, config)
-        with open(os.path.join(spec.folder, evaluation_files.LOG), 'ab') as log:
-            process = processes.spawn([self.python, '-m', 'trainer.evaluate', '--dir', spec.folder], cwd=ADDON_ROOT,
-                                      env=trainer_env(), detached=True, stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT)
-        data.update(key=spec.key, pid=process.pid, start_time=trainer_folder.process_start_time(process.pid))
-        _logger.info('Evaluation %s: evaluator started, pid %s, folder %s', spec.key, process.pid, spec.folder)
-        return process.pid
+    # -- side jobs (evaluation, export: lib/providers/side_jobs.py) as detached processes here -----
+    def runner_model_path(self, model_ref):
+        return self.model_path(model_ref)
 
-    def check_evaluation(self, spec):
-        data = spec.provider_data
-        status = evaluation_files.read_status(spec.folder)
-        if status.get('state') == 'done':
-            return {'status': 'done', 'progress': 100.0, 'summary': evaluation_files.read_summary(spec.folder),
-                    'examples': evaluation_files.read_examples(spec.folder)}
-        if status.get('state') == 'failed':
-            return {'status': 'failed', 'error': status.get('error') or 'the evaluator failed',
-                    'log': evaluation_files.log_tail(spec.folder)}
-        if not trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
-            status = evaluation_files.read_status(spec.folder)  # it may have ended since the first read
-            if status.get('state') in ('done', 'failed'):
-                return self.check_evaluation(spec)
-            return {'status': 'failed', 'error': 'the evaluator process ended without a result',
-                    'log': evaluation_files.log_tail(spec.folder)}
-        return {'status': 'running', 'progress': status.get('progress') or 0.0}
+    def adopt_side_job(self, key, data):
+        """The process a previous start of `key` launched, when it is still alive."""
+        return data.get('key') == key and trainer_folder.is_alive(data.get('pid'), data.get('start_time'))
 
-    def cancel_evaluation(self, spec):
-        data = spec.provider_data
+    def launch_side_job(self, key, args, folder, log_name, data):
+        """`python -m <args>` of the trainer env, detached like the trainer (own session: it outlives
+        the Odoo worker), its output appended to the folder's log."""
+        try:
+            log = open(os.path.join(folder, log_name), 'ab')
+        except OSError as e:
+            raise TrainingFailedError('Cannot write %s: %s' % (os.path.join(folder, log_name), e.strerror or e))
+        try:
+            with log:
+                process = processes.spawn([self.python, '-m'] + list(args), cwd=ADDON_ROOT, env=trainer_env(),
+                                          detached=True, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT)
+        except OSError as e:
+            raise TrainingFailedError('Cannot run the trainer Python %s (%s); set llm_training_trainer_python in the '
+                                      'Odoo configuration.' % (self.python, e))
+        where = 'process %d on this host' % process.pid
+        data.update(key=key, pid=process.pid, start_time=trainer_folder.process_start_time(process.pid), where=where)
+        _logger.info('%s: %s started, pid %s, folder %s', key, args[0], process.pid, folder)
+        return where
+
+    def side_job_status(self, data):
+        return {'alive': trainer_folder.is_alive(data.get('pid'), data.get('start_time')), 'error': None}
+
+    def side_job_log(self, data, folder, log_name):
+        return trainer_folder.tail(folder, log_name)
+
+    def stop_side_job(self, data):
         if trainer_folder.is_alive(data.get('pid'), data.get('start_time')):
             os.killpg(data['pid'], signal.SIGKILL)  # nothing to save: a retry starts again
 

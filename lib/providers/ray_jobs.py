@@ -7,7 +7,9 @@ status, metrics, events, checkpoints and result there, exactly as for the local 
 trainer's code is copied there once per version. Ray's own job status says whether the run is
 alive. `submission_id` is the attempt's job key: a repeated start is refused by Ray ("already
 exists") and adopted; a resume is a new attempt, so a new submission. A head that restarts
-without the job reports it unknown (HTTP 404): the engine resubmits it from the last checkpoint."""
+without the job reports it unknown (HTTP 404): the engine resubmits it from the last checkpoint.
+A trained model's evaluation and exports are Ray jobs too (lib/providers/side_jobs.py), their
+folders on the same storage."""
 import hashlib
 import logging
 import os
@@ -62,7 +64,8 @@ def trainer_code_version(root=os.path.join(ADDON_ROOT, 'trainer')):
 class RayJobs(ServedChat, TrainerLauncher):
     service = 'ray'
     capabilities = {'can_resume': True, 'uses_api_key': False, 'tests_connection': True, 'supports_text': True,
-                    'can_chat': True, 'serves_on_cluster': True, 'techniques': ('lora', 'qlora', 'full')}
+                    'can_chat': True, 'serves_on_cluster': True, 'evaluates': True, 'exports': True,
+                    'techniques': ('lora', 'qlora', 'full')}
 
     # -- paths: Odoo's view and the workers' view of the shared storage ----------------------------
     @property
@@ -86,11 +89,16 @@ class RayJobs(ServedChat, TrainerLauncher):
         """The trainer's code on the shared storage (copied once per version): workers need only
         the trainer's Python environment, not this addon."""
         target = os.path.join(self.storage, 'code', 'trainer-%s' % trainer_code_version())
+        return self._copy_once(os.path.join(ADDON_ROOT, 'trainer'), target, 'trainer',
+                               shutil.ignore_patterns('__pycache__', 'tests'))
+
+    def _copy_once(self, source, target, name=None, ignore=None):
+        """`source` copied to `target` (or `target`/`name`) on the storage, unless already there (a
+        versioned target: a new version is a new folder). Returns `target`."""
         if not os.path.isdir(target):
             tmp = '%s.tmp.%d' % (target, os.getpid())
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(os.path.join(ADDON_ROOT, 'trainer'), os.path.join(tmp, 'trainer'),
-                            ignore=shutil.ignore_patterns('__pycache__', 'tests'))
+            shutil.copytree(source, os.path.join(tmp, name) if name else tmp, ignore=ignore)
             try:
                 os.rename(tmp, target)
             except OSError:  # another worker copied it first
@@ -165,6 +173,15 @@ class RayJobs(ServedChat, TrainerLauncher):
                 'storage as Odoo sees it: %s). Copy the model\'s Hugging Face folder there, or give the model '
                 'an absolute path the workers see as its technical id.'
                 % (model_name or model_ref, worker_path, odoo_path))
+
+    def runner_model_path(self, model_ref):
+        """A model's folder as the workers see it: a relative technical id under the storage's
+        models/; an absolute one under the storage translated; any other absolute one as is (on
+        the workers' own disks)."""
+        if not os.path.isabs(model_ref):
+            return self.worker_model_path(model_ref)
+        under_storage = not os.path.relpath(model_ref, self.storage).startswith(os.pardir)
+        return self.on_workers(model_ref) if under_storage else model_ref
 
     def entrypoint(self, spec):
         folder = self.on_workers(spec.work_dir)
@@ -291,16 +308,86 @@ class RayJobs(ServedChat, TrainerLauncher):
                                       % (python, info.get('status'), (info.get('message') or text)[-500:]))
         return 'worker Python %s imports %s.' % (python, ', '.join(TRAINER_PACKAGES))
 
+    # -- side jobs (evaluation, export: lib/providers/side_jobs.py) as Ray jobs on the cluster ------
+    def runner_path(self, path):
+        return self.on_workers(path)
+
+    def runner_converters(self, convert_dir):
+        """llama.cpp's converters (a few MB of scripts) copied to the storage once per version, so
+        that the workers need only the trainer's Python environment."""
+        target = os.path.join(self.storage, 'code', os.path.basename(convert_dir.rstrip('/')))
+        return self.on_workers(self._copy_once(convert_dir, target, ignore=shutil.ignore_patterns('__pycache__')))
+
+    def export_root(self, default):
+        """The workers write the export: it goes on the shared storage, where Odoo reads it too."""
+        return os.path.join(self.storage, 'exports')
+
+    def adopt_side_job(self, key, data):
+        """A previous start of `key` reached Ray (its submission_id is the key)."""
+        info = self.job_info(key)
+        if info is None:
+            return False
+        data.update(key=key, ray_job=key, where=data.get('where') or 'Ray job %s on %s' % (key, self.url('')))
+        return True
+
+    def launch_side_job(self, key, args, folder, log_name, data):
+        """`python -m <args>` as a Ray job with the worker Python, from the trainer's code on the
+        storage, with a job's CPUs and GPUs; its output stays in Ray's job log. The same key twice
+        is refused by Ray ("already exists") and adopted."""
+        python = self.config.get('worker_python') or 'python3'
+        body = {
+            'entrypoint': 'cd %s && exec %s -m %s' % (shlex.quote(self.on_workers(self.code_dir())), shlex.quote(python),
+                                                      ' '.join(shlex.quote(arg) for arg in args)),
+            'submission_id': key,
+            'runtime_env': {'env_vars': {'TOKENIZERS_PARALLELISM': 'false'}},
+            'metadata': {'llm_training_key': key, 'llm_training_module': args[0]},
+            'entrypoint_num_cpus': float(self.config.get('cpus_per_job') or 1),
+            'entrypoint_num_gpus': float(self.config.get('gpus_per_job') or 0),
+        }
+        response = self.request('POST', '/api/jobs/', 'submitting %s' % args[0], json=body)
+        if response.status_code >= 500 and 'already exists' not in response.text:
+            raise TrainingRetryableError('The Ray head had an error (HTTP %d) submitting %s: %s'
+                                         % (response.status_code, args[0], self.error_text(response)))
+        if response.status_code not in (200, 500):
+            raise TrainingFailedError('The Ray head refused %s (HTTP %d): %s'
+                                      % (args[0], response.status_code, self.error_text(response)))
+        where = 'Ray job %s on %s, writing %s as the workers see it' % (key, self.url(''), self.on_workers(folder))
+        data.update(key=key, ray_job=key, where=where)
+        _logger.info('%s: %s submitted as Ray job %s', key, args[0], key)
+        return where
+
+    def side_job_status(self, data):
+        info = self.job_info(data['ray_job'])
+        if info is None:
+            return {'alive': False, 'error': 'The Ray head no longer knows job %s (it was restarted without its job '
+                                             'history); retry.' % data['ray_job']}
+        status = info.get('status')
+        if status in ALIVE:
+            return {'alive': True, 'error': None}
+        if status in ('FAILED', 'STOPPED'):
+            return {'alive': False, 'error': 'Ray job %s %s: %s' % (
+                data['ray_job'], status, _head_and_tail(info.get('message') or info.get('error_type') or 'no message'))}
+        return {'alive': False, 'error': None}
+
+    def stop_side_job(self, data):
+        if data.get('ray_job'):
+            self.request('POST', '/api/jobs/%s/stop' % data['ray_job'], 'stopping a job')
+
+    def side_job_log(self, data, folder, log_name):
+        """The tail of the job's output, as Ray keeps it."""
+        try:
+            response = self.request('GET', '/api/jobs/%s/logs' % data['ray_job'], 'reading a job\'s log')
+        except TrainingRetryableError as e:
+            return str(e)
+        return ((response.json().get('logs') or '') if response.status_code == 200 else '')[-4000:]
+
     # -- serving: this host's model server, or a Ray Serve deployment on the cluster ----------------
     def served_path(self, model_ref, where):
         """The model folder as the side that answers reads it: the workers' view of the shared
         storage for the cluster, Odoo's for this host (whose model server then needs the folder
         where the workers put it: the same path unless worker_storage_path differs)."""
         if where == 'cluster':
-            if not os.path.isabs(model_ref):
-                return self.worker_model_path(model_ref)
-            under_storage = not os.path.relpath(model_ref, self.storage).startswith(os.pardir)
-            return self.on_workers(model_ref) if under_storage else model_ref
+            return self.runner_model_path(model_ref)
         path = model_ref if os.path.isabs(model_ref) else os.path.join(self.storage, 'models', model_ref)
         if not os.path.isfile(os.path.join(path, 'config.json')) and \
                 not os.path.isfile(os.path.join(path, 'adapter_config.json')):
@@ -357,3 +444,12 @@ class RayJobs(ServedChat, TrainerLauncher):
                 raise TrainingFailedError('Provider "%s": %s' % (self.name, e))
             self._put_applications(body, 'deleting Serve application %s' % name)
         return self.serve_status()
+
+
+def _head_and_tail(text, size=2000):
+    """Ray's message: its first line (what happened) and its last characters (the log's end,
+    where the error is)."""
+    text = text.strip()
+    if len(text) <= size:
+        return text
+    return '%s\n...\n%s' % (text.splitlines()[0][:300], text[-(size - 300):])
