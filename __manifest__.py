@@ -9,7 +9,7 @@
     'license': 'LGPL-3',
     'author': 'llm_training',
     'depends': ['mail'],
-    # orjson is optional (lib/dataset_validator.py falls back to json); jsonschema is for the tests only
+    # orjson is optional (lib/datasets/dataset_validator.py falls back to json); jsonschema is for the tests only
     'external_dependencies': {'python': ['psutil', 'requests', 'openai', 'tokenizers', 'pyarrow', 'numpy', 'usearch']},
     'data': [
         'security/llm_training_security.xml',

@@ -6,7 +6,7 @@ Runs in Odoo's venv (where the embedded store, usearch and psycopg2 live) with t
 server (trainer/serve.py, POST /embed) and the real PostgreSQL (temporary tables in the database
 named by --db, default `postgres`):
 
-1. Indexing, N chunks of README text: ours (lib/model_server.py `embed` in batches of 64, one bulk
+1. Indexing, N chunks of README text: ours (lib/serving/model_server.py `embed` in batches of 64, one bulk
    INSERT per batch, as llm.knowledge.collection._add_chunks does) vs a cookbook loop (tokenize,
    embed one chunk per request, INSERT one row), interleaved in rounds; chunks/s and the ratio; peak
    RSS of the model server. The cookbook runs on a tenth of the chunks (its rate is per chunk).
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(ROOT, 'lib'))
 from bench.machine import cpu_line  # noqa: E402
 from lib.knowledge import chunking, documents, retrieval, stores  # noqa: E402
 from lib.knowledge.vectors import exact_top, to_bytes  # noqa: E402
-from lib.model_server import ModelServer  # noqa: E402
+from lib.serving.model_server import ModelServer  # noqa: E402
 
 MODELS = ['all-MiniLM-L6-v2']
 PYTHON = os.environ.get('LLMT_TRAINER_PYTHON') or 'python3'

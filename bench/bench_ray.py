@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
-from lib import trainer_folder  # noqa: E402
+from lib.jobs import trainer_folder  # noqa: E402
 from lib.providers.base import JobSpec  # noqa: E402
 from lib.providers.local import LocalTrainer  # noqa: E402
 from lib.providers.ray_jobs import RayJobs  # noqa: E402

@@ -4,7 +4,7 @@
 
 Generates a chat JSONL file, then validates it (each in a fresh subprocess, so peak RSS is per
 run) with (1) a baseline written the way OpenAI's cookbook validator works: read every line
-into a list with json.loads, then the per-field checks, and (2) lib/dataset_validator.py with the
+into a list with json.loads, then the per-field checks, and (2) lib/datasets/dataset_validator.py with the
 same token estimate. Prints examples/s and peak RSS of both, and the ratios. Then the same for
 prompt/completion rows in CSV and Parquet: ours (streamed, converted, checked) vs loading all rows.
 """
@@ -37,7 +37,7 @@ def generate(path, n, seed=0):
 
 def baseline(path):
     """The cookbook's shape: load all, then check each example's fields."""
-    from lib.dataset_validator import estimate_tokens
+    from lib.datasets.dataset_validator import estimate_tokens
     with open(path, 'r', encoding='utf-8') as f:
         dataset = [json.loads(line) for line in f]
     errors = {}
@@ -67,7 +67,7 @@ def baseline(path):
 
 
 def ours(path):
-    from lib.dataset_validator import validate_files
+    from lib.datasets.dataset_validator import validate_files
     with open(path, 'rb') as f:
         report = validate_files([(os.path.basename(path), f)], long_tokens=4096)
     return report.examples, report.error_count
@@ -95,7 +95,7 @@ def generate_rows(tmp, n, seed=0):
 def rows_baseline(path):
     """Load every row (csv.DictReader into a list; pyarrow's read_table().to_pylist()), then
     convert each to the chat shape: the usual short script."""
-    from lib.dataset_formats import prompt_completion_example
+    from lib.datasets.dataset_formats import prompt_completion_example
     if path.endswith('.csv'):
         import csv
         with open(path, newline='', encoding='utf-8') as f:
@@ -108,7 +108,7 @@ def rows_baseline(path):
 
 
 def rows_ours(path):
-    from lib.dataset_validator import validate_files
+    from lib.datasets.dataset_validator import validate_files
     with open(path, 'rb') as f:
         report = validate_files([(os.path.basename(path), f)], data_format='prompt_completion',
                                 file_type='csv' if path.endswith('.csv') else 'parquet')
@@ -134,8 +134,8 @@ def formats_bench(tmp, n, repeat):
 def huge_line(path):
     """The security probe: 12 good examples and one 30 MB line, validated as a job would (the
     model's own tokenizer, its context as the limit). Returns seconds and the RSS it added."""
-    from lib.dataset_validator import DatasetValidator
-    from lib.token_count import tokenizer_counter
+    from lib.datasets.dataset_validator import DatasetValidator
+    from lib.datasets.token_count import tokenizer_counter
     counter = tokenizer_counter(os.path.join(MODEL_DIR, 'tokenizer.json'))
     counter([{'role': 'user', 'content': 'warm up'}])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -171,8 +171,8 @@ def tokens_baseline(path):
 
 def tokens_ours(path):
     """Our streaming validator counting through the template table (Odoo's venv)."""
-    from lib.dataset_validator import DatasetValidator
-    from lib.token_count import TemplateCounter
+    from lib.datasets.dataset_validator import DatasetValidator
+    from lib.datasets.token_count import TemplateCounter
     table = json.loads(os.environ['LLMT_TEMPLATE_TABLE'])
     counter = TemplateCounter(os.path.join(MODEL_DIR, 'tokenizer.json'), table)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from odoo import http
 from odoo.exceptions import UserError
 from odoo.http import request
 
-from ..lib import openai_api as oa
+from ..lib.api_v1 import protocol as oa
 from ..lib.knowledge import openai_shapes as shapes
 from .openai_api import _json, _route, endpoint
 from . import v1_hooks

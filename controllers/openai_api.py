@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """The OpenAI-compatible API (/v1): Files, Fine-tuning jobs, Models and Chat completions.
 
-Thin handlers: the protocol (shapes, status mapping, checks, errors) is lib/openai_api.py; the
+Thin handlers: the protocol (shapes, status mapping, checks, errors) is lib/api_v1/protocol.py; the
 work is the same ORM methods the UI and XML-RPC use. Every request runs as its key's user
 (`env(user=...)`), never as superuser on its behalf, so access rights and record rules decide
 what it sees (anything else is a 404) and what it may do (403).
@@ -31,7 +31,8 @@ from odoo import http, tools
 from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.http import request, Response
 
-from ..lib import job_status, openai_api as oa, trainer_folder
+from ..lib.api_v1 import protocol as oa
+from ..lib.jobs import job_status, trainer_folder
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..user_errors import BudgetExceeded, InvalidServiceRequest, JobRefused, ServiceBusy
@@ -442,7 +443,7 @@ class OpenAIApi(http.Controller):
         return _json({'id': model_ident, 'object': 'model', 'deleted': True})
 
     def _model_id(self, model):
-        """The model's API id: a name, never a folder path (see lib/openai_api.py)."""
+        """The model's API id: a name, never a folder path (see lib/api_v1/protocol.py)."""
         if model.kind != 'fine_tuned':
             return oa.base_model_id(model.model_ref, model.name)
         base = model.base_model_id

@@ -29,7 +29,7 @@ from werkzeug.wrappers import Response
 
 from odoo import http, tools
 
-from ..lib import openai_api as oa
+from ..lib.api_v1 import protocol as oa
 from ..lib.host import limits
 
 PREFIX = '/v1/'

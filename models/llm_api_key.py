@@ -4,8 +4,8 @@ import secrets
 from odoo import SUPERUSER_ID, _, api, fields, models
 from odoo.exceptions import AccessError, UserError
 
-from ..lib import api_usage
-from ..lib.openai_api import KEY_PREFIX, KEY_PREFIX_SHOWN, hash_key
+from ..lib.api_v1 import key_usage
+from ..lib.api_v1.protocol import KEY_PREFIX, KEY_PREFIX_SHOWN, hash_key
 
 
 class LlmApiKey(models.Model):
@@ -47,7 +47,7 @@ class LlmApiKey(models.Model):
 
     @api.model_cr
     def init(self):
-        api_usage.create_table(self.env.cr)  # the per-minute request count every worker shares
+        key_usage.create_table(self.env.cr)  # the per-minute request count every worker shares
 
     @api.depends('user_id')
     def _compute_runs_as_superuser(self):
@@ -126,6 +126,6 @@ class LlmApiKey(models.Model):
         wait)."""
         with self.pool.cursor() as cr:
             cr.autocommit(True)
-            allowed = api_usage.count_request(cr, key_id, per_minute, now)
-            api_usage.stamp_last_used(cr, key_id)
+            allowed = key_usage.count_request(cr, key_id, per_minute, now)
+            key_usage.stamp_last_used(cr, key_id)
         return allowed

@@ -7,7 +7,7 @@ from odoo import _, api, fields, models
 from odoo.exceptions import UserError, ValidationError
 from odoo.tools import html2plaintext
 
-from ..lib import conversations as conv
+from ..lib.datasets import conversations as conv
 
 # The settings of an import, fields of the same names on the import wizard and the schedule; with
 # date_from and date_to (the period read) they make the options dict every method here takes.
@@ -18,7 +18,7 @@ SETTINGS = ('source', 'res_model', 'system_prompt', 'gap_minutes', 'min_turns', 
 class LlmConversationImport(models.AbstractModel):
     """The conversation import, one service for the import wizard and the training schedule: reads
     mail.message with the caller's own rights (so nobody gets messages they may not read), turns
-    them into examples (the plain functions of lib/conversations.py) and writes the dataset."""
+    them into examples (the plain functions of lib/datasets/conversations.py) and writes the dataset."""
     _name = 'llm.conversation.import'
     _description = 'Conversation Import (service)'
 
@@ -47,7 +47,7 @@ class LlmConversationImport(models.AbstractModel):
 
     @api.model
     def build(self, options):
-        """Read the messages and turn them into examples (lib/conversations.py's Result)."""
+        """Read the messages and turn them into examples (lib/datasets/conversations.py's Result)."""
         self._check_setup(options)
         messages, author_ids = self._read_messages(options)
         return conv.build_examples(self._conversations(options, messages), system_prompt=options['system_prompt'],

@@ -8,9 +8,11 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import UserError
 
-from ..lib import budget, openai_jobs, providers
+from ..lib import providers
+from ..lib.jobs import budget
+from ..lib.providers import openai_mapping
 from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
-from ..lib.model_server import serve_settings
+from ..lib.serving.model_server import serve_settings
 from ..lib.providers.base import CAPABILITIES
 from ..user_errors import BudgetExceeded, InvalidServiceRequest, ServiceBusy
 
@@ -142,7 +144,7 @@ class LlmProvider(models.Model):
             provider.month_cost = provider._month_cost() if provider.id else 0.0
 
     def _month_cost(self, moment=None):
-        """What this provider's jobs submitted in `moment`'s calendar month (UTC) cost (lib/budget.py)."""
+        """What this provider's jobs submitted in `moment`'s calendar month (UTC) cost (lib/jobs/budget.py)."""
         self.ensure_one()
         start, end = budget.month_bounds(moment or fields.Datetime.from_string(fields.Datetime.now()))
         jobs = self.env['llm.training.job'].search([
@@ -313,7 +315,7 @@ class LlmProvider(models.Model):
         Model = self.env['llm.model'].with_context(active_test=False)
         existing = {m.model_ref: m for m in Model.search([('provider_id', '=', self.id)])}
         for remote in sorted(remote_models, key=lambda m: m['id'].startswith('ft:')):  # bases first
-            base_ref = openai_jobs.base_of_fine_tuned(remote['id'])
+            base_ref = openai_mapping.base_of_fine_tuned(remote['id'])
             values = {'name': remote['id'], 'provider_id': self.id, 'model_ref': remote['id'],
                       'kind': 'fine_tuned' if base_ref else 'base'}
             if base_ref and existing.get(base_ref):

@@ -4,7 +4,7 @@ import secrets
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
-from ..lib import ray_serve
+from ..lib.serving import ray_serve
 
 SERVE_ON = [('host', 'This host'), ('ray', 'Ray cluster (Ray Serve)')]
 
@@ -12,8 +12,8 @@ SERVE_ON = [('host', 'This host'), ('ray', 'Ray cluster (Ray Serve)')]
 class LlmProvider(models.Model):
     """Where a provider's models answer (chat, Generate reply, Compare Models, /v1): this host's
     model server, or a Ray Serve deployment on the provider's Ray cluster, which Odoo creates,
-    updates and deletes through the head's Serve REST API (lib/ray_serve/, the Ray adapter's
-    serve_* verbs). The choice itself is made in one place, lib/model_server.chat_endpoint."""
+    updates and deletes through the head's Serve REST API (lib/serving/ray_serve/, the Ray adapter's
+    serve_* verbs). The choice itself is made in one place, lib/serving/model_server.chat_endpoint."""
     _inherit = 'llm.provider'
 
     serve_on = fields.Selection(SERVE_ON, string='Serve on', required=True, default='host',

@@ -12,11 +12,11 @@ import psycopg2
 from odoo import _, api, fields, models, tools
 from odoo.exceptions import AccessError, UserError
 
-from ..lib.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
+from ..lib.datasets.dataset_formats import DEFAULT_COLUMNS, EXTENSIONS
 from ..lib.host import limits
-from ..lib.dataset_validator import DatasetValidator, preview_examples, render_preview
-from ..lib.server_files import ServerPathError, open_server_path, resolve_server_path
-from ..lib.token_count import CounterUnavailable
+from ..lib.datasets.dataset_validator import DatasetValidator, preview_examples, render_preview
+from ..lib.datasets.server_files import ServerPathError, open_server_path, resolve_server_path
+from ..lib.datasets.token_count import CounterUnavailable
 from ..user_errors import DatasetBusyError
 
 _logger = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class LlmTrainingDataset(models.Model):
                 raise UserError(tools.ustr(e))
 
     def _reader_options(self):
-        """How lib/dataset_validator reads this dataset's files (format, file type, columns)."""
+        """How lib/datasets/dataset_validator reads this dataset's files (format, file type, columns)."""
         self.ensure_one()
         return {'data_format': self.data_format, 'file_type': self.file_type, 'prompt_column': self.prompt_column,
                 'completion_column': self.completion_column, 'text_column': self.text_column,

@@ -22,7 +22,7 @@ from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.exceptions import UserError, ValidationError
 from odoo.tools import html_escape
 
-from ..lib import job_status, pricing
+from ..lib.jobs import job_status, pricing
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..user_errors import DatasetBusyError, JobRefused

@@ -7,11 +7,12 @@ from odoo import SUPERUSER_ID, _, api, fields, models, tools
 from odoo.tools import html_escape
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..lib import job_estimate, job_status, job_summary, pricing, providers, trainer_folder
+from ..lib import providers
+from ..lib.jobs import job_estimate, job_status, job_summary, pricing, trainer_folder
 from ..lib.exceptions import TrainingFailedError
 from ..lib.providers.base import JobSpec
-from ..lib.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
-from ..lib.prepare import merge_examples
+from ..lib.jobs.hyperparameters import DEFAULTS, FORM_FIELDS, parse_hyperparameters, split_form_fields
+from ..lib.datasets.prepare import merge_examples
 from ..lib.evaluation import answers as evaluation_answers
 from ..lib.evaluation import holdout as evaluation_holdout
 from ..lib.host.private_dirs import make_private_dirs
@@ -301,7 +302,7 @@ class LlmTrainingJob(models.Model):
     def _split_hyperparameters(self, vals):
         """A setting named in the JSON object is the job's value: settings the form shows move
         into their fields (one value per setting, visible); the JSON keeps the rest, by canonical
-        name. OpenAI's and Hugging Face's names are accepted (lib/hyperparameters.py)."""
+        name. OpenAI's and Hugging Face's names are accepted (lib/jobs/hyperparameters.py)."""
         if not vals.get('hyperparameters'):
             return vals
         try:
@@ -400,7 +401,7 @@ class LlmTrainingJob(models.Model):
         self._check_write_access()
         return self.env['llm.training.engine']._reset_to_draft(self)
 
-    # -- state machine (lib/job_status.py; called by the engine only) ------------------------
+    # -- state machine (lib/jobs/job_status.py; called by the engine only) ------------------------
     def _change_state(self, new_state, **values):
         """The only way `state` changes: refuses illegal moves, stamps times."""
         self.ensure_one()

@@ -9,7 +9,7 @@ from odoo import SUPERUSER_ID, _, api, fields, models
 from odoo.exceptions import AccessError, ValidationError
 from odoo.tools import html_escape
 
-from ..lib.conversations import SOURCES
+from ..lib.datasets.conversations import SOURCES
 from ..user_errors import BudgetExceeded
 
 _logger = logging.getLogger(__name__)

@@ -15,6 +15,6 @@ else
 fi
 rm -f "$pidfile"
 for run_dir in "$LLMT_RUN"/*/data/llm_training/model_server; do
-  [ -d "$run_dir" ] && "$LLMT_ODOO_VENV/bin/python" "$LLMT_ROOT/lib/model_server.py" stop "$run_dir"
+  [ -d "$run_dir" ] && (cd "$LLMT_ROOT" && "$LLMT_ODOO_VENV/bin/python" -m lib.serving.model_server stop "$run_dir")
 done
 exit 0

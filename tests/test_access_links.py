@@ -9,7 +9,7 @@ import odoo
 from odoo import SUPERUSER_ID, fields
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from odoo.addons.llm_training.lib import conversations as conv
+from odoo.addons.llm_training.lib.datasets import conversations as conv
 
 from .common import TrainingCase, jsonl, valid_examples
 from .test_openai_api import ApiCase

@@ -17,7 +17,7 @@ import odoo
 from odoo import tools
 
 from odoo.addons.llm_training.controllers import v1_hooks
-from odoo.addons.llm_training.lib import api_usage, openai_api as oa
+from odoo.addons.llm_training.lib.api_v1 import key_usage, protocol as oa
 from odoo.addons.llm_training.lib.exceptions import TrainingFailedError, TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import LocalTrainer
 
@@ -157,7 +157,7 @@ class TestApiLimitsBeforeWork(ApiCase):
                     cr.autocommit(True)
                     barrier.wait(60)
                     for _ in range(each):
-                        results.append(api_usage.count_request(cr, key_id, per_minute, 1800000000.0)[0])
+                        results.append(key_usage.count_request(cr, key_id, per_minute, 1800000000.0)[0])
             except Exception as e:  # reported below: the test fails with it
                 errors.append(e)
         threads = [threading.Thread(target=worker) for _ in range(2)]
@@ -172,7 +172,7 @@ class TestApiLimitsBeforeWork(ApiCase):
             # a new minute starts a new count and forgets the old one
             with db.cursor() as cr:
                 cr.autocommit(True)
-                self.assertEqual(api_usage.count_request(cr, key_id, per_minute, 1800000060.0), (True, 0))
+                self.assertEqual(key_usage.count_request(cr, key_id, per_minute, 1800000060.0), (True, 0))
                 cr.execute('SELECT minute, hits FROM llm_api_rate WHERE key_id = %s', (key_id,))
                 self.assertEqual(cr.fetchall(), [(1800000060 // 60, 1)])
         finally:
@@ -197,10 +197,10 @@ class TestApiLimitsBeforeWork(ApiCase):
                 manager.execute('SELECT id FROM llm_api_key WHERE id = %s FOR UPDATE', (key_id,))
                 api.autocommit(True)
                 api.execute("SET lock_timeout = '20s'")
-                self.assertFalse(api_usage.stamp_last_used(api, key_id), 'skipped, not waited for')
+                self.assertFalse(key_usage.stamp_last_used(api, key_id), 'skipped, not waited for')
                 manager.rollback()
-                self.assertTrue(api_usage.stamp_last_used(api, key_id))
-                self.assertFalse(api_usage.stamp_last_used(api, key_id), 'at most once a minute')
+                self.assertTrue(key_usage.stamp_last_used(api, key_id))
+                self.assertFalse(key_usage.stamp_last_used(api, key_id), 'at most once a minute')
         finally:
             with db.cursor() as cleanup:
                 cleanup.execute('DELETE FROM llm_api_key WHERE id = %s', (key_id,))

@@ -16,7 +16,7 @@ from odoo import fields
 from odoo.exceptions import UserError
 from odoo.tests.common import get_db_name
 
-from odoo.addons.llm_training.lib import budget
+from odoo.addons.llm_training.lib.jobs import budget
 from odoo.addons.llm_training.user_errors import BudgetExceeded
 
 from .common import TrainingCase, jsonl, valid_examples

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from odoo.exceptions import AccessError, UserError
 from odoo.tools import config
 
-from odoo.addons.llm_training.lib import trainer_folder
-from odoo.addons.llm_training.lib.dataset_validator import validate_files
+from odoo.addons.llm_training.lib.jobs import trainer_folder
+from odoo.addons.llm_training.lib.datasets.dataset_validator import validate_files
 from odoo.addons.llm_training.user_errors import JobRefused
 
 from .common import TrainingCase, jsonl

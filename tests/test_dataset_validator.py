@@ -3,7 +3,8 @@ import io
 import json
 import unittest
 
-from odoo.addons.llm_training.lib.dataset_validator import DatasetValidator, estimate_tokens, validate_files
+from odoo.addons.llm_training.lib.datasets.dataset_validator import (DatasetValidator, estimate_tokens,
+                                                                     validate_files)
 
 GOOD = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]}
 

@@ -16,7 +16,7 @@ from odoo import api
 from odoo.tests.common import HttpCase
 from odoo.tools import config
 
-from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.lib.jobs import trainer_folder
 from odoo.addons.llm_training.lib.evaluation import holdout, judge, report, stats
 
 from .common import TrainingCase, jsonl

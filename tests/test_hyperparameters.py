@@ -3,7 +3,7 @@ import unittest
 
 from odoo.exceptions import ValidationError
 
-from odoo.addons.llm_training.lib import hyperparameters as hp
+from odoo.addons.llm_training.lib.jobs import hyperparameters as hp
 
 from .common import TrainingCase
 

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from odoo.addons.llm_training.lib import conversations as conv
+from odoo.addons.llm_training.lib.datasets import conversations as conv
 
 from .conversations_common import T0, ConversationCase
 
@@ -15,7 +15,7 @@ def msg(minutes, is_assistant, text, key='c'):
 
 
 class TestConversationsLib(unittest.TestCase):
-    """lib/conversations.py alone, without Odoo."""
+    """lib/datasets/conversations.py alone, without Odoo."""
 
     def test_consecutive_messages_of_one_side_merge_into_one_turn(self):
         example, reason = conv.build_example([msg(0, False, 'Hi'), msg(1, False, ' My order? '),

@@ -3,10 +3,10 @@ from datetime import datetime, timedelta
 from odoo import fields
 from odoo.exceptions import ValidationError, UserError
 
-from odoo.addons.llm_training.lib import job_summary
+from odoo.addons.llm_training.lib.jobs import job_summary
 
-from odoo.addons.llm_training.lib.job_status import PROVIDER_STATUSES, plan_transitions
-from odoo.addons.llm_training.lib.job_status import STATES, TRANSITIONS
+from odoo.addons.llm_training.lib.jobs.job_status import PROVIDER_STATUSES, plan_transitions
+from odoo.addons.llm_training.lib.jobs.job_status import STATES, TRANSITIONS
 
 from .common import TrainingCase
 

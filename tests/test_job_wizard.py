@@ -6,7 +6,7 @@ import odoo
 from odoo.exceptions import AccessError, UserError
 from odoo.tests.common import HttpCase
 
-from odoo.addons.llm_training.lib import job_estimate
+from odoo.addons.llm_training.lib.jobs import job_estimate
 
 from .common import TrainingCase, jsonl, valid_examples
 from .test_xmlrpc import ensure_http_server

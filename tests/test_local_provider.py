@@ -11,7 +11,7 @@ from datetime import datetime
 from odoo import fields
 from odoo.exceptions import AccessError
 
-from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.lib.jobs import trainer_folder
 from odoo.addons.llm_training.lib.host.trainer_env import run_trainer_module
 from odoo.addons.llm_training.lib.providers import local
 from odoo.addons.llm_training.user_errors import JobRefused

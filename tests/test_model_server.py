@@ -21,8 +21,9 @@ from odoo.addons.llm_training.user_errors import InvalidServiceRequest, ServiceB
 from odoo.addons.llm_training.lib.exceptions import TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import generation_failed
 
-from odoo.addons.llm_training.lib import model_server as model_server_lib
-from odoo.addons.llm_training.lib.model_server import STATE_FILE, TOKEN_FILE, ModelServer, read_state, serve_settings
+from odoo.addons.llm_training.lib.serving import model_server as model_server_lib
+from odoo.addons.llm_training.lib.serving.model_server import (STATE_FILE, TOKEN_FILE, ModelServer,
+                                                               read_state, serve_settings)
 
 from .common import TrainingCase
 
@@ -241,10 +242,10 @@ class TestModelServerSecret(TrainingCase):
         self.assertIn(os.path.realpath(storage), health['allowed_roots'])
         self.assertTrue(set(self.server.allowed_roots) <= set(health['allowed_roots']))
         self.assertEqual(self.server.ensure_running()['pid'], after, 'a client needing fewer roots keeps it')
-        # `make stop` runs lib/model_server.py as a script: it reads the token and stops the server
-        script = os.path.join(os.path.dirname(os.path.abspath(model_server_lib.__file__)), 'model_server.py')
-        out = subprocess.run([sys.executable, script, 'stop', client.run_dir], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, timeout=120).stdout.decode()
+        # `make stop` runs lib/serving/model_server.py alone (no Odoo): it reads the token and stops the server
+        out = subprocess.run([sys.executable, '-m', 'lib.serving.model_server', 'stop', client.run_dir],
+                             cwd=model_server_lib.ADDON_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=120).stdout.decode()
         self.assertIn('stopped', out)
         self.assertNotIn('was not running', out)
         self.assertFalse(psutil.pid_exists(after) and psutil.Process(after).status() != psutil.STATUS_ZOMBIE)

@@ -3,7 +3,7 @@ creator following; unmeasured values blank; a readable log."""
 import json
 import unittest
 
-from odoo.addons.llm_training.lib import job_summary
+from odoo.addons.llm_training.lib.jobs import job_summary
 
 from .common import TrainingCase
 

@@ -13,7 +13,7 @@ import odoo
 from odoo import api
 from odoo.tests.common import HttpCase
 
-from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.lib.jobs import trainer_folder
 
 from .common import jsonl, valid_examples
 from .test_local_provider import code_word_examples

@@ -1,10 +1,10 @@
-"""The API's protocol as plain functions (lib/openai_api.py), and its keys."""
+"""The API's protocol as plain functions (lib/api_v1/protocol.py), and its keys."""
 import unittest
 
 from odoo.exceptions import AccessError, UserError
 from odoo.tests.common import TransactionCase
 
-from odoo.addons.llm_training.lib import openai_api as oa
+from odoo.addons.llm_training.lib.api_v1 import protocol as oa
 
 
 def job(**values):
@@ -20,7 +20,7 @@ def job(**values):
 class TestProtocol(unittest.TestCase):
 
     def test_status_mapping_covers_every_state_with_schema_values(self):
-        from odoo.addons.llm_training.lib.job_status import STATES
+        from odoo.addons.llm_training.lib.jobs.job_status import STATES
         self.assertEqual(set(oa.JOB_STATUS), {s for s, _ in STATES})
         self.assertLessEqual(set(oa.JOB_STATUS.values()),
                              {'validating_files', 'queued', 'running', 'succeeded', 'failed', 'cancelled'})

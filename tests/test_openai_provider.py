@@ -132,7 +132,7 @@ class TestOpenAIWorkflow(OpenAICase):
         # OpenAI's schema lists six statuses; "paused" is not among them. Our server broke it on purpose.
         self.assertTrue(all("'paused' is not one of" in v for v in self.server.violations), self.server.violations)
         self.server.violations[:] = []
-        from odoo.addons.llm_training.lib.openai_jobs import provider_status
+        from odoo.addons.llm_training.lib.providers.openai_mapping import provider_status
         self.assertEqual(provider_status('fine_tuning_v9_status', 'running')[0], 'running')
 
     def test_cancel_waits_for_openai_to_confirm(self):

@@ -29,7 +29,7 @@ import requests
 import odoo
 from odoo import SUPERUSER_ID, api
 
-from ..lib.model_server import ModelServer
+from ..lib.serving.model_server import ModelServer
 from .test_local_provider import code_word_examples
 from .test_openai_api import DRIVER, client_python
 

@@ -14,7 +14,7 @@ import zipfile
 import requests
 
 from odoo import tools
-from odoo.addons.llm_training.lib import trainer_folder
+from odoo.addons.llm_training.lib.jobs import trainer_folder
 from odoo.addons.llm_training.lib.export import runner
 
 from .common import TrainingCase, jsonl

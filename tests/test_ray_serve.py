@@ -18,7 +18,7 @@ from odoo import api, tools
 from odoo.exceptions import UserError
 from odoo.tests.common import HttpCase
 
-from odoo.addons.llm_training.lib import ray_serve
+from odoo.addons.llm_training.lib.serving import ray_serve
 
 from .ray_head import RayHead, free_port
 from .test_xmlrpc import ensure_http_server
@@ -133,7 +133,7 @@ class TestRayServe(HttpCase):
         smol = self.env['llm.model'].create({'name': 'smol-on-serve', 'provider_id': ray.id, 'model_ref': base_path})
         with self.assertRaisesRegex(UserError, 'no serving token yet: press Deploy Serving'):
             ray._call_adapter('chat', smol.model_ref, QUESTION, {'max_tokens': 2})
-        # the one choice of endpoint (lib/model_server.chat_endpoint): this host's model server
+        # the one choice of endpoint (lib/serving/model_server.chat_endpoint): this host's model server
         # (reading Odoo's view of the storage) until the provider says the cluster
         ray.serve_on = 'host'
         self.assertEqual(ray._adapter().chat_endpoint().where, 'host')

@@ -8,7 +8,7 @@ import odoo
 from odoo.exceptions import AccessError
 from odoo.tests.common import get_db_name
 
-from odoo.addons.llm_training.lib.dataset_validator import DatasetValidator
+from odoo.addons.llm_training.lib.datasets.dataset_validator import DatasetValidator
 from odoo.addons.llm_training.user_errors import DatasetBusyError
 
 from .common import TrainingCase, chat, jsonl, valid_examples

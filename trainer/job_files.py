@@ -5,7 +5,7 @@ The trainer   status.json  (rewritten atomically: temp file + os.replace, never 
 writes        metrics.jsonl, events.jsonl (appended, one JSON object a line)
               trainer.log, checkpoints/, result/ (adapter or full weights + tokenizer),
               precision.json (the last precision/threads choice and its step times), trainer.lock
-The Odoo side (lib/trainer_folder.py, Python 3.7) imports this module for the names and the atomic
+The Odoo side (lib/jobs/trainer_folder.py, Python 3.7) imports this module for the names and the atomic
 write: keep it to the standard library and Python 3.7.
 With several training processes (distributed.py) only rank 0 writes: the others' writes are no-ops.
 """

@@ -6,7 +6,7 @@
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
-lib/model_server.py finds it. Requests are answered in threads; their generations decode together
+lib/serving/model_server.py finds it. Requests are answered in threads; their generations decode together
 in one batch (trainer/batching.py: continuous batching, up to --max-batch rows, rows of different
 LoRA adapters of one base side by side): one forward pass over 8 rows costs little more than over
 one, since decoding is bound by reading the weights. Several base models stay loaded while their

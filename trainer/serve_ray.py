@@ -2,7 +2,7 @@
 (its `ModelCache`, `parse_chat_request` and the batching `Engine` of trainer/batching.py), run by Serve's replicas on a
 Ray cluster instead of one process on the Odoo host.
 
-Odoo deploys it through the Serve REST API of the head's dashboard (lib/ray_serve/), importing
+Odoo deploys it through the Serve REST API of the head's dashboard (lib/serving/ray_serve/), importing
 `trainer.serve_ray:app` from the trainer's code on the shared storage (PYTHONPATH in the
 application's runtime_env). Its settings are the deployment's `user_config`, so adding a model is a
 light update (`reconfigure`, no replica restarted):

@@ -2,7 +2,7 @@
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
-from ..lib import model_compare
+from ..lib.serving import model_compare
 
 
 class LlmModelCompareWizard(models.TransientModel):

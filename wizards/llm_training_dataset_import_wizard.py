@@ -4,7 +4,7 @@ import json
 from odoo import _, api, fields, models
 from odoo.exceptions import ValidationError
 
-from ..lib import conversations as conv
+from ..lib.datasets import conversations as conv
 
 PREVIEW_EXAMPLES = 3
 

@@ -5,8 +5,8 @@ create it with values, `action_next` / `action_back`, `action_submit`."""
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
-from ..lib import job_estimate
-from ..lib.hyperparameters import DEFAULTS
+from ..lib.jobs import job_estimate
+from ..lib.jobs.hyperparameters import DEFAULTS
 
 STEPS = [('data', 'Data'), ('settings', 'Settings'), ('review', 'Review')]
 # The job fields the wizard fills, by the job's own names.

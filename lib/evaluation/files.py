@@ -1,10 +1,10 @@
-"""The evaluation folder, as lib/trainer_folder.py is the job folder: what Odoo writes for
+"""The evaluation folder, as lib/jobs/trainer_folder.py is the job folder: what Odoo writes for
 trainer/evaluate.py and reads back (the names are trainer/job_files.py's)."""
 import json
 import os
 
-from .. import trainer_folder
-from ..trainer_folder import CONFIG, STATUS
+from ..jobs import trainer_folder
+from ..jobs.trainer_folder import CONFIG, STATUS
 
 EXAMPLES = trainer_folder.EVAL_EXAMPLES
 SUMMARY = trainer_folder.EVAL_SUMMARY

@@ -1,4 +1,4 @@
-"""The export folder and its reading, as lib/trainer_folder.py is the job folder's: the provider
+"""The export folder and its reading, as lib/jobs/trainer_folder.py is the job folder's: the provider
 that trained the model runs `python -m trainer.export` (lib/providers/side_jobs.py: a detached
 process on this host, a Ray job on the cluster) and this module prepares its folder, names its
 arguments and reads what it wrote.
@@ -11,7 +11,7 @@ import os
 import shutil
 import zipfile
 
-from .. import trainer_folder
+from ..jobs import trainer_folder
 from ..exceptions import TrainingFailedError
 
 FORMATS = [('hf_adapter', 'Hugging Face adapter (LoRA)'), ('hf_merged', 'Hugging Face merged model'),

@@ -9,7 +9,7 @@ rest to the next pass.
 """
 import time
 
-from ..dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES
+from ..datasets.dataset_validator import MAX_FILE_BYTES, MAX_LINE_BYTES
 
 # The worker pings the master's watchdog, then waits up to one beat (4 s) for a connection
 # before it reads a request: the request's own clock starts up to that much late.

@@ -6,7 +6,7 @@ batch is the sources attached together (vsfb_<collection id>_<first source id>).
 import base64
 import struct
 
-from ..openai_api import ApiError, parse_id
+from ..api_v1.protocol import ApiError, parse_id
 
 MAX_SEARCH_RESULTS = 50
 FILE_PREFIX = 'file-kb-'

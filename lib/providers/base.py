@@ -7,7 +7,7 @@ adapter, and writes back what the adapter reports, the events it noted and the p
 changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
 
 `check` returns a report, a dict with these keys (all optional but `status`):
-    status          one of lib/job_status.PROVIDER_STATUSES ('lost': the service no longer knows the run)
+    status          one of lib/jobs/job_status.PROVIDER_STATUSES ('lost': the service no longer knows the run)
     progress        0-100
     step, total_steps, epoch, eta (unix seconds), trained_tokens
     started_at      unix seconds: when the run started training there (else: when a check first saw it run)
@@ -22,7 +22,7 @@ changed in `spec.provider_data`. Errors are those of lib/exceptions.py.
     log             the tail of the provider's log
 """
 from ..exceptions import TrainingFailedError
-from ..hyperparameters import DEFAULTS
+from ..jobs.hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster',
@@ -43,7 +43,7 @@ class JobSpec(object):
     database, job_id, name
     base_model        the base model's technical id (model_ref); base_model_name for messages
     technique         lora / qlora / full
-    hyperparameters   canonical names (lib/hyperparameters.py)
+    hyperparameters   canonical names (lib/jobs/hyperparameters.py)
     data_format       chat / preference / text (continued pre-training: {"text"} examples)
     work_dir          the job folder: train.jsonl (+ validation.jsonl) prepared there
     validation_examples, seed, suffix

@@ -2,9 +2,9 @@
 trainer's config for an attempt, the job folder made ready for it, the settings check, and the
 side jobs (evaluation, export: side_jobs.py). Each adapter keeps only how it starts, watches and
 stops a process; they import nothing from each other."""
-from .. import trainer_folder
+from ..jobs import trainer_folder
 from ..exceptions import TrainingFailedError
-from ..hyperparameters import check_processes, trainer_config
+from ..jobs.hyperparameters import check_processes, trainer_config
 from .base import TrainingProvider
 from .side_jobs import TrainerSideJobs
 

@@ -11,12 +11,12 @@ import signal
 import subprocess
 
 from . import register
-from .. import trainer_folder
+from ..jobs import trainer_folder
 from ..exceptions import InvalidRequestError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
-from ..model_server import ModelServerError
-from ..token_count import PipeCounter, TemplateCounter, tokenizer_counter
+from ..serving.model_server import ModelServerError
+from ..datasets.token_count import PipeCounter, TemplateCounter, tokenizer_counter
 from .launcher import TrainerLauncher
 from .serving import ServedChat, chat_options, generation_failed  # noqa: F401  (tests import them here)
 

@@ -11,12 +11,12 @@ import logging
 import os
 
 from . import register
-from .. import openai_jobs
-from .. import trainer_folder
+from . import openai_mapping
+from ..jobs import trainer_folder
 from ..evaluation import answers as evaluation_answers
 from ..evaluation import files as evaluation_files
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
-from ..token_count import PipeCounter
+from ..datasets.token_count import PipeCounter
 from .base import TrainingProvider
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 
@@ -41,7 +41,7 @@ class OpenAIFineTuning(TrainingProvider):
 
     @classmethod
     def default_epochs(cls, train_examples):
-        return openai_jobs.auto_epochs(train_examples)  # what OpenAI runs for n_epochs "auto"
+        return openai_mapping.auto_epochs(train_examples)  # what OpenAI runs for n_epochs "auto"
 
     # -- the client and its errors ------------------------------------------------------------
     def api_key(self):
@@ -89,7 +89,7 @@ class OpenAIFineTuning(TrainingProvider):
         text = body.get('message') or str(error)
         if body.get('param'):
             text = '%s (field %s)' % (text, body['param'])
-        return openai_jobs.redact(text, self.api_key())
+        return openai_mapping.redact(text, self.api_key())
 
     # -- the provider contract ------------------------------------------------------------------
     def validate(self, spec):
@@ -119,7 +119,7 @@ class OpenAIFineTuning(TrainingProvider):
                 files['validation_file'] = self.upload(client, spec, trainer_folder.VALIDATION_FILE)
             for file_id in filter(None, files.values()):
                 self.check_file(client, file_id, files)
-            body = {'method': openai_jobs.method_payload(
+            body = {'method': openai_mapping.method_payload(
                 spec.hyperparameters, 'dpo' if spec.data_format == 'preference' else 'supervised'),
                     'metadata': {'odoo_job_id': str(spec.job_id), 'odoo_database': spec.database,
                                  'llm_training_job_key': spec.job_key}}
@@ -127,7 +127,7 @@ class OpenAIFineTuning(TrainingProvider):
                 created = client.fine_tuning.jobs.create(
                     model=spec.base_model, training_file=files['training_file'],
                     validation_file=files['validation_file'] or openai.NOT_GIVEN, seed=spec.seed,
-                    suffix=(spec.suffix or '').strip()[:openai_jobs.SUFFIX_MAX] or openai.NOT_GIVEN,
+                    suffix=(spec.suffix or '').strip()[:openai_mapping.SUFFIX_MAX] or openai.NOT_GIVEN,
                     extra_body=body)
         except TrainingRetryableError as e:
             e.keep.update(files)  # the uploads so far, for the retry
@@ -170,21 +170,21 @@ class OpenAIFineTuning(TrainingProvider):
             try:
                 client.files.delete(file_id)
             except Exception as e:  # cleanup is best effort; the original error is what matters
-                _logger.warning('Could not delete OpenAI file %s: %s', file_id, openai_jobs.redact(str(e), self.api_key()))
+                _logger.warning('Could not delete OpenAI file %s: %s', file_id, openai_mapping.redact(str(e), self.api_key()))
 
     def check(self, spec):
         client = self.client()
         with self.errors('reading job %s' % spec.external_id):
             remote = client.fine_tuning.jobs.retrieve(spec.external_id)
             events = self.new_events(client, spec)
-        status, note = openai_jobs.provider_status(remote.status, 'running' if spec.state == 'training' else 'queued')
+        status, note = openai_mapping.provider_status(remote.status, 'running' if spec.state == 'training' else 'queued')
         report = {'status': status, 'trained_tokens': remote.trained_tokens,
                   'eta': getattr(remote, 'estimated_finish', None), 'events': [], 'metrics': []}
         for event in events:
             report['events'].append({'id': event['id'], 'created_at': event.get('created_at'),
                                      'level': {'warn': 'warning'}.get(event.get('level'), event.get('level')),
                                      'message': event.get('message') or '', 'data': event.get('data') or None})
-            metric = openai_jobs.metric_from_event(event)
+            metric = openai_mapping.metric_from_event(event)
             if metric:
                 report['metrics'].append(metric)
                 total = (event.get('data') or {}).get('total_steps')
@@ -201,7 +201,7 @@ class OpenAIFineTuning(TrainingProvider):
                     text += ', field %s' % error.param
             else:
                 text = 'OpenAI reported the job as failed without a reason.'
-            report['error'] = openai_jobs.redact(text, self.api_key())
+            report['error'] = openai_mapping.redact(text, self.api_key())
         if status == 'succeeded':
             self.record_checkpoints(client, spec)
             report['result'] = {'name': '%s (fine-tuned)' % spec.name, 'model_ref': remote.fine_tuned_model,

@@ -21,7 +21,8 @@ import uuid
 import requests
 
 from . import register
-from .. import ray_serve, trainer_folder
+from ..jobs import trainer_folder
+from ..serving import ray_serve
 from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from .launcher import TrainerLauncher
 from ..host.trainer_env import ADDON_ROOT

@@ -5,12 +5,12 @@ import os
 
 from ..exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
 from ..host.trainer_env import ADDON_ROOT, trainer_env
-from ..model_server import ModelServer, ModelServerError, chat_endpoint
+from ..serving.model_server import ModelServer, ModelServerError, chat_endpoint
 from .base import CHAT_OPTIONS
 
 
 class ServedChat(object):
-    """generate / chat / chat_stream through the endpoint lib/model_server.chat_endpoint chooses for
+    """generate / chat / chat_stream through the endpoint lib/serving/model_server.chat_endpoint chooses for
     the provider: this host's model server, or its Ray Serve deployment. A provider says with
     `served_path(model_ref, where)` which folder that side ('host' or 'cluster') reads."""
 

@@ -8,7 +8,7 @@ object) is left as it is.
 """
 import json
 
-from odoo.addons.llm_training.lib.job_summary import MODEL_METRICS, model_metric_values
+from odoo.addons.llm_training.lib.jobs.job_summary import MODEL_METRICS, model_metric_values
 
 
 def figures_from_description(text):

@@ -13,11 +13,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.realpath(trainer.__file__)))
 
 
 def addon_hyperparameters():
-    """lib/hyperparameters.py of the addon: the one list of setting names (plain Python; it takes
-    the trainer's defaults from trainer/job_files.py through lib/trainer_folder.py)."""
+    """lib/jobs/hyperparameters.py of the addon: the one list of setting names (plain Python; it takes
+    the trainer's defaults from trainer/job_files.py through lib/jobs/trainer_folder.py)."""
     if REPO not in sys.path:
         sys.path.append(REPO)  # after the trainer's own path: `trainer` stays the one imported
-    return importlib.import_module('lib.hyperparameters')
+    return importlib.import_module('lib.jobs.hyperparameters')
 
 
 def test_every_setting_the_addon_sends_is_a_trainer_field():

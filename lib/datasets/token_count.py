@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 from .dataset_validator import estimate_tokens, message_text
-from .host import processes
+from ..host import processes
 
 PIECE_CHARS = 32768  # longer contents are counted in pieces (a piece boundary may add a token)
 KNOWN_TEXTS = 10000  # texts whose counts are kept across batches (repeated prompts)...

@@ -13,8 +13,8 @@ import os
 import re
 import time
 
-from .hyperparameters import parse_extra
-from .openai_jobs import SUFFIX_MAX  # OpenAI's own limit, which we serve too
+from ..jobs.hyperparameters import parse_extra
+from ..providers.openai_mapping import SUFFIX_MAX  # OpenAI's own limit, which we serve too
 
 KEY_PREFIX = 'sk-llmt-'
 KEY_PREFIX_SHOWN = 12  # characters of a key kept readable, to tell keys apart in lists
@@ -36,7 +36,7 @@ FILE_STATUS = {'draft': 'uploaded', 'valid': 'processed', 'invalid': 'error'}
 EVENT_LEVEL = {'info': 'info', 'warning': 'warn', 'error': 'error'}
 
 # the hyperparameters OpenAI's API names, with "auto" allowed; any other alias of
-# lib/hyperparameters.py is accepted too (our trainers' own settings)
+# lib/jobs/hyperparameters.py is accepted too (our trainers' own settings)
 OPENAI_HYPERPARAMETERS = ('n_epochs', 'batch_size', 'learning_rate_multiplier', 'beta')
 METHOD_TYPES = ('supervised', 'dpo', 'reinforcement')
 METADATA_MAX_KEYS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512

@@ -3,7 +3,7 @@
 API key out of every message."""
 import re
 
-# OpenAI job status -> the provider status of lib/job_status.py.
+# OpenAI job status -> the provider status of lib/jobs/job_status.py.
 STATUS_MAP = {
     'validating_files': 'queued',
     'queued': 'queued',

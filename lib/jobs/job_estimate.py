@@ -1,6 +1,6 @@
 """What the job wizard tells a person before Submit: presets, the estimate and the warnings, as
 plain text built from plain numbers (no Odoo import, tested alone in tests/test_job_wizard.py)."""
-from .dataset_validator import MIN_EXAMPLES  # OpenAI's minimum, which the validator applies
+from ..datasets.dataset_validator import MIN_EXAMPLES  # OpenAI's minimum, which the validator applies
 from .hyperparameters import DEFAULTS
 from .job_summary import format_duration
 

@@ -25,16 +25,10 @@ import time
 import psutil
 import requests
 
-try:
-    from .host import processes
-    from .host.file_lock import held
-    from .host.private_dirs import make_private_dirs
-except ImportError:  # run alone as a script by `make stop`: lib/ is on the path
-    from host import processes
-    from host.file_lock import held
-    from host.private_dirs import make_private_dirs
-
-ADDON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `trainer` is
+from ..host import processes
+from ..host.file_lock import held
+from ..host.private_dirs import make_private_dirs
+from ..host.trainer_env import ADDON_ROOT  # where `trainer` is
 STATE_FILE = 'server.json'
 TOKEN_FILE = 'server.token'  # written by the server (trainer/serve.py), mode 0600
 LOCK_FILE = 'server.lock'
@@ -466,7 +460,7 @@ def chat_endpoint(config, local_server, serve_token):
 
 
 def main(argv=None):
-    """`python lib/model_server.py stop RUN_DIR...`: what `make stop` runs (no Odoo needed)."""
+    """`python lib/serving/model_server.py stop RUN_DIR...`: what `make stop` runs (no Odoo needed)."""
     import argparse
     parser = argparse.ArgumentParser(description='Stop the model servers of these run folders.')
     parser.add_argument('action', choices=['stop'])

@@ -9,12 +9,12 @@ import os
 
 import psutil
 
-from .host.file_lock import held
+from ..host.file_lock import held
 
 try:
-    from ..trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_EXAMPLES, EVAL_FILE,  # noqa: F401
-                                     EVAL_LOG, EVAL_SUMMARY, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,
-                                     VALIDATION_FILE, write_json_atomic)
+    from ...trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_EXAMPLES, EVAL_FILE,  # noqa: F401
+                                      EVAL_LOG, EVAL_SUMMARY, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,
+                                      VALIDATION_FILE, write_json_atomic)
 except (ImportError, ValueError):  # lib imported as a top-level package (bench/), the addon root on the path
     from trainer.job_files import (CHECKPOINTS, CONFIG, CONFIG_DEFAULTS, EVAL_EXAMPLES, EVAL_FILE,  # noqa: F401
                                    EVAL_LOG, EVAL_SUMMARY, EVENTS, LOG, METRICS, STATUS, TRAIN_FILE,
@@ -23,7 +23,7 @@ except (ImportError, ValueError):  # lib imported as a top-level package (bench/
 PID_FILE = 'trainer.pid'     # written by the launcher: pid, start time and job key of the trainer
 LAUNCH_LOCK = 'launch.lock'  # held by a launcher while it checks and starts
 
-# trainer state -> provider status (lib/job_status.py)
+# trainer state -> provider status (lib/jobs/job_status.py)
 TRAINER_STATUS = {'starting': 'queued', 'running': 'running', 'completed': 'succeeded',
                   'failed': 'failed', 'cancelled': 'cancelled'}
 
@@ -144,7 +144,7 @@ def mark_cancelled(folder):
 
 
 def provider_report(folder, offsets, alive):
-    """A status report (lib/job_status.py) from the folder; offsets = {'metrics': n, 'events': m}."""
+    """A status report (lib/jobs/job_status.py) from the folder; offsets = {'metrics': n, 'events': m}."""
     status = read_status(folder) or {'state': 'starting'}
     metrics, offsets['metrics'] = read_new_lines(folder, METRICS, offsets.get('metrics', 0))
     events, offsets['events'] = read_new_lines(folder, EVENTS, offsets.get('events', 0))

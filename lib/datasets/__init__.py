@@ -1,0 +1,1 @@
+"""Datasets: formats, validation, token counts, conversations, preparing the training files."""

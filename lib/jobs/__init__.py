@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: states, hyperparameters, estimates, budgets, prices, summaries, the job folder."""

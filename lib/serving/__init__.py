@@ -1,0 +1,1 @@
+"""Serving models: the model server on this host, Ray Serve, comparing models."""
