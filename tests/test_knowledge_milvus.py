@@ -31,6 +31,14 @@ def free_port():
     return port
 
 
+def _clear_data(folder):
+    """Everything of a Milvus base folder but its unpacked binaries."""
+    if os.path.isdir(folder):
+        for entry in os.listdir(folder):
+            if entry != 'bin':
+                shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+
+
 def _log_tail(folder):
     try:
         with open(os.path.join(folder, 'logs', 'milvus-stderr.log')) as f:
@@ -48,10 +56,7 @@ class TestKnowledgeMilvus(SavepointCase):
         # kept between runs; its data is not: a new test database reuses collection ids
         cls.folder = os.path.join(os.environ.get('LLMT_CACHE') or os.path.expanduser('~/.cache/llm_training'),
                                   'milvus_test', config['db_name'] or 'db')
-        if os.path.isdir(cls.folder):
-            for entry in os.listdir(cls.folder):
-                if entry != 'bin':
-                    shutil.rmtree(os.path.join(cls.folder, entry), ignore_errors=True)
+        _clear_data(cls.folder)
         cls.milvus = MilvusServer(wait_for_started=False)
         cls.milvus.set_base_dir(cls.folder)
         cls.milvus.config.set('proxy_port', free_port())
@@ -68,33 +73,41 @@ class TestKnowledgeMilvus(SavepointCase):
         except Exception as e:
             cls.server.stop()
             cls.milvus.stop()
+            reason = ('the Milvus server of the milvus package does not start on this machine: %s; its log: %s'
+                      % (e, _log_tail(cls.folder)))
+            _clear_data(cls.folder)
             super(TestKnowledgeMilvus, cls).tearDownClass()
-            raise unittest.SkipTest('the Milvus server of the milvus package does not start on this machine: %s; '
-                                    'its log: %s' % (e, _log_tail(cls.folder)))
+            raise unittest.SkipTest(reason)
         cls.uri = 'http://127.0.0.1:%d' % cls.milvus.listen_port
         cls.previous_uri = config.get('llm_training_milvus_uri')
         config['llm_training_milvus_uri'] = cls.uri
-        env = cls.env
-        env.ref('base.res_partner_rule').active = True
-        company_b = env['res.company'].create({'name': 'Milvus B'})
-        partners = env['res.partner']
-        cls.alice = partners.create({'name': 'Alice Strings', 'comment': 'Alice Strings sells violins and cellos.'})
-        cls.zeta = partners.create({'name': 'Zeta Corp', 'company_id': company_b.id,
-                                    'comment': 'Zeta Corp is the secret supplier of our violins.'})
-        cls.collection = env['llm.knowledge.collection'].create({'name': 'On Milvus', 'provider_id': cls.local.id,
-                                                                 'store': 'milvus', 'chunk_size': 48, 'chunk_overlap': 8})
-        env['llm.knowledge.source'].create({'collection_id': cls.collection.id, 'name': 'handbook.md', 'kind': 'file',
-                                            'datas_fname': 'handbook.md', 'datas': base64.b64encode(HANDBOOK)})
-        cls.partners_source = env['llm.knowledge.source'].create({
-            'collection_id': cls.collection.id, 'name': 'Partners', 'kind': 'records',
-            'model_id': env.ref('base.model_res_partner').id,
-            'domain': "[('id', 'in', %s)]" % [cls.alice.id, cls.zeta.id],
-            'field_ids': [(6, 0, env['ir.model.fields'].search([('model', '=', 'res.partner'),
-                                                               ('name', '=', 'comment')]).ids)]})
-        cls.collection._sync(FAR)
-        cls.user = env['res.users'].create({
-            'name': 'Milvus reader', 'login': 'knowledge_milvus_reader', 'password': 'knowledge_milvus_reader',
-            'groups_id': [(6, 0, [env.ref('base.group_user').id])]})
+        try:
+            env = cls.env
+            env.ref('base.res_partner_rule').active = True
+            company_b = env['res.company'].create({'name': 'Milvus B'})
+            partners = env['res.partner']
+            cls.alice = partners.create({'name': 'Alice Strings', 'comment': 'Alice Strings sells violins and cellos.'})
+            cls.zeta = partners.create({'name': 'Zeta Corp', 'company_id': company_b.id,
+                                        'comment': 'Zeta Corp is the secret supplier of our violins.'})
+            cls.collection = env['llm.knowledge.collection'].create({
+                'name': 'On Milvus', 'provider_id': cls.local.id, 'store': 'milvus', 'chunk_size': 48,
+                'chunk_overlap': 8})
+            env['llm.knowledge.source'].create({
+                'collection_id': cls.collection.id, 'name': 'handbook.md', 'kind': 'file',
+                'datas_fname': 'handbook.md', 'datas': base64.b64encode(HANDBOOK)})
+            cls.partners_source = env['llm.knowledge.source'].create({
+                'collection_id': cls.collection.id, 'name': 'Partners', 'kind': 'records',
+                'model_id': env.ref('base.model_res_partner').id,
+                'domain': "[('id', 'in', %s)]" % [cls.alice.id, cls.zeta.id],
+                'field_ids': [(6, 0, env['ir.model.fields'].search([('model', '=', 'res.partner'),
+                                                                   ('name', '=', 'comment')]).ids)]})
+            cls.collection._sync(FAR)
+            cls.user = env['res.users'].create({
+                'name': 'Milvus reader', 'login': 'knowledge_milvus_reader', 'password': 'knowledge_milvus_reader',
+                'groups_id': [(6, 0, [env.ref('base.group_user').id])]})
+        except Exception:
+            cls.tearDownClass()  # no Milvus server left running behind a failed set-up
+            raise
 
     @classmethod
     def tearDownClass(cls):
@@ -106,6 +119,7 @@ class TestKnowledgeMilvus(SavepointCase):
                 config['llm_training_milvus_uri'] = cls.previous_uri
         finally:
             cls.milvus.stop()
+            _clear_data(cls.folder)
             super(TestKnowledgeMilvus, cls).tearDownClass()
 
     def milvus_ids(self):
