@@ -100,6 +100,9 @@ class LlmKnowledgeCollection(models.Model):
         if any(c.store == 'pgvector' for c in self) and not stores.pgvector_available(self.env.cr):
             raise ValidationError(_('This PostgreSQL server has no "vector" extension (pgvector): install it on the '
                                     'database server, or keep the embedded store.'))
+        if any(c.store == 'milvus' for c in self) and not tools.config.get('llm_training_milvus_uri'):
+            raise ValidationError(_('The Milvus store needs the address of a Milvus server: set '
+                                    'llm_training_milvus_uri (e.g. http://127.0.0.1:19530) in odoo.conf.'))
 
     @api.multi
     def write(self, values):

@@ -8,6 +8,7 @@ import socket
 import time
 import unittest
 
+from odoo.exceptions import ValidationError
 from odoo.tests.common import SavepointCase
 from odoo.tools import config
 
@@ -132,6 +133,16 @@ class TestKnowledgeMilvus(SavepointCase):
 
     def postgres_ids(self):
         return sorted(self.env['llm.knowledge.chunk'].search([('collection_id', '=', self.collection.id)]).ids)
+
+    def test_0_milvus_needs_its_address(self):
+        config['llm_training_milvus_uri'] = ''
+        try:
+            with self.assertRaisesRegex(ValidationError, 'llm_training_milvus_uri'):
+                with self.env.cr.savepoint():
+                    self.env['llm.knowledge.collection'].create({'name': 'Nowhere', 'store': 'milvus',
+                                                                 'provider_id': self.local.id})
+        finally:
+            config['llm_training_milvus_uri'] = self.uri
 
     def test_1_milvus_ranks_and_the_rights_filter_applies(self):
         self.assertEqual(set(self.collection.source_ids.mapped('state')), {'done'})
