@@ -270,7 +270,10 @@ class MilvusStore(VectorStore):
         alias, name = self._alias(), self.name(collection)
         key = (self.config['milvus_uri'], name)
         if key in self._loaded:
-            return Collection(name, using=alias)
+            try:
+                return Collection(name, using=alias, timeout=MILVUS_TIMEOUT)
+            except Exception:  # dropped by another worker since (a re-index): look again
+                self._loaded.discard(key)
         try:
             if not utility.has_collection(name, using=alias, timeout=MILVUS_TIMEOUT):
                 if not create:
@@ -282,7 +285,7 @@ class MilvusStore(VectorStore):
                 found.create_index('vector', {'index_type': 'HNSW', 'metric_type': 'COSINE',
                                               'params': {'M': 16, 'efConstruction': 128}}, timeout=MILVUS_TIMEOUT)
             else:
-                found = Collection(name, using=alias)
+                found = Collection(name, using=alias, timeout=MILVUS_TIMEOUT)
             found.load(timeout=MILVUS_TIMEOUT)
         except StoreError:
             raise
