@@ -15,9 +15,13 @@ named by --db, default `postgres`):
    chunks' source records with a company rule, fetching more until k readable), at each size;
    p50/p95 in ms, and recall@10 of the index against exact search. Vectors past the embedded
    chunks are those vectors with noise (embedding 100,000 chunks takes minutes on 2 cores).
-3. Retrieval quality: bench/data/knowledge_questions.json, questions written from the README, each
-   naming the section that answers it; the README is cut into 200-token chunks (overlap 40) with the
-   embedding model's tokenizer; hit rate@5 and MRR for each local embedding model.
+3. Retrieval quality, for each local embedding model (questions embedded as queries): 29 questions
+   (bench/data/knowledge_questions.json) written from a frozen copy of this README
+   (bench/data/knowledge_corpus.md), each naming the section that answers it, cut with the model's
+   tokenizer into the former default chunks (200 tokens, overlap 40, plain) and the present ones
+   (128, overlap 32, each led by its Markdown heading path); and 8 Arabic questions on a short
+   Arabic handbook (bench/data/knowledge_corpus_ar.md, knowledge_questions_ar.json). Hit rate@5
+   and MRR@10; a hit is a chunk lying mostly in the named section.
 """
 import argparse
 import json
@@ -41,7 +45,7 @@ from lib.knowledge import chunking, documents, retrieval, stores  # noqa: E402
 from lib.knowledge.vectors import exact_top, to_bytes  # noqa: E402
 from lib.serving.model_server import ModelServer  # noqa: E402
 
-MODELS = ['all-MiniLM-L6-v2']
+MODELS = ['all-MiniLM-L6-v2', 'multilingual-e5-small']
 PYTHON = os.environ.get('LLMT_TRAINER_PYTHON') or 'python3'
 
 
@@ -128,7 +132,7 @@ def bench_search(server, base_vectors, sizes, connection, queries, k=10):
         for question in queries:
             for kind in ('exact', 'index'):
                 started = time.perf_counter()
-                vector = numpy.asarray(server.embed([question], MODELS[0])['data'][0], dtype=numpy.float32)
+                vector = numpy.asarray(server.embed([question], MODELS[0], 'query')['data'][0], dtype=numpy.float32)
                 embedded = time.perf_counter()
                 if kind == 'exact':
                     search = lambda n: exact_top(matrix, ids, vector, n)
@@ -150,35 +154,52 @@ def bench_search(server, base_vectors, sizes, connection, queries, k=10):
                  float(numpy.mean(recall)), len(queries)))
 
 
-def bench_quality(server, chunker, questions):
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        readme = f.read()
-    cut = chunker(readme, 200, 40)
-    starts = [(m.start(), m.group(1).strip()) for m in re.finditer(r'^#{2,3} (.+)$', readme, re.M)]
+def bench_quality(server, chunkers, name, corpus, questions, variants):
+    """Hit rate@5 and MRR@10 of `questions` ({'question', 'section'}) over `corpus` (Markdown): a
+    hit is a chunk of the named section (## or ### heading), one that lies at least half in it or
+    holds at least half of it (a short section shares its chunk with its neighbours)."""
+    with open(os.path.join(ROOT, 'bench', 'data', corpus)) as f:
+        text = f.read()
+    marks = [(offset, title) for offset, level, title in chunking.headings(text) if level in (2, 3)]
+    spans = [(0, marks[0][0] if marks else len(text), 'Introduction')] + [
+        (start, marks[i + 1][0] if i + 1 < len(marks) else len(text), title) for i, (start, title) in enumerate(marks)]
 
-    def section(chunk):  # the section where most of the chunk lies
-        middle = (chunk['start'] + chunk['end']) // 2
-        return ([title for start, title in starts if start <= middle] or ['Introduction'])[-1]
-    for headed in (False, True):
-        pieces = chunking.with_headings(readme, cut) if headed else cut
-        chunks = [(section(c), c['text']) for c in pieces]
-        _quality(server, chunks, questions, 'Markdown chunks with their heading (ours)' if headed else 'plain chunks')
-
-
-def _quality(server, chunks, questions, variant):
+    def sections(chunk):
+        found = set()
+        for start, end, title in spans:
+            shared = min(end, chunk['end']) - max(start, chunk['start'])
+            if shared > 0 and (2 * shared >= chunk['end'] - chunk['start'] or 2 * shared >= end - start):
+                found.add(title)
+        return found
     for model in MODELS:
-        vectors = numpy.asarray(server.embed([c[1] for c in chunks], model)['data'], dtype=numpy.float32)
-        ids = numpy.arange(len(chunks))
-        hits, reciprocal = 0, []
-        for item in questions:
-            query = numpy.asarray(server.embed([item['question']], model)['data'][0], dtype=numpy.float32)
-            ranked = [chunks[i][0] for i, _ in exact_top(vectors, ids, query, 10)]
-            rank = next((r for r, title in enumerate(ranked, 1) if title == item['section']), None)
-            hits += bool(rank and rank <= 5)
-            reciprocal.append(1.0 / rank if rank else 0.0)
-        print('retrieval quality (%s, %s): hit rate@5 %.2f, MRR@10 %.3f over %d README questions (%d chunks)'
-              % (model, variant, hits / float(len(questions)), float(numpy.mean(reciprocal)), len(questions),
-                 len(chunks)))
+        for label, size, overlap, headed in variants:
+            cut = chunkers[model](text, size, overlap)
+            pieces = chunking.with_headings(text, cut) if headed else cut
+            chunks = [(sections(c), c['text']) for c in pieces]
+            vectors = numpy.asarray(server.embed([c[1] for c in chunks], model)['data'], dtype=numpy.float32)
+            queries = numpy.asarray(server.embed([q['question'] for q in questions], model, 'query')['data'],
+                                    dtype=numpy.float32)
+            ids = numpy.arange(len(chunks))
+            hits, reciprocal = 0, []
+            for item, query in zip(questions, queries):
+                ranked = [chunks[i][0] for i, _ in exact_top(vectors, ids, query, 10)]
+                rank = next((r for r, titles in enumerate(ranked, 1) if item['section'] in titles), None)
+                hits += bool(rank and rank <= 5)
+                reciprocal.append(1.0 / rank if rank else 0.0)
+            print('retrieval quality (%s, %s, %s): hit rate@5 %.2f, MRR@10 %.3f over %d questions (%d chunks)'
+                  % (model, name, label, hits / float(len(questions)), float(numpy.mean(reciprocal)),
+                     len(questions), len(chunks)))
+
+
+QUALITY_VARIANTS = [
+    ('chunks of 200 tokens, overlap 40, plain (the former default)', 200, 40, False),
+    ('chunks of 128 tokens, overlap 32, led by their heading path (the default)', 128, 32, True),
+]
+
+
+def _questions(name):
+    with open(os.path.join(ROOT, 'bench', 'data', name)) as f:
+        return json.load(f)
 
 
 def main():
@@ -187,6 +208,7 @@ def main():
     parser.add_argument('--search-sizes', type=int, nargs='+', default=[10000, 100000])
     parser.add_argument('--small', action='store_true', help='a quick check: 500 chunks, 2,000 and 10,000 in search')
     parser.add_argument('--db', default='postgres')
+    parser.add_argument('--quality-only', action='store_true', help='only the retrieval quality (a minute)')
     args = parser.parse_args()
     if args.small:
         args.chunks, args.search_sizes = 500, [2000, 10000]
@@ -195,16 +217,21 @@ def main():
     server = ModelServer(PYTHON, run_dir, env=env(), cwd=ROOT)
     connection = psycopg2.connect(dbname=args.db)
     try:
-        chunker = chunking.TokenizerChunker(documents.tokenizer_info(PYTHON, env(), MODELS[0])['tokenizer'])
-        with open(os.path.join(ROOT, 'bench', 'data', 'knowledge_questions.json')) as f:
-            questions = json.load(f)
+        chunkers = {model: chunking.TokenizerChunker(documents.tokenizer_info(PYTHON, env(), model)['tokenizer'])
+                    for model in MODELS}
+        chunker = chunkers[MODELS[0]]
+        questions = _questions('knowledge_questions.json')
         pieces = [c['text'] for _t, body in readme_sections() for c in chunker(body, 64, 8)]
         texts = [pieces[i % len(pieces)] + (' (%d)' % i) for i in range(args.chunks)]
         server.embed(['warm up'], MODELS[0])
-        bench_indexing(server, chunker, texts, connection)
-        base_vectors = numpy.asarray(server.embed(pieces[:2000], MODELS[0])['data'], dtype=numpy.float32)
-        bench_search(server, base_vectors, args.search_sizes, connection, [q['question'] for q in questions])
-        bench_quality(server, chunker, questions)
+        if not args.quality_only:
+            bench_indexing(server, chunker, texts, connection)
+            base_vectors = numpy.asarray(server.embed(pieces[:2000], MODELS[0])['data'], dtype=numpy.float32)
+            bench_search(server, base_vectors, args.search_sizes, connection, [q['question'] for q in questions])
+        bench_quality(server, chunkers, 'the README (bench/data/knowledge_corpus.md)', 'knowledge_corpus.md',
+                      questions, QUALITY_VARIANTS)
+        bench_quality(server, chunkers, 'Arabic handbook', 'knowledge_corpus_ar.md',
+                      _questions('knowledge_questions_ar.json'), QUALITY_VARIANTS[1:])
         print('peak RSS of this process %.0f MB' % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
     finally:
         connection.close()

@@ -44,17 +44,22 @@ class LlmKnowledgeCollection(models.Model):
                                   default=_default_provider,
                                   help='Who embeds the chunks: the local model server, or OpenAI.')
     embedding_model = fields.Char(required=True, default=DEFAULT_EMBEDDING_MODEL,
-                                  help='all-MiniLM-L6-v2 (local, the default), or an OpenAI embedding model '
+                                  help='all-MiniLM-L6-v2 (local, the default, English), multilingual-e5-small '
+                                       '(local: Arabic and about 100 other languages), or an OpenAI embedding model '
                                        '(text-embedding-3-small) with an OpenAI provider. Changing it re-indexes '
                                        'the collection.')
-    chunk_size = fields.Integer(default=200, required=True, help='Tokens per chunk (the embedding model\'s).')
-    chunk_overlap = fields.Integer(default=40, required=True, help='Tokens each chunk repeats of the one before.')
+    # 128: all-MiniLM-L6-v2 was trained on texts of at most 128 tokens (its model card); longer
+    # chunks blur several topics into one vector. A quarter overlaps the chunk before.
+    chunk_size = fields.Integer(default=128, required=True, help='Tokens per chunk (the embedding model\'s).')
+    chunk_overlap = fields.Integer(default=32, required=True, help='Tokens each chunk repeats of the one before.')
     max_file_mb = fields.Float(string='Max File Size (MB)', default=50.0, required=True)
-    store = fields.Selection([('embedded', 'Embedded (PostgreSQL + index file)'), ('pgvector', 'pgvector')],
+    store = fields.Selection([('embedded', 'Embedded (PostgreSQL + index file)'), ('pgvector', 'pgvector'),
+                              ('milvus', 'Milvus')],
                              default='embedded', required=True,
                              help='Embedded: nothing to install, exact search for small collections and an index '
                                   'file per collection in Odoo\'s data folder for large ones. pgvector: needs the '
-                                  'extension on the PostgreSQL server.')
+                                  'extension on the PostgreSQL server. Milvus: a Milvus server or cluster at '
+                                  'odoo.conf\'s llm_training_milvus_uri.')
     reader_group_ids = fields.Many2many('res.groups', string='Readers',
                                         help='Users of these groups may ask this collection (none: every internal '
                                              'user). Fields restricted to groups are indexed only when every reader '
@@ -95,14 +100,19 @@ class LlmKnowledgeCollection(models.Model):
         if any(c.store == 'pgvector' for c in self) and not stores.pgvector_available(self.env.cr):
             raise ValidationError(_('This PostgreSQL server has no "vector" extension (pgvector): install it on the '
                                     'database server, or keep the embedded store.'))
+        if any(c.store == 'milvus' for c in self) and not tools.config.get('llm_training_milvus_uri'):
+            raise ValidationError(_('The Milvus store needs the address of a Milvus server: set '
+                                    'llm_training_milvus_uri (e.g. http://127.0.0.1:19530) in odoo.conf.'))
 
     @api.multi
     def write(self, values):
         reindex = [c for c in self if any(f in values and values[f] != (c[f].id if isinstance(c[f], models.BaseModel)
                                                                         else c[f]) for f in REINDEX_FIELDS)]
+        for collection in reindex:
+            collection._store_drop()  # the store it had: a new model may not even have the same dimensions
         result = super(LlmKnowledgeCollection, self).write(values)
         for collection in reindex:
-            collection._reset_index()
+            collection._reset_index(dropped=True)
         return result
 
     @api.multi
@@ -130,20 +140,23 @@ class LlmKnowledgeCollection(models.Model):
         return True
 
     # -- indexing ---------------------------------------------------------------------------------
-    def _reset_index(self):
+    def _reset_index(self, dropped=False):
         """Forget every chunk: the sources are indexed again (a new embedding model, new sizes)."""
         self.ensure_one()
-        self._store_delete_all()
+        if not dropped:
+            self._store_drop()
         self.env.cr.execute('DELETE FROM llm_knowledge_chunk WHERE collection_id = %s', (self.id,))
         self.sudo().source_ids.write({'state': 'pending', 'sync_cursor': 0, 'error': False})
         self.sudo().write({'dimensions': 0})
         self._bump_version()
 
-    def _store_delete_all(self):
-        self.env.cr.execute('SELECT id FROM llm_knowledge_chunk WHERE collection_id = %s', (self.id,))
-        ids = [row[0] for row in self.env.cr.fetchall()]
-        if ids and self.store != 'embedded':
-            self._store().delete(self._ref(), ids)
+    def _store_drop(self):
+        """Empty the collection's store (its Milvus collection, its pgvector rows, its index file).
+        A store that cannot be reached does not block moving away from it: logged, left behind."""
+        try:
+            self.sudo()._store().drop(self.sudo()._ref())
+        except stores.StoreError as e:
+            _logger.warning('Knowledge collection %s: its %s store was not emptied: %s', self.id, self.store, e)
 
     def _bump_version(self):
         self.env.cr.execute('UPDATE llm_knowledge_collection SET index_version = index_version + 1 WHERE id = %s',
@@ -204,10 +217,13 @@ class LlmKnowledgeCollection(models.Model):
     def _trainer_python(self):
         return tools.config.get('llm_training_trainer_python') or 'python3'
 
-    def _embed(self, texts):
+    def _embed(self, texts, input_type='passage'):
+        """Vectors of chunks ('passage') or of a question ('query': asymmetric models such as E5
+        embed it with another prefix)."""
         vectors = []
         for start in range(0, len(texts), EMBED_BATCH):
-            vectors.extend(self.provider_id._call_adapter('embed', self.embedding_model, texts[start:start + EMBED_BATCH]))
+            vectors.extend(self.provider_id._call_adapter('embed', self.embedding_model, texts[start:start + EMBED_BATCH],
+                                                          input_type))
         return vectors
 
     def _add_chunks(self, source, items):
@@ -245,7 +261,9 @@ class LlmKnowledgeCollection(models.Model):
     # -- the vector store -----------------------------------------------------------------------------
     def _store(self):
         index_dir = os.path.join(tools.config['data_dir'], 'llm_training', 'knowledge', self.env.cr.dbname)
-        return stores.store_class(self.store)({'index_dir': index_dir})
+        return stores.store_class(self.store)({'index_dir': index_dir, 'db': self.env.cr.dbname,
+                                               'milvus_uri': tools.config.get('llm_training_milvus_uri'),
+                                               'milvus_token': tools.config.get('llm_training_milvus_token')})
 
     def _ref(self):
         self.ensure_one()
@@ -281,7 +299,7 @@ class LlmKnowledgeCollection(models.Model):
             by_provider.setdefault((collection.provider_id, collection.embedding_model), []).append(collection)
         searches = []
         for (provider, model), group in by_provider.items():
-            vector = numpy.asarray(group[0].sudo()._embed([query])[0], dtype=numpy.float32)
+            vector = numpy.asarray(group[0].sudo()._embed([query], 'query')[0], dtype=numpy.float32)
             for collection in group:
                 store, ref = collection.sudo()._store(), collection.sudo()._ref()
                 searches.append(lambda n, store=store, ref=ref, vector=vector: store.search(ref, vector, n))

@@ -222,14 +222,14 @@ class LlmKnowledgeSource(models.Model):
         known = dict(self.env.cr.fetchall())
         chunker, items, changed = collection._chunker(), [], []
         for record in records:
-            text = self._record_text(record, names)
-            content_hash = chunking.text_hash(text)
+            text, title = self._record_text(record, names), record.display_name
+            content_hash = chunking.text_hash('%s\n%s' % (title, text))  # the title is in its chunks too
             if known.get(record.id) == content_hash:
                 continue
             changed.append(record.id)
-            title = record.display_name
             items.extend((Model._name, record.id, title, content_hash, chunk)
-                         for chunk in chunker(text, collection.chunk_size, collection.chunk_overlap))
+                         for chunk in chunking.with_title(title, chunker(text, collection.chunk_size,
+                                                                        collection.chunk_overlap)))
         if changed:
             self._drop_chunks(changed)
             collection._add_chunks(self, items)

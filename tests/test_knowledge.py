@@ -20,6 +20,11 @@ Orders ship from our warehouse in Rotterdam every weekday. Parcels to Germany ar
 """
 FAQ_HTML = b"""<html><head><style>p {color: red}</style><script>var secret = 'hidden';</script></head>
 <body><h1>Opening hours</h1><p>The support desk is open from 9:00 to 17:00, Monday to Friday.</p></body></html>"""
+ARABIC_FILES = [  # refunds, opening hours, warranty
+    ('refunds.md', u'يمكن للعميل استرداد المبلغ خلال ثلاثين يوما من الشراء إذا كان المنتج في حالته الأصلية.'),
+    ('hours.md', u'يعمل فريق خدمة العملاء من التاسعة صباحا حتى الخامسة مساء من الأحد إلى الخميس.'),
+    ('warranty.md', u'تتمتع الأجهزة بضمان لمدة سنتين ضد عيوب التصنيع ولا يشمل الضرر الناتج عن الماء.'),
+]
 FAR = time.time() + 3600
 
 
@@ -199,6 +204,23 @@ class TestKnowledge(SavepointCase):
         self.collection._sync(FAR)
         self.assertEqual(self.handbook.state, 'done')
         self.assertTrue(self.chunks(self.handbook))
+
+    def test_an_arabic_question_finds_the_arabic_chunk_with_the_multilingual_model(self):
+        arabic = self.env['llm.knowledge.collection'].create({
+            'name': 'Arabic', 'provider_id': self.local.id, 'embedding_model': 'multilingual-e5-small',
+            'chunk_size': 40, 'chunk_overlap': 0})
+        for name, text in ARABIC_FILES:
+            file_source(arabic, name, text.encode('utf-8'))
+        arabic._sync(FAR)
+        self.assertEqual(set(arabic.source_ids.mapped('state')), {'done'}, arabic.source_ids.mapped('error'))
+        # cut in the model's own tokens (17 to 25 a file); all-MiniLM-L6-v2's English vocabulary
+        # spells Arabic nearly letter by letter (64 to 71), which would make 2 chunks of each
+        self.assertEqual(self.env['llm.knowledge.chunk'].search_count([('collection_id', '=', arabic.id)]), 3)
+        for question, name in (('كم يوما لدي لاسترجاع أموالي؟', 'refunds.md'),
+                               ('متى يفتح فريق خدمة العملاء؟', 'hours.md'),
+                               ('هل يغطي الضمان تلف الجهاز بالماء؟', 'warranty.md')):
+            hits = arabic.sudo(self.user).search_chunks(question, top_k=1)
+            self.assertEqual(hits[0]['title'], name, question)
 
     def test_assistant_answers_with_numbered_sources_from_a_real_model(self):
         smol = self.env['llm.model'].create({'name': 'SmolLM2', 'provider_id': self.local.id,

@@ -137,3 +137,23 @@ class TestHeadings(unittest.TestCase):
         headed = chunking.with_headings(text, chunks)
         self.assertEqual(headed[0]['text'], chunks[0]['text'], 'a chunk starting with its heading keeps it once')
         self.assertEqual(headed[1]['text'], 'Refunds\nthe card used\n# Shipping\nfrom Rotterdam')
+
+    def test_the_path_of_nested_headings_leads_each_chunk_and_code_is_not_a_heading(self):
+        text = ('# Guide\nintro words here\n## Refunds\nwithin thirty days of delivery\n```\n# not a heading\n```\n'
+                'to the card used for the order\n## Shipping\nfrom Rotterdam on Mondays')
+        self.assertEqual([(level, title) for _o, level, title in chunking.headings(text)],
+                         [(1, 'Guide'), (2, 'Refunds'), (2, 'Shipping')], 'a shell comment in a code block is no heading')
+        chunks = chunking.chunk_text(text, words_offsets(text), size=8, overlap=0)
+        self.assertEqual([c['text'] for c in chunking.with_headings(text, chunks)], [
+            '# Guide\nintro words here\n## Refunds\nwithin',  # starts with its own heading: kept once
+            'Guide > Refunds\nthirty days of delivery\n```\n# not a',
+            'Guide > Refunds\nheading\n```\nto the card used for the',  # the code's `# not a heading` is no section
+            'Guide > Refunds\norder\n## Shipping\nfrom Rotterdam on Mondays'])
+
+    def test_a_record_chunk_carries_its_title_once(self):
+        chunks = [{'position': 0, 'text': 'Desk Lamp, brass, 40 W', 'start': 0, 'end': 22, 'tokens': 5},
+                  {'position': 1, 'text': 'ships within two days', 'start': 23, 'end': 44, 'tokens': 4}]
+        titled = chunking.with_title('Desk Lamp', chunks)
+        self.assertEqual(titled[0]['text'], 'Desk Lamp, brass, 40 W', 'already there: not repeated')
+        self.assertEqual(titled[1]['text'], 'Desk Lamp\nships within two days')
+        self.assertEqual(chunking.with_title('', chunks), chunks)

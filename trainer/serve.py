@@ -38,7 +38,8 @@ Loopback is shared by every local user and process, so the server trusts none of
                      first one's in "text", completion_tokens summed)
                      stream: one JSON object per line, {"delta": "..."} ..., then
                      {"finish_reason", "prompt_tokens", "completion_tokens"} (or {"error"} mid-way)
-    POST /embed      {"model": name, "input": [str]} -> {"data": [[float]], ...} (trainer/knowledge/embed.py)
+    POST /embed      {"model": name, "input": [str], "input_type": "passage" | "query"}
+                     -> {"data": [[float]], ...} (trainer/knowledge/embed.py)
     POST /shutdown   answers, then exits; SIGTERM does the same
 
 A model folder is either a full model (config.json: loaded as the base, replacing the loaded one)

@@ -2,7 +2,6 @@
 import hashlib
 import re
 
-HEADING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*$', re.M)
 
 
 def text_hash(text):
@@ -62,20 +61,65 @@ class TokenizerChunker(object):
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def with_headings(text, chunks):
-    """Markdown: each chunk starts with the heading it falls under (when it does not already), so
-    a chunk cut from the middle of a section still says what it is about (on the README questions
-    of bench/bench_knowledge.py: MRR 0.537 without, 0.559 with; hit rate@5 0.70 both)."""
-    headings = [(m.start(), m.group(1).strip()) for m in HEADING.finditer(text)]
-    if not headings:
+FENCE = re.compile(r'^[ \t]*(```|~~~)')
+ATX = re.compile(r'^(#{1,6})[ \t]+(.+?)[ \t#]*$')
+
+
+def headings(text):
+    """[(offset, level, title)] of a Markdown text's ATX headings, those inside fenced code
+    blocks left out (a shell comment `# llama.cpp` in a code block is not a section)."""
+    found, fenced, offset = [], False, 0
+    for line in text.splitlines(True):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced:
+            match = ATX.match(line.rstrip('\r\n'))
+            if match:
+                found.append((offset, len(match.group(1)), match.group(2).strip()))
+        offset += len(line)
+    return found
+
+
+def heading_path(marks, offset):
+    """The titles of the sections enclosing `offset`, outermost first ('Guide', 'Refunds')."""
+    path = []
+    for start, level, title in marks:
+        if start > offset:
+            break
+        while path and path[-1][0] >= level:
+            path.pop()
+        path.append((level, title))
+    return [title for _level, title in path]
+
+
+def with_headings(text, chunks, separator=' > '):
+    """Markdown: each chunk starts with the path of headings it falls under ('Guide > Refunds'),
+    so a chunk cut from the middle of a section still says what it is about, in its vector and
+    in its words. The path is that of the chunk's first character; a chunk that begins on its
+    own heading line keeps only the outer part of the path in front of it."""
+    marks = headings(text)
+    if not marks:
         return chunks
     out = []
     for chunk in chunks:
-        above = [title for start, title in headings if start <= chunk['start']]
-        if above and not chunk['text'].lstrip('# ').startswith(above[-1]):
-            chunk = dict(chunk, text='%s\n%s' % (above[-1], chunk['text']))
+        path = heading_path(marks, chunk['start'])
+        if path and chunk['text'].lstrip('# ').startswith(path[-1]):
+            path = path[:-1]  # its own heading line already says the last part
+        if path:
+            chunk = dict(chunk, text='%s\n%s' % (separator.join(path), chunk['text']))
         out.append(chunk)
     return out
+
+
+def with_title(title, chunks):
+    """Each chunk starts with its record's title (a product's name, a partner's) unless it already
+    holds it: the second chunk of a long description says whose it is, to the embedding and to
+    whoever reads the source."""
+    title = (title or '').strip()
+    if not title:
+        return chunks
+    return [chunk if title.lower() in chunk['text'].lower() else dict(chunk, text='%s\n%s' % (title, chunk['text']))
+            for chunk in chunks]
 
 
 def dataset_answers(lines, limit=None):

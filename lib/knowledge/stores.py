@@ -20,6 +20,9 @@ vectors from PostgreSQL.
   update; a stale index file is rebuilt from PostgreSQL by one process (a file lock), the others
   load it.
 - PgVectorStore: the `vector` extension, when the server has it (detected, never assumed).
+- MilvusStore: a Milvus server or cluster (`pymilvus`, the client a cluster uses), one Milvus
+  collection per knowledge collection. PostgreSQL stays the source of truth: a chunk id Milvus
+  returns that PostgreSQL no longer has (a rolled-back transaction) is dropped by the retrieval.
 """
 import json
 import os
@@ -223,3 +226,104 @@ class PgVectorStore(VectorStore):
                        ('[%s]' % ','.join('%.7g' % x for x in vector), collection.id,
                         '[%s]' % ','.join('%.7g' % x for x in vector), k))
         return [(int(i), float(s)) for i, s in cursor.fetchall()]
+
+
+MILVUS_TIMEOUT = 30  # seconds for each call to the Milvus server
+
+
+@register
+class MilvusStore(VectorStore):
+    """config: {'milvus_uri': 'http://host:19530', 'milvus_token': optional, 'db': Odoo's database
+    name}. One Milvus collection per knowledge collection, named after the database and its id,
+    holding (chunk id, vector) with an HNSW index by cosine, strongly consistent (a search sees
+    the writes before it: every worker sees an update)."""
+    service = 'milvus'
+    _loaded = set()  # (uri, name) of collections this process has loaded into the server's memory
+    _lock = threading.Lock()
+
+    def _alias(self):
+        uri = self.config.get('milvus_uri')
+        if not uri:
+            raise StoreError('the Milvus store needs the server\'s address: set llm_training_milvus_uri '
+                             '(e.g. http://127.0.0.1:19530) in odoo.conf')
+        try:
+            from pymilvus import connections
+        except ImportError:
+            raise StoreError('the Milvus store needs the pymilvus package in Odoo\'s Python')
+        alias = 'llmt-%s' % uri
+        with self._lock:
+            if not connections.has_connection(alias):
+                try:
+                    connections.connect(alias, uri=uri, token=self.config.get('milvus_token') or '',
+                                        timeout=MILVUS_TIMEOUT)
+                except Exception as e:
+                    raise StoreError('cannot reach the Milvus server at %s: %s' % (uri, e))
+        return alias
+
+    def name(self, collection):
+        db = ''.join(ch if ch.isalnum() else '_' for ch in self.config.get('db') or 'odoo')
+        return 'llmt_%s_%d' % (db, collection.id)
+
+    def _collection(self, collection, create=False):
+        """The Milvus collection (loaded), created when `create` and missing; None when missing."""
+        from pymilvus import Collection, CollectionSchema, DataType, FieldSchema, utility
+        alias, name = self._alias(), self.name(collection)
+        key = (self.config['milvus_uri'], name)
+        if key in self._loaded:
+            try:
+                return Collection(name, using=alias, timeout=MILVUS_TIMEOUT)
+            except Exception:  # dropped by another worker since (a re-index): look again
+                self._loaded.discard(key)
+        try:
+            if not utility.has_collection(name, using=alias, timeout=MILVUS_TIMEOUT):
+                if not create:
+                    return None
+                schema = CollectionSchema([FieldSchema('chunk_id', DataType.INT64, is_primary=True),
+                                           FieldSchema('vector', DataType.FLOAT_VECTOR, dim=collection.dimensions)],
+                                          description='llm_training knowledge collection %d' % collection.id)
+                found = Collection(name, schema, using=alias, consistency_level='Strong', timeout=MILVUS_TIMEOUT)
+                found.create_index('vector', {'index_type': 'HNSW', 'metric_type': 'COSINE',
+                                              'params': {'M': 16, 'efConstruction': 128}}, timeout=MILVUS_TIMEOUT)
+            else:
+                found = Collection(name, using=alias, timeout=MILVUS_TIMEOUT)
+            found.load(timeout=MILVUS_TIMEOUT)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError('Milvus collection %s: %s' % (name, e))
+        self._loaded.add(key)
+        return found
+
+    def _call(self, what, function, *args, **kwargs):
+        try:
+            return function(*args, timeout=MILVUS_TIMEOUT, **kwargs)
+        except Exception as e:
+            raise StoreError('Milvus %s failed: %s' % (what, e))
+
+    def add(self, collection, ids, vectors):
+        if not len(ids):
+            return
+        found = self._collection(collection, create=True)
+        rows = [[int(i) for i in ids], [[float(x) for x in vector] for vector in vectors]]
+        self._call('upsert', found.upsert, rows)  # an id written again (a retried batch) replaces
+
+    def delete(self, collection, ids):
+        found = self._collection(collection)
+        if found is not None and len(ids):
+            self._call('delete', found.delete, 'chunk_id in %s' % [int(i) for i in ids])
+
+    def search(self, collection, vector, k):
+        found = self._collection(collection)
+        if found is None or k <= 0:
+            return []
+        k = min(int(k), 16384)  # Milvus' largest top-k
+        answer = self._call('search', found.search, [[float(x) for x in vector]], 'vector',
+                            {'metric_type': 'COSINE', 'params': {'ef': max(64, k)}}, limit=k)
+        return [(int(hit.id), float(hit.distance)) for hit in answer[0]]
+
+    def drop(self, collection):
+        from pymilvus import utility
+        alias, name = self._alias(), self.name(collection)
+        if self._call('lookup', utility.has_collection, name, using=alias):
+            self._call('drop', utility.drop_collection, name, using=alias)
+        self._loaded.discard((self.config['milvus_uri'], name))

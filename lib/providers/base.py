@@ -211,9 +211,10 @@ class TrainingProvider(object):
         before this returns, so refusals raise here, not at the first item."""
         raise TrainingFailedError('Provider "%s" cannot chat with its models.' % self.name)
 
-    def embed(self, model_ref, texts):
+    def embed(self, model_ref, texts, input_type='passage'):
         """The embedding vectors of `texts` (a list of lists of floats, in order) by the named
-        embedding model (knowledge collections)."""
+        embedding model (knowledge collections); `input_type` 'query' for a question searched
+        with, 'passage' for what is indexed (models that make no difference ignore it)."""
         raise TrainingFailedError('Provider "%s" cannot embed texts.' % self.name)
 
     def list_models(self):

@@ -188,10 +188,10 @@ class LocalTrainer(ServedChat, TrainerLauncher):
     def served_path(self, model_ref, where):
         return self.model_path(model_ref)  # this host only: its models are on its own disk
 
-    def embed(self, model_ref, texts):
+    def embed(self, model_ref, texts, input_type='passage'):
         """Embeddings by a named model of this host's model server (trainer/knowledge/embed.py)."""
         try:
-            return self.model_server().embed(texts, model_ref)['data']
+            return self.model_server().embed(texts, model_ref, input_type)['data']
         except ModelServerError as e:
             if e.status in (400, 404):
                 raise InvalidRequestError('Embedding failed: %s' % e)

@@ -323,8 +323,9 @@ class OpenAIFineTuning(TrainingProvider):
     def test_connection(self):
         return '%d models visible with this key.' % len(self.list_models())
 
-    def embed(self, model_ref, texts):
-        """OpenAI's embedding models (text-embedding-3-small, ...), in order."""
+    def embed(self, model_ref, texts, input_type='passage'):
+        """OpenAI's embedding models (text-embedding-3-small, ...), in order; they embed a query
+        as a passage (no input type)."""
         client = self.client()
         with self.errors('embedding texts'):
             answer = client.embeddings.create(model=model_ref, input=list(texts))

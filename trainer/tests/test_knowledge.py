@@ -48,3 +48,40 @@ def test_parsers_read_docx_html_and_refuse_broken_files(tmp_path):
     (tmp_path / 'big.txt').write_bytes(b'x' * 2000)
     with pytest.raises(parse.ParseError, match='the limit is 1000'):
         parse.extract(str(tmp_path / 'big.txt'), 'text', max_bytes=1000)
+
+
+ARABIC = ['سياسة الاسترداد: يمكن للعميل استرداد المبلغ خلال ثلاثين يوما من الشراء إذا كان المنتج في حالته الأصلية.',
+          'ساعات العمل: يعمل فريق خدمة العملاء من التاسعة صباحا حتى الخامسة مساء من الأحد إلى الخميس.',
+          'الضمان: تتمتع الأجهزة بضمان لمدة سنتين ضد عيوب التصنيع ولا يشمل الضرر الناتج عن الماء.',
+          'Parcels ship from Rotterdam every Monday.']
+
+
+def test_an_arabic_question_finds_its_arabic_passage_with_multilingual_e5(cache):
+    passages, _ = embed.embed(ARABIC, 'multilingual-e5-small', cache=cache)
+    assert len(passages[0]) == 384
+    cos = lambda a, b: sum(x * y for x, y in zip(a, b))
+    for question, expected in (('كم يوما لدي لاسترجاع أموالي؟', 0), ('متى يفتح فريق خدمة العملاء؟', 1),
+                               ('هل يغطي الضمان تلف الجهاز بالماء؟', 2)):
+        query = embed.embed([question], 'multilingual-e5-small', cache=cache, input_type='query')[0][0]
+        scores = [cos(query, p) for p in passages]
+        assert scores.index(max(scores)) == expected, (question, scores)
+    # E5 is asymmetric: a question is embedded with its "query: " prefix, unlike a passage
+    as_query = embed.embed([ARABIC[0]], 'multilingual-e5-small', cache=cache, input_type='query')[0][0]
+    assert cos(as_query, passages[0]) < 0.999
+    # a symmetric model makes no difference
+    minilm = [embed.embed(['refund window'], cache=cache, input_type=kind)[0][0] for kind in ('query', 'passage')]
+    assert minilm[0] == minilm[1]
+
+
+def test_the_e5_tokenizer_file_counts_as_the_engine_and_keeps_offsets(cache):
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(embed.tokenizer_path('multilingual-e5-small'))
+    engine = cache.get('multilingual-e5-small')
+    for text in ARABIC:
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        # the engine counts <s>, </s> and its "passage: " prefix too
+        assert abs(len(encoding.ids) - engine.token_count(text)) <= 6, text
+        start, end = encoding.offsets[1]
+        assert text[start:end].strip() and encoding.offsets[-1][1] == len(text)
+    assert embed.answer(json.dumps({'model': 'multilingual-e5-small', 'input': ['x'],
+                                    'input_type': 'question'}).encode())[0] == 400
