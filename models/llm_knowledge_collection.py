@@ -194,7 +194,7 @@ class LlmKnowledgeCollection(models.Model):
     def _chunker(self):
         """Token chunking with the embedding model's tokenizer (the local default model's for an
         OpenAI model: its tokenizer does not run on Odoo's Python; sizes are then close, not exact)."""
-        model = self.embedding_model if self.provider_id.service == 'local' else DEFAULT_EMBEDDING_MODEL
+        model = self.embedding_model if self.provider_id.local_embeddings else DEFAULT_EMBEDDING_MODEL
         return self._chunker_of(model)
 
     @api.model

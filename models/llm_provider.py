@@ -115,6 +115,8 @@ class LlmProvider(models.Model):
                                           'calls (priced in the job\'s estimate). Off by default.')
     exports = fields.Boolean(compute='_compute_capabilities', help='Exports its fine-tuned models (Hugging Face, '
                                                                    'GGUF) where it trained them.')
+    local_embeddings = fields.Boolean(compute='_compute_capabilities',
+                                      help="Embeds with the local embedding models of this host's model server.")
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')

@@ -60,6 +60,7 @@ def chat_template_table(python, path, cache_dir=None):
 class LocalTrainer(ServedChat, TrainerLauncher):
     service = 'local'
     capabilities = {'can_resume': True, 'can_chat': True, 'supports_text': True, 'evaluates': True, 'exports': True,
+                    'local_embeddings': True,
                     'techniques': ('lora', 'qlora', 'full')}
 
     @property
