@@ -16,7 +16,7 @@ import requests
 import odoo
 from odoo import tools
 
-from odoo.addons.llm_training.controllers import v1_hooks
+from odoo.addons.llm_training.controllers import openai_api as openai_api_controller, v1_hooks
 from odoo.addons.llm_training.lib.api_v1 import key_usage, protocol as oa
 from odoo.addons.llm_training.lib.exceptions import TrainingFailedError, TrainingRetryableError
 from odoo.addons.llm_training.lib.providers.local import LocalTrainer
@@ -128,6 +128,7 @@ class TestApiLimitsBeforeWork(ApiCase):
         self.assertEqual(v1_hooks._db_choice[ours][0], self.cr.dbname)
         self.assertIsNone(v1_hooks._db_choice[other][0])
 
+    @mock.patch.object(openai_api_controller, 'rate_clock', lambda: 1800000010.0)  # one minute for all three
     def test_the_request_rate_is_counted_in_postgresql(self):
         self.env['ir.config_parameter'].set_param('llm_training.api_requests_per_minute', '2')
         limited = self.make_key(self.env.ref('base.user_root'), name='limited')

@@ -111,8 +111,10 @@ def test_cancel_saves_checkpoint_then_resume_continues(tmp_path, model_dir):
     assert status['state'] == 'completed'
     events = [e['message'] for e in read_jsonl(os.path.join(job, 'events.jsonl'))]
     assert any(m.startswith('Resuming from checkpoint-%d' % stopped_at) for m in events), events
-    # measured again: the machine and its load may have changed since the first run
-    assert sum(1 for m in events if m.startswith('precision: ') and 'start' in m) == 2, events
+    # chosen again on resume (the machine and its load may have changed since the first run); the
+    # first run was cancelled within the steps its tuning measures on, so it may have none
+    resumed = events[max(i for i, m in enumerate(events) if m.startswith('Cancel')) + 1:]
+    assert sum(1 for m in resumed if m.startswith('precision: ')) == 1, events
     steps = [m['step'] for m in read_jsonl(os.path.join(job, 'metrics.jsonl')) if 'train_loss' in m]
     assert steps[-1] == stopped_at + 2
     assert steps.count(1) == 1, 'the resumed run did not start again from step 1'
