@@ -32,7 +32,7 @@ from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.http import request, Response
 
 from ..lib.api_v1 import protocol as oa
-from ..lib.jobs import job_status, trainer_folder
+from ..lib.jobs import job_status
 from ..lib.host import limits
 from ..lib.exceptions import TrainingFailedError, TrainingRetryableError
 from ..user_errors import BudgetExceeded, InvalidServiceRequest, JobRefused, ServiceBusy
@@ -213,10 +213,7 @@ class OpenAIApi(http.Controller):
     def file_content(self, env, file_ident, **kw):
         dataset = self._find_file(env, file_ident)
         env['ir.attachment'].check_access_rights('read')
-        chunks = []
-        for _name, stream in dataset._attachment_streams():
-            chunks.append(stream.read())
-        return Response(b''.join(chunks), status=200, headers=[('Content-Type', 'application/octet-stream'),
+        return Response(dataset.file_content(), status=200, headers=[('Content-Type', 'application/octet-stream'),
                                                                ('x-request-id', v1_hooks.request_id())])
 
     @_route('/v1/files/<string:file_ident>', ['DELETE'])
@@ -381,7 +378,7 @@ class OpenAIApi(http.Controller):
 
     def _job(self, job):
         data_format = (job.dataset_ids[:1].data_format or 'chat')
-        hyper = job._get_hyperparameters()
+        hyper = job.get_hyperparameters()
         return oa.job_object({
             'id': job.id, 'created_at': job.create_date, 'state': job.state, 'model': self._model_id(job.base_model_id),
             'fine_tuned_model': self._model_id(job.result_model_id) if job.result_model_id else None,
@@ -401,17 +398,13 @@ class OpenAIApi(http.Controller):
         if job.result_model_id:
             ident = self._model_id(job.result_model_id)
         else:  # the id its result will have: the version its line gives it
-            version = job.env['llm.model'].sudo()._next_version(job.base_model_id, job.suffix, job)
             ident = oa.fine_tuned_model_id(None, self._model_id(job.base_model_id), job.company_id.name, job.suffix,
-                                           version)
+                                           job.get_result_version())
         found = []
-        for checkpoint in job._get_provider_data().get('checkpoints') or []:
-            ref = checkpoint['model_ref']
-            found.append((checkpoint['step'], ref if ref.startswith('ft:') else '%s:ckpt-step-%d' % (ident, checkpoint['step']),
-                          checkpoint.get('metrics') or {}, oa.unix(job.write_date)))
-        if not found and job.work_dir and not job.provider_id.registers_checkpoints:  # kept in the job folder
-            for step, _path, mtime in trainer_folder.list_checkpoints(job.work_dir):
-                found.append((step, '%s:ckpt-step-%d' % (ident, step), {}, mtime))
+        for checkpoint in job.get_checkpoints():
+            step, ref = checkpoint['step'], checkpoint['model_ref']
+            found.append((step, ref if ref and ref.startswith('ft:') else '%s:ckpt-step-%d' % (ident, step),
+                          checkpoint['metrics'], checkpoint['created']))
         out = []
         for step, model_ref, measured, created in found:
             metric = metrics.get(step)
@@ -507,8 +500,7 @@ class OpenAIApi(http.Controller):
         created = int(time.time())
         try:
             # a stream's request is sent (or refused) here, so a refusal is still an HTTP error
-            answer = model.provider_id._call_adapter('chat_stream' if stream else 'chat', model.model_ref, messages,
-                                                     options)
+            answer = model.chat(messages, options, stream=stream)
         except InvalidServiceRequest as e:
             raise oa.ApiError(400, oa.without_paths(e.name), param='messages', code='invalid_request')
         except ServiceBusy as e:  # over the model server's waiting line: told at once, not held for minutes

@@ -120,8 +120,7 @@ class LlmAssistant(models.Model):
             return {'text': NO_SOURCE_ANSWER, 'sources': [], 'prompt_tokens': 0, 'completion_tokens': 0}
         messages = [{'role': 'system', 'content': self.prompt_template.replace('{context}', '\n\n'.join(context))},
                     {'role': 'user', 'content': question}]
-        reply = self.model_id.provider_id._call_adapter('chat', self.model_id.model_ref, messages,
-                                                        {'max_tokens': self.max_answer_tokens})
+        reply = self.model_id.chat(messages, {'max_tokens': self.max_answer_tokens})
         return {'text': (reply.get('text') or '').strip(), 'sources': sources,
                 'prompt_tokens': reply.get('prompt_tokens') or 0, 'completion_tokens': reply.get('completion_tokens') or 0}
 

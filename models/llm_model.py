@@ -90,6 +90,17 @@ class LlmModel(models.Model):
         self.check_access_rule('write')
 
     @api.multi
+    def chat(self, messages, options=None, stream=False):
+        """A chat completion of this model by its provider: OpenAI's messages and options
+        (lib/providers/base.CHAT_OPTIONS); {'text', 'prompt_tokens', 'completion_tokens', ...} (with
+        'choices' when n > 1), or with `stream` a generator of its pieces (Python callers only).
+        The one way every caller chats: the /v1 API, assistants, the evaluation's judge. What the
+        service refuses is a UserError kind (InvalidServiceRequest, ServiceBusy)."""
+        self.ensure_one()
+        return self.provider_id._call_adapter('chat_stream' if stream else 'chat', self.model_ref, messages,
+                                              options or {})
+
+    @api.multi
     def action_test_model(self):
         """Answer `test_prompt` with this model and, for a fine-tuned one, with its base model."""
         self.ensure_one()

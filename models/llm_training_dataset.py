@@ -261,6 +261,13 @@ class LlmTrainingDataset(models.Model):
             with stream:
                 yield self.server_path, stream
 
+    @api.multi
+    def file_content(self):
+        """The uploaded files' bytes, one after the other (the /v1 Files API's content)."""
+        self.ensure_one()
+        self.check_access_rule('read')
+        return b''.join(stream.read() for _name, stream in self._attachment_streams())
+
     def _attachment_streams(self):
         """(file name, binary stream) per uploaded file."""
         for attachment in self.attachment_ids.sudo():

@@ -267,8 +267,8 @@ class LlmTrainingEvaluation(models.Model):
                 for answer_a, answer_b in ((line.reference_answer, line.candidate_answer),
                                            (line.candidate_answer, line.reference_answer)):
                     calls += 1
-                    reply = judge.provider_id._call_adapter('chat', judge.model_ref, evaluation_judge.judge_messages(
-                        line.prompt, line.expected, answer_a, answer_b), {'max_tokens': 8, 'temperature': 0.0})
+                    reply = judge.chat(evaluation_judge.judge_messages(line.prompt, line.expected, answer_a, answer_b),
+                                       {'max_tokens': 8, 'temperature': 0.0})
                     replies.append((reply.get('text') or '').strip())
                     verdicts.append(evaluation_judge.parse_verdict(reply.get('text')))
             except UserError as e:

@@ -512,6 +512,34 @@ class LlmTrainingJob(models.Model):
                                         'separate jobs.') % ' and '.join(sorted(formats)))
         return formats.pop() if formats else 'chat'
 
+    @api.multi
+    def get_hyperparameters(self):
+        """The job's settings as one dict, canonical names (its fields and the JSON extras): for
+        XML-RPC and the /v1 API."""
+        self.ensure_one()
+        return self._get_hyperparameters()
+
+    @api.multi
+    def get_checkpoints(self):
+        """The job's intermediate checkpoints, as its provider registered them (OpenAI keeps the
+        last three) or, for a trainer we launch, the complete ones in its job folder:
+        [{'step', 'model_ref' (the provider's own id, None for a folder's), 'metrics' (what the
+        provider measured at that step), 'created' (unix seconds, None when unknown)}]."""
+        self.ensure_one()
+        found = [{'step': c['step'], 'model_ref': c['model_ref'], 'metrics': c.get('metrics') or {}, 'created': None}
+                 for c in self._get_provider_data().get('checkpoints') or []]
+        if not found and self.work_dir and not self.provider_id.registers_checkpoints:
+            found = [{'step': step, 'model_ref': None, 'metrics': {}, 'created': mtime}
+                     for step, _path, mtime in trainer_folder.list_checkpoints(self.work_dir)]
+        return found
+
+    @api.multi
+    def get_result_version(self):
+        """The version number the job's fine-tuned model has, or will have once registered (its
+        line: base model, suffix)."""
+        self.ensure_one()
+        return self.env['llm.model'].sudo()._next_version(self.base_model_id, self.suffix, self)
+
     def _check_trainable(self):
         """Refuse (JobRefused) what the job's provider cannot train: datasets that mix formats,
         preference data without DPO, plain text where text is not trained, a technique it does not
