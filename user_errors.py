@@ -10,6 +10,11 @@ class InvalidServiceRequest(UserError):
     any UserError; the /v1 API answers it with a 400 instead of a server failure."""
 
 
+class UnknownModel(InvalidServiceRequest):
+    """No provider serves the model asked for (lib's ModelNotFoundError): the /v1 API answers 404
+    model_not_found."""
+
+
 class ServiceBusy(UserError):
     """The service is busy right now (lib's TrainingRetryableError, e.g. the model server's waiting
     line is full): a button shows it like any UserError; the /v1 API answers 429 with Retry-After

@@ -13,13 +13,13 @@ import time
 import uuid
 
 from odoo import http
-from odoo.exceptions import UserError
 from odoo.http import request
 
 from ..lib.api_v1 import protocol as oa
 from ..lib.knowledge import openai_shapes as shapes
 from .openai_api import _json, _route, endpoint
 from . import v1_hooks
+from ..user_errors import UnknownModel
 
 PURPOSES = ('assistants', 'user_data')  # uploads that become knowledge files, not fine-tuning datasets
 
@@ -76,28 +76,17 @@ class KnowledgeApi(http.Controller):
     @endpoint
     def create_embeddings(self, env, **kw):
         model, texts, encoding, dimensions = shapes.embedding_request(oa.json_body(request.httprequest.get_data()))
-        provider = self._embedding_provider(env, model)
+        Provider = env['llm.provider']
         try:
-            vectors = provider._call_adapter('embed', model, texts)
-        except UserError as e:
-            if 'unknown embedding model' in (e.name or ''):
-                raise oa.ApiError(404, 'The model %r does not exist or you do not have access to it.' % model,
-                                  param='model', code='model_not_found')
-            raise
+            vectors = Provider.embedding_provider(model).embed(model, texts)
+        except UnknownModel:
+            raise oa.ApiError(404, 'The model %r does not exist or you do not have access to it.' % model,
+                              param='model', code='model_not_found')
         if dimensions is not None and dimensions != len(vectors[0]):
             raise oa.ApiError(400, 'Model %s gives %d dimensions; it cannot shorten them to %d.'
                               % (model, len(vectors[0]), dimensions), param='dimensions', code='invalid_value')
-        counter = env['llm.knowledge.collection']._token_counter()
-        return _json(shapes.embedding_response(model, vectors, encoding, [counter(t) for t in texts]))
-
-    def _embedding_provider(self, env, model):
-        """The local model server for its models; an OpenAI provider for OpenAI's (text-embedding-*)."""
-        service = 'openai' if model.startswith('text-embedding-') else 'local'
-        provider = env['llm.provider'].search([('service', '=', service)], limit=1)
-        if not provider:
-            raise oa.ApiError(404, 'The model %r does not exist or you do not have access to it.' % model,
-                              param='model', code='model_not_found')
-        return provider
+        token_counts = env['llm.knowledge.collection'].count_tokens(texts)
+        return _json(shapes.embedding_response(model, vectors, encoding, token_counts))
 
     # -- vector stores ---------------------------------------------------------------------------
     @_route('/v1/vector_stores', ['POST'])
@@ -180,7 +169,6 @@ class KnowledgeApi(http.Controller):
         source.check_access_rights('unlink')
         source.check_access_rule('unlink')
         source.unlink()
-        source.collection_id._bump_version()
         return _json({'id': file_ident, 'object': 'vector_store.file.deleted', 'deleted': True})
 
     # -- file batches ------------------------------------------------------------------------------
@@ -256,11 +244,7 @@ class KnowledgeApi(http.Controller):
             if not attachment:
                 raise oa.ApiError(404, 'No file found with id %r (upload it with purpose "assistants").' % ident,
                                   param='file_id', code='file_not_found')
-            sources |= sources.create({'collection_id': collection.id, 'kind': 'file', 'name': attachment.datas_fname
-                                       or attachment.name, 'datas_fname': attachment.datas_fname or attachment.name,
-                                       'datas': attachment.datas})
-        for source, ident in zip(sources, file_idents):
-            source.sudo().write({'api_file_id': ident, 'file_size': source._attachment().file_size or 0})
+            sources |= sources.create_from_file(collection, attachment, api_file_id=ident)
         return sources
 
     def _store(self, collection):

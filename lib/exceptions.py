@@ -25,3 +25,7 @@ class TrainingAuthError(TrainingFailedError):
 class InvalidRequestError(TrainingFailedError):
     """The service refused the request itself (a prompt over the model's context, a bad option):
     the caller must change it; the service is fine."""
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The service has no model by the name asked for (e.g. an unknown embedding model)."""

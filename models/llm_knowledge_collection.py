@@ -198,9 +198,11 @@ class LlmKnowledgeCollection(models.Model):
         return self._chunker_of(model)
 
     @api.model
-    def _token_counter(self):
-        """Counts tokens as the default embedding model does (the usage of /v1/embeddings)."""
-        return self._chunker_of(DEFAULT_EMBEDDING_MODEL).count
+    def count_tokens(self, texts):
+        """The token count of each text as the default embedding model counts (the usage of
+        /v1/embeddings)."""
+        count = self._chunker_of(DEFAULT_EMBEDDING_MODEL).count
+        return [count(text) for text in texts]
 
     @api.model
     def _chunker_of(self, model):

@@ -74,9 +74,22 @@ class LlmKnowledgeSource(models.Model):
 
     @api.multi
     def unlink(self):
+        collections = self.mapped('collection_id')
         for source in self:
             source._drop_chunks()
-        return super(LlmKnowledgeSource, self).unlink()
+        result = super(LlmKnowledgeSource, self).unlink()
+        for collection in collections.exists():
+            collection._bump_version()  # every worker's index drops the chunks too
+        return result
+
+    @api.model
+    def create_from_file(self, collection, attachment, api_file_id=False):
+        """A file source of `collection` holding a copy of an uploaded attachment (indexed by the
+        cron); `api_file_id`: the /v1 file id it was attached by."""
+        filename = attachment.datas_fname or attachment.name
+        return self.create({'collection_id': collection.id, 'kind': 'file', 'name': filename,
+                            'datas_fname': filename, 'datas': attachment.datas, 'api_file_id': api_file_id,
+                            'file_size': attachment.file_size or 0})
 
     # -- the sync ---------------------------------------------------------------------------------
     def _drop_chunks(self, res_ids=None):

@@ -11,10 +11,10 @@ from odoo.exceptions import UserError
 from ..lib import providers
 from ..lib.jobs import budget
 from ..lib.providers import openai_mapping
-from ..lib.exceptions import InvalidRequestError, TrainingFailedError, TrainingRetryableError
+from ..lib.exceptions import InvalidRequestError, ModelNotFoundError, TrainingFailedError, TrainingRetryableError
 from ..lib.serving.model_server import serve_settings
 from ..lib.providers.base import CAPABILITIES
-from ..user_errors import BudgetExceeded, InvalidServiceRequest, ServiceBusy
+from ..user_errors import BudgetExceeded, InvalidServiceRequest, ServiceBusy, UnknownModel
 
 _logger = logging.getLogger(__name__)
 # Credentials kept in llm.secret; each field only takes a new value and has a `<name>_hint`.
@@ -24,6 +24,8 @@ SECRET_FIELDS = ('api_key', 'ray_auth_header')
 def _as_user_error(error):
     if isinstance(error, TrainingRetryableError):
         return ServiceBusy(str(error), error.seconds)
+    if isinstance(error, ModelNotFoundError):
+        return UnknownModel(str(error))
     return InvalidServiceRequest(str(error)) if isinstance(error, InvalidRequestError) else UserError(str(error))
 
 
@@ -117,6 +119,8 @@ class LlmProvider(models.Model):
                                                                    'GGUF) where it trained them.')
     local_embeddings = fields.Boolean(compute='_compute_capabilities',
                                       help="Embeds with the local embedding models of this host's model server.")
+    openai_embeddings = fields.Boolean(compute='_compute_capabilities',
+                                       help="Embeds with OpenAI's embedding models (text-embedding-*).")
     techniques = fields.Char(compute='_compute_capabilities',
                              help='Techniques it trains (comma-separated); empty: the service chooses its own.')
     connection_status = fields.Char(readonly=True, copy=False, help='What the last Test Connection found.')
@@ -301,6 +305,26 @@ class LlmProvider(models.Model):
         providers_with_storage = self.sudo().with_context(active_test=False).search([('storage_path', '!=', False)])
         roots.update(providers_with_storage.mapped('storage_path'))
         return sorted(root for root in roots if root)
+
+    @api.multi
+    def embed(self, model, texts, input_type='passage'):
+        """The vectors of `texts` (lists of floats, in order) by this provider's embedding model
+        `model`; `input_type` 'query' for a question searched with, 'passage' for what is indexed.
+        UnknownModel when the service has no such model."""
+        self.ensure_one()
+        self.check_access_rights('read')
+        self.check_access_rule('read')
+        return self._call_adapter('embed', model, list(texts), input_type)
+
+    @api.model
+    def embedding_provider(self, model):
+        """The provider, among those the caller may read, that embeds with `model`: one with OpenAI's
+        embedding models for theirs (text-embedding-*), one with this host's for the others."""
+        capability = 'openai_embeddings' if model.startswith('text-embedding-') else 'local_embeddings'
+        provider = self.search([]).filtered(capability)[:1]
+        if not provider:
+            raise UnknownModel(_('No provider embeds with the model %r.') % model)
+        return provider
 
     def _call_adapter(self, method, *args):
         """A button's call to the service: what goes wrong becomes a message for the user. A

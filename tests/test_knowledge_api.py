@@ -89,6 +89,14 @@ class TestKnowledgeApi(ApiCase):
         self.assertTrue(all(0 <= item['score'] <= 1 for item in page['data']))
         self.assertEqual(self.ok('vs_search', store=store['id'], query='When can I call support?',
                                  ranking_options={'score_threshold': 0.99})['data'], [])
+        # a file taken out of the store: its chunks leave every worker's index (the version moves)
+        version = env['llm.knowledge.collection'].browse(int(store['id'][3:])).index_version
+        self.assertTrue(self.ok('vs_file_delete', store=store['id'], file=faq['id'])['deleted'])
+        env['llm.knowledge.collection'].invalidate_cache()
+        self.assertGreater(env['llm.knowledge.collection'].browse(int(store['id'][3:])).index_version, version)
+        page = self.ok('vs_search', store=store['id'], query='When can I call support?', max_num_results=5)
+        self.assertNotIn(faq['id'], [item['file_id'] for item in page['data']])
+        self.refused(404, 'vs_file_get', store=store['id'], file=faq['id'])
 
         # records in the same store: the restricted user never gets another company's partner
         collection = env['llm.knowledge.collection'].browse(int(store['id'][3:]))

@@ -26,7 +26,7 @@ from ..jobs.hyperparameters import DEFAULTS
 
 CAPABILITIES = ('can_resume', 'can_pause', 'supports_dpo', 'supports_text', 'registers_checkpoints', 'uses_api_key',
                 'lists_models', 'tests_connection', 'can_chat', 'bills_training', 'serves_on_cluster',
-                'evaluates', 'exports', 'local_embeddings')
+                'evaluates', 'exports', 'local_embeddings', 'openai_embeddings')
 # 'evaluates_on_request' (not a provider field of its own): the adapter evaluates when the provider's
 # Evaluate with chat setting is on (paid chat calls), and `evaluates` then reads True.
 # The options `chat` and `chat_stream` take (OpenAI's names); None or absent means the default.

@@ -12,7 +12,7 @@ import subprocess
 
 from . import register
 from ..jobs import trainer_folder
-from ..exceptions import InvalidRequestError, TrainingFailedError
+from ..exceptions import InvalidRequestError, ModelNotFoundError, TrainingFailedError
 from ..host import processes
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
 from ..serving.model_server import ModelServerError
@@ -194,6 +194,8 @@ class LocalTrainer(ServedChat, TrainerLauncher):
         try:
             return self.model_server().embed(texts, model_ref, input_type)['data']
         except ModelServerError as e:
-            if e.status in (400, 404):
+            if e.status == 404:
+                raise ModelNotFoundError('Embedding failed: %s' % e)
+            if e.status == 400:
                 raise InvalidRequestError('Embedding failed: %s' % e)
             raise generation_failed(e)

@@ -15,7 +15,7 @@ from . import openai_mapping
 from ..jobs import trainer_folder
 from ..evaluation import answers as evaluation_answers
 from ..evaluation import files as evaluation_files
-from ..exceptions import TrainingAuthError, TrainingFailedError, TrainingRetryableError
+from ..exceptions import ModelNotFoundError, TrainingAuthError, TrainingFailedError, TrainingRetryableError
 from ..datasets.token_count import PipeCounter
 from .base import TrainingProvider
 from ..host.trainer_env import ADDON_ROOT, run_trainer_module, trainer_env
@@ -36,6 +36,7 @@ class OpenAIFineTuning(TrainingProvider):
     # techniques: none listed, OpenAI chooses its own (a warning says the choice is ignored)
     capabilities = {'supports_dpo': True, 'registers_checkpoints': True, 'uses_api_key': True,
                     'lists_models': True, 'tests_connection': True, 'bills_training': True,
+                    'openai_embeddings': True,
                     # evaluation through the chat API, paid: when the provider's setting turns it on
                     'evaluates_on_request': True}
 
@@ -326,9 +327,13 @@ class OpenAIFineTuning(TrainingProvider):
     def embed(self, model_ref, texts, input_type='passage'):
         """OpenAI's embedding models (text-embedding-3-small, ...), in order; they embed a query
         as a passage (no input type)."""
+        import openai
         client = self.client()
         with self.errors('embedding texts'):
-            answer = client.embeddings.create(model=model_ref, input=list(texts))
+            try:
+                answer = client.embeddings.create(model=model_ref, input=list(texts))
+            except openai.NotFoundError as e:
+                raise ModelNotFoundError('OpenAI has no embedding model %r: %s' % (model_ref, self.error_text(e)))
         return [item.embedding for item in sorted(answer.data, key=lambda item: item.index)]
 
 
