@@ -41,6 +41,7 @@ import time
 import traceback
 
 from . import job_files
+from .chat_examples import split_chat
 from .data import IGNORE_INDEX, load_examples, tokenize_example, tokenize_text
 
 STATUS, CONFIG = job_files.STATUS, job_files.CONFIG
@@ -146,20 +147,6 @@ def token_statistics(loss_sum, tokens, correct):
 
 
 # -- examples -> prompts, references, features ------------------------------------------------------
-def split_chat(example):
-    """(prompt messages, reference answer): everything before the last assistant message, and its
-    text. None when the example has no assistant message."""
-    messages = example.get('messages') or []
-    for index in range(len(messages) - 1, -1, -1):
-        if messages[index].get('role') == 'assistant':
-            content = messages[index].get('content')
-            if isinstance(content, list):
-                content = ''.join(p.get('text') or '' for p in content if isinstance(p, dict))
-            prompt = [{'role': m['role'], 'content': m.get('content') or ''} for m in messages[:index]]
-            return prompt, content or ''
-    return None
-
-
 def preference_pair(example):
     """(chosen chat example, rejected chat example) of an OpenAI preference example."""
     prompt = (example.get('input') or {}).get('messages') or []
@@ -336,7 +323,7 @@ def write_status(folder, state, **values):
 def evaluate_chat(models, examples, config, progress):
     torch = models.torch
     pairs = [split_chat(e) for e in examples]
-    kept = [(e, p) for e, p in zip(examples, pairs) if p and p[0]]
+    kept = [(e, p) for e, p in zip(examples, pairs) if p]
     features = [tokenize_example(models.tokenizer, e) for e, _pair in kept]
     features = [{k: v[:config['max_length']] for k, v in f.items()} for f in features]
     prompts = [p[0] for _e, p in kept]

@@ -5,21 +5,12 @@ evaluator then scores the answers (trainer/evaluate.py, `answers` in its config)
 import json
 import os
 
+try:
+    from ...trainer.chat_examples import split_chat
+except (ImportError, ValueError):  # lib imported as a top-level package (bench/), the addon root on the path
+    from trainer.chat_examples import split_chat
+
 ANSWERS = 'answers.jsonl'
-
-
-def split_chat(example):
-    """(prompt messages, reference answer) of a chat example: every message before the last
-    assistant one, and its text; None without an assistant message (trainer/evaluate.py's)."""
-    messages = example.get('messages') or []
-    for index in range(len(messages) - 1, -1, -1):
-        if messages[index].get('role') == 'assistant':
-            content = messages[index].get('content')
-            if isinstance(content, list):
-                content = ''.join(p.get('text') or '' for p in content if isinstance(p, dict))
-            prompt = [{'role': m['role'], 'content': m.get('content') or ''} for m in messages[:index]]
-            return (prompt, content or '') if prompt else None
-    return None
 
 
 def chat_pairs(path, limit):

@@ -69,6 +69,8 @@ def test_split_chat_takes_the_last_assistant_turn():
     prompt, reference = evaluate.split_chat(example)
     assert reference == 'MANGO' and [m['content'] for m in prompt] == ['Be brief.', 'Hi', 'Hello', 'Code?']
     assert evaluate.split_chat({'messages': [{'role': 'user', 'content': 'x'}]}) is None
+    # nothing before the answer: nothing to ask (the Odoo side's evaluation reads the same function)
+    assert evaluate.split_chat({'messages': [{'role': 'assistant', 'content': 'x'}]}) is None
 
 
 class UniformModel(object):
