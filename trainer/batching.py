@@ -212,55 +212,11 @@ def _adapter_names(model, rows):
     return {'adapter_names': [row.adapter or '__base__' for row in rows]}
 
 
-class Engine(object):
-    """The loop thread and its waiting line; see the module's docstring."""
+class TicketReader(object):
+    """Answers read from the tickets `submit` gives (every engine, and the seam that picks one)."""
 
-    def __init__(self, cache, max_batch=8, max_queue=16, idle_unload=900, clock=time.monotonic, autostart=True):
-        self.cache = cache
-        self.max_batch = max(1, int(max_batch))
-        self.max_queue = max(0, int(max_queue))
-        self.idle_unload = idle_unload
-        self.clock = clock
-        self._cond = threading.Condition()
-        self._waiting = collections.deque()
-        self._batches = collections.OrderedDict()  # base folder -> Batch
-        self._thread = None
-        self._threads = _torch_threads()
-        self._autostart = autostart
-        self._admitting = 0  # taken from the line, being loaded and prefilled
-        self._stopping = False
-        self.iterations = 0
-        self.stats = {'finished': 0, 'cancelled': 0, 'steps': 0, 'max_rows': 0}
-        self._snapshot = self._describe()
-
-    # -- the seam -----------------------------------------------------------------------------
     def submit(self, request):
-        """Queue a checked request: a Ticket (Samples for n > 1); RequestError 403/404 for a folder
-        it may not or cannot serve, 503 (busy, with retry_after) when the waiting line is full."""
-        n = request.get('n') or 1
-        model_kind(request['model'], self.cache.roots)
-        with self._cond:
-            if self._stopping:
-                raise RequestError('the model server is stopping', 503)
-            free = max(0, self.max_batch - self._rows() - self._admitting)
-            if len(self._waiting) + n > self.max_queue + free:
-                error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
-                error.retry_after = BUSY_RETRY_AFTER
-                raise error
-            tickets = [Ticket(sample_request(request, i) if n > 1 else request) for i in range(n)]
-            self._waiting.extend(tickets)
-            if self._autostart:
-                self.start()
-            self._cond.notify_all()
-        return tickets[0] if n == 1 else Samples(tickets)
-
-    def start(self):
-        """Start the loop (at the first request, unless made with autostart=False)."""
-        with self._cond:
-            self._autostart = True
-            if self._thread is None and not self._stopping:
-                self._thread = threading.Thread(target=self._run, name='batching-engine', daemon=True)
-                self._thread.start()
+        raise NotImplementedError
 
     def chat(self, request, emit, is_gone=None):
         """Generate the reply, handing text deltas to `emit` as they come; returns {'finish_reason',
@@ -316,6 +272,85 @@ class Engine(object):
                 'completion_tokens': sum(c['completion_tokens'] for c in choices),
                 'choices': [{k: c[k] for k in ('text', 'finish_reason', 'completion_tokens')} for c in choices]}
 
+
+
+class RequestLine(TicketReader):
+    """The bounded waiting line both engines admit from (this module's, trainer/llamacpp_engine.py's),
+    and its thread, started at the first request unless made with autostart=False. An engine sets
+    `thread_name` and provides `_check(request)` (in the caller's thread; what it returns rides on
+    each ticket as `prepared`), `_busy()` (slots taken) and `_loop()` (the thread)."""
+    thread_name = 'engine'
+
+    def _init_line(self, max_batch, max_queue, autostart):
+        self.max_batch = max(1, int(max_batch))
+        self.max_queue = max(0, int(max_queue))
+        self._cond = threading.Condition()
+        self._waiting = collections.deque()
+        self._thread = None
+        self._autostart = autostart
+        self._stopping = False
+
+    def submit(self, request):
+        """Queue a checked request: a Ticket (Samples for n > 1); what `_check` raises (e.g.
+        RequestError 403/404 for a folder it may not or cannot serve), RequestError 503 (with
+        retry_after) when the line is full: a request for n samples needs n places."""
+        prepared = self._check(request)
+        n = request.get('n') or 1
+        with self._cond:
+            if self._stopping:
+                raise RequestError('the model server is stopping', 503)
+            free = max(0, self.max_batch - self._busy())
+            if len(self._waiting) + n > self.max_queue + free:
+                error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
+                error.retry_after = BUSY_RETRY_AFTER
+                raise error
+            tickets = [Ticket(sample_request(request, i) if n > 1 else request) for i in range(n)]
+            for ticket in tickets:
+                ticket.prepared = prepared
+            self._waiting.extend(tickets)
+            if self._autostart:
+                self.start()
+            self._cond.notify_all()
+        return tickets[0] if n == 1 else Samples(tickets)
+
+    def start(self):
+        with self._cond:
+            self._autostart = True
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                self._thread.start()
+
+    def _stop_waiting(self):
+        """At the loop's end (under the lock): every waiting request hears the server is stopping."""
+        for ticket in self._waiting:
+            ticket.events.put(('error', RequestError('the model server is stopping', 503)))
+        self._waiting.clear()
+        self._thread = None
+        self._cond.notify_all()
+
+
+class Engine(RequestLine):
+    """The loop thread and its waiting line; see the module's docstring."""
+    thread_name = 'batching-engine'
+
+    def __init__(self, cache, max_batch=8, max_queue=16, idle_unload=900, clock=time.monotonic, autostart=True):
+        self.cache = cache
+        self._init_line(max_batch, max_queue, autostart)
+        self.idle_unload = idle_unload
+        self.clock = clock
+        self._batches = collections.OrderedDict()  # base folder -> Batch
+        self._threads = _torch_threads()
+        self._admitting = 0  # taken from the line, being loaded and prefilled
+        self.iterations = 0
+        self.stats = {'finished': 0, 'cancelled': 0, 'steps': 0, 'max_rows': 0}
+        self._snapshot = self._describe()
+
+    def _check(self, request):
+        model_kind(request['model'], self.cache.roots)
+
+    def _busy(self):
+        return self._rows() + self._admitting
+
     def describe(self):
         """A snapshot (taken by the loop): loaded models, rows, waiting, idle unloads."""
         return self._snapshot
@@ -338,7 +373,7 @@ class Engine(object):
     def _rows(self):
         return sum(len(batch.rows) for batch in self._batches.values())
 
-    def _run(self):
+    def _loop(self):
         import torch
         # OpenMP's thread count is per native thread: a new one starts with one thread per CPU
         # of the host (not of this process's share), which oversubscribes a small CPU set badly
@@ -348,11 +383,7 @@ class Engine(object):
                 if not self._waiting and not self._rows() and not self._stopping:
                     self._cond.wait(self._idle_wait())
                 if self._stopping:
-                    for ticket in self._waiting:
-                        ticket.events.put(('error', RequestError('the model server is stopping', 503)))
-                    self._waiting.clear()
-                    self._thread = None
-                    self._cond.notify_all()
+                    self._stop_waiting()
                     return
                 admit = []
                 while self._waiting and self._rows() + len(admit) < self.max_batch:

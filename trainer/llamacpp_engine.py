@@ -43,7 +43,7 @@ import threading
 import time
 
 from trainer import export
-from trainer.batching import BUSY_RETRY_AFTER, Engine, Samples, Ticket, sample_request
+from trainer.batching import Engine, RequestLine, TicketReader
 from trainer.serve import RequestError, StopText, check_allowed, folder_version, model_kind
 
 SETTINGS = ('auto', 'transformers', 'llamacpp')
@@ -146,15 +146,11 @@ class Served(object):
         return None
 
 
-class LlamaCppEngine(object):
+class LlamaCppEngine(RequestLine):
     """Requests on llama.cpp, up to `max_batch` decoding at once per base (its parallel slots),
     `max_queue` more waiting; one thread admits them in order and each admitted one runs in a
     thread of its own (xllamacpp's call blocks while llama.cpp's loop decodes every slot)."""
-
-    follow = Engine.follow  # the same tickets as the transformers engine: the same reading of them
-    _follow_samples = Engine._follow_samples
-    chat = Engine.chat
-    whole_answer = Engine.whole_answer
+    thread_name = 'llamacpp-engine'
 
     def __init__(self, files=None, roots=None, max_batch=8, max_queue=16, idle_unload=900, max_adapters=8,
                  max_memory_mb=None, threads=None, clock=time.monotonic, autostart=True):
@@ -163,8 +159,7 @@ class LlamaCppEngine(object):
         self._tokenizer_class = AutoTokenizer
         self.files = files or GgufFiles()
         self.roots = None if roots is None else [os.path.realpath(root) for root in roots]
-        self.max_batch = max(1, int(max_batch))
-        self.max_queue = max(0, int(max_queue))
+        self._init_line(max_batch, max_queue, autostart)
         self.idle_unload = idle_unload
         self.max_adapters = max(1, int(max_adapters))
         self.max_memory = max_memory_mb * 2 ** 20 if max_memory_mb else None
@@ -174,12 +169,7 @@ class LlamaCppEngine(object):
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
         self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0}
-        self._cond = threading.Condition()
-        self._waiting = collections.deque()
         self._running = 0
-        self._thread = None
-        self._autostart = autostart
-        self._stopping = False
 
     # -- the seam -------------------------------------------------------------------------------
     def prepare(self, path):
@@ -208,34 +198,11 @@ class LlamaCppEngine(object):
         return list(tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
                                                   return_dict=True)['input_ids'])
 
-    def submit(self, request):
-        """Queue a checked request (converting its model first, in the caller's thread): a Ticket
-        (Samples for n > 1); RequestError 503 (retry_after) when the line is full."""
-        prepared = self.prepare(request['model'])
-        n = request.get('n') or 1
-        with self._cond:
-            if self._stopping:
-                raise RequestError('the model server is stopping', 503)
-            free = max(0, self.max_batch - self._running)
-            if len(self._waiting) + n > self.max_queue + free:
-                error = RequestError('the server is busy: %d requests are waiting already' % len(self._waiting), 503)
-                error.retry_after = BUSY_RETRY_AFTER
-                raise error
-            tickets = [Ticket(sample_request(request, i) if n > 1 else request) for i in range(n)]
-            for ticket in tickets:
-                ticket.prepared = prepared
-            self._waiting.extend(tickets)
-            if self._autostart:
-                self.start()
-            self._cond.notify_all()
-        return tickets[0] if n == 1 else Samples(tickets)
+    def _check(self, request):
+        return self.prepare(request['model'])  # converted here, in the caller's thread, not the admitting one
 
-    def start(self):
-        with self._cond:
-            self._autostart = True
-            if self._thread is None and not self._stopping:
-                self._thread = threading.Thread(target=self._admit_loop, name='llamacpp-engine', daemon=True)
-                self._thread.start()
+    def _busy(self):
+        return self._running
 
     def describe(self):
         with self._cond:
@@ -253,15 +220,11 @@ class LlamaCppEngine(object):
             self.served.clear()  # each server's destructor stops its loop
 
     # -- admitting ------------------------------------------------------------------------------
-    def _admit_loop(self):
+    def _loop(self):
         with self._cond:
             while True:
                 if self._stopping:
-                    for ticket in self._waiting:
-                        ticket.events.put(('error', RequestError('the model server is stopping', 503)))
-                    self._waiting.clear()
-                    self._thread = None
-                    self._cond.notify_all()
+                    self._stop_waiting()
                     return
                 started = False
                 while self._waiting and self._running < self.max_batch:
@@ -436,15 +399,10 @@ def _context_length(base):
     return config.get('max_position_embeddings') or config.get('n_positions') or 2048
 
 
-class EngineChoice(object):
+class EngineChoice(TicketReader):
     """The engine seam over both engines: each request goes to the one `setting` picks (see the
     module's docstring); describe() is the transformers engine's, with the setting and
     llama.cpp's own state beside it."""
-
-    follow = Engine.follow
-    _follow_samples = Engine._follow_samples
-    chat = Engine.chat
-    whole_answer = Engine.whole_answer
 
     def __init__(self, setting, transformers, llamacpp=None, on_cuda=None):
         if setting not in SETTINGS:
