@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,11 +61,12 @@ def timed_export(model, out, fmt, job_dir=None):
     return seconds, usage.ru_maxrss / 1024.0, json.loads(manifest.decode().strip().splitlines()[-1])
 
 
-def server_rate(url, model, max_tokens):
+def server_rate(url, token, model, max_tokens):
     """Decode tokens/s of one streamed /chat to the model server (tokens after the first)."""
     body = json.dumps({'model': model, 'messages': MESSAGES, 'max_tokens': max_tokens, 'stream': True}).encode()
     first, final = None, None
-    with urllib.request.urlopen(urllib.request.Request(url + '/chat', data=body), timeout=600) as answer:
+    request = urllib.request.Request(url + '/chat', data=body, headers={'Authorization': 'Bearer %s' % token})
+    with urllib.request.urlopen(request, timeout=600) as answer:
         for line in answer:
             item = json.loads(line)
             if 'delta' in item:
@@ -95,7 +97,10 @@ class LlamaCpp(object):
 
 def start_server(folder):
     state_file = os.path.join(folder, 'server.json')
-    server = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', state_file],
+    # the transformers engine: the adapter on its base, as Odoo serves a fine-tune where llama.cpp does not
+    # (the default engine on a CPU is llama.cpp itself); it serves only this run's folder and the base
+    server = subprocess.Popen([sys.executable, '-m', 'trainer.serve', '--port', '0', '--state-file', state_file,
+                               '--engine', 'transformers', '--allowed-root', folder, '--allowed-root', MODEL_DIR],
                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM='false'),
                               stdout=subprocess.DEVNULL, stderr=open(os.path.join(folder, 'server.log'), 'wb'))
     deadline = time.time() + 120
@@ -104,7 +109,10 @@ def start_server(folder):
             raise RuntimeError('the model server did not start: see %s' % folder)
         time.sleep(0.05)
     with open(state_file) as f:
-        return server, 'http://127.0.0.1:%d' % json.load(f)['port']
+        port = json.load(f)['port']
+    with open(os.path.join(folder, 'server.token')) as f:  # written before the state file
+        token = f.read().strip()
+    return server, 'http://127.0.0.1:%d' % port, token
 
 
 def main(argv=None):
@@ -132,15 +140,15 @@ def main(argv=None):
             print('export %s: %.1f s, peak RSS %.0f MB, GGUF %.1f MB; check: %d of the first %d greedy tokens equal '
                   'the fine-tuned model\'s' % (fmt, seconds, peak, gguf['size'] / 1e6, check['same_tokens'],
                                                check['compared_tokens']))
-        server, url = start_server(work)
-        server_rate(url, model, 4)  # load the model: warm, as llama.cpp's below
+        server, url, token = start_server(work)
+        server_rate(url, token, model, 4)  # load the model: warm, as llama.cpp's below
         engines = {fmt: LlamaCpp(path) for fmt, path in ggufs.items()}
         for engine in engines.values():
             engine.rate(4)
         rates = {'server': []}
         rates.update((fmt, []) for fmt in engines)
         for i in range(args.repeats):
-            rates['server'].append(server_rate(url, model, args.max_tokens))
+            rates['server'].append(server_rate(url, token, model, args.max_tokens))
             for fmt, engine in engines.items():
                 rates[fmt].append(engine.rate(args.max_tokens))
             print('round %d: model server %.1f tokens/s | %s' % (i + 1, rates['server'][-1], ' | '.join(
@@ -161,4 +169,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc(file=sys.stdout)  # `make bench` drops stderr (llama.cpp's log): say why here
+        sys.exit(1)
