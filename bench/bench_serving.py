@@ -11,15 +11,18 @@ together and stream their chats
 - one at a time: a lock around `serve.run_chat` (transformers' generate), what the server did before;
 - batched: `Engine.chat`, the rows decoding together (transformers);
 - llama.cpp engine: our server's llama.cpp engine (trainer/llamacpp_engine.py, the base as GGUF
-  f16 converted by it, streamed through the same seam), what `auto` serves with on a CPU.
+  f16 converted by it, streamed through the same seam), what `auto` serves with on a CPU;
+- llama.cpp 8 slots: llama.cpp's own server (its chat template, its defaults) on the same GGUF
+  file, 8 parallel slots, streamed: the anchor of what CPU serving reaches.
 It prints aggregate tokens/s (every completion token over the wave's wall time) and first-token
-p50/p95 (from the wave's start), the best of the repeats, and the ratios batched/one at a time.
-Then: a mixed batch of two LoRA adapters (random weights) against a batch of one adapter
-(aggregate tokens/s); in bf16, how many greedy answers of a batch differ from the same prompts
-one at a time (near-ties that flip); and llama.cpp with 8 parallel slots on the model as GGUF
-f16 (made with llama.cpp's converter unless --gguf is given), single stream and N at once
-(non-streamed calls: its first token is not timed). In-process (no HTTP): the HTTP layer costs
-the same on both sides.
+p50/p95 (from the wave's start), the best of the repeats, and the ratios.
+Then: single stream, our llama.cpp engine against llama.cpp's server, alternating over 4 prompts
+and the repeats: decode tokens/s measured alike on both (from a chat's first streamed token to its
+last; median), with the prompt, and llama.cpp's own timing; a mixed batch of two LoRA adapters
+(random weights) against a batch of one adapter (aggregate tokens/s), on the transformers engine
+and on our llama.cpp engine; in bf16, how many greedy answers of a batch differ from the same
+prompts one at a time (near-ties that flip). In-process (no HTTP): the HTTP layer costs the same
+on both sides. The CPU and its flags come first.
 """
 import argparse
 import json
@@ -52,22 +55,31 @@ def chat_request(model, prompt, max_tokens, **options):
                                           'max_tokens': max_tokens}, **options))
 
 
-def wave(call, requests):
+def wave(call, requests, decode=None):
     """Run `call(request, emit)` for every request in its own thread, all started together:
-    (wall seconds, total completion tokens, first-token seconds from the start, texts)."""
+    (wall seconds, total completion tokens, first-token seconds from the start, texts). `decode`,
+    a list, gets each chat's decode rate: tokens after the first over the time from its first
+    streamed token to its last (the same measure for every side)."""
     start = threading.Event()
     firsts, tokens, texts = [None] * len(requests), [0] * len(requests), [None] * len(requests)
-    began = []
+    lasts = [None] * len(requests)
+    began, errors = [], []
 
     def one(i):
         parts = []
 
         def emit(delta):
+            now = time.perf_counter() - began[0]
             if firsts[i] is None:
-                firsts[i] = time.perf_counter() - began[0]
+                firsts[i] = now
+            lasts[i] = now
             parts.append(delta)
         start.wait()
-        final = call(requests[i], emit)
+        try:
+            final = call(requests[i], emit)
+        except Exception as e:  # said by the wave, not lost in its thread
+            errors.append(e)
+            return
         tokens[i] = final['completion_tokens']
         texts[i] = ''.join(parts)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
@@ -77,6 +89,11 @@ def wave(call, requests):
     start.set()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
+    if decode is not None:
+        decode.extend((n - 1) / (last - first) for n, first, last in zip(tokens, firsts, lasts)
+                      if n > 1 and first is not None and last > first)
     return time.perf_counter() - began[0], sum(tokens), [f for f in firsts if f is not None], texts
 
 
@@ -103,17 +120,32 @@ def make_adapters(folder):
     return paths
 
 
-def gguf_file(folder, given):
+def gguf_file(given):
+    """The model as GGUF f16: the file our llama.cpp engine serves (its cache, converted by
+    llama.cpp's converter once), so both llama.cpp lines run the same file."""
     if given:
         return given
-    from trainer import export
-    out = os.path.join(folder, 'model-f16.gguf')
-    export.convert_hf_to_gguf(MODEL_DIR, out, 'f16', export.convert_dir(), lambda *a, **k: None)
-    return out
+    from trainer.llamacpp_engine import GgufFiles
+    return GgufFiles().base(MODEL_DIR)
+
+
+def engine_files(work, gguf):
+    """Our llama.cpp engine's GGUF cache for this run: the base linked from `gguf`, the bench's
+    adapters converted into `work` (not left in the shared cache)."""
+    from trainer.llamacpp_engine import GgufFiles
+    files = GgufFiles(os.path.join(work, 'gguf'))
+    os.makedirs(files.folder)
+    os.symlink(gguf, files.path('base', MODEL_DIR))
+    return files
+
+
+def median(values):
+    return percentile(values, 0.5)
 
 
 class LlamaCpp(object):
-    """llama.cpp's server in-process (xllamacpp): `slots` parallel sequences, continuous batching."""
+    """llama.cpp's server in-process (xllamacpp): `slots` parallel sequences, continuous batching,
+    its defaults otherwise (its chat template, its prompt cache), streamed."""
 
     def __init__(self, gguf, slots):
         import xllamacpp as xlc
@@ -125,17 +157,33 @@ class LlamaCpp(object):
         params.n_ctx = 1024 * slots
         params.cpuparams.n_threads = available_cores()
         params.cpuparams_batch.n_threads = available_cores()
+        params.verbosity = -1  # as our engine's: no log line per request
         self.server = xlc.Server(params)
+        self.timings = []  # llama.cpp's own, one per chat
 
     def chat(self, request, emit):
-        answer = self.server.handle_chat_completions({'messages': request['messages'], 'max_tokens': request['max_tokens'],
-                                                      'temperature': 0.0, 'top_k': 1, 'stream': False})
-        if isinstance(answer, str):
-            answer = json.loads(answer)
-        if 'error' in answer:
-            raise RuntimeError(answer['error'])
-        emit(answer['choices'][0]['message']['content'])  # whole: its first token is not timed
-        return {'completion_tokens': answer['usage']['completion_tokens'], 'timings': answer.get('timings')}
+        state = {'tokens': 0, 'timings': None, 'error': None}
+
+        def on_chunk(chunk):
+            if isinstance(chunk, str):
+                chunk = json.loads(chunk)
+            if 'error' in chunk:
+                state['error'] = chunk['error']
+                return True
+            for choice in chunk.get('choices') or []:
+                text = (choice.get('delta') or {}).get('content')
+                if text:
+                    state['tokens'] += 1
+                    emit(text)
+            state['timings'] = chunk.get('timings') or state['timings']
+            return False
+        self.server.handle_chat_completions({'messages': request['messages'], 'max_tokens': request['max_tokens'],
+                                             'temperature': 0.0, 'top_k': 1, 'stream': True}, on_chunk)
+        if state['error'] is not None:
+            raise RuntimeError(state['error'])
+        timings = state['timings'] or {}
+        self.timings.append(timings)
+        return {'completion_tokens': timings.get('predicted_n', state['tokens']), 'timings': timings}
 
 
 def main(argv=None):
@@ -143,7 +191,8 @@ def main(argv=None):
     parser.add_argument('--concurrency', default='1,4,8,16')
     parser.add_argument('--max-tokens', type=int, default=64)
     parser.add_argument('--repeats', type=int, default=2)
-    parser.add_argument('--gguf', help='the model as GGUF f16 (default: converted here with llama.cpp\'s converter)')
+    parser.add_argument('--gguf', help='the model as GGUF f16 (default: our llama.cpp engine\'s, converted once by '
+                        'llama.cpp\'s converter)')
     parser.add_argument('--no-llamacpp', action='store_true')
     parser.add_argument('--no-llamacpp-engine', action='store_true', help='leave out our llama.cpp engine\'s line')
     parser.add_argument('--no-adapters', action='store_true')
@@ -159,6 +208,13 @@ def main(argv=None):
           % (os.path.basename(MODEL_DIR), args.max_tokens, levels, torch.get_num_threads()))
     prompts = (PROMPTS * (max(levels) // len(PROMPTS) + 1))[:max(levels)]
 
+    work = tempfile.mkdtemp(prefix='bench-serving-')
+    gguf = None
+    if not (args.no_llamacpp and args.no_llamacpp_engine):
+        try:
+            gguf = gguf_file(args.gguf)
+        except Exception as e:  # no converter here: say so, the rest stands
+            print('llama.cpp: no GGUF f16 of the model (%s): its lines left out' % e)
     old_cache, lock = serve.ModelCache(), threading.Lock()
 
     def one_at_a_time(request, emit):
@@ -167,11 +223,15 @@ def main(argv=None):
     engine = Engine(serve.ModelCache(), max_batch=max(levels), max_queue=max(levels))
     sides = [('one at a time', one_at_a_time), ('batched', engine.chat)]
     llama_engine = None
-    if not args.no_llamacpp_engine:
+    if not args.no_llamacpp_engine and gguf:
         from trainer.llamacpp_engine import LlamaCppEngine
-        llama_engine = LlamaCppEngine(max_batch=max(levels), max_queue=max(levels))
+        llama_engine = LlamaCppEngine(engine_files(work, gguf), max_batch=max(levels), max_queue=max(levels))
         sides.append(('llama.cpp engine', llama_engine.chat))
-    for _name, call in sides:  # load and warm both
+    llama = None
+    if not args.no_llamacpp and gguf:  # the anchor, in the same waves (interleaved)
+        llama = LlamaCpp(gguf, slots=8)
+        sides.append(('llama.cpp 8 slots', llama.chat))
+    for _name, call in sides:  # load and warm each
         wave(call, [chat_request(MODEL_DIR, PROMPTS[0], 4)])
     results = {}
     for n in levels:
@@ -185,7 +245,7 @@ def main(argv=None):
         same = sum(a == b for a, b in zip(best['one at a time'][3], best['batched'][3]))
         for name, _call in sides:
             rate, p50, p95, _texts = best[name]
-            print('%2d concurrent, %-13s: %6.1f tokens/s in all, first token p50 %.2f s p95 %.2f s'
+            print('%2d concurrent, %-17s: %6.1f tokens/s in all, first token p50 %.2f s p95 %.2f s'
                   % (n, name, rate, p50, p95))
         print('%2d concurrent: batched/one at a time %.2fx tokens/s; greedy texts equal %d of %d'
               % (n, best['batched'][0] / best['one at a time'][0], same, n))
@@ -199,27 +259,66 @@ def main(argv=None):
         print('goal at 8 concurrent: batched %.1f tokens/s = %.2fx today\'s one stream (%.1f; goal >= 4x)'
               % (max(r[0] for r in results[(8, 'batched')]), max(r[0] for r in results[(8, 'batched')]) / one_stream,
                  one_stream))
+        if llama is not None:
+            anchor = best['llama.cpp 8 slots'][0]
+            line = '%2d concurrent: batched engine/llama.cpp 8 slots %.2fx' % (n, best['batched'][0] / anchor)
+            if llama_engine is not None:
+                line += '; our llama.cpp engine/llama.cpp 8 slots %.2fx' % (best['llama.cpp engine'][0] / anchor)
+            print(line + ' tokens/s')
     old_cache.entries.clear()
-    if llama_engine is not None:
-        llama_engine.close()
 
-    work = tempfile.mkdtemp(prefix='bench-serving-')
+    if llama is not None and llama_engine is not None:
+        # One stream at a time, both streamed and timed alike, interleaved over prompts and repeats.
+        sides = (('llama.cpp engine', llama_engine.chat), ('llama.cpp server', llama.chat))
+        decode = {name: [] for name, _call in sides}
+        rates = {name: [] for name, _call in sides}
+        firsts = {name: [] for name, _call in sides}
+        del llama.timings[:]
+        for _repeat in range(args.repeats):
+            for prompt in PROMPTS[:4]:
+                for name, call in sides:
+                    wall, tokens, first, _texts = wave(call, [chat_request(MODEL_DIR, prompt, args.max_tokens)],
+                                                       decode[name])
+                    rates[name].append(tokens / wall)
+                    firsts[name].extend(first)
+        own = llama.timings
+        for name, _call in sides:
+            print('single stream, %-16s: decode %.1f tokens/s (median of %d chats; from its first streamed token to '
+                  'its last), %.1f with the prompt, first token p50 %.3f s'
+                  % (name, median(decode[name]), len(decode[name]), median(rates[name]), median(firsts[name])))
+        print('single stream, llama.cpp server by its own timing: decode %.1f tokens/s, prompt %.0f ms (%d of its '
+              'tokens from its cache)' % (median([t['predicted_per_second'] for t in own]),
+                                           median([t['prompt_ms'] for t in own]), median([t.get('cache_n', 0) for t in own])))
+        print('single stream decode: our llama.cpp engine/llama.cpp\'s server %.2fx (goal >= 0.8x); with the prompt '
+              '%.2fx' % (median(decode['llama.cpp engine']) / median(decode['llama.cpp server']),
+                         median(rates['llama.cpp engine']) / median(rates['llama.cpp server'])))
+
     n = min(8, max(levels))
     if not args.no_adapters:
         adapters = make_adapters(work)
         engine.cache.max_adapters = 4
         single = [chat_request(adapters[0], p, args.max_tokens) for p in prompts[:n]]
         mixed = [chat_request(adapters[i % 2], p, args.max_tokens) for i, p in enumerate(prompts[:n])]
-        wave(engine.chat, [chat_request(a, PROMPTS[0], 2) for a in adapters])
-        rates = {'one adapter': [], 'two adapters': []}
-        for repeat in range(args.repeats):
-            for name, requests in (('one adapter', single), ('two adapters', mixed)):
-                wall, tokens, _firsts, _texts = wave(engine.chat, requests)
-                rates[name].append(tokens / wall)
-        print('%d concurrent on LoRA adapters (r=16, all linear layers): one adapter %.1f tokens/s, two adapters mixed '
-              '%.1f tokens/s: %.2fx (goal >= 0.8x)' % (n, max(rates['one adapter']), max(rates['two adapters']),
-                                                        max(rates['two adapters']) / max(rates['one adapter'])))
+        for name, side in (('transformers batched', engine), ('llama.cpp engine', llama_engine)):
+            if side is None:
+                continue
+            try:
+                wave(side.chat, [chat_request(a, PROMPTS[0], 2) for a in adapters])  # loaded (llama.cpp: converted)
+            except Exception as e:  # e.g. no converters here: say so, the rest stands
+                print('%d concurrent on LoRA adapters, %s: line left out (%s)' % (n, name, e))
+                continue
+            rates = {'one adapter': [], 'two adapters': []}
+            for repeat in range(args.repeats):
+                for kind, requests in (('one adapter', single), ('two adapters', mixed)):
+                    wall, tokens, _firsts, _texts = wave(side.chat, requests)
+                    rates[kind].append(tokens / wall)
+            print('%d concurrent on LoRA adapters (r=16, all linear layers), %s: one adapter %.1f tokens/s, two '
+                  'adapters mixed %.1f tokens/s: %.2fx (goal >= 0.8x)'
+                  % (n, name, max(rates['one adapter']), max(rates['two adapters']),
+                     max(rates['two adapters']) / max(rates['one adapter'])))
     engine.close()
+    if llama_engine is not None:
+        llama_engine.close()
 
     if not args.no_bf16:
         bf16 = Engine(serve.ModelCache(dtype=torch.bfloat16), max_batch=len(prompts))
@@ -230,28 +329,6 @@ def main(argv=None):
         print('bf16: %d of %d greedy answers differ between one at a time and a batch of %d (near-ties that flip)'
               % (flips, len(prompts), len(prompts)))
         bf16.close()
-
-    if not args.no_llamacpp:
-        try:
-            gguf = gguf_file(work, args.gguf)
-        except Exception as e:  # no converter here: say so, the rest stands
-            print('llama.cpp: no GGUF f16 of the model (%s): line left out' % e)
-            return 0
-        llama = LlamaCpp(gguf, slots=8)
-        llama.chat(chat_request(MODEL_DIR, PROMPTS[0], 4), lambda d: None)
-        single = llama.chat(chat_request(MODEL_DIR, PROMPTS[0], args.max_tokens), lambda d: None)
-        print('llama.cpp GGUF f16, single stream decode %.1f tokens/s (its own timing)'
-              % single['timings']['predicted_per_second'])
-        for n in levels:
-            requests = [chat_request(MODEL_DIR, p, args.max_tokens) for p in prompts[:n]]
-            rates = []
-            for _repeat in range(args.repeats):
-                wall, tokens, _firsts, _texts = wave(llama.chat, requests)
-                rates.append(tokens / wall)
-            best = max(rates)
-            ours = max(r[0] for r in results[(n, 'batched')])
-            print('%2d concurrent, llama.cpp 8 slots: %6.1f tokens/s in all; batched engine/llama.cpp %.2fx'
-                  % (n, best, ours / best))
     return 0
 
 

@@ -69,6 +69,13 @@ class TestServeConfig(unittest.TestCase):
         fresh = ray_serve.deploy_body({'controller_info': {}, 'applications': {}}, 'http://10.0.0.5:8300', app=ours)
         self.assertEqual(fresh['http_options'], {'host': '0.0.0.0', 'port': 8300})
         self.assertEqual(ray_serve.replicas_settings(2, 1, 4)['autoscaling_config']['initial_replicas'], 2)
+        # the engine as for this host's server (odoo.conf), with the converters as the workers see them
+        user_config = ray_serve.application('llmt-db-p1', '/code', ['/m/b'], 'f' * 64, engine='llamacpp',
+                                             convert_dir='/storage/code/convert')['deployments'][0]['user_config']
+        self.assertEqual((user_config['engine'], user_config['convert_dir']), ('llamacpp', '/storage/code/convert'))
+        self.assertEqual(ours['deployments'][0]['user_config']['engine'], 'auto')
+        with self.assertRaisesRegex(ray_serve.ServeConfigError, 'serving engine must be one of auto, transformers'):
+            ray_serve.application('llmt-db-p1', '/code', ['/m/b'], 'f' * 64, engine='vllm')
         self.assertEqual(ray_serve.replicas_settings(3), {'num_replicas': 3})
         with self.assertRaisesRegex(ray_serve.ServeConfigError, 'minimum <= maximum'):
             ray_serve.replicas_settings(1, 3, 2)
@@ -156,6 +163,7 @@ class TestRayServe(HttpCase):
         endpoint = ray._adapter().chat_endpoint()
         self.assertEqual(endpoint.where, 'cluster')
         health = endpoint.health()
+        self.assertEqual(health['engine']['setting'], tools.config.get('llm_training_serve_engine') or 'auto')
         self.assertEqual(health['loaded']['base'], os.path.realpath(base_path))
         local_state = os.path.join(ray._adapter_config()['model_server_dir'], 'server.json')
         self.assertFalse(os.path.exists(local_state), 'nothing was answered by this host\'s model server')

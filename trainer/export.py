@@ -205,6 +205,28 @@ def convert_lora_to_gguf(adapter_dir, base_dir, outfile, convert, events):
     return outfile
 
 
+def serving_cache(items):
+    """For [(kind, folder)] ('base': a model folder, 'lora': an adapter folder), taken before their
+    GGUF f16 are made: a function giving those files, once made, to the model server's GGUF cache
+    (trainer/llamacpp_engine.GgufFiles, on this machine), so that serving the model with llama.cpp
+    does not convert it again. A folder rewritten meanwhile is left out (its cache name changed)."""
+    from trainer.llamacpp_engine import GgufFiles
+    files = GgufFiles()
+    expected = [(kind, folder, files.path(kind, folder)) for kind, folder in items]
+
+    def keep(made, events):
+        for (kind, folder, before), path in zip(expected, made):
+            try:
+                kept = files.adopt(kind, folder, path, before)
+            except OSError as e:  # the export stands; the server converts it itself
+                events('The model server\'s GGUF cache did not take %s: %s' % (os.path.basename(path), e),
+                       level='warning')
+                continue
+            if kept:
+                events('%s kept for the model server (%s)' % (os.path.basename(path), kept))
+    return keep
+
+
 def requantize_q4_0(src, dst, convert, events):
     """A 4-bit GGUF from the f16 one. llama.cpp's 4-bit quantizer is its compiled `llama-quantize`,
     which no wheel here ships, and the converter writes at most q8_0; but the converter's own
@@ -526,6 +548,7 @@ def _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events)
             with open(os.path.join(out, MODELFILE), 'w') as f:
                 f.write(modelfile(gguf_name, chat_template_text(work), card.get('system_prompt')))
         else:  # gguf_lora
+            served = serving_cache([('base', base), ('lora', model_dir)])  # the versions converted here
             adapter_dir = os.path.join(work, 'adapter')
             export_hf_adapter(model, tokenizer, adapter_dir)
             del model
@@ -535,6 +558,7 @@ def _export(model_dir, out, fmt, job_dir, base_dir, base, convert, card, events)
                                     lora_path=os.path.join(out, 'adapter-f16.gguf'))
             verification = compare(reference, tokenizer, text, 'the base GGUF with the LoRA GGUF (llama.cpp)',
                                    events, False)
+            served([os.path.join(out, 'base-f16.gguf'), os.path.join(out, 'adapter-f16.gguf')], events)
             with open(os.path.join(out, MODELFILE), 'w') as f:
                 f.write(modelfile('base-f16.gguf', chat_template_text(adapter_dir), card.get('system_prompt'),
                                   adapter_name='adapter-f16.gguf'))

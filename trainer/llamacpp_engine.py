@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -85,10 +86,31 @@ class GgufFiles(object):
         return self._file('lora', adapter, lambda out, convert: export.convert_lora_to_gguf(
             adapter, base, out, convert, _quiet))
 
-    def _file(self, kind, folder, convert):
+    def path(self, kind, folder):
+        """Where the GGUF of a folder ('base' or 'lora') in its present version is kept here."""
         key = hashlib.sha1(('%s|%s' % (os.path.realpath(folder), folder_version(folder))).encode()).hexdigest()[:20]
-        name = '%s-%s-f16.gguf' % (kind, key)
-        path = os.path.join(self.folder, name)
+        return os.path.join(self.folder, '%s-%s-f16.gguf' % (kind, key))
+
+    def adopt(self, kind, folder, made, expected):
+        """Keep `made`, a GGUF f16 of `folder` made elsewhere with the same converter (the GGUF
+        export, trainer/export.py), as this cache's file for it: the server then does not convert it
+        again. Only while the folder is still the version it was made from (`expected`: path()
+        before it was made) and when the cache has none yet. The path kept, or None."""
+        path = self.path(kind, folder)
+        if path != expected or os.path.isfile(path):
+            return None
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = '%s.tmp.%d' % (path, os.getpid())
+        try:
+            os.link(made, tmp)
+        except OSError:  # another file system: a copy still spares a conversion
+            shutil.copyfile(made, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _file(self, kind, folder, convert):
+        path = self.path(kind, folder)
+        name = os.path.basename(path)
         with self._lock:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
@@ -129,7 +151,7 @@ class Served(object):
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
         params.verbosity = -1
-        params.cache_ram_mib = 0  # no prompt cache kept between requests (it may hold another adapter's keys)
+        params.cache_ram_mib = 0  # no host-memory prompt cache (it may hold another adapter's keys): each slot's own is kept
         if self.adapters:
             params.lora_init_without_apply = True  # each request says which adapter it uses
             params.lora_adapters = [xlc.CommonAdapterLoraInfo(path, 1.0) for _folder, path in self.adapters]
@@ -168,7 +190,7 @@ class LlamaCppEngine(RequestLine):
         self.served = collections.OrderedDict()  # base -> Served, least recently used first
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
-        self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0}
+        self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0, 'prompt_cached': 0}
         self._running = 0
 
     # -- the seam -------------------------------------------------------------------------------
@@ -199,7 +221,10 @@ class LlamaCppEngine(RequestLine):
                                                   return_dict=True)['input_ids'])
 
     def _check(self, request):
-        return self.prepare(request['model'])  # converted here, in the caller's thread, not the admitting one
+        """prepare()'s four and the prompt's token ids: converted and tokenized here, in the
+        caller's thread, not the admitting one."""
+        base, gguf, adapter, adapter_gguf = self.prepare(request['model'])
+        return base, gguf, adapter, adapter_gguf, self._prompt_ids(request, base, adapter)
 
     def _busy(self):
         return self._running
@@ -255,7 +280,7 @@ class LlamaCppEngine(RequestLine):
     def _served_for(self, ticket):
         """The running server of the ticket's base with its adapter loaded, started (again) here
         if need be; None when that needs a restart while requests still run on it."""
-        base, gguf, adapter, adapter_gguf = ticket.prepared
+        base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
         served = self.served.get(base)
         if served is not None and served.gguf == gguf and (adapter is None or served.index(adapter, adapter_gguf) is not None):
             self.served.move_to_end(base)
@@ -333,18 +358,22 @@ class LlamaCppEngine(RequestLine):
 
     def _generate(self, ticket, served):
         request = ticket.request
-        base, _gguf, adapter, adapter_gguf = ticket.prepared
-        ids = self._prompt_ids(request, base, adapter)
+        _base, _gguf, adapter, adapter_gguf, ids = ticket.prepared
         room = served.context - len(ids)
         if room < 1:
             raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
         chosen = served.index(adapter, adapter_gguf) if adapter else None
-        body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': False,
+        # cache_prompt: a slot keeps its last prompt's keys and a request starting the same way (the
+        # chat template's system prompt, a chat's earlier turns) prefills only what follows, as
+        # llama.cpp's own server does by default (without it each request prefilled its whole prompt:
+        # most of the gap to that server at one stream). llama.cpp clears a slot's cache when the
+        # request's adapter scales differ from its last request's (tested).
+        body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': True,
                 'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0, 'min_p': 0.0,
                 'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
         if served.adapters:  # every loaded adapter's scale, every time: 1 for this request's, 0 for the others
             body['lora'] = [{'id': i, 'scale': 1.0 if i == chosen else 0.0} for i in range(len(served.adapters))]
-        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None}
+        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None}
         stop = StopText(request['stop'])
         deadline = request.get('deadline')
 
@@ -356,6 +385,7 @@ class LlamaCppEngine(RequestLine):
             if choice.get('finish_reason'):
                 state['finish'] = 'stop' if choice['finish_reason'] == 'stop' else 'length'
                 state['usage'] = chunk.get('usage')
+                state['timings'] = chunk.get('timings')
             else:
                 state['tokens'] += 1
             state['text'] += choice.get('text') or ''
@@ -379,6 +409,8 @@ class LlamaCppEngine(RequestLine):
                 self.stats['cancelled'] += 1
             return None
         tokens = (state['usage'] or {}).get('completion_tokens', state['tokens'])
+        with self._cond:  # prompt tokens a slot's cache spared prefilling again
+            self.stats['prompt_cached'] += (state['timings'] or {}).get('cache_n') or 0
         return {'finish_reason': state['finish'] or 'length', 'prompt_tokens': len(ids), 'completion_tokens': tokens}
 
     def _tokenizer(self, folder):

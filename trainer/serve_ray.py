@@ -1,6 +1,8 @@
 """The model server as a Ray Serve deployment: the same request handling as trainer/serve.py
-(its `ModelCache`, `parse_chat_request` and the batching `Engine` of trainer/batching.py), run by Serve's replicas on a
-Ray cluster instead of one process on the Odoo host.
+(its `ModelCache`, `parse_chat_request`, and the engine `make_engine` picks for the same setting:
+llama.cpp on a CPU under `auto` (trainer/llamacpp_engine.py), the batching `Engine` of
+trainer/batching.py otherwise), run by Serve's replicas on a Ray cluster instead of one process on
+the Odoo host.
 
 Odoo deploys it through the Serve REST API of the head's dashboard (lib/serving/ray_serve/), importing
 `trainer.serve_ray:app` from the trainer's code on the shared storage (PYTHONPATH in the
@@ -10,13 +12,17 @@ light update (`reconfigure`, no replica restarted):
     {"models": [folder, ...],       the only model folders it serves (as the workers see them):
                                     base models and adapters, by path on the shared storage
      "token_sha256": hex,           SHA-256 of the token every request must send
-     "max_adapters": 8}             LoRA adapters kept loaded per replica, least recently used evicted
+     "max_adapters": 8,             LoRA adapters kept loaded per replica, least recently used evicted
+     "engine": "auto",              what generates, as odoo.conf llm_training_serve_engine for the local
+                                    server: auto (llama.cpp on a CPU replica), transformers, llamacpp
+     "convert_dir": folder|null}    llama.cpp's GGUF converters as the workers see them (each replica
+                                    converts a model once into its node's GGUF cache)
 
 The routes are those of trainer/serve.py under the application's route prefix, with the same
 bearer-token scheme: `GET .../health`, `POST .../chat` (`stream: true`: newline-delimited JSON).
 The deployment knows only the token's hash (the Serve config is readable by whoever reaches the
 dashboard). A model folder not in "models" is answered 404 with what to do. Each replica decodes
-its requests together (continuous batching, as the local server: trainer/batching.py); Serve's
+its requests together (continuous batching, as the local server, on either engine); Serve's
 `max_queued_requests` bounds the callers waiting, over it its proxy answers 503, as does the
 engine's own waiting line.
 """
@@ -32,7 +38,7 @@ from ray import serve
 from starlette.responses import JSONResponse, StreamingResponse
 
 # The one seam with the local server's generation code.
-from trainer.batching import Engine
+from trainer.llamacpp_engine import SETTINGS, make_engine
 from trainer.serve import MAX_BODY, ModelCache, RequestError, parse_chat_request
 
 _END = object()
@@ -66,8 +72,14 @@ def check_config(config):
     max_adapters = config.get('max_adapters', 8)
     if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
         raise ValueError('"max_adapters" must be a positive integer')
+    engine = config.get('engine', 'auto')
+    if engine not in SETTINGS:
+        raise ValueError('"engine" must be one of %s, not %r' % (', '.join(SETTINGS), engine))
+    convert_dir = config.get('convert_dir')
+    if convert_dir is not None and not (isinstance(convert_dir, str) and os.path.isabs(convert_dir)):
+        raise ValueError('"convert_dir" must be an absolute folder path or null')
     return {'models': sorted(set(os.path.normpath(m) for m in models)), 'token_sha256': digest,
-            'max_adapters': max_adapters}
+            'max_adapters': max_adapters, 'engine': engine, 'convert_dir': convert_dir}
 
 
 @serve.deployment(name='ModelServer')
@@ -75,17 +87,26 @@ class ModelServerDeployment(object):
 
     def __init__(self):
         self.config = None
-        self.engine = None  # one batching engine per replica, made at the first configuration
+        self.engine = None  # one engine per replica, made at the first configuration
 
     def reconfigure(self, config):
         # Replaced whole (never changed in place): a running request keeps the one it read.
-        self.config = check_config(config)
-        if self.engine is None:
-            self.engine = Engine(ModelCache(self.config['max_adapters'], roots=self.config['models']))
-        else:  # new models served from now on; what is loaded and decoding stays
-            cache = self.engine.cache
-            cache.max_adapters = self.config['max_adapters']
-            cache.roots = [os.path.realpath(root) for root in self.config['models']]
+        config = check_config(config)
+        old, self.config = self.config, config
+        roots = [os.path.realpath(root) for root in config['models']]
+        if self.engine is None or (old['engine'], old['convert_dir']) != (config['engine'], config['convert_dir']):
+            previous = self.engine
+            self.engine = make_engine(config['engine'], ModelCache(config['max_adapters'], roots=config['models']),
+                                      convert_dir=config['convert_dir'])
+            if previous is not None:  # its running requests end on it, away from Serve's call
+                threading.Thread(target=previous.close, daemon=True).start()
+            return
+        # new models served from now on; what is loaded and decoding stays
+        self.engine.cache.max_adapters = config['max_adapters']
+        self.engine.cache.roots = roots
+        if self.engine.llamacpp is not None:
+            self.engine.llamacpp.roots = roots
+            self.engine.llamacpp.max_adapters = config['max_adapters']
 
     async def __call__(self, http_request):
         config = self.config
@@ -94,7 +115,8 @@ class ModelServerDeployment(object):
         route = http_request.url.path.rstrip('/').rsplit('/', 1)[-1]
         if route == 'health' and http_request.method == 'GET':
             loaded = self.engine.cache.describe() if self.engine else {'base': None, 'adapters': []}
-            return JSONResponse({'status': 'ok', 'pid': os.getpid(), 'loaded': loaded, 'models': config['models']})
+            return JSONResponse({'status': 'ok', 'pid': os.getpid(), 'loaded': loaded, 'models': config['models'],
+                                 'engine': self.engine.describe() if self.engine else None})
         if route != 'chat' or http_request.method != 'POST':
             return JSONResponse({'error': 'unknown path %s' % http_request.url.path}, 404)
         try:

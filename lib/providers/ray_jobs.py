@@ -417,13 +417,16 @@ class RayJobs(ServedChat, TrainerLauncher):
         models' technical ids) with `token`; the same call twice changes nothing. Returns
         (status, text) as serve_status."""
         name = self.config['serve_application']
+        settings = self.config.get('serve_settings') or {}  # odoo.conf's, as for this host's server
+        engine, convert = settings.get('engine') or 'auto', settings.get('convert_dir')
         try:
             app = ray_serve.application(
                 name, self.on_workers(self.code_dir()), [self.served_path(ref, 'cluster') for ref in model_refs],
                 ray_serve.token_sha256(token), replicas=int(self.config.get('serve_replicas') or 1),
                 min_replicas=int(self.config.get('serve_min_replicas') or 0),
                 max_replicas=int(self.config.get('serve_max_replicas') or 0),
-                cpus=float(self.config.get('serve_cpus') or 1))
+                cpus=float(self.config.get('serve_cpus') or 1), engine=engine,
+                convert_dir=self.runner_converters(convert) if convert and engine != 'transformers' else None)
             body = ray_serve.deploy_body(self.serve_details(), self.config.get('serve_url'), app=app)
         except ray_serve.ServeConfigError as e:
             raise TrainingFailedError('Provider "%s": %s' % (self.name, e))

@@ -172,7 +172,9 @@ def test_gguf_q4_0_is_4_bit_and_runs(trained, tmp_path):
     print('q4_0 agreement: %d of %d tokens' % (check['same_tokens'], check['compared_tokens']))
 
 
-def test_gguf_lora_runs_on_the_base_gguf(trained, tmp_path):
+def test_gguf_lora_runs_on_the_base_gguf(trained, tmp_path, model_dir, monkeypatch):
+    from trainer.llamacpp_engine import GGUF_CACHE_ENV, GgufFiles
+    monkeypatch.setenv(GGUF_CACHE_ENV, str(tmp_path / 'server-gguf'))
     code, out, events = run_export(trained, tmp_path, 'gguf_lora')
     assert code == 0, events
     assert {'base-f16.gguf', 'adapter-f16.gguf', 'Modelfile'} <= set(os.listdir(out))
@@ -180,6 +182,12 @@ def test_gguf_lora_runs_on_the_base_gguf(trained, tmp_path):
     assert 'FROM ./base-f16.gguf' in modelfile and 'ADAPTER ./adapter-f16.gguf' in modelfile
     check = verification(events)
     assert check['same_tokens'] == export.VERIFY_TOKENS, check
+    # the model server's GGUF cache took both files: serving the fine-tune converts nothing (no
+    # converters here), and gets the export's files
+    served = GgufFiles(convert_dir=str(tmp_path / 'no-converters'))
+    assert os.path.samefile(served.adapter(os.path.join(trained, 'result'), model_dir),
+                            os.path.join(out, 'adapter-f16.gguf'))
+    assert os.path.samefile(served.base(model_dir), os.path.join(out, 'base-f16.gguf'))
 
 
 def test_a_file_in_the_way_fails_with_an_event_and_the_model_is_untouched(trained, tmp_path):

@@ -62,10 +62,14 @@ def reference(model_dir):
 
 
 def test_greedy_answers_on_the_base_in_f16_equal_transformers_fp32(llama, reference, model_dir):
+    cached = llama.stats['prompt_cached']
     for prompt in PROMPTS:
         answer = llama.whole_answer(request(model_dir, prompt))
         assert answer['text'] == reference(model_dir, prompt), prompt
         assert answer['prompt_tokens'] > 10 and 1 <= answer['completion_tokens'] <= N
+    # the second prompt starts as the first (the chat template's system prompt): its slot kept those
+    # keys and prefilled only the rest, and the answer is still the transformers one
+    assert llama.stats['prompt_cached'] - cached > 10
 
 
 def test_adapters_applied_per_request_two_at_once_each_as_transformers_answers(llama, reference, model_dir, adapters):

@@ -12,6 +12,8 @@ runtime_env, and Serve replaces the replicas."""
 import hashlib
 import re
 
+from ..model_server import SERVE_ENGINES
+
 try:  # Python 3.7 (Odoo) has urllib.parse too; the fallback keeps the module importable alone
     from urllib.parse import urlparse
 except ImportError:  # pragma: no cover
@@ -55,18 +57,25 @@ def replicas_settings(replicas, min_replicas=0, max_replicas=0):
 
 
 def application(name, code_dir, models, token_digest, replicas=1, min_replicas=0, max_replicas=0, cpus=1.0,
-                max_adapters=8):
+                max_adapters=8, engine='auto', convert_dir=None):
     """The Serve application config of one provider's deployment.
 
-    code_dir  the trainer's code as the workers see it (the folder holding `trainer/`)
-    models    the model folders it serves, as the workers see them (bases and adapters)"""
+    code_dir     the trainer's code as the workers see it (the folder holding `trainer/`)
+    models       the model folders it serves, as the workers see them (bases and adapters)
+    engine       what generates, as for this host's server (odoo.conf llm_training_serve_engine):
+                 auto (llama.cpp on a CPU replica), transformers, llamacpp
+    convert_dir  llama.cpp's GGUF converters as the workers see them (None: llama.cpp serves no model
+                 under auto, which then uses transformers)"""
     if not models:
         raise ServeConfigError('There is no model to serve: register a model on the provider first.')
+    if engine not in SERVE_ENGINES:
+        raise ServeConfigError('The serving engine must be one of %s (odoo.conf llm_training_serve_engine), not %r.'
+                               % (', '.join(SERVE_ENGINES), engine))
     deployment = dict(replicas_settings(replicas, min_replicas, max_replicas), name=DEPLOYMENT,
                       max_ongoing_requests=MAX_ONGOING, max_queued_requests=MAX_QUEUED,
                       ray_actor_options={'num_cpus': float(cpus)},
                       user_config={'models': sorted(set(models)), 'token_sha256': token_digest,
-                                   'max_adapters': max_adapters})
+                                   'max_adapters': max_adapters, 'engine': engine, 'convert_dir': convert_dir})
     return {'name': name, 'route_prefix': '/' + name, 'import_path': IMPORT_PATH,
             'runtime_env': {'env_vars': {'PYTHONPATH': code_dir, 'TOKENIZERS_PARALLELISM': 'false'}},
             'deployments': [deployment]}
