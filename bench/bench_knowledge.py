@@ -1,6 +1,6 @@
 """Knowledge: indexing throughput, search latency and recall, retrieval quality.
 
-    python bench/bench_knowledge.py [--chunks 10000] [--search-sizes 10000 100000] [--small]
+    python bench/bench_knowledge.py [--chunks 10000] [--search-sizes 10000 100000] [--small] [--search-only]
 
 Runs in Odoo's venv (where the embedded store, usearch and psycopg2 live) with the real model
 server (trainer/serve.py, POST /embed) and the real PostgreSQL (temporary tables in the database
@@ -13,8 +13,17 @@ named by --db, default `postgres`):
 2. Search, the whole call as a restricted user makes it: embed the question (model server), rank
    (exact numpy vs the embedded store's usearch index), then the rights filter (an SQL query on the
    chunks' source records with a company rule, fetching more until k readable), at each size;
-   p50/p95 in ms, and recall@10 of the index against exact search. Vectors past the embedded
-   chunks are those vectors with noise (embedding 100,000 chunks takes minutes on 2 cores).
+   p50/p95 in ms of the whole call and of its parts (embed / lookup / rights filter). The vectors
+   at each size are made from the real vectors of the README's ~700 chunks (embedding 100,000
+   real chunks takes an hour on 2 cores), two ways, each printed with its name: "distinct vectors
+   spread like real chunks" (spread_like: each a real vector moved by noise with the real
+   vectors' covariance, as far as real chunks lie from their nearest neighbour; the call is timed
+   on these) and "near-copies" (near_copies, the former data: each real vector repeated ~150
+   times at 100,000 with isotropic noise 0.04, so a question's ten nearest are near-ties among
+   copies, harder than real collections). Recall@10 of the index against exact search over the
+   real questions, over 300 held-out vectors drawn like the data, and of the rights-filtered
+   top-10 (what the user gets) through the index against through exact search.
+   `--search-only` runs this part alone.
 3. Retrieval quality, for each local embedding model (questions embedded as queries): 29 questions
    (bench/data/knowledge_questions.json) written from a frozen copy of this README
    (bench/data/knowledge_corpus.md), each naming the section that answers it, cut with the model's
