@@ -1,6 +1,6 @@
 """Knowledge: indexing throughput, search latency and recall, retrieval quality.
 
-    python bench/bench_knowledge.py [--chunks 10000] [--search-sizes 10000 100000] [--small]
+    python bench/bench_knowledge.py [--chunks 10000] [--search-sizes 10000 100000] [--small] [--search-only]
 
 Runs in Odoo's venv (where the embedded store, usearch and psycopg2 live) with the real model
 server (trainer/serve.py, POST /embed) and the real PostgreSQL (temporary tables in the database
@@ -13,8 +13,17 @@ named by --db, default `postgres`):
 2. Search, the whole call as a restricted user makes it: embed the question (model server), rank
    (exact numpy vs the embedded store's usearch index), then the rights filter (an SQL query on the
    chunks' source records with a company rule, fetching more until k readable), at each size;
-   p50/p95 in ms, and recall@10 of the index against exact search. Vectors past the embedded
-   chunks are those vectors with noise (embedding 100,000 chunks takes minutes on 2 cores).
+   p50/p95 in ms of the whole call and of its parts (embed / lookup / rights filter). The vectors
+   at each size are made from the real vectors of the README's ~700 chunks (embedding 100,000
+   real chunks takes an hour on 2 cores), two ways, each printed with its name: "distinct vectors
+   spread like real chunks" (spread_like: each a real vector moved by noise with the real
+   vectors' covariance, as far as real chunks lie from their nearest neighbour; the call is timed
+   on these) and "near-copies" (near_copies, the former data: each real vector repeated ~150
+   times at 100,000 with isotropic noise 0.04, so a question's ten nearest are near-ties among
+   copies, harder than real collections). Recall@10 of the index against exact search over the
+   real questions, over 300 held-out vectors drawn like the data, and of the rights-filtered
+   top-10 (what the user gets) through the index against through exact search.
+   `--search-only` runs this part alone.
 3. Retrieval quality, for each local embedding model (questions embedded as queries): 29 questions
    (bench/data/knowledge_questions.json) written from a frozen copy of this README
    (bench/data/knowledge_corpus.md), each naming the section that answers it, cut with the model's
@@ -101,14 +110,63 @@ def bench_indexing(server, chunker, texts, connection, rounds=2):
           % (ours, len(texts), cook, len(cook_texts), ours / cook, server_rss / 1e6, rounds))
 
 
-def bench_search(server, base_vectors, sizes, connection, queries, k=10):
+def near_copies(base, size, rng):
+    """The former large-size data: `size` rows, each a real vector (a row of `base`) with isotropic
+    Gaussian noise 0.04 per dimension, normalised. With ~700 README chunks a question's ten nearest
+    are often ten noisy copies of one chunk: near-ties spread through all 384 dimensions, harder for
+    HNSW than real collections and unlike them (they rarely hold 150 near-copies of each text)."""
+    picks = base[rng.randint(0, len(base), size)]
+    matrix = picks + rng.normal(0, 0.04, picks.shape).astype(numpy.float32)
+    return matrix / numpy.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def spread_like(base, size, rng):
+    """`size` distinct vectors that spread like real chunk embeddings (the synthetic model of the
+    large sizes, where embedding that many real chunks would take an hour on 2 cores): each is a
+    real vector (a row of `base`) moved by Gaussian noise with the real vectors' own covariance
+    (along the directions real chunks differ in, not evenly through all 384 dimensions), scaled so
+    that a moved vector's cosine to the vector it came from is the median cosine between a real
+    chunk and its nearest other chunk (a new chunk is as near its seed as real neighbours are).
+    -> (matrix, that median cosine)."""
+    similarity = base.dot(base.T)
+    numpy.fill_diagonal(similarity, -1.0)
+    target = float(numpy.median(similarity.max(axis=1)))
+    centered = base - base.mean(axis=0)
+    values, vectors = numpy.linalg.eigh(centered.T.dot(centered) / len(base))
+    root = (vectors * numpy.sqrt(numpy.clip(values, 0, None))).astype(numpy.float32)
+
+    def moved(count, scale, generator):
+        seeds = base[generator.randint(0, len(base), count)]
+        matrix = seeds + scale * generator.normal(0, 1, seeds.shape).astype(numpy.float32).dot(root.T)
+        return matrix / numpy.linalg.norm(matrix, axis=1, keepdims=True), seeds
+    low, high = 0.0, 10.0
+    for _ in range(30):  # the scale whose median cosine to the seed is the target (bisection)
+        scale = (low + high) / 2
+        matrix, seeds = moved(500, scale, numpy.random.RandomState(1))
+        low, high = (scale, high) if numpy.median((matrix * seeds).sum(axis=1)) > target else (low, scale)
+    return moved(size, scale, rng)[0], target
+
+
+def recall(store, ref, matrix, ids, vectors, k):
+    """Mean recall@k of the index against exact search over `vectors`."""
+    found = []
+    for vector in vectors:
+        exact = set(h[0] for h in exact_top(matrix, ids, vector, k))
+        found.append(len(exact & set(h[0] for h in store.search(ref, vector, k))) / float(k))
+    return float(numpy.mean(found))
+
+
+def bench_search(server, base_vectors, sizes, connection, queries, k=10, held_out=300):
+    """At each size, two data sets of `size` vectors made from the real README chunk vectors:
+    "spread" (spread_like: distinct vectors, the whole call timed on it) and "copies" (near_copies,
+    the former data: recall only). Recall@10 of the index against exact search over the real
+    questions, over `held_out` vectors drawn like the data but not in it, and of the whole
+    retrieval (the rights-filtered top-10 through the index against through exact search)."""
     cursor = connection.cursor()
     rng = numpy.random.RandomState(0)
     folder = tempfile.mkdtemp(prefix='bench_knowledge_')
+    questions = [numpy.asarray(v, dtype=numpy.float32) for v in server.embed(queries, MODELS[0], 'query')['data']]
     for size in sizes:
-        picks = base_vectors[rng.randint(0, len(base_vectors), size)]
-        matrix = picks + rng.normal(0, 0.04, picks.shape).astype(numpy.float32)
-        matrix /= numpy.linalg.norm(matrix, axis=1, keepdims=True)
         ids = numpy.arange(1, size + 1, dtype=numpy.int64)
         # the rights: each chunk's source record belongs to one of 4 companies; the user reads 2
         cursor.execute('DROP TABLE IF EXISTS bench_record; CREATE TEMP TABLE bench_record '
@@ -116,42 +174,79 @@ def bench_search(server, base_vectors, sizes, connection, queries, k=10):
         execute_values(cursor, 'INSERT INTO bench_record VALUES %s', [(int(i), int(i % 4)) for i in ids],
                        page_size=10000)
         connection.commit()
+        spent = {'lookup': [0.0], 'filter': [0.0]}
 
         def readable(chunk_ids):
+            started = time.perf_counter()
             cursor.execute('SELECT id FROM bench_record WHERE id = ANY(%s) AND company_id IN (0, 1)', (list(chunk_ids),))
-            return [row[0] for row in cursor.fetchall()]
+            found = [row[0] for row in cursor.fetchall()]
+            spent['filter'][0] += time.perf_counter() - started
+            return found
 
-        store = stores.EmbeddedStore({'index_dir': folder, 'approx_min': 1})
-        ref = stores.CollectionRef(size, matrix.shape[1], 1, lambda: (ids, matrix))
-        started = time.perf_counter()
-        store.search(ref, matrix[0], 1)  # builds the index file once
-        build = time.perf_counter() - started
-        timings = {'exact': [], 'index': []}
-        lookups = {'exact': [], 'index': []}
-        recall = []
-        for question in queries:
-            for kind in ('exact', 'index'):
+        def timed(search):
+            def call(n):
                 started = time.perf_counter()
-                vector = numpy.asarray(server.embed([question], MODELS[0], 'query')['data'][0], dtype=numpy.float32)
-                embedded = time.perf_counter()
-                if kind == 'exact':
-                    search = lambda n: exact_top(matrix, ids, vector, n)
-                else:
-                    search = lambda n: store.search(ref, vector, n)
-                retrieval.readable_top_k(search, readable, k)
-                timings[kind].append(time.perf_counter() - started)
-                lookups[kind].append(time.perf_counter() - embedded)
-            exact = set(h[0] for h in exact_top(matrix, ids, vector, k))
-            recall.append(len(exact & set(h[0] for h in store.search(ref, vector, k))) / float(k))
-        print('search at %d chunks (user reads half of them): whole call exact p50 %.1f ms p95 %.1f ms, index p50 '
-              '%.1f ms p95 %.1f ms; without the query embedding: exact p50 %.1f p95 %.1f ms, index p50 %.1f p95 '
-              '%.1f ms (%.2fx at p95); index built in %.1f s; recall@10 of the index %.3f over %d questions'
-              % (size, percentile(timings['exact'], 50), percentile(timings['exact'], 95),
-                 percentile(timings['index'], 50), percentile(timings['index'], 95),
-                 percentile(lookups['exact'], 50), percentile(lookups['exact'], 95),
-                 percentile(lookups['index'], 50), percentile(lookups['index'], 95),
-                 percentile(lookups['exact'], 95) / max(percentile(lookups['index'], 95), 1e-9), build,
-                 float(numpy.mean(recall)), len(queries)))
+                found = search(n)
+                spent['lookup'][0] += time.perf_counter() - started
+                return found
+            return call
+        for data in ('spread', 'copies'):
+            if data == 'spread':
+                matrix, target = spread_like(base_vectors, size, rng)
+                others = spread_like(base_vectors, held_out, numpy.random.RandomState(size + 1))[0]
+                label = ('distinct vectors spread like real chunks (the README chunks\' covariance, '
+                         'median cosine to the seed %.3f)' % target)
+            else:
+                matrix = near_copies(base_vectors, size, rng)
+                others = near_copies(base_vectors, held_out, numpy.random.RandomState(size + 1))
+                label = 'near-copies of %d README chunks (noise 0.04, the former data)' % len(base_vectors)
+            store = stores.EmbeddedStore({'index_dir': os.path.join(folder, data), 'approx_min': 1})
+            ref = stores.CollectionRef(size, matrix.shape[1], 1, lambda: (ids, matrix))
+            started = time.perf_counter()
+            store.search(ref, matrix[0], 1)  # builds the index file once
+            build = time.perf_counter() - started
+            agree = []
+            for vector in questions:
+                top = [set(h[0] for h in retrieval.readable_top_k(search, readable, k)) for search in
+                       (lambda n: exact_top(matrix, ids, vector, n), lambda n: store.search(ref, vector, n))]
+                agree.append(len(top[0] & top[1]) / float(k))
+            print('search at %d chunks, %s: index built in %.1f s; recall@10 of the index %.3f over %d questions, '
+                  '%.3f over %d held-out vectors; the rights-filtered top-10 through the index holds %.3f of '
+                  'exact\'s' % (size, label, build, recall(store, ref, matrix, ids, questions, k), len(questions),
+                                  recall(store, ref, matrix, ids, others, k), held_out, float(numpy.mean(agree))))
+            if data != 'spread':
+                store.drop(ref)  # its file (150 MB at 100,000) and the index this process holds
+                continue
+            timings = {'exact': [], 'index': []}
+            split = {'embed': [], 'exact lookup': [], 'index lookup': [], 'filter': []}
+            for question in queries:
+                for kind in ('exact', 'index'):
+                    spent['lookup'][0] = spent['filter'][0] = 0.0
+                    started = time.perf_counter()
+                    vector = numpy.asarray(server.embed([question], MODELS[0], 'query')['data'][0],
+                                           dtype=numpy.float32)
+                    embedded = time.perf_counter()
+                    if kind == 'exact':
+                        search = timed(lambda n: exact_top(matrix, ids, vector, n))
+                    else:
+                        search = timed(lambda n: store.search(ref, vector, n))
+                    retrieval.readable_top_k(search, readable, k)
+                    timings[kind].append(time.perf_counter() - started)
+                    split['embed'].append(embedded - started)
+                    split['%s lookup' % kind].append(spent['lookup'][0])
+                    if kind == 'index':
+                        split['filter'].append(spent['filter'][0])
+            print('search at %d chunks (user reads half of them), the whole call: exact p50 %.1f p95 %.1f ms, '
+                  'index p50 %.1f p95 %.1f ms; its parts (p50/p95 ms): embed the question %.1f/%.1f, lookup '
+                  'exact %.1f/%.1f, index %.2f/%.2f (%.2fx at p95), rights filter %.1f/%.1f; %d questions'
+                  % (size, percentile(timings['exact'], 50), percentile(timings['exact'], 95),
+                     percentile(timings['index'], 50), percentile(timings['index'], 95),
+                     percentile(split['embed'], 50), percentile(split['embed'], 95),
+                     percentile(split['exact lookup'], 50), percentile(split['exact lookup'], 95),
+                     percentile(split['index lookup'], 50), percentile(split['index lookup'], 95),
+                     percentile(split['exact lookup'], 95) / max(percentile(split['index lookup'], 95), 1e-9),
+                     percentile(split['filter'], 50), percentile(split['filter'], 95), len(queries)))
+            store.drop(ref)
 
 
 def bench_quality(server, chunkers, name, corpus, questions, variants):
@@ -209,6 +304,7 @@ def main():
     parser.add_argument('--small', action='store_true', help='a quick check: 500 chunks, 2,000 and 10,000 in search')
     parser.add_argument('--db', default='postgres')
     parser.add_argument('--quality-only', action='store_true', help='only the retrieval quality (a minute)')
+    parser.add_argument('--search-only', action='store_true', help='only the search (latency and recall)')
     args = parser.parse_args()
     if args.small:
         args.chunks, args.search_sizes = 500, [2000, 10000]
@@ -225,9 +321,12 @@ def main():
         texts = [pieces[i % len(pieces)] + (' (%d)' % i) for i in range(args.chunks)]
         server.embed(['warm up'], MODELS[0])
         if not args.quality_only:
-            bench_indexing(server, chunker, texts, connection)
-            base_vectors = numpy.asarray(server.embed(pieces[:2000], MODELS[0])['data'], dtype=numpy.float32)
+            if not args.search_only:
+                bench_indexing(server, chunker, texts, connection)
+            base_vectors = numpy.asarray(server.embed(pieces, MODELS[0])['data'], dtype=numpy.float32)
             bench_search(server, base_vectors, args.search_sizes, connection, [q['question'] for q in questions])
+        if args.search_only:
+            return
         bench_quality(server, chunkers, 'the README (bench/data/knowledge_corpus.md)', 'knowledge_corpus.md',
                       questions, QUALITY_VARIANTS)
         bench_quality(server, chunkers, 'Arabic handbook', 'knowledge_corpus_ar.md',

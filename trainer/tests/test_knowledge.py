@@ -85,3 +85,43 @@ def test_the_e5_tokenizer_file_counts_as_the_engine_and_keeps_offsets(cache):
         assert text[start:end].strip() and encoding.offsets[-1][1] == len(text)
     assert embed.answer(json.dumps({'model': 'multilingual-e5-small', 'input': ['x'],
                                     'input_type': 'question'}).encode())[0] == 400
+
+
+def test_a_small_batch_runs_on_one_thread_and_its_vectors_do_not_change(cache):
+    """A question (a small padded batch) is embedded on one torch thread: its vector, and the
+    passages', equal (1e-5) those the same model gave before that path existed (recorded in
+    data/minilm_reference_vectors.json)."""
+    import os
+    import torch
+    assert embed.threads_for(15, 8) == 1 and embed.threads_for(embed.ONE_THREAD_TOKENS, 2) == 1
+    assert embed.threads_for(embed.ONE_THREAD_TOKENS + 1, 8) == 8, 'indexing batches keep every thread'
+    with open(os.path.join(os.path.dirname(__file__), 'data', 'minilm_reference_vectors.json')) as f:
+        reference = json.load(f)
+    before = torch.get_num_threads()
+    query, _ = embed.embed([reference['query']], cache=cache, input_type='query')
+    passages, _ = embed.embed(reference['passages'], cache=cache)
+    assert torch.get_num_threads() == before, 'the process\'s setting is put back'
+    for got, expected in zip(query + passages, [reference['query_vector']] + reference['passage_vectors']):
+        assert max(abs(x - y) for x, y in zip(got, expected)) < 1e-5
+
+
+def test_the_model_server_answers_without_waiting_for_a_delayed_ack():
+    """serve.py's handler turns Nagle's algorithm off on its connection: an answer is written as
+    headers then body, and with Nagle the body waited 40 ms for the client's delayed ACK (every
+    /health and /embed on a keep-alive connection)."""
+    import socket
+    import types
+    from trainer.serve import Handler
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    connection, _ = listener.accept()
+    try:
+        handler = Handler.__new__(Handler)  # setup() only: no request is handled
+        handler.request, handler.server = connection, types.SimpleNamespace(read_timeout=5)
+        handler.setup()
+        assert handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        for s in (client, connection, listener):
+            s.close()
