@@ -3,7 +3,6 @@ answers, and the choice between the two engines. One engine (one GGUF cache) for
 import os
 import sys
 import threading
-import time
 
 import pytest
 
@@ -101,18 +100,17 @@ def test_stop_strings_and_a_caller_that_goes_away(llama, reference, model_dir):
 
     def emit(delta):
         raise Gone()
-    deadline = time.monotonic() + 60
-    while llama.describe()['rows']:  # a request is counted after its caller hears 'done': let the last one land
-        assert time.monotonic() < deadline, 'the last request never ended'
-        time.sleep(0.05)
-    before, before_finished = llama.stats['cancelled'], llama.stats['finished']
+    # a request is counted after its caller hears 'done' (its thread's end notifies the engine's
+    # condition): let the last one land before reading the counts
+    with llama._cond:
+        assert llama._cond.wait_for(lambda: not llama._running, 60), 'the last request never ended'
+        before, before_finished = llama.stats['cancelled'], llama.stats['finished']
     with pytest.raises(Gone):
         llama.chat(request(model_dir, PROMPTS[0], max_tokens=200), emit)
-    deadline = time.monotonic() + 60
-    while llama.stats['cancelled'] == before or llama.describe()['rows']:  # ended at its next token
-        assert time.monotonic() < deadline, 'the request was not dropped'
-        time.sleep(0.05)
-    assert llama.stats['finished'] == before_finished + 1  # its thread ended, long before 200 tokens
+    with llama._cond:  # dropped at its next token, its thread ended long before 200 tokens
+        assert llama._cond.wait_for(lambda: llama.stats['cancelled'] > before and not llama._running, 60), \
+            'the request was not dropped'
+        assert llama.stats['finished'] == before_finished + 1
 
 
 @pytest.fixture
