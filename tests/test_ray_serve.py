@@ -10,6 +10,7 @@ import struct
 import tempfile
 import time
 import unittest
+from unittest import mock
 
 import requests
 
@@ -132,6 +133,12 @@ class TestRayServe(HttpCase):
         return ''.join(c['choices'][0]['delta'].get('content') or '' for c in chunks if c.get('choices'))
 
     def test_deployment_answers_odoo_serves_new_adapters_after_an_update_only_with_its_token_and_is_deleted(self):
+        # deployed with the production default, whatever engine the suite's own host server uses:
+        # `auto`, which on this CPU head is llama.cpp (the base and each adapter converted to GGUF by
+        # the replica with the converters Deploy copies to the storage)
+        engine = mock.patch.dict(tools.config.options, {'llm_training_serve_engine': 'auto'})
+        engine.start()
+        self.addCleanup(engine.stop)
         ray = self.env['llm.provider'].create({
             'name': 'Ray serving', 'service': 'ray', 'ray_dashboard_url': self.head.url,
             'storage_path': self.storage, 'request_timeout': 30, 'serve_on': 'ray', 'serve_url': self.serve_url,
@@ -163,8 +170,9 @@ class TestRayServe(HttpCase):
         endpoint = ray._adapter().chat_endpoint()
         self.assertEqual(endpoint.where, 'cluster')
         health = endpoint.health()
-        self.assertEqual(health['engine']['setting'], tools.config.get('llm_training_serve_engine') or 'auto')
-        self.assertEqual(health['loaded']['base'], os.path.realpath(base_path))
+        self.assertEqual(health['engine']['setting'], 'auto')
+        self.assertEqual([m['base'] for m in health['engine']['llamacpp']['models']], [os.path.realpath(base_path)],
+                         'llama.cpp answered on the replica')
         local_state = os.path.join(ray._adapter_config()['model_server_dir'], 'server.json')
         self.assertFalse(os.path.exists(local_state), 'nothing was answered by this host\'s model server')
 
@@ -188,7 +196,7 @@ class TestRayServe(HttpCase):
         self.assertIn('=== smol-on-serve ===\n%s' % tuned.test_base_reply, wizard.result)
         after = endpoint.health()
         self.assertEqual(after['pid'], health['pid'], 'a new model list is a light update: the replica stayed')
-        self.assertEqual(after['loaded']['adapters'], [os.path.realpath(adapter)])
+        self.assertEqual([m['adapters'] for m in after['engine']['llamacpp']['models']], [[os.path.realpath(adapter)]])
         self.assertFalse(os.path.exists(local_state))
 
         # only with the token: a wrong one or none is refused on every path
