@@ -131,16 +131,25 @@ def bench_indexing(server, fp32_server, chunker, texts, connection, rounds=2):
              measured, server_rss / 1e6, rounds))
 
 
-def bench_precision(server, fp32_server, texts):
+def bench_precision(server, fp32_server, texts, questions, k=10):
     """Cosine between the vectors of the same passages from the server as configured and from one
-    forced to fp32 (what bf16 changes)."""
-    got = numpy.asarray(server.embed(texts, MODELS[0])['data'], dtype=numpy.float64)
-    answer = fp32_server.embed(texts, MODELS[0])
-    reference = numpy.asarray(answer['data'], dtype=numpy.float64)
-    cosines = (got * reference).sum(axis=1) / numpy.linalg.norm(got, axis=1) / numpy.linalg.norm(reference, axis=1)
+    forced to fp32 (what bf16 changes), and how much of the exact top-10 of each question (embedded
+    alone, as a search does: fp32) over the fp32 passages the other passages' top-10 holds."""
+    answer = server.embed(texts, MODELS[0])
+    got = numpy.asarray(answer['data'], dtype=numpy.float32)
+    reference = numpy.asarray(fp32_server.embed(texts, MODELS[0])['data'], dtype=numpy.float32)
+    cosines = (got.astype(numpy.float64) * reference).sum(axis=1) / numpy.linalg.norm(got, axis=1) / \
+        numpy.linalg.norm(reference, axis=1)
+    ids = numpy.arange(len(texts))
+    overlap = []
+    for question in questions:
+        vector = numpy.asarray(server.embed([question], MODELS[0], 'query')['data'][0], dtype=numpy.float32)
+        overlap.append(len(set(h[0] for h in exact_top(got, ids, vector, k)) &
+                           set(h[0] for h in exact_top(reference, ids, vector, k))) / float(k))
     print('passage vectors, the server as configured (%s) vs forced to fp32, %d README chunks: cosine min %.6f, '
-          'median %.6f' % (server.embed(texts[:64], MODELS[0])['precision'], len(texts), cosines.min(),
-                           numpy.median(cosines)))
+          'median %.6f; exact top-10 over them holds %.3f of fp32\'s over %d questions'
+          % (answer['precision'], len(texts), cosines.min(), numpy.median(cosines), float(numpy.mean(overlap)),
+             len(questions)))
 
 
 def near_copies(base, size, rng):
@@ -367,7 +376,7 @@ def main():
         if not args.quality_only:
             if not args.search_only:
                 bench_indexing(server, fp32_server, chunker, texts, connection)
-                bench_precision(server, fp32_server, pieces)
+                bench_precision(server, fp32_server, pieces, [q['question'] for q in questions])
             if args.indexing_only:
                 return
             base_vectors = numpy.asarray(server.embed(pieces, MODELS[0])['data'], dtype=numpy.float32)

@@ -216,3 +216,30 @@ def test_a_question_goes_between_two_batches_of_an_indexing_request(cache):
     indexing.join(60)
     assert order == ['index', 'question', 'index', 'index'], order  # 24 texts, batches of 8
     assert question['data'] == embed.encode(['When are refunds paid?'], cache=cache, input_type='query')['data']
+
+
+def test_the_server_flag_sets_the_precision_and_its_answer_and_health_say_it(cache):
+    """serve.py --embed-precision (odoo.conf llm_training_embed_precision) reaches /embed: fp32
+    forced, an indexing request answers "precision": "fp32" and /health shows the choice."""
+    import threading
+    import urllib.request
+    from trainer import serve
+    assert serve.make_parser().parse_args(['--embed-precision', 'fp32']).embed_precision == 'fp32'
+    assert serve.make_parser().parse_args([]).embed_precision == 'auto'
+    server = serve.ModelServer(0, embed_precision='fp32')
+    server.embeddings.models = cache.models  # the loaded model, shared
+    threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+    url = 'http://127.0.0.1:%d' % server.server_address[1]
+
+    def call(path, body=None):
+        request = urllib.request.Request(url + path, data=body and json.dumps(body).encode(),
+                                         headers={'Authorization': 'Bearer %s' % server.token})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.loads(answer.read().decode())
+    try:
+        assert call('/embed', {'input': LARGE})['precision'] == 'fp32'
+        assert call('/health')['embed'] == {'precision_setting': 'fp32', 'large_batches': {'all-MiniLM-L6-v2': {
+            'precision': 'fp32', 'source': 'set (llm_training_embed_precision)'}}}
+    finally:
+        server.shutdown()
+        server.server_close()
