@@ -202,13 +202,6 @@ class TurnLock(object):
                 self.condition.wait()
             self.held = True
 
-    def __enter__(self):
-        self._hold = self.hold()
-        return self._hold.__enter__()
-
-    def __exit__(self, *exc):
-        return self._hold.__exit__(*exc)
-
 
 class EmbeddingCache(object):
     """Loaded embedding models by name (few and small: kept), one lock for all (TurnLock), and
