@@ -45,7 +45,7 @@ SERVE_SETTINGS = (
 # where the model converts, transformers on CUDA and for the others.
 SERVE_ENGINES = ('auto', 'transformers', 'llamacpp')
 # The precision of /embed's large batches (the server's --embed-precision, trainer/knowledge/embed.py):
-# auto = bf16 where a measurement at the server's start finds it faster, fp32 otherwise.
+# auto = bf16 where the server's measurement (at its first large batch) finds it faster, fp32 otherwise.
 EMBED_PRECISIONS = ('auto', 'fp32', 'bf16')
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
@@ -65,9 +65,8 @@ class ModelServerError(Exception):
 
 def serve_settings(get):
     """The model server's settings from odoo.conf (`get`: tools.config.get), checked:
-    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb', 'engine', 'convert_dir', 'embed_precision'};
-    ValueError
-    names a bad key."""
+    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb', 'engine', 'convert_dir',
+    'embed_precision'}; ValueError names a bad key."""
     settings = {}
     for key, name, default in SERVE_SETTINGS:
         raw = get(key)
