@@ -1,15 +1,19 @@
 """Knowledge: indexing throughput, search latency and recall, retrieval quality.
 
     python bench/bench_knowledge.py [--chunks 10000] [--search-sizes 10000 100000] [--small] [--search-only]
+                                    [--indexing-only] [--quality-only]
 
 Runs in Odoo's venv (where the embedded store, usearch and psycopg2 live) with the real model
 server (trainer/serve.py, POST /embed) and the real PostgreSQL (temporary tables in the database
 named by --db, default `postgres`):
 
 1. Indexing, N chunks of README text: ours (lib/serving/model_server.py `embed` in batches of 64, one bulk
-   INSERT per batch, as llm.knowledge.collection._add_chunks does) vs a cookbook loop (tokenize,
-   embed one chunk per request, INSERT one row), interleaved in rounds; chunks/s and the ratio; peak
-   RSS of the model server. The cookbook runs on a tenth of the chunks (its rate is per chunk).
+   INSERT per batch, as llm.knowledge.collection._add_chunks does; large batches in the precision
+   the server measured faster, printed) and ours on a second server forced to fp32
+   (--embed-precision fp32) vs a cookbook loop (tokenize, embed one chunk per request: fp32, INSERT
+   one row), interleaved in rounds; chunks/s and the ratios; peak RSS of the model server. The
+   cookbook runs on a tenth of the chunks, ours in fp32 on a fifth (their rates are per chunk). Then the cosine (min, median)
+   between the README chunks' vectors from both servers. `--indexing-only` runs this part alone.
 2. Search, the whole call as a restricted user makes it: embed the question (model server), rank
    (exact numpy vs the embedded store's usearch index), then the rights filter (an SQL query on the
    chunks' source records with a company rule, fetching more until k readable), at each size;
@@ -30,7 +34,8 @@ named by --db, default `postgres`):
    tokenizer into the former default chunks (200 tokens, overlap 40, plain) and the present ones
    (128, overlap 32, each led by its Markdown heading path); and 8 Arabic questions on a short
    Arabic handbook (bench/data/knowledge_corpus_ar.md, knowledge_questions_ar.json). Hit rate@5
-   and MRR@10; a hit is a chunk lying mostly in the named section.
+   and MRR@10; a hit is a chunk lying mostly in the named section. Questions are embedded one a
+   request, as a search does (fp32); the README's passages also by the fp32 server (what bf16 changes).
 """
 import argparse
 import json
@@ -82,32 +87,71 @@ def percentile(values, q):
     return float(numpy.percentile(numpy.array(values), q)) * 1000
 
 
-def bench_indexing(server, chunker, texts, connection, rounds=2):
+def bench_indexing(server, fp32_server, chunker, texts, connection, rounds=2):
+    """Ours (the server as configured: large batches in the precision it measured faster) and ours
+    on a server forced to fp32, against the cookbook loop, interleaved in rounds."""
     cursor = connection.cursor()
     cursor.execute('CREATE TEMP TABLE bench_chunk (id serial PRIMARY KEY, text text, vector bytea)')
     cook_texts = texts[:max(len(texts) // 10, 20)]
-    ours_rate, cook_rate = [], []
-    for _ in range(rounds):
+    fp32_texts = texts[:max(len(texts) // 5, 256)]  # a rate per chunk too: a fifth keeps make bench short
+    rates = {'ours': [], 'fp32': [], 'cook': []}
+    precisions = set()
+
+    def ours(on, texts):
         start = time.perf_counter()
         for i in range(0, len(texts), 64):
             batch = texts[i:i + 64]
-            vectors = server.embed(batch, MODELS[0])['data']
+            answer = on.embed(batch, MODELS[0])
+            if on is server:
+                precisions.add(answer.get('precision'))
             execute_values(cursor, 'INSERT INTO bench_chunk (text, vector) VALUES %s',
-                           [(t, to_bytes(v)) for t, v in zip(batch, vectors)])
+                           [(t, to_bytes(v)) for t, v in zip(batch, answer['data'])])
         connection.commit()
-        ours_rate.append(len(texts) / (time.perf_counter() - start))
+        return len(texts) / (time.perf_counter() - start)
+    for _ in range(rounds):
+        rates['ours'].append(ours(server, texts))
+        rates['fp32'].append(ours(fp32_server, fp32_texts))
         start = time.perf_counter()
         for text in cook_texts:
             chunker.count(text)  # the cookbook tokenizes each chunk before embedding it
             vector = server.embed([text], MODELS[0])['data'][0]
             cursor.execute('INSERT INTO bench_chunk (text, vector) VALUES (%s, %s)', (text, to_bytes(vector)))
             connection.commit()
-        cook_rate.append(len(cook_texts) / (time.perf_counter() - start))
+        rates['cook'].append(len(cook_texts) / (time.perf_counter() - start))
     server_rss = psutil.Process(json.load(open(os.path.join(server.run_dir, 'server.json')))['pid']).memory_info().rss
-    ours, cook = max(ours_rate), max(cook_rate)
-    print('indexing: ours %.1f chunks/s (%d chunks, batches of 64, bulk insert), cookbook loop %.1f chunks/s '
-          '(%d chunks, one per request and row): %.2fx; model server RSS %.0f MB (best of %d rounds, interleaved)'
-          % (ours, len(texts), cook, len(cook_texts), ours / cook, server_rss / 1e6, rounds))
+    ours_rate, fp32_rate, cook = max(rates['ours']), max(rates['fp32']), max(rates['cook'])
+    choice = ((server.health() or {}).get('embed') or {}).get('large_batches', {}).get(MODELS[0]) or {}
+    measured = ''
+    if choice.get('fp32_gflops'):
+        measured = '; the server measured fp32 %.0f, bf16 %.0f GFLOP/s' % (choice['fp32_gflops'], choice['bf16_gflops'])
+    print('indexing: ours %.1f chunks/s in %s (%d chunks, batches of 64, bulk insert), ours forced to fp32 %.1f '
+          'chunks/s (%d chunks), cookbook loop %.1f chunks/s (%d chunks, one per request and row, fp32): %.2fx the cookbook '
+          '(fp32: %.2fx; %s/fp32 %.2fx)%s; model server RSS %.0f MB (best of %d rounds, interleaved)'
+          % (ours_rate, '+'.join(sorted(p for p in precisions if p)), len(texts), fp32_rate, len(fp32_texts), cook,
+             len(cook_texts),
+             ours_rate / cook, fp32_rate / cook, '+'.join(sorted(p for p in precisions if p)), ours_rate / fp32_rate,
+             measured, server_rss / 1e6, rounds))
+
+
+def bench_precision(server, fp32_server, texts, questions, k=10):
+    """Cosine between the vectors of the same passages from the server as configured and from one
+    forced to fp32 (what bf16 changes), and how much of the exact top-10 of each question (embedded
+    alone, as a search does: fp32) over the fp32 passages the other passages' top-10 holds."""
+    answer = server.embed(texts, MODELS[0])
+    got = numpy.asarray(answer['data'], dtype=numpy.float32)
+    reference = numpy.asarray(fp32_server.embed(texts, MODELS[0])['data'], dtype=numpy.float32)
+    cosines = (got.astype(numpy.float64) * reference).sum(axis=1) / numpy.linalg.norm(got, axis=1) / \
+        numpy.linalg.norm(reference, axis=1)
+    ids = numpy.arange(len(texts))
+    overlap = []
+    for question in questions:
+        vector = numpy.asarray(server.embed([question], MODELS[0], 'query')['data'][0], dtype=numpy.float32)
+        overlap.append(len(set(h[0] for h in exact_top(got, ids, vector, k)) &
+                           set(h[0] for h in exact_top(reference, ids, vector, k))) / float(k))
+    print('passage vectors, the server as configured (%s) vs forced to fp32, %d README chunks: cosine min %.6f, '
+          'median %.6f; exact top-10 over them holds %.3f of fp32\'s over %d questions'
+          % (answer['precision'], len(texts), cosines.min(), numpy.median(cosines), float(numpy.mean(overlap)),
+             len(questions)))
 
 
 def near_copies(base, size, rng):
@@ -249,7 +293,7 @@ def bench_search(server, base_vectors, sizes, connection, queries, k=10, held_ou
             store.drop(ref)
 
 
-def bench_quality(server, chunkers, name, corpus, questions, variants):
+def bench_quality(server, chunkers, name, corpus, questions, variants, fp32_server=None):
     """Hit rate@5 and MRR@10 of `questions` ({'question', 'section'}) over `corpus` (Markdown): a
     hit is a chunk of the named section (## or ### heading), one that lies at least half in it or
     holds at least half of it (a short section shares its chunk with its neighbours)."""
@@ -266,13 +310,16 @@ def bench_quality(server, chunkers, name, corpus, questions, variants):
             if shared > 0 and (2 * shared >= chunk['end'] - chunk['start'] or 2 * shared >= end - start):
                 found.add(title)
         return found
-    for model in MODELS:
+    runs = [(model, server) for model in MODELS] + ([(MODELS[0], fp32_server)] if fp32_server else [])
+    for model, on in runs:
         for label, size, overlap, headed in variants:
             cut = chunkers[model](text, size, overlap)
             pieces = chunking.with_headings(text, cut) if headed else cut
             chunks = [(sections(c), c['text']) for c in pieces]
-            vectors = numpy.asarray(server.embed([c[1] for c in chunks], model)['data'], dtype=numpy.float32)
-            queries = numpy.asarray(server.embed([q['question'] for q in questions], model, 'query')['data'],
+            answer = on.embed([c[1] for c in chunks], model)
+            vectors = numpy.asarray(answer['data'], dtype=numpy.float32)
+            # one question a request, as a search embeds it (a small request: fp32, one thread)
+            queries = numpy.asarray([on.embed([q['question']], model, 'query')['data'][0] for q in questions],
                                     dtype=numpy.float32)
             ids = numpy.arange(len(chunks))
             hits, reciprocal = 0, []
@@ -281,8 +328,9 @@ def bench_quality(server, chunkers, name, corpus, questions, variants):
                 rank = next((r for r, titles in enumerate(ranked, 1) if item['section'] in titles), None)
                 hits += bool(rank and rank <= 5)
                 reciprocal.append(1.0 / rank if rank else 0.0)
-            print('retrieval quality (%s, %s, %s): hit rate@5 %.2f, MRR@10 %.3f over %d questions (%d chunks)'
-                  % (model, name, label, hits / float(len(questions)), float(numpy.mean(reciprocal)),
+            print('retrieval quality (%s, passages in %s, %s, %s): hit rate@5 %.2f, MRR@10 %.3f over %d questions '
+                  '(%d chunks)' % (model, answer.get('precision'), name, label, hits / float(len(questions)),
+                                   float(numpy.mean(reciprocal)),
                      len(questions), len(chunks)))
 
 
@@ -305,12 +353,17 @@ def main():
     parser.add_argument('--db', default='postgres')
     parser.add_argument('--quality-only', action='store_true', help='only the retrieval quality (a minute)')
     parser.add_argument('--search-only', action='store_true', help='only the search (latency and recall)')
+    parser.add_argument('--indexing-only', action='store_true',
+                        help='only the indexing, and the cosine of its passage vectors to fp32\'s')
     args = parser.parse_args()
     if args.small:
         args.chunks, args.search_sizes = 500, [2000, 10000]
     print(cpu_line())
     run_dir = tempfile.mkdtemp(prefix='bench_knowledge_server_')
     server = ModelServer(PYTHON, run_dir, env=env(), cwd=ROOT)
+    # the same server forced to fp32: what bf16 indexing gains and what it changes in the vectors
+    fp32_server = ModelServer(PYTHON, tempfile.mkdtemp(prefix='bench_knowledge_fp32_'), env=env(), cwd=ROOT,
+                              embed_precision='fp32')
     connection = psycopg2.connect(dbname=args.db)
     try:
         chunkers = {model: chunking.TokenizerChunker(documents.tokenizer_info(PYTHON, env(), model)['tokenizer'])
@@ -319,22 +372,28 @@ def main():
         questions = _questions('knowledge_questions.json')
         pieces = [c['text'] for _t, body in readme_sections() for c in chunker(body, 64, 8)]
         texts = [pieces[i % len(pieces)] + (' (%d)' % i) for i in range(args.chunks)]
-        server.embed(['warm up'], MODELS[0])
+        for on in (server, fp32_server):
+            on.embed(['warm up'], MODELS[0])
+            on.embed(texts[:64], MODELS[0])  # the first large batch: the server measures its precision
         if not args.quality_only:
             if not args.search_only:
-                bench_indexing(server, chunker, texts, connection)
+                bench_indexing(server, fp32_server, chunker, texts, connection)
+                bench_precision(server, fp32_server, pieces, [q['question'] for q in questions])
+            if args.indexing_only:
+                return
             base_vectors = numpy.asarray(server.embed(pieces, MODELS[0])['data'], dtype=numpy.float32)
             bench_search(server, base_vectors, args.search_sizes, connection, [q['question'] for q in questions])
         if args.search_only:
             return
         bench_quality(server, chunkers, 'the README (bench/data/knowledge_corpus.md)', 'knowledge_corpus.md',
-                      questions, QUALITY_VARIANTS)
+                      questions, QUALITY_VARIANTS, fp32_server)
         bench_quality(server, chunkers, 'Arabic handbook', 'knowledge_corpus_ar.md',
                       _questions('knowledge_questions_ar.json'), QUALITY_VARIANTS[1:])
         print('peak RSS of this process %.0f MB' % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
     finally:
         connection.close()
         server.stop()
+        fp32_server.stop()
 
 
 if __name__ == '__main__':

@@ -144,25 +144,30 @@ class TestServeSettings(TrainingCase):
     def test_the_batching_settings_come_from_odoo_conf_and_a_server_with_others_is_replaced(self):
         conf = {'llm_training_serve_max_queue': '3', 'llm_training_serve_max_batch': '4',
                 'llm_training_serve_idle_unload': '60', 'llm_training_serve_max_memory_mb': '2048'}
-        conf.update(llm_training_serve_engine='llamacpp', llm_training_llama_convert_dir='/opt/convert')
+        conf.update(llm_training_serve_engine='llamacpp', llm_training_llama_convert_dir='/opt/convert',
+                    llm_training_embed_precision='fp32')
         self.assertEqual(serve_settings(conf.get), {'max_waiting': 3, 'max_batch': 4, 'idle_unload': 60.0,
                                                     'max_memory_mb': 2048, 'engine': 'llamacpp',
-                                                    'convert_dir': '/opt/convert'})
+                                                    'convert_dir': '/opt/convert', 'embed_precision': 'fp32'})
         self.assertEqual(serve_settings({}.get), {'max_waiting': 16, 'max_batch': 8, 'idle_unload': 900,
-                                                  'max_memory_mb': 0, 'engine': 'auto', 'convert_dir': None})
+                                                  'max_memory_mb': 0, 'engine': 'auto', 'convert_dir': None,
+                                                  'embed_precision': 'auto'})
         for key, bad in (('llm_training_serve_max_batch', '0'), ('llm_training_serve_idle_unload', 'soon'),
-                         ('llm_training_serve_engine', 'vllm')):
+                         ('llm_training_serve_engine', 'vllm'), ('llm_training_embed_precision', 'fp16')):
             with self.assertRaisesRegex(ValueError, key):
                 serve_settings({key: bad}.get)
         local = self.env['llm.provider'].create({'name': 'Local', 'service': 'local'})
         with mock.patch.dict(tools.config.options, conf):
             client = local._adapter().model_server()
         self.assertEqual((client.max_waiting, client.max_batch, client.idle_unload, client.max_memory_mb, client.engine,
-                          client.convert_dir), (3, 4, 60.0, 2048, 'llamacpp', '/opt/convert'))
+                          client.convert_dir, client.embed_precision), (3, 4, 60.0, 2048, 'llamacpp', '/opt/convert', 'fp32'))
         health = {'allowed_roots': client.allowed_roots,
                   'engine': {'max_queue': 3, 'max_batch': 4, 'idle_unload': 60.0, 'max_memory_mb': 2048,
-                             'setting': 'llamacpp'}}
+                             'setting': 'llamacpp'}, 'embed': {'precision_setting': 'fp32'}}
         self.assertTrue(client._serves_ours(health))
+        health['embed']['precision_setting'] = 'auto'  # odoo.conf now forces fp32 embeddings: replaced
+        self.assertFalse(client._serves_ours(health))
+        health['embed']['precision_setting'] = 'fp32'
         health['engine']['setting'] = 'transformers'  # started before odoo.conf changed: replaced
         self.assertFalse(client._serves_ours(health))
         health['engine'].update(setting='llamacpp', max_batch=8)

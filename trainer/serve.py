@@ -3,6 +3,7 @@
     python -m trainer.serve --port 0 --state-file RUN_DIR/server.json --allowed-root DIR [--allowed-root DIR2]
                             [--max-adapters 8] [--max-waiting 4] [--read-timeout 30] [--max-batch 8]
                             [--idle-unload 900] [--max-memory-mb MB] [--engine auto|transformers|llamacpp]
+                            [--embed-precision auto|fp32|bf16]
 
 Listens on 127.0.0.1 only (stdlib ThreadingHTTPServer). `--port 0` lets the OS choose; the chosen
 port is written with the pid to the state file (atomically) once the socket listens, which is how
@@ -28,7 +29,8 @@ Loopback is shared by every local user and process, so the server trusts none of
                       "models": [{"base", "kind", "adapters", "mb"}] (all loaded), "loads", "unloaded":
                       [{"base", "reason" ("idle for N s", "room for ..."), "at"}] (the last few),
                       "engine": {"rows", "waiting", "max_batch", "max_queue", "idle_unload", "max_memory_mb", "stats",
-                                 "setting" (--engine), "on_cuda", "llamacpp": {"rows", "waiting", "models", ...}}}
+                                 "setting" (--engine), "on_cuda", "llamacpp": {"rows", "waiting", "models", ...}},
+                      "embed": {"precision_setting" (--embed-precision), "large_batches": {model: its choice}}}
     POST /chat       {"model": folder, "messages": [...], "max_tokens", "temperature" (0: greedy),
                       "top_p", "stop": [str], "seed", "stream", "max_seconds" (the answer ends
                       with "length" that long after the request arrived, waiting included),
@@ -516,7 +518,7 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {'status': 'ok', 'pid': os.getpid(), 'loaded': self.server.describe(),
                          'allowed_roots': self.server.cache.roots, 'models': self.server.cache.models,
                          'loads': self.server.cache.loads, 'unloaded': self.server.cache.unloaded,
-                         'engine': self.server.engine.describe()})
+                         'engine': self.server.engine.describe(), 'embed': self.server.embeddings.describe()})
 
     def do_POST(self):
         if not self._authorized():
@@ -533,7 +535,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if self.path == '/embed':  # knowledge collections' embeddings: trainer/knowledge/embed.py
                 from .knowledge import embed
-                return self._json(*embed.answer(raw))
+                return self._json(*embed.answer(raw, getattr(self.server, 'embeddings', None)))
             if self.path != '/chat':
                 raise RequestError('unknown path %s' % self.path, 404)
             try:
@@ -625,8 +627,9 @@ class ModelServer(ThreadingHTTPServer):
 
     def __init__(self, port, max_adapters=8, token=None, roots=(), max_waiting=4, read_timeout=30, max_batch=8,
                  idle_unload=900, max_memory_mb=None, dtype=None, engine='transformers', gguf_cache=None,
-                 convert_dir=None):
+                 convert_dir=None, embed_precision='auto'):
         from trainer.llamacpp_engine import make_engine
+        from trainer.knowledge.embed import EmbeddingCache
         super().__init__(('127.0.0.1', port), Handler)
         self.cache = ModelCache(max_adapters, roots=list(roots), max_memory_mb=max_memory_mb, dtype=dtype)
         self.token = token or secrets.token_urlsafe(32)
@@ -635,6 +638,8 @@ class ModelServer(ThreadingHTTPServer):
         self.engine = make_engine(engine, self.cache, max_batch=max_batch, max_queue=max_waiting, idle_unload=idle_unload,
                                   max_memory_mb=max_memory_mb, gguf_cache=gguf_cache, convert_dir=convert_dir)
         self.read_timeout = read_timeout
+        # /embed's models, with the precision of their large batches (--embed-precision)
+        self.embeddings = EmbeddingCache(embed_precision)
 
     def describe(self):
         # without the lock: a health check must answer while a generation runs
@@ -700,6 +705,9 @@ def make_parser():
     parser.add_argument('--gguf-cache', help='where the GGUF files llama.cpp serves are kept (default '
                                              '~/.cache/llm_training/gguf or $LLMT_GGUF_CACHE)')
     parser.add_argument('--convert-dir', help='llama.cpp\'s converters (default $LLMT_LLAMA_CONVERT_DIR)')
+    parser.add_argument('--embed-precision', choices=('auto', 'fp32', 'bf16'), default='auto',
+                        help='/embed\'s large batches (indexing): bf16 where a measurement finds it faster (auto), or '
+                             'always one; questions are embedded in fp32 (trainer/knowledge/embed.py)')
     return parser
 
 
@@ -712,7 +720,7 @@ def main(argv=None):
     server = ModelServer(args.port, args.max_adapters, roots=args.allowed_root, max_waiting=args.max_waiting,
                          read_timeout=args.read_timeout, max_batch=args.max_batch, idle_unload=args.idle_unload,
                          max_memory_mb=args.max_memory_mb, engine=args.engine, gguf_cache=args.gguf_cache,
-                         convert_dir=args.convert_dir)
+                         convert_dir=args.convert_dir, embed_precision=args.embed_precision)
     port = server.server_address[1]
     signal.signal(signal.SIGTERM, lambda *_: server.stop_soon())
     write_token(token_file, server.token)  # before the state file: whoever finds the server can find its token

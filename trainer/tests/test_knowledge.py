@@ -125,3 +125,121 @@ def test_the_model_server_answers_without_waiting_for_a_delayed_ack():
     finally:
         for s in (client, connection, listener):
             s.close()
+
+
+# -- the precision of large batches (indexing) ------------------------------------------------------
+LARGE = ['Chunk %d: refunds are paid within thirty days of delivery, in the currency of the order, to '
+         'the card or account that paid, less any shipping the customer chose to pay for.' % i for i in range(8)]
+
+
+def rates_timer(fp32_seconds, bf16_seconds):
+    """A fake matmul timer: a row takes `fp32_seconds` in fp32, `bf16_seconds` in bf16."""
+    calls = []
+
+    def timer(precision, shape, rows, path):
+        calls.append((precision, path))
+        return rows * (fp32_seconds if precision == 'fp32' else bf16_seconds)
+    timer.calls = calls
+    return timer
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (sum(x * x for x in a) * sum(y * y for y in b)) ** 0.5
+
+
+def test_the_large_batch_precision_follows_the_measurement_or_the_setting(cache):
+    """Never assumed: bf16 measured slower (or not BF16_MIN_GAIN faster) -> fp32; faster -> bf16,
+    timed on the model's own layer shapes under autocast; 'fp32' set -> nothing measured."""
+    _tokenizer, model = cache.get('all-MiniLM-L6-v2')
+    slower = rates_timer(0.001, 0.004)
+    choice = embed.choose_precision('auto', model, slower)
+    assert choice['precision'] == 'fp32' and choice['bf16_gflops'] < choice['fp32_gflops']
+    assert slower.calls and all(path == 'full' for _p, path in slower.calls)
+    assert embed.choose_precision('auto', model, rates_timer(0.001, 0.0009))['precision'] == 'fp32', \
+        'bf16 costs accuracy: a 10% gain is not enough'
+    assert embed.choose_precision('auto', model, rates_timer(0.002, 0.001))['precision'] == 'bf16'
+    never = rates_timer(1, 1)
+    assert embed.choose_precision('fp32', model, never) == {'precision': 'fp32',
+                                                           'source': 'set (llm_training_embed_precision)'}
+    assert not never.calls
+    with pytest.raises(embed.EmbedError, match='fp16'):
+        embed.EmbeddingCache('fp16')
+
+
+def test_large_batches_run_in_the_measured_precision_and_questions_stay_fp32(cache):
+    """A cache whose measurement says bf16 is faster embeds an indexing request in bf16 (vectors
+    within cosine 0.995 of fp32's, not equal), says so in its answer and its health, measured
+    once; a question on it is exact fp32. Slower bf16, or fp32 forced: the same vectors as fp32."""
+    fp32 = embed.encode(LARGE, cache=embed.EmbeddingCache('fp32'))
+    assert fp32['precision'] == 'fp32'
+    timer = rates_timer(0.002, 0.001)
+    fast = embed.EmbeddingCache('auto', timer)
+    fast.models = cache.models  # the loaded model, shared
+    status, bf16 = embed.answer(json.dumps({'input': LARGE}).encode(), fast)  # as /embed answers
+    assert status == 200 and bf16['precision'] == 'bf16'
+    assert fast.describe()['large_batches']['all-MiniLM-L6-v2']['precision'] == 'bf16'
+    cosines = [cosine(a, b) for a, b in zip(bf16['data'], fp32['data'])]
+    assert min(cosines) > 0.995 and bf16['data'] != fp32['data'], cosines
+    measured = len(timer.calls)
+    assert fast.large_batch_precision('all-MiniLM-L6-v2', None) == 'bf16'
+    assert len(timer.calls) == measured, 'measured once per model and process'
+    question = embed.encode(['How long do refunds take?'], cache=fast, input_type='query')
+    assert question['precision'] == 'fp32'
+    assert question['data'] == embed.encode(['How long do refunds take?'], cache=cache, input_type='query')['data']
+    slow = embed.EmbeddingCache('auto', rates_timer(0.001, 0.004))
+    slow.models = cache.models
+    assert embed.encode(LARGE, cache=slow) == fp32
+
+
+def test_a_question_goes_between_two_batches_of_an_indexing_request(cache):
+    """The lock is fair to questions: an indexing request waiting to embed its second batch lets
+    a question that arrived during its first go first (a barrier, no timing)."""
+    import threading
+    tokenizer, model = cache.get('all-MiniLM-L6-v2')
+    order, first_batch = [], threading.Event()
+    fair = embed.EmbeddingCache('fp32')
+
+    class Recording(object):
+        def __call__(self, **batch):
+            big = batch['input_ids'].numel() > embed.ONE_THREAD_TOKENS
+            if big and not first_batch.is_set():
+                first_batch.set()
+                with fair.lock.condition:  # the question is waiting for the lock
+                    assert fair.lock.condition.wait_for(lambda: fair.lock.small_waiting, timeout=60)
+            order.append('index' if big else 'question')
+            return model(**batch)
+    fair.models['all-MiniLM-L6-v2'] = (tokenizer, Recording())
+    indexing = threading.Thread(target=embed.encode, args=(LARGE * 3,), kwargs={'cache': fair, 'batch_size': 8})
+    indexing.start()
+    assert first_batch.wait(60)
+    question = embed.encode(['When are refunds paid?'], cache=fair, input_type='query')
+    indexing.join(60)
+    assert order == ['index', 'question', 'index', 'index'], order  # 24 texts, batches of 8
+    assert question['data'] == embed.encode(['When are refunds paid?'], cache=cache, input_type='query')['data']
+
+
+def test_the_server_flag_sets_the_precision_and_its_answer_and_health_say_it(cache):
+    """serve.py --embed-precision (odoo.conf llm_training_embed_precision) reaches /embed: fp32
+    forced, an indexing request answers "precision": "fp32" and /health shows the choice."""
+    import threading
+    import urllib.request
+    from trainer import serve
+    assert serve.make_parser().parse_args(['--embed-precision', 'fp32']).embed_precision == 'fp32'
+    assert serve.make_parser().parse_args([]).embed_precision == 'auto'
+    server = serve.ModelServer(0, embed_precision='fp32')
+    server.embeddings.models = cache.models  # the loaded model, shared
+    threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+    url = 'http://127.0.0.1:%d' % server.server_address[1]
+
+    def call(path, body=None):
+        request = urllib.request.Request(url + path, data=body and json.dumps(body).encode(),
+                                         headers={'Authorization': 'Bearer %s' % server.token})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return json.loads(answer.read().decode())
+    try:
+        assert call('/embed', {'input': LARGE})['precision'] == 'fp32'
+        assert call('/health')['embed'] == {'precision_setting': 'fp32', 'large_batches': {'all-MiniLM-L6-v2': {
+            'precision': 'fp32', 'source': 'set (llm_training_embed_precision)'}}}
+    finally:
+        server.shutdown()
+        server.server_close()
