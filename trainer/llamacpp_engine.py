@@ -149,9 +149,9 @@ class Served(object):
         params.cont_batching = True
         params.n_ctx = context * slots
         # every server all the threads, even with others busy beside it: a split needs a restart
-        # whenever the busy count changes, and measured on 2 cores it was no faster. This wheel runs
-        # ggml's threads with OpenMP (cpuparams.poll is not used there), whose barriers stop spinning
-        # when the process has more threads than cores.
+        # whenever the busy count changes, and measured on 2 cores it was slower (README). This wheel
+        # runs ggml's threads with OpenMP (cpuparams.poll is not used there), whose barriers spin
+        # less once the process has more threads than cores.
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
