@@ -336,6 +336,7 @@ class LlamaCppEngine(RequestLine):
         if served is not None:
             self.unloaded = (self.unloaded + [{'base': key[0], 'adapter': key[1], 'reason': reason,
                                                'at': time.time()}])[-5:]
+            self._cond.notify_all()  # whoever waits on the engine's state (a test, close) looks again
 
     def _idle_wait(self):
         if not self.idle_unload or not self.served:
