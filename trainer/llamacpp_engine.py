@@ -8,12 +8,14 @@ the README gives the figures), so on a CPU host the server serves with it where 
   as trainer/export.py does) and kept in a cache folder under a name made of the folder's real path
   and its files' mtimes (a retrained folder gets a new file);
 - each fine-tune's LoRA adapter as a llama.cpp LoRA GGUF (convert_lora_to_gguf.py), cached the same
-  way. llama.cpp loads adapters only when its server starts (`lora_adapters`, each off until a
-  request turns it on: `lora_init_without_apply`) and applies them per request (the request's
-  `lora` field: one scale per loaded adapter), so rows of different fine-tunes of one base decode
-  in one batch, as its own server does. A request for an adapter its base's server has not loaded
-  waits until the requests running there end, then that server is started again with the adapter
-  added (at most `max_adapters`, least recently used dropped): about a second for a small model;
+  way. One llama.cpp server per (base, adapter or none): llama.cpp decodes in one batch only the
+  slots whose adapter settings are equal, and runs one such group until it ends before the next
+  (measured: two adapters mixed on one server got 0.54x a single adapter's batch), so each adapter
+  has its own server and the groups decode at the same time. Their base GGUF is mmapped: the
+  servers share its pages (checked: the process's proportional file memory does not grow with a
+  second server); each has its own KV cache (counted in the memory bound). At most `max_adapters`
+  adapter servers per base (the least recently used idle one makes room; when all are busy a
+  request for another adapter waits until one is idle); each server unloads after `idle_unload`;
 - the prompt is the chat template applied by the model folder's own tokenizer (the same token ids
   the transformers engine feeds), sent as token ids; llama.cpp's server (xllamacpp, in-process)
   batches the running requests (`max_batch` parallel slots, continuous batching);
@@ -135,37 +137,32 @@ def _quiet(*args, **kwargs):
 
 
 class Served(object):
-    """One base model in llama.cpp: its server (xllamacpp, in-process) and the adapters loaded in
-    it, in the order llama.cpp numbers them."""
+    """One llama.cpp server (xllamacpp, in-process) of a base model, with one LoRA adapter applied
+    to every request or none."""
 
-    def __init__(self, base, gguf, adapters, slots, threads, context):
+    def __init__(self, base, gguf, adapter, adapter_gguf, slots, threads, context):
         import xllamacpp as xlc
-        self.base, self.gguf, self.context = base, gguf, context
-        self.adapters = list(adapters)  # [(adapter folder, its GGUF)]
+        self.base, self.gguf, self.adapter, self.adapter_gguf, self.context = base, gguf, adapter, adapter_gguf, context
         params = xlc.CommonParams()
         params.model.path = gguf
         params.n_parallel = slots
         params.cont_batching = True
         params.n_ctx = context * slots
+        # every server all the threads, even with others busy beside it: a split needs a restart
+        # whenever the busy count changes, and measured on 2 cores it was slower (README). This wheel
+        # runs ggml's threads with OpenMP (cpuparams.poll is not used there), whose barriers spin
+        # less once the process has more threads than cores.
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
         params.verbosity = -1
-        params.cache_ram_mib = 0  # no host-memory prompt cache (it may hold another adapter's keys): each slot's own is kept
-        if self.adapters:
-            params.lora_init_without_apply = True  # each request says which adapter it uses
-            params.lora_adapters = [xlc.CommonAdapterLoraInfo(path, 1.0) for _folder, path in self.adapters]
+        params.cache_ram_mib = 0  # no host-memory prompt cache: each slot keeps its own last prompt's keys
+        if adapter:
+            params.lora_adapters = [xlc.CommonAdapterLoraInfo(adapter_gguf, 1.0)]  # on for every request
         self.server = xlc.Server(params)
         self.running = 0
-        self.last_used = time.monotonic()
-        self.bytes = os.path.getsize(gguf) + sum(os.path.getsize(path) for _folder, path in self.adapters)
-
-    def index(self, adapter, gguf):
-        """llama.cpp's number for an adapter folder in this GGUF version; None: not loaded."""
-        for i, item in enumerate(self.adapters):
-            if item == (adapter, gguf):
-                return i
-        return None
+        self.last_used = None  # the engine's clock, set by the engine
+        self.bytes = (os.path.getsize(adapter_gguf) if adapter else 0) + _cache_bytes(base, context * slots)
 
 
 class LlamaCppEngine(RequestLine):
@@ -187,10 +184,11 @@ class LlamaCppEngine(RequestLine):
         self.max_memory = max_memory_mb * 2 ** 20 if max_memory_mb else None
         self.threads = threads or available_cores()
         self.clock = clock
-        self.served = collections.OrderedDict()  # base -> Served, least recently used first
+        self.served = collections.OrderedDict()  # (base, adapter or None) -> Served, least recently used first
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
-        self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0, 'prompt_cached': 0}
+        self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0, 'prompt_cached': 0,
+                      'max_servers_busy': 0}
         self._running = 0
 
     # -- the seam -------------------------------------------------------------------------------
@@ -233,8 +231,8 @@ class LlamaCppEngine(RequestLine):
         with self._cond:
             return {'rows': self._running, 'waiting': len(self._waiting), 'max_batch': self.max_batch,
                     'max_queue': self.max_queue, 'idle_unload': self.idle_unload, 'stats': dict(self.stats),
-                    'models': [{'base': s.base, 'gguf': s.gguf, 'adapters': [f for f, _p in s.adapters],
-                                'mb': round(s.bytes / 2 ** 20)} for s in self.served.values()],
+                    'models': [{'base': s.base, 'gguf': s.gguf, 'adapters': [s.adapter] if s.adapter else [],
+                                'running': s.running, 'mb': round(s.bytes / 2 ** 20)} for s in self.served.values()],
                     'unloaded': list(self.unloaded)}
 
     def close(self):
@@ -265,11 +263,13 @@ class LlamaCppEngine(RequestLine):
                         ticket.events.put(('error', e))
                         continue
                     if served is None:
-                        break  # its base's server must restart with its adapter: once the running requests end
+                        break  # its server needs room that running requests hold: once one of them ends
                     self._waiting.popleft()
                     served.running += 1
                     self._running += 1
                     self.stats['max_running'] = max(self.stats['max_running'], self._running)
+                    self.stats['max_servers_busy'] = max(self.stats['max_servers_busy'],
+                                                         sum(1 for s in self.served.values() if s.running))
                     threading.Thread(target=self._run, args=(ticket, served), name='llamacpp-request',
                                      daemon=True).start()
                     started = True
@@ -278,52 +278,65 @@ class LlamaCppEngine(RequestLine):
                     self._cond.wait(self._idle_wait())
 
     def _served_for(self, ticket):
-        """The running server of the ticket's base with its adapter loaded, started (again) here
-        if need be; None when that needs a restart while requests still run on it."""
+        """The running server of the ticket's base and adapter, started here if need be; None when
+        its room is held by running requests."""
         base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
-        served = self.served.get(base)
-        if served is not None and served.gguf == gguf and (adapter is None or served.index(adapter, adapter_gguf) is not None):
-            self.served.move_to_end(base)
+        key = (base, adapter)
+        served = self.served.get(key)
+        if served is not None and (served.gguf, served.adapter_gguf) == (gguf, adapter_gguf):
+            self.served.move_to_end(key)
             return served
-        if served is not None and served.running:
-            return None
-        adapters = [] if served is None or served.gguf != gguf else list(served.adapters)
-        wanted = [(o.prepared[2], o.prepared[3]) for o in self._waiting  # what the line wants here: one restart for all
-                  if o.prepared[0] == base and o.prepared[1] == gguf and o.prepared[2] and o.prepared[2] != adapter]
-        for item in wanted + ([(adapter, adapter_gguf)] if adapter else []):  # its own last: never dropped
-            if item in adapters:
-                adapters.remove(item)
-            adapters.append(item)
-        adapters = adapters[-self.max_adapters:]
-        if served is not None:
-            self._unload(base, 'restarted with adapters %s' % [os.path.basename(f) for f, _p in adapters])
-            served = None  # its server stops here, before the new one loads
-        if not self._make_room(base, gguf):
-            return None
+        if served is not None:  # a retrained base or adapter: its new files, once its requests end
+            if served.running:
+                return None
+            self._unload(key, 'a new version')
+        if adapter:
+            mine = [k for k in self.served if k[0] == base and k[1]]
+            if len(mine) >= self.max_adapters:
+                idle = [k for k in mine if not self.served[k].running]
+                if not idle:
+                    return None
+                self._unload(idle[0], 'room for %s (max_adapters %d)' % (os.path.basename(adapter), self.max_adapters))
         context = min(_context_length(base), SLOT_CONTEXT)
+        cost = (os.path.getsize(adapter_gguf) if adapter else 0) + _cache_bytes(base, context * self.max_batch)
+        if not self._make_room(base, gguf, cost):
+            return None
         self._cond.release()  # starting a server takes a while: callers may queue meanwhile
         try:
-            served = Served(base, gguf, adapters, self.max_batch, self.threads, context)
+            served = Served(base, gguf, adapter, adapter_gguf, self.max_batch, self.threads, context)
         finally:
             self._cond.acquire()
-        self.served[base] = served
+        served.last_used = self.clock()
+        self.served[key] = served
         self.stats['starts'] += 1
         return served
 
-    def _make_room(self, base, gguf):
-        """Unload idle bases until this one fits the memory bound (unset: one base at a time)."""
-        need = os.path.getsize(gguf)
-        while self.served and (not self.max_memory or sum(s.bytes for s in self.served.values()) + need > self.max_memory):
-            idle = [b for b, s in self.served.items() if not s.running and b != base]
+    def _memory(self, extra_gguf=None):
+        """Bytes the servers hold: each base GGUF once (its servers share its mmapped pages), each
+        server's adapter and KV cache."""
+        files = set(s.gguf for s in self.served.values()) | set([extra_gguf] if extra_gguf else [])
+        return sum(os.path.getsize(f) for f in files) + sum(s.bytes for s in self.served.values())
+
+    def _make_room(self, base, gguf, cost):
+        """Unload idle servers (least recently used first) until a new one of this base fits the
+        memory bound (unset: one base at a time)."""
+        def over():
+            if not self.max_memory:
+                return any(b != base for b, _a in self.served)
+            return self._memory(gguf) + cost > self.max_memory
+        while self.served and over():
+            idle = [k for k, s in self.served.items() if not s.running and (self.max_memory or k[0] != base)]
             if not idle:
                 return False
             self._unload(idle[0], 'room for %s' % base)
         return True
 
-    def _unload(self, base, reason):
-        served = self.served.pop(base, None)
+    def _unload(self, key, reason):
+        served = self.served.pop(key, None)
         if served is not None:
-            self.unloaded = (self.unloaded + [{'base': base, 'reason': reason, 'at': time.time()}])[-5:]
+            self.unloaded = (self.unloaded + [{'base': key[0], 'adapter': key[1], 'reason': reason,
+                                               'at': time.time()}])[-5:]
+            self._cond.notify_all()  # whoever waits on the engine's state (a test, close) looks again
 
     def _idle_wait(self):
         if not self.idle_unload or not self.served:
@@ -336,9 +349,9 @@ class LlamaCppEngine(RequestLine):
         if not self.idle_unload:
             return
         now = self.clock()
-        for base, served in list(self.served.items()):
+        for key, served in list(self.served.items()):
             if not served.running and now - served.last_used >= self.idle_unload:
-                self._unload(base, 'idle for %d s' % (now - served.last_used))
+                self._unload(key, 'idle for %d s' % (now - served.last_used))
 
     # -- one request ----------------------------------------------------------------------------
     def _run(self, ticket, served):
@@ -358,21 +371,18 @@ class LlamaCppEngine(RequestLine):
 
     def _generate(self, ticket, served):
         request = ticket.request
-        _base, _gguf, adapter, adapter_gguf, ids = ticket.prepared
+        ids = ticket.prepared[4]
         room = served.context - len(ids)
         if room < 1:
             raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
-        chosen = served.index(adapter, adapter_gguf) if adapter else None
         # cache_prompt: a slot keeps its last prompt's keys and a request starting the same way (the
         # chat template's system prompt, a chat's earlier turns) prefills only what follows, as
         # llama.cpp's own server does by default (without it each request prefilled its whole prompt:
-        # most of the gap to that server at one stream). llama.cpp clears a slot's cache when the
-        # request's adapter scales differ from its last request's (tested).
+        # most of the gap to that server at one stream). Each server has one adapter: a slot's keys
+        # are always that adapter's.
         body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': True,
                 'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0, 'min_p': 0.0,
                 'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
-        if served.adapters:  # every loaded adapter's scale, every time: 1 for this request's, 0 for the others
-            body['lora'] = [{'id': i, 'scale': 1.0 if i == chosen else 0.0} for i in range(len(served.adapters))]
         state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None}
         stop = StopText(request['stop'])
         deadline = request.get('deadline')
@@ -423,6 +433,15 @@ class LlamaCppEngine(RequestLine):
                 while len(self.tokenizers) > self.max_adapters + 1:
                     self.tokenizers.popitem(last=False)
         return tokenizer
+
+
+def _cache_bytes(base, tokens):
+    """The KV cache llama.cpp allocates for `tokens` of context of a base (f16 keys and values)."""
+    with open(os.path.join(base, 'config.json')) as f:
+        config = json.load(f)
+    heads = config.get('num_attention_heads') or 1
+    head_dim = config.get('head_dim') or (config.get('hidden_size') or 0) // heads
+    return tokens * (config.get('num_hidden_layers') or 0) * 2 * (config.get('num_key_value_heads') or heads) * head_dim * 2
 
 
 def _context_length(base):

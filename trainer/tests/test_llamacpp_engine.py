@@ -71,22 +71,61 @@ def test_greedy_answers_on_the_base_in_f16_equal_transformers_fp32(llama, refere
     assert llama.stats['prompt_cached'] - cached > 10
 
 
-def test_adapters_applied_per_request_two_at_once_each_as_transformers_answers(llama, reference, model_dir, adapters):
-    starts = llama.stats['starts']
-    with llama._cond:  # both in the line before the engine looks: admitted together, one server restart
-        tickets = [llama.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+def follow(engine, tickets):
     texts = []
     for ticket in tickets:
         parts = []
-        llama.follow(ticket, parts.append)
+        engine.follow(ticket, parts.append)
         texts.append(''.join(parts))
-    assert texts == [reference(adapter, PROMPTS[1]) for adapter in adapters]
-    assert reference(model_dir, PROMPTS[1]) not in texts and texts[0] != texts[1]
-    assert llama.stats['max_running'] == 2 and llama.stats['starts'] == starts + 1
-    assert sorted(llama.describe()['models'][0]['adapters']) == sorted(os.path.realpath(a) for a in adapters)
-    # the base on the same server: every adapter off
+    return texts
+
+
+def servers(engine):
+    return [(m['base'], m['adapters']) for m in engine.describe()['models']]
+
+
+def test_two_adapters_decode_at_once_each_on_its_own_server_as_alone(llama, reference, model_dir, adapters):
+    alone = [llama.whole_answer(request(adapter, PROMPTS[1]))['text'] for adapter in adapters]  # each starts its server
+    assert alone == [reference(adapter, PROMPTS[1]) for adapter in adapters]
+    assert reference(model_dir, PROMPTS[1]) not in alone and alone[0] != alone[1]
+    starts, llama.stats['max_servers_busy'] = llama.stats['starts'], 0
+    with llama._cond:  # both in the line before the engine looks: admitted together
+        tickets = [llama.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+    assert follow(llama, tickets) == alone
+    # both decoding at once, on two servers (one server runs one adapter's rows, then the other's)
+    assert llama.stats['max_servers_busy'] == 2 and llama.stats['max_running'] == 2
+    assert llama.stats['starts'] == starts  # their servers kept
+    # the base unchanged, on a server of its own
     assert llama.whole_answer(request(model_dir, PROMPTS[1]))['text'] == reference(model_dir, PROMPTS[1])
-    assert llama.stats['starts'] == starts + 1
+    base = os.path.realpath(model_dir)
+    assert sorted(servers(llama)) == sorted([(base, [])] + [(base, [os.path.realpath(a)]) for a in adapters])
+
+
+def test_adapter_servers_bounded_and_each_unloaded_when_idle(files, reference, model_dir, adapters):
+    now = [0.0]
+    engine = LlamaCppEngine(files, max_batch=1, max_queue=2, max_adapters=1, idle_unload=150, clock=lambda: now[0])
+    base, (one, two) = os.path.realpath(model_dir), [os.path.realpath(a) for a in adapters]
+    try:
+        engine.whole_answer(request(adapters[0], PROMPTS[1], max_tokens=2))
+        now[0] = 100
+        engine.whole_answer(request(model_dir, PROMPTS[1], max_tokens=2))
+        now[0] = 140  # the first adapter's server idle 140 s, under idle_unload
+        engine.whole_answer(request(adapters[1], PROMPTS[1], max_tokens=2))  # max_adapters 1: the idle one makes room
+        assert servers(engine) == [(base, []), (base, [two])]
+        assert (engine.unloaded[-1]['adapter'], engine.unloaded[-1]['reason']) == (one, 'room for %s (max_adapters 1)'
+                                                                                   % os.path.basename(two))
+        now[0] = 260
+        with engine._cond:  # the base's server idle 160 s, the adapter's 120 s: only the base's goes
+            engine._cond.notify_all()
+            assert engine._cond.wait_for(lambda: len(engine.served) == 1, 60), 'the idle server stayed'
+        assert servers(engine) == [(base, [two])] and engine.unloaded[-1]['reason'] == 'idle for 160 s'
+        # the bound under load: the other adapter's request waits until the running one ends, then takes its room
+        with engine._cond:
+            tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in (adapters[1], adapters[0])]
+        assert follow(engine, tickets) == [reference(adapters[1], PROMPTS[1]), reference(adapters[0], PROMPTS[1])]
+        assert servers(engine) == [(base, [one])] and engine.stats['max_servers_busy'] == 1
+    finally:
+        engine.close()
 
 
 def test_stop_strings_and_a_caller_that_goes_away(llama, reference, model_dir):
