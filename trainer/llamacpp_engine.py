@@ -182,6 +182,10 @@ class LlamaCppEngine(RequestLine):
         self.idle_unload = idle_unload
         self.max_adapters = max(1, int(max_adapters))
         self.max_memory = max_memory_mb * 2 ** 20 if max_memory_mb else None
+        # No bound set: one base at a time, and its servers (each adapter's has its own KV cache of
+        # max_batch x context tokens: 0.75 GB for SmolLM2-135M, about 4 GB for an 8B model) while
+        # they fit half the memory the host had available when the engine started.
+        self.spare_memory = None if self.max_memory else _available_memory(0.5)
         self.threads = threads or available_cores()
         self.clock = clock
         self.served = collections.OrderedDict()  # (base, adapter or None) -> Served, least recently used first
@@ -318,14 +322,15 @@ class LlamaCppEngine(RequestLine):
         return sum(os.path.getsize(f) for f in files) + sum(s.bytes for s in self.served.values())
 
     def _make_room(self, base, gguf, cost):
-        """Unload idle servers (least recently used first) until a new one of this base fits the
-        memory bound (unset: one base at a time)."""
+        """Unload idle servers (other bases' first, then the least recently used) until a new one
+        of this base fits the memory bound (unset: one base at a time, in spare_memory)."""
         def over():
+            needed = self._memory(gguf) + cost
             if not self.max_memory:
-                return any(b != base for b, _a in self.served)
-            return self._memory(gguf) + cost > self.max_memory
+                return any(b != base for b, _a in self.served) or bool(self.spare_memory and needed > self.spare_memory)
+            return needed > self.max_memory
         while self.served and over():
-            idle = [k for k, s in self.served.items() if not s.running and (self.max_memory or k[0] != base)]
+            idle = sorted((k for k, s in self.served.items() if not s.running), key=lambda k: k[0] == base)
             if not idle:
                 return False
             self._unload(idle[0], 'room for %s' % base)
@@ -442,6 +447,24 @@ def _cache_bytes(base, tokens):
     heads = config.get('num_attention_heads') or 1
     head_dim = config.get('head_dim') or (config.get('hidden_size') or 0) // heads
     return tokens * (config.get('num_hidden_layers') or 0) * 2 * (config.get('num_key_value_heads') or heads) * head_dim * 2
+
+
+def _available_memory(share):
+    """`share` of the memory this host has available now (Linux's MemAvailable, capped by a cgroup
+    limit), in bytes; None where it cannot be read."""
+    try:
+        with open('/proc/meminfo') as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open('/sys/fs/cgroup/memory.max') as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            available = min(available, int(limit))
+    except OSError:
+        pass
+    return int(available * share)
 
 
 def _context_length(base):

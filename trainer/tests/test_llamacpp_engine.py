@@ -124,6 +124,11 @@ def test_adapter_servers_bounded_and_each_unloaded_when_idle(files, reference, m
             tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in (adapters[1], adapters[0])]
         assert follow(engine, tickets) == [reference(adapters[1], PROMPTS[1]), reference(adapters[0], PROMPTS[1])]
         assert servers(engine) == [(base, [one])] and engine.stats['max_servers_busy'] == 1
+        # no memory bound set: one base's servers while they fit its share of the host's memory
+        assert engine.spare_memory > 0, 'measured on this host'
+        engine.spare_memory = engine._memory() + 1  # what runs now and not one more KV cache
+        engine.whole_answer(request(model_dir, PROMPTS[1], max_tokens=2))
+        assert servers(engine) == [(base, [])] and engine.unloaded[-1]['reason'] == 'room for %s' % base
     finally:
         engine.close()
 
