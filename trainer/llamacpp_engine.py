@@ -148,10 +148,10 @@ class Served(object):
         params.n_parallel = slots
         params.cont_batching = True
         params.n_ctx = context * slots
-        # every server all the threads, even with others busy beside it: a split needs a restart
-        # whenever the busy count changes, and measured on 2 cores it was slower (README). This wheel
-        # runs ggml's threads with OpenMP (cpuparams.poll is not used there), whose barriers spin
-        # less once the process has more threads than cores.
+        # every server all the threads, even with others busy beside it: xllamacpp sets them only at
+        # start, so a split needs a restart whenever the busy count changes (not done yet; quiet, two
+        # busy servers of 1 thread each beat two of 2 on 2 cores, under load they lost: README). This
+        # wheel runs ggml's threads with OpenMP (cpuparams.poll is not used there).
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
