@@ -124,13 +124,12 @@ def bench_indexing(server, fp32_server, chunker, texts, connection, rounds=2):
     measured = ''
     if choice.get('fp32_gflops'):
         measured = '; the server measured fp32 %.0f, bf16 %.0f GFLOP/s' % (choice['fp32_gflops'], choice['bf16_gflops'])
+    used = '+'.join(sorted(p for p in precisions if p))
     print('indexing: ours %.1f chunks/s in %s (%d chunks, batches of 64, bulk insert), ours forced to fp32 %.1f '
           'chunks/s (%d chunks), cookbook loop %.1f chunks/s (%d chunks, one per request and row, fp32): %.2fx the cookbook '
           '(fp32: %.2fx; %s/fp32 %.2fx)%s; model server RSS %.0f MB (best of %d rounds, interleaved)'
-          % (ours_rate, '+'.join(sorted(p for p in precisions if p)), len(texts), fp32_rate, len(fp32_texts), cook,
-             len(cook_texts),
-             ours_rate / cook, fp32_rate / cook, '+'.join(sorted(p for p in precisions if p)), ours_rate / fp32_rate,
-             measured, server_rss / 1e6, rounds))
+          % (ours_rate, used, len(texts), fp32_rate, len(fp32_texts), cook, len(cook_texts),
+             ours_rate / cook, fp32_rate / cook, used, ours_rate / fp32_rate, measured, server_rss / 1e6, rounds))
 
 
 def bench_precision(server, fp32_server, texts, questions, k=10):

@@ -162,7 +162,7 @@ class Served(object):
         self.server = xlc.Server(params)
         self.running = 0
         self.last_used = None  # the engine's clock, set by the engine
-        self.bytes = (os.path.getsize(adapter_gguf) if adapter else 0) + _cache_bytes(base, context * slots)
+        self.bytes = _server_bytes(base, adapter_gguf, context * slots)
 
 
 class LlamaCppEngine(RequestLine):
@@ -302,7 +302,7 @@ class LlamaCppEngine(RequestLine):
                     return None
                 self._unload(idle[0], 'room for %s (max_adapters %d)' % (os.path.basename(adapter), self.max_adapters))
         context = min(_context_length(base), SLOT_CONTEXT)
-        cost = (os.path.getsize(adapter_gguf) if adapter else 0) + _cache_bytes(base, context * self.max_batch)
+        cost = _server_bytes(base, adapter_gguf, context * self.max_batch)
         if not self._make_room(base, gguf, cost):
             return None
         self._cond.release()  # starting a server takes a while: callers may queue meanwhile
@@ -440,13 +440,15 @@ class LlamaCppEngine(RequestLine):
         return tokenizer
 
 
-def _cache_bytes(base, tokens):
-    """The KV cache llama.cpp allocates for `tokens` of context of a base (f16 keys and values)."""
+def _server_bytes(base, adapter_gguf, tokens):
+    """What one server holds beside its base's shared GGUF: its adapter's GGUF (if any) and the KV
+    cache llama.cpp allocates for `tokens` of context (f16 keys and values)."""
     with open(os.path.join(base, 'config.json')) as f:
         config = json.load(f)
     heads = config.get('num_attention_heads') or 1
     head_dim = config.get('head_dim') or (config.get('hidden_size') or 0) // heads
-    return tokens * (config.get('num_hidden_layers') or 0) * 2 * (config.get('num_key_value_heads') or heads) * head_dim * 2
+    per_token = (config.get('num_hidden_layers') or 0) * 2 * (config.get('num_key_value_heads') or heads) * head_dim * 2
+    return (os.path.getsize(adapter_gguf) if adapter_gguf else 0) + tokens * per_token
 
 
 def _available_memory(share):
