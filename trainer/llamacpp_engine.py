@@ -16,6 +16,9 @@ the README gives the figures), so on a CPU host the server serves with it where 
   second server); each has its own KV cache (counted in the memory bound). At most `max_adapters`
   adapter servers per base (the least recently used idle one makes room; when all are busy a
   request for another adapter waits until one is idle); each server unloads after `idle_unload`;
+- the cores are shared among the busy servers (LlamaCppEngine._admit): a server alone decodes on
+  every core, two busy servers on half each, and so on (all of them on every core would make
+  llama.cpp's threads wait on each other);
 - the prompt is the chat template applied by the model folder's own tokenizer (the same token ids
   the transformers engine feeds), sent as token ids; llama.cpp's server (xllamacpp, in-process)
   batches the running requests (`max_batch` parallel slots, continuous batching);
@@ -52,6 +55,7 @@ from trainer.serve import RequestError, StopText, check_allowed, folder_version,
 SETTINGS = ('auto', 'transformers', 'llamacpp')
 SLOT_CONTEXT = 4096  # tokens of context a request may use at most (llama.cpp allocates it per slot)
 GGUF_CACHE_ENV = 'LLMT_GGUF_CACHE'
+MOVED = object()  # what a request's run on one server gives when the request moved to another
 
 
 class Unservable(Exception):
@@ -138,20 +142,19 @@ def _quiet(*args, **kwargs):
 
 class Served(object):
     """One llama.cpp server (xllamacpp, in-process) of a base model, with one LoRA adapter applied
-    to every request or none."""
+    to every request or none, decoding on `threads` threads."""
 
     def __init__(self, base, gguf, adapter, adapter_gguf, slots, threads, context):
         import xllamacpp as xlc
         self.base, self.gguf, self.adapter, self.adapter_gguf, self.context = base, gguf, adapter, adapter_gguf, context
+        self.threads = threads
         params = xlc.CommonParams()
         params.model.path = gguf
         params.n_parallel = slots
         params.cont_batching = True
         params.n_ctx = context * slots
-        # every server all the threads, even with others busy beside it: xllamacpp sets them only at
-        # start, so a split needs a restart whenever the busy count changes (not done yet; quiet, two
-        # busy servers of 1 thread each beat two of 2 on 2 cores, under load they lost: README). This
-        # wheel runs ggml's threads with OpenMP (cpuparams.poll is not used there).
+        # Set only here: xllamacpp has no way to change them on a running server (the engine starts
+        # another one instead). This wheel runs ggml's threads with OpenMP (cpuparams.poll is not used).
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
@@ -161,8 +164,13 @@ class Served(object):
             params.lora_adapters = [xlc.CommonAdapterLoraInfo(adapter_gguf, 1.0)]  # on for every request
         self.server = xlc.Server(params)
         self.running = 0
+        self.tickets = set()  # the requests running here
         self.last_used = None  # the engine's clock, set by the engine
         self.bytes = _server_bytes(base, adapter_gguf, context * slots)
+
+    @property
+    def key(self):
+        return self.base, self.adapter
 
 
 class LlamaCppEngine(RequestLine):
@@ -172,7 +180,7 @@ class LlamaCppEngine(RequestLine):
     thread_name = 'llamacpp-engine'
 
     def __init__(self, files=None, roots=None, max_batch=8, max_queue=16, idle_unload=900, max_adapters=8,
-                 max_memory_mb=None, threads=None, clock=time.monotonic, autostart=True):
+                 max_memory_mb=None, threads=None, keep_threads_for=5.0, clock=time.monotonic, autostart=True):
         from transformers import AutoTokenizer  # here, once: transformers' lazy import is not safe in two threads at once
         from trainer.precision import available_cores
         self._tokenizer_class = AutoTokenizer
@@ -187,12 +195,16 @@ class LlamaCppEngine(RequestLine):
         # they fit half the memory the host had available when the engine started.
         self.spare_memory = None if self.max_memory else _available_memory(0.5)
         self.threads = threads or available_cores()
+        self.keep_threads_for = keep_threads_for  # see _fit
         self.clock = clock
         self.served = collections.OrderedDict()  # (base, adapter or None) -> Served, least recently used first
+        # ((base, adapter), threads) -> a server that is not its key's current one: idle, kept for
+        # when that width is wanted again, or busy ending the requests that streamed there
+        self.spares = {}
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
         self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0, 'prompt_cached': 0,
-                      'max_servers_busy': 0}
+                      'max_servers_busy': 0, 'narrowed': 0, 'moved': 0}
         self._running = 0
 
     # -- the seam -------------------------------------------------------------------------------
@@ -235,8 +247,9 @@ class LlamaCppEngine(RequestLine):
         with self._cond:
             return {'rows': self._running, 'waiting': len(self._waiting), 'max_batch': self.max_batch,
                     'max_queue': self.max_queue, 'idle_unload': self.idle_unload, 'stats': dict(self.stats),
-                    'models': [{'base': s.base, 'gguf': s.gguf, 'adapters': [s.adapter] if s.adapter else [],
-                                'running': s.running, 'mb': round(s.bytes / 2 ** 20)} for s in self.served.values()],
+                    'threads': self.threads,
+                    'models': [_describe(s) for s in self.served.values()],
+                    'spares': [_describe(s) for s in self.spares.values()],
                     'unloaded': list(self.unloaded)}
 
     def close(self):
@@ -245,6 +258,7 @@ class LlamaCppEngine(RequestLine):
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._thread is None and not self._running, 30)
             self.served.clear()  # each server's destructor stops its loop
+            self.spares.clear()
 
     # -- admitting ------------------------------------------------------------------------------
     def _loop(self):
@@ -261,39 +275,137 @@ class LlamaCppEngine(RequestLine):
                         self.stats['cancelled'] += 1
                         continue
                     try:
-                        served = self._served_for(ticket)
+                        admitted = self._admit(ticket)
                     except Exception as e:  # this request's failure (a server that does not start), not the loop's
                         self._waiting.popleft()
                         ticket.events.put(('error', e))
                         continue
-                    if served is None:
+                    if not admitted:
                         break  # its server needs room that running requests hold: once one of them ends
-                    self._waiting.popleft()
-                    served.running += 1
-                    self._running += 1
-                    self.stats['max_running'] = max(self.stats['max_running'], self._running)
-                    self.stats['max_servers_busy'] = max(self.stats['max_servers_busy'],
-                                                         sum(1 for s in self.served.values() if s.running))
-                    threading.Thread(target=self._run, args=(ticket, served), name='llamacpp-request',
-                                     daemon=True).start()
                     started = True
                 if not started:
                     self._unload_idle()
                     self._cond.wait(self._idle_wait())
 
-    def _served_for(self, ticket):
-        """The running server of the ticket's base and adapter, started here if need be; None when
-        its room is held by running requests."""
+    def _admit(self, ticket):
+        """Start the ticket's request on the server of its base and adapter (started here if need
+        be); False when that server's room is held by running requests.
+
+        Threads: llama.cpp decodes a batch with barriers between its steps, so two servers each
+        running every core's thread at once wait on each other's descheduled threads (measured on
+        2 cores: two adapters' batches at once made 0.48x to 0.58x the tokens/s of one adapter's
+        batch on 2 threads, and 0.73x to 0.99x on a thread each: README). So when a server becomes
+        busy, each busy server gets cores / busy servers threads: a wider busy server is replaced
+        by one of that width, and its requests that have not streamed a token yet move there (they
+        start again: nothing was shown); those streaming end where they are. A server idle at the
+        wrong width is swapped for one of the right width when a request comes for it (a busy one
+        keeps its width until it is idle: moving a streaming request would decode it again). The
+        servers swapped out are kept as spares (a start takes 0.5 to 1.4 s) while memory and the
+        threads' budget (see _fit) allow."""
         base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
         key = (base, adapter)
         served = self.served.get(key)
-        if served is not None and (served.gguf, served.adapter_gguf) == (gguf, adapter_gguf):
-            self.served.move_to_end(key)
-            return served
-        if served is not None:  # a retrained base or adapter: its new files, once its requests end
+        current = served is not None and _files(served) == (gguf, adapter_gguf)
+        wider, width = [], None
+        if not (current and served.running):  # it becomes busy: the others make room on the cores
+            width = self._width(key)
+            wider = self._mark_wider(key, width)
+            if not (current and served.threads == width):
+                try:
+                    served = self._server(key, gguf, adapter_gguf, width,
+                                          [wide for wide, moving in wider if wide.running == len(moving)])
+                except Exception:
+                    self._replace_wider(wider, None)
+                    raise
+                if served is None:
+                    self._replace_wider(wider, None)
+                    return False
+        self.served.move_to_end(key)
+        self._waiting.popleft()
+        ticket.moving = ticket.streaming = False
+        self._place(ticket, served)
+        self._running += 1
+        self.stats['max_running'] = max(self.stats['max_running'], self._running)
+        self.stats['max_servers_busy'] = max(self.stats['max_servers_busy'], len(self._busy_keys()))
+        threading.Thread(target=self._run, args=(ticket,), name='llamacpp-request', daemon=True).start()
+        self._replace_wider(wider, width)
+        return True
+
+    def _all(self):
+        return list(self.served.values()) + list(self.spares.values())
+
+    def _busy_keys(self):
+        return set(s.key for s in self._all() if s.running)
+
+    def _width(self, key):
+        """Threads for each busy server once `key`'s is busy too."""
+        return max(1, self.threads // len(self._busy_keys() | {key}))
+
+    def _mark_wider(self, key, width):
+        """The busy servers (but `key`'s) wider than `width`, each with its requests that have not
+        streamed yet, marked as moving: their first token is dropped and they wait for the new
+        server. Here, under the lock, before anything releases it: a request streams or moves."""
+        wider = []
+        for other, served in self.served.items():
+            if other != key and served.running and served.threads > width:
+                moving = [ticket for ticket in served.tickets if not ticket.streaming]
+                for ticket in moving:
+                    ticket.moving = True
+                wider.append((served, moving))
+        return wider
+
+    def _replace_wider(self, wider, width):
+        """Make a server of `width` threads current for each marked wide one (a spare, else a new
+        one) and move its marked requests there; with width None (or no room, or a start that
+        fails), they run again where they were."""
+        for wide, moving in wider:
+            narrow = None
+            if width is not None and self.served.get(wide.key) is wide:
+                try:
+                    narrow = self._server_of_width(wide.key, _files(wide), width,
+                                                   [wide] if wide.running == len(moving) else [])
+                except Exception as e:  # the wide one goes on serving: slower, not wrong
+                    sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, wide.adapter or wide.base, e))
+            if narrow is not None:
+                self.served[wide.key] = narrow
+                self.spares[(wide.key, wide.threads)] = wide  # its streaming requests end there
+                for ticket in moving:
+                    wide.running -= 1
+                    wide.tickets.discard(ticket)
+                    self._place(ticket, narrow)
+                self.stats['moved'] += len(moving)
+                self.stats['narrowed'] += 1
+            for ticket in moving:
+                ticket.moving = False
+        if wider:
+            self._trim()
+            self._cond.notify_all()
+
+    def _place(self, ticket, served):
+        served.running += 1
+        served.tickets.add(ticket)
+        ticket.served = served
+
+    def _spare(self, key, width, files):
+        """The spare server of `key` with `width` threads, taken out of the spares, if it serves
+        `files` (else it goes)."""
+        spare = self.spares.pop((key, width), None)
+        return spare if spare is not None and _files(spare) == files else None
+
+    def _server(self, key, gguf, adapter_gguf, width, leaving=()):
+        """A server of `key` for `width` threads, made current in place of its idle one (kept as a
+        spare, or unloaded if it serves older files); None when its room is held by running
+        requests. `leaving`: busy servers whose requests are all moving (see _fit)."""
+        base, adapter = key
+        served = self.served.get(key)
+        if served is not None:
             if served.running:
-                return None
-            self._unload(key, 'a new version')
+                return None  # a retrained base or adapter: its new files once its requests end
+            if _files(served) != (gguf, adapter_gguf):
+                self._unload(key, 'a new version')
+            else:
+                del self.served[key]
+                self.spares[(key, served.threads)] = served
         if adapter:
             mine = [k for k in self.served if k[0] == base and k[1]]
             if len(mine) >= self.max_adapters:
@@ -301,35 +413,99 @@ class LlamaCppEngine(RequestLine):
                 if not idle:
                     return None
                 self._unload(idle[0], 'room for %s (max_adapters %d)' % (os.path.basename(adapter), self.max_adapters))
-        context = min(_context_length(base), SLOT_CONTEXT)
-        cost = _server_bytes(base, adapter_gguf, context * self.max_batch)
-        if not self._make_room(base, gguf, cost):
-            return None
+        served = self._server_of_width(key, (gguf, adapter_gguf), width, leaving)
+        if served is not None:
+            self.served[key] = served
+        return served
+
+    def _server_of_width(self, key, files, width, leaving=()):
+        """A server of `key` serving `files` on `width` threads, or fewer where the worker budget
+        says so (see _fit): a spare one, else a new one; None when there is no room for it."""
+        served = self._spare(key, width, files)
+        if served is None:
+            width = self._fit(key, width, leaving)
+            served = self._spare(key, width, files)
+        if served is None and self._make_room(key[0], files[0], self._cost(key, files[1])):
+            served = self._start(key, files[0], files[1], width)
+        return served
+
+    def _workers(self, leaving=()):
+        """OpenMP worker threads the servers hold: a server of n threads keeps n - 1 while it lives,
+        busy or not."""
+        return sum(s.threads - 1 for s in self._all() if s not in leaving)
+
+    def _fit(self, key, width, leaving=()):
+        """`width`, or fewer threads: libgomp (the OpenMP runtime of this wheel) makes every barrier
+        of the process sleep at once instead of spinning (its "throttled" wait) as soon as its
+        worker threads, counted over every server alive, reach the cores; measured on 2 cores, one
+        adapter's batch on a 2-thread server fell from 52.7 to 30-32 tokens/s once a second 2-thread
+        server existed, idle. So the servers hold at most cores - 1 workers in all: idle spares of
+        more than one thread go first, then other keys' idle current ones, but only once idle for
+        keep_threads_for seconds (in a burst of chats for two adapters the one that comes first
+        would otherwise start a server on every core, about a second, only to be narrowed at once).
+        `leaving`: busy servers about to go idle (their requests are all moving), not counted."""
+        budget = self.threads - 1
+
+        def over():
+            return self._workers(leaving) + width - 1 > budget
+        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running and s not in leaving),
+                            key=lambda k: self.spares[k].last_used):
+            if not over():
+                break
+            del self.spares[spare]
+        now = self.clock()
+        for other in [k for k, s in self.served.items() if k != key and s.threads > 1 and not s.running and
+                      now - s.last_used >= self.keep_threads_for]:
+            if not over():
+                break
+            self._unload(other, 'its threads for %s' % os.path.basename(key[1] or key[0]))
+        return max(1, min(width, 1 + budget - self._workers(leaving)))
+
+    def _trim(self):
+        """Unload idle spares of more than one thread while the servers hold more workers than the
+        cores allow (see _fit): a server replaced by a narrower one, once its requests moved."""
+        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running),
+                            key=lambda k: self.spares[k].last_used):
+            if self._workers() < self.threads:
+                break
+            del self.spares[spare]
+
+    def _cost(self, key, adapter_gguf):
+        return _server_bytes(key[0], adapter_gguf, min(_context_length(key[0]), SLOT_CONTEXT) * self.max_batch)
+
+    def _start(self, key, gguf, adapter_gguf, threads):
+        base, adapter = key
         self._cond.release()  # starting a server takes a while: callers may queue meanwhile
         try:
-            served = Served(base, gguf, adapter, adapter_gguf, self.max_batch, self.threads, context)
+            served = Served(base, gguf, adapter, adapter_gguf, self.max_batch, threads,
+                            min(_context_length(base), SLOT_CONTEXT))
         finally:
             self._cond.acquire()
         served.last_used = self.clock()
-        self.served[key] = served
         self.stats['starts'] += 1
         return served
 
     def _memory(self, extra_gguf=None):
         """Bytes the servers hold: each base GGUF once (its servers share its mmapped pages), each
         server's adapter and KV cache."""
-        files = set(s.gguf for s in self.served.values()) | set([extra_gguf] if extra_gguf else [])
-        return sum(os.path.getsize(f) for f in files) + sum(s.bytes for s in self.served.values())
+        servers = self._all()
+        files = set(s.gguf for s in servers) | set([extra_gguf] if extra_gguf else [])
+        return sum(os.path.getsize(f) for f in files) + sum(s.bytes for s in servers)
 
     def _make_room(self, base, gguf, cost):
-        """Unload idle servers (other bases' first, then the least recently used) until a new one
-        of this base fits the memory bound (unset: one base at a time, in spare_memory)."""
+        """Unload idle servers (spares first, then other bases' servers, then the least recently
+        used) until a new one of this base fits the memory bound (unset: one base at a time, in
+        spare_memory)."""
         def over():
             needed = self._memory(gguf) + cost
             if not self.max_memory:
                 return any(b != base for b, _a in self.served) or bool(self.spare_memory and needed > self.spare_memory)
             return needed > self.max_memory
-        while self.served and over():
+        while (self.served or self.spares) and over():
+            spares = sorted((k for k, s in self.spares.items() if not s.running), key=lambda k: self.spares[k].last_used)
+            if spares:
+                del self.spares[spares[0]]
+                continue
             idle = sorted((k for k, s in self.served.items() if not s.running), key=lambda k: k[0] == base)
             if not idle:
                 return False
@@ -337,44 +513,70 @@ class LlamaCppEngine(RequestLine):
         return True
 
     def _unload(self, key, reason):
+        """Unload the current server of `key` and its idle spares."""
         served = self.served.pop(key, None)
+        for spare in [k for k, s in self.spares.items() if k[0] == key and not s.running]:
+            del self.spares[spare]
         if served is not None:
             self.unloaded = (self.unloaded + [{'base': key[0], 'adapter': key[1], 'reason': reason,
                                                'at': time.time()}])[-5:]
             self._cond.notify_all()  # whoever waits on the engine's state (a test, close) looks again
 
     def _idle_wait(self):
-        if not self.idle_unload or not self.served:
+        idle = [s.last_used for s in self._all() if not s.running]
+        if not self.idle_unload or not idle:
             return None
-        oldest = min(s.last_used for s in self.served.values() if not s.running) if \
-            any(not s.running for s in self.served.values()) else self.clock()
-        return max(0.05, oldest + self.idle_unload - self.clock())
+        return max(0.05, min(idle) + self.idle_unload - self.clock())
 
     def _unload_idle(self):
+        """Unload the servers idle for idle_unload, and the idle spares of a key with no current
+        server (its streaming requests ended after it was unloaded)."""
+        now = self.clock()
+        for key, spare in list(self.spares.items()):
+            if not spare.running and (key[0] not in self.served or
+                                      self.idle_unload and now - spare.last_used >= self.idle_unload):
+                del self.spares[key]
         if not self.idle_unload:
             return
-        now = self.clock()
         for key, served in list(self.served.items()):
             if not served.running and now - served.last_used >= self.idle_unload:
                 self._unload(key, 'idle for %d s' % (now - served.last_used))
 
     # -- one request ----------------------------------------------------------------------------
-    def _run(self, ticket, served):
+    def _run(self, ticket):
+        end = None
         try:
-            final = self._generate(ticket, served)
+            final = self._generate(ticket)
             if final is not None:
-                ticket.events.put(('done', final))
+                end = ('done', final)
         except Exception as e:  # this request's failure: its caller hears it
-            ticket.events.put(('error', e))
+            end = ('error', e)
         finally:
-            with self._cond:
+            with self._cond:  # no longer busy before its caller hears the end: its next request sees the cores free
+                served = ticket.served
                 served.running -= 1
+                served.tickets.discard(ticket)
                 served.last_used = self.clock()
                 self._running -= 1
                 self.stats['finished'] += 1
                 self._cond.notify_all()
+            if end is not None:
+                ticket.events.put(end)
 
-    def _generate(self, ticket, served):
+    def _generate(self, ticket):
+        """Stream the ticket's answer from its server; a request moved to a narrower server before
+        its first token (see _admit) runs again there, from the start."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: not ticket.moving or self._stopping)
+                if ticket.moving:
+                    raise RequestError('the model server is stopping', 503)
+                served = ticket.served
+            final = self._generate_on(ticket, served)
+            if final is not MOVED:
+                return final
+
+    def _generate_on(self, ticket, served):
         request = ticket.request
         ids = ticket.prepared[4]
         room = served.context - len(ids)
@@ -388,11 +590,17 @@ class LlamaCppEngine(RequestLine):
         body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': True,
                 'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0, 'min_p': 0.0,
                 'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
-        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None}
+        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None, 'moved': False}
         stop = StopText(request['stop'])
         deadline = request.get('deadline')
 
         def on_chunk(chunk):
+            if not ticket.streaming:
+                with self._cond:  # it streams from here on, unless it is moving (see _mark_wider)
+                    if ticket.moving:
+                        state['moved'] = True
+                        return True
+                    ticket.streaming = True
             if 'error' in chunk:
                 state['error'] = chunk['error']
                 return True
@@ -415,6 +623,8 @@ class LlamaCppEngine(RequestLine):
             return bool(ticket.cancelled or stop.stopped or late or self._stopping)  # True: llama.cpp drops the request
 
         served.server.handle_completions(body, on_chunk)
+        if state['moved']:
+            return MOVED
         if state['error'] is not None:
             error = state['error']
             raise RequestError('llama.cpp: %s' % (error.get('message') if isinstance(error, dict) else error),
@@ -438,6 +648,15 @@ class LlamaCppEngine(RequestLine):
                 while len(self.tokenizers) > self.max_adapters + 1:
                     self.tokenizers.popitem(last=False)
         return tokenizer
+
+
+def _describe(served):
+    return {'base': served.base, 'gguf': served.gguf, 'adapters': [served.adapter] if served.adapter else [],
+            'running': served.running, 'threads': served.threads, 'mb': round(served.bytes / 2 ** 20)}
+
+
+def _files(served):
+    return served.gguf, served.adapter_gguf
 
 
 def _server_bytes(base, adapter_gguf, tokens):

@@ -88,22 +88,69 @@ def test_two_adapters_decode_at_once_each_on_its_own_server_as_alone(llama, refe
     alone = [llama.whole_answer(request(adapter, PROMPTS[1]))['text'] for adapter in adapters]  # each starts its server
     assert alone == [reference(adapter, PROMPTS[1]) for adapter in adapters]
     assert reference(model_dir, PROMPTS[1]) not in alone and alone[0] != alone[1]
-    starts, llama.stats['max_servers_busy'] = llama.stats['starts'], 0
+    llama.stats['max_servers_busy'] = 0
     with llama._cond:  # both in the line before the engine looks: admitted together
         tickets = [llama.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
     assert follow(llama, tickets) == alone
-    # both decoding at once, on two servers (one server runs one adapter's rows, then the other's)
+    # both decoding at once, on two servers (one server runs one adapter's rows, then the other's),
+    # sharing the cores
     assert llama.stats['max_servers_busy'] == 2 and llama.stats['max_running'] == 2
-    assert llama.stats['starts'] == starts  # their servers kept
+    assert [m['threads'] for m in llama.describe()['models'] if m['adapters']] == [max(1, llama.threads // 2)] * 2
     # the base unchanged, on a server of its own
     assert llama.whole_answer(request(model_dir, PROMPTS[1]))['text'] == reference(model_dir, PROMPTS[1])
     base = os.path.realpath(model_dir)
     assert sorted(servers(llama)) == sorted([(base, [])] + [(base, [os.path.realpath(a)]) for a in adapters])
 
 
+def widths(engine):
+    """(adapter, threads) of the current servers, and of the spare ones."""
+    state = engine.describe()
+    return [sorted((os.path.basename(m['adapters'][0]) if m['adapters'] else 'base', m['threads']) for m in state[kind])
+            for kind in ('models', 'spares')]
+
+
+def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(files, reference, model_dir, adapters):
+    """Two threads to share (whatever this host has): a server alone gets both, two busy servers one
+    each; a busy server is replaced by a narrower one and its requests not streaming yet move there
+    (answered as alone), a streaming one ends on the old server; an idle server gets its width
+    back at its next request; the servers swapped out are kept and taken again, not restarted."""
+    engine = LlamaCppEngine(files, max_batch=4, max_queue=4, threads=2)
+    one, two = [os.path.basename(a) for a in adapters]
+    try:
+        # admitted together: the first starts on 2 threads, then moves to a 1-thread server before
+        # its first token, when the second starts
+        with engine._cond:
+            tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+        assert follow(engine, tickets) == [reference(adapter, PROMPTS[1]) for adapter in adapters]
+        assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (1, 1, 3)
+        assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
+
+        # alone again: the first adapter's server gets both threads back at its next request
+        assert engine.whole_answer(request(adapters[0], PROMPTS[1]))['text'] == reference(adapters[0], PROMPTS[1])
+        assert widths(engine) == [[(one, 2), (two, 1)], [(one, 1)]]
+
+        # streaming when the second adapter's request comes: it ends where it is, on 2 threads (not
+        # moved), while a new request for its adapter goes to its 1-thread server
+        streaming = engine.submit(request(adapters[0], PROMPTS[0], max_tokens=48))
+        kind, first = streaming.events.get(timeout=120)
+        assert kind == 'delta'
+        with engine._cond:
+            tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in (adapters[1], adapters[0])]
+        assert follow(engine, tickets) == [reference(adapters[1], PROMPTS[1]), reference(adapters[0], PROMPTS[1])]
+        rest = []
+        final = engine.follow(streaming, rest.append)
+        assert first + ''.join(rest) and (final['finish_reason'] == 'stop' or final['completion_tokens'] == 48)
+        assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (2, 1, 3)
+        assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
+    finally:
+        engine.close()
+
+
 def test_adapter_servers_bounded_and_each_unloaded_when_idle(files, reference, model_dir, adapters):
     now = [0.0]
-    engine = LlamaCppEngine(files, max_batch=1, max_queue=2, max_adapters=1, idle_unload=150, clock=lambda: now[0])
+    # one thread each: the servers' widths (the test above) do not come into it
+    engine = LlamaCppEngine(files, max_batch=1, max_queue=2, max_adapters=1, idle_unload=150, threads=1,
+                            clock=lambda: now[0])
     base, (one, two) = os.path.realpath(model_dir), [os.path.realpath(a) for a in adapters]
     try:
         engine.whole_answer(request(adapters[0], PROMPTS[1], max_tokens=2))
