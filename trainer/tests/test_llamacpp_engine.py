@@ -113,8 +113,10 @@ def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(file
     """Two threads to share (whatever this host has): a server alone gets both, two busy servers one
     each; a busy server is replaced by a narrower one and its requests not streaming yet move there
     (answered as alone), a streaming one ends on the old server; an idle server gets its width
-    back at its next request; the servers swapped out are kept and taken again, not restarted."""
-    engine = LlamaCppEngine(files, max_batch=4, max_queue=4, threads=2)
+    back at its next request; the servers swapped out are kept and taken again, not restarted; the
+    servers alive hold at most cores - 1 OpenMP workers."""
+    now = [0.0]
+    engine = LlamaCppEngine(files, max_batch=4, max_queue=4, threads=2, clock=lambda: now[0])
     one, two = [os.path.basename(a) for a in adapters]
     try:
         # admitted together: the first starts on 2 threads, then moves to a 1-thread server before
@@ -142,6 +144,18 @@ def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(file
         assert first + ''.join(rest) and (final['finish_reason'] == 'stop' or final['completion_tokens'] == 48)
         assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (2, 1, 3)
         assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
+
+        # at most one 2-thread server alive on 2 cores (libgomp): the second adapter alone takes
+        # the spare's threads; then the first alone waits for them until that server has been idle
+        # keep_threads_for seconds
+        assert engine.whole_answer(request(adapters[1], PROMPTS[1]))['text'] == reference(adapters[1], PROMPTS[1])
+        assert widths(engine) == [[(one, 1), (two, 2)], [(two, 1)]] and engine.stats['starts'] == 4
+        assert engine.whole_answer(request(adapters[0], PROMPTS[1]))['text'] == reference(adapters[0], PROMPTS[1])
+        assert widths(engine) == [[(one, 1), (two, 2)], [(two, 1)]] and engine.stats['starts'] == 4
+        now[0] += engine.keep_threads_for
+        assert engine.whole_answer(request(adapters[0], PROMPTS[1]))['text'] == reference(adapters[0], PROMPTS[1])
+        assert widths(engine) == [[(one, 2)], [(one, 1)]] and engine.stats['starts'] == 5
+        assert engine.unloaded[-1]['reason'] == 'its threads for %s' % one
     finally:
         engine.close()
 
