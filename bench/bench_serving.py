@@ -293,6 +293,9 @@ def main(argv=None):
               '%.2fx' % (median(decode['llama.cpp engine']) / median(decode['llama.cpp server']),
                          median(rates['llama.cpp engine']) / median(rates['llama.cpp server'])))
 
+    # The anchor goes before the adapters' lines: its OpenMP worker would count in libgomp's budget
+    # of the process (trainer/llamacpp_engine.py, LlamaCppEngine._fit) and slow the engine's servers.
+    sides = llama = None  # (sides holds its chat method)
     n = min(8, max(levels))
     if not args.no_adapters:
         adapters = make_adapters(work)
