@@ -130,6 +130,7 @@ def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(file
         # alone again: the first adapter's server gets both threads back at its next request
         assert engine.whole_answer(request(adapters[0], PROMPTS[1]))['text'] == reference(adapters[0], PROMPTS[1])
         assert widths(engine) == [[(one, 2), (two, 1)], [(one, 1)]]
+        assert engine.describe()['rows'] == 0  # not busy once its caller has the answer: the next one sees the cores free
 
         # streaming when the second adapter's request comes: it ends where it is, on 2 threads (not
         # moved), while a new request for its adapter goes to its 1-thread server
@@ -205,8 +206,7 @@ def test_stop_strings_and_a_caller_that_goes_away(llama, reference, model_dir):
 
     def emit(delta):
         raise Gone()
-    # a request is counted after its caller hears 'done' (its thread's end notifies the engine's
-    # condition): let the last one land before reading the counts
+    # nothing runs now (a request stops counting before its caller hears 'done'): the counts before
     with llama._cond:
         assert llama._cond.wait_for(lambda: not llama._running, 60), 'the last request never ended'
         before, before_finished = llama.stats['cancelled'], llama.stats['finished']
