@@ -448,11 +448,7 @@ class LlamaCppEngine(RequestLine):
 
         def over():
             return self._workers(leaving) + width - 1 > budget
-        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running and s not in leaving),
-                            key=lambda k: self.spares[k].last_used):
-            if not over():
-                break
-            del self.spares[spare]
+        self._drop_wide_spares(lambda: not over(), leaving)
         now = self.clock()
         for other in [k for k, s in self.served.items() if k != key and s.threads > 1 and not s.running and
                       now - s.last_used >= self.keep_threads_for]:
@@ -464,9 +460,14 @@ class LlamaCppEngine(RequestLine):
     def _trim(self):
         """Unload idle spares of more than one thread while the servers hold more workers than the
         cores allow (see _fit): a server replaced by a narrower one, once its requests moved."""
-        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running),
+        self._drop_wide_spares(lambda: self._workers() < self.threads)
+
+    def _drop_wide_spares(self, enough, leaving=()):
+        """Unload idle spares of more than one thread (not in `leaving`), least recently used first,
+        until enough()."""
+        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running and s not in leaving),
                             key=lambda k: self.spares[k].last_used):
-            if self._workers() < self.threads:
+            if enough():
                 break
             del self.spares[spare]
 
