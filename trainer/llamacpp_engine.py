@@ -198,8 +198,8 @@ class LlamaCppEngine(RequestLine):
         self.keep_threads_for = keep_threads_for  # see _fit
         self.clock = clock
         self.served = collections.OrderedDict()  # (base, adapter or None) -> Served, least recently used first
-        # ((base, adapter), threads) -> a server that is not its key's current one: idle, kept for
-        # when that width is wanted again, or busy ending the requests that streamed there
+        # ((base, adapter), threads) -> an idle server that is not its key's current one, kept for
+        # when that width is wanted again
         self.spares = {}
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
@@ -229,8 +229,7 @@ class LlamaCppEngine(RequestLine):
         return len(self._prompt_ids(request, base, adapter)) < min(_context_length(base), SLOT_CONTEXT)
 
     def _prompt_ids(self, request, base, adapter):
-        tokenizer = self._tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, 'tokenizer_config.json'))
-                                    else base)
+        tokenizer = self._tokenizer_of(base, adapter)
         return list(tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True,
                                                   return_dict=True)['input_ids'])
 
@@ -296,12 +295,12 @@ class LlamaCppEngine(RequestLine):
         2 cores: two adapters' batches at once made 0.48x to 0.58x the tokens/s of one adapter's
         batch on 2 threads, and 0.73x to 0.99x on a thread each: README). So when a server becomes
         busy, each busy server gets cores / busy servers threads: a wider busy server is replaced
-        by one of that width, and its requests that have not streamed a token yet move there (they
-        start again: nothing was shown); those streaming end where they are. A server idle at the
-        wrong width is swapped for one of the right width when a request comes for it (a busy one
-        keeps its width until it is idle: moving a streaming request would decode it again). The
-        servers swapped out are kept as spares (a start takes 0.5 to 1.4 s) while memory and the
-        threads' budget (see _fit) allow."""
+        by one of that width and its requests move there, each going on from the tokens it had
+        (see _generate). A server idle at the wrong width is swapped for one of the right width when
+        a request comes for it (a busy narrow one keeps its width until it is idle: widening it
+        would prefill its requests again for little). The servers swapped out are kept as spares
+        (a start takes 0.5 to 1.4 s) while memory and the threads' budget (see _fit) allow.
+        """
         base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
         key = (base, adapter)
         served = self.served.get(key)
@@ -312,8 +311,7 @@ class LlamaCppEngine(RequestLine):
             wider = self._mark_wider(key, width)
             if not (current and served.threads == width):
                 try:
-                    served = self._server(key, gguf, adapter_gguf, width,
-                                          [wide for wide, moving in wider if wide.running == len(moving)])
+                    served = self._server(key, gguf, adapter_gguf, width, [wide for wide, _moving in wider])
                 except Exception:
                     self._replace_wider(wider, None)
                     raise
@@ -322,7 +320,7 @@ class LlamaCppEngine(RequestLine):
                     return False
         self.served.move_to_end(key)
         self._waiting.popleft()
-        ticket.moving = ticket.streaming = False
+        ticket.moving = False
         self._place(ticket, served)
         self._running += 1
         self.stats['max_running'] = max(self.stats['max_running'], self._running)
@@ -342,13 +340,14 @@ class LlamaCppEngine(RequestLine):
         return max(1, self.threads // len(self._busy_keys() | {key}))
 
     def _mark_wider(self, key, width):
-        """The busy servers (but `key`'s) wider than `width`, each with its requests that have not
-        streamed yet, marked as moving: their first token is dropped and they wait for the new
-        server. Here, under the lock, before anything releases it: a request streams or moves."""
+        """The busy servers (but `key`'s) wider than `width`, each with its requests, marked as
+        moving: the token each is decoding is dropped and they wait for the new server. Here, under
+        the lock, before anything releases it: a token is streamed on the old server or the request
+        moves (see _generate_on)."""
         wider = []
         for other, served in self.served.items():
             if other != key and served.running and served.threads > width:
-                moving = [ticket for ticket in served.tickets if not ticket.streaming]
+                moving = list(served.tickets)
                 for ticket in moving:
                     ticket.moving = True
                 wider.append((served, moving))
@@ -356,19 +355,20 @@ class LlamaCppEngine(RequestLine):
 
     def _replace_wider(self, wider, width):
         """Make a server of `width` threads current for each marked wide one (a spare, else a new
-        one) and move its marked requests there; with width None (or no room, or a start that
-        fails), they run again where they were."""
+        one) and move its requests there; with width None (or no room, or a start that fails), they
+        go on where they were."""
         for wide, moving in wider:
             narrow = None
             if width is not None and self.served.get(wide.key) is wide:
                 try:
-                    narrow = self._server_of_width(wide.key, _files(wide), width,
-                                                   [wide] if wide.running == len(moving) else [])
+                    narrow = self._server_of_width(wide.key, _files(wide), width, [wide])
                 except Exception as e:  # the wide one goes on serving: slower, not wrong
                     sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, wide.adapter or wide.base, e))
+            moving = [ticket for ticket in moving if ticket in wide.tickets]  # not those that ended meanwhile
             if narrow is not None:
                 self.served[wide.key] = narrow
-                self.spares[(wide.key, wide.threads)] = wide  # its streaming requests end there
+                self.spares[(wide.key, wide.threads)] = wide
+                wide.last_used = self.clock()
                 for ticket in moving:
                     wide.running -= 1
                     wide.tickets.discard(ticket)
@@ -395,7 +395,7 @@ class LlamaCppEngine(RequestLine):
     def _server(self, key, gguf, adapter_gguf, width, leaving=()):
         """A server of `key` for `width` threads, made current in place of its idle one (kept as a
         spare, or unloaded if it serves older files); None when its room is held by running
-        requests. `leaving`: busy servers whose requests are all moving (see _fit)."""
+        requests. `leaving`: busy servers whose requests are moving (see _fit)."""
         base, adapter = key
         served = self.served.get(key)
         if served is not None:
@@ -443,12 +443,12 @@ class LlamaCppEngine(RequestLine):
         more than one thread go first, then other keys' idle current ones, but only once idle for
         keep_threads_for seconds (in a burst of chats for two adapters the one that comes first
         would otherwise start a server on every core, about a second, only to be narrowed at once).
-        `leaving`: busy servers about to go idle (their requests are all moving), not counted."""
+        `leaving`: busy servers about to go idle (their requests are moving), not counted."""
         budget = self.threads - 1
 
         def over():
             return self._workers(leaving) + width - 1 > budget
-        self._drop_wide_spares(lambda: not over(), leaving)
+        self._drop_wide_spares(lambda: not over())
         now = self.clock()
         for other in [k for k, s in self.served.items() if k != key and s.threads > 1 and not s.running and
                       now - s.last_used >= self.keep_threads_for]:
@@ -462,11 +462,9 @@ class LlamaCppEngine(RequestLine):
         cores allow (see _fit): a server replaced by a narrower one, once its requests moved."""
         self._drop_wide_spares(lambda: self._workers() < self.threads)
 
-    def _drop_wide_spares(self, enough, leaving=()):
-        """Unload idle spares of more than one thread (not in `leaving`), least recently used first,
-        until enough()."""
-        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1 and not s.running and s not in leaving),
-                            key=lambda k: self.spares[k].last_used):
+    def _drop_wide_spares(self, enough):
+        """Unload spares of more than one thread, least recently used first, until enough()."""
+        for spare in sorted((k for k, s in self.spares.items() if s.threads > 1), key=lambda k: self.spares[k].last_used):
             if enough():
                 break
             del self.spares[spare]
@@ -503,7 +501,7 @@ class LlamaCppEngine(RequestLine):
                 return any(b != base for b, _a in self.served) or bool(self.spare_memory and needed > self.spare_memory)
             return needed > self.max_memory
         while (self.served or self.spares) and over():
-            spares = sorted((k for k, s in self.spares.items() if not s.running), key=lambda k: self.spares[k].last_used)
+            spares = sorted(self.spares, key=lambda k: self.spares[k].last_used)
             if spares:
                 del self.spares[spares[0]]
                 continue
@@ -514,9 +512,9 @@ class LlamaCppEngine(RequestLine):
         return True
 
     def _unload(self, key, reason):
-        """Unload the current server of `key` and its idle spares."""
+        """Unload the current server of `key` and its spares."""
         served = self.served.pop(key, None)
-        for spare in [k for k, s in self.spares.items() if k[0] == key and not s.running]:
+        for spare in [k for k in self.spares if k[0] == key]:
             del self.spares[spare]
         if served is not None:
             self.unloaded = (self.unloaded + [{'base': key[0], 'adapter': key[1], 'reason': reason,
@@ -530,12 +528,10 @@ class LlamaCppEngine(RequestLine):
         return max(0.05, min(idle) + self.idle_unload - self.clock())
 
     def _unload_idle(self):
-        """Unload the servers idle for idle_unload, and the idle spares of a key with no current
-        server (its streaming requests ended after it was unloaded)."""
+        """Unload the servers idle for idle_unload (spares too)."""
         now = self.clock()
         for key, spare in list(self.spares.items()):
-            if not spare.running and (key[0] not in self.served or
-                                      self.idle_unload and now - spare.last_used >= self.idle_unload):
+            if self.idle_unload and now - spare.last_used >= self.idle_unload:
                 del self.spares[key]
         if not self.idle_unload:
             return
@@ -565,79 +561,113 @@ class LlamaCppEngine(RequestLine):
                 ticket.events.put(end)
 
     def _generate(self, ticket):
-        """Stream the ticket's answer from its server; a request moved to a narrower server before
-        its first token (see _admit) runs again there, from the start."""
+        """Stream the ticket's answer from its server. A request moved to a narrower server (see
+        _admit) goes on there from the tokens it had streamed: the prompt and those tokens are
+        prefilled again and it decodes the rest (a sampled one seeded as it was)."""
+        request = ticket.request
+        run = {'text': '', 'pieces': [], 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None,
+               'stop': StopText(request['stop']),
+               'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: not ticket.moving or self._stopping)
                 if ticket.moving:
                     raise RequestError('the model server is stopping', 503)
                 served = ticket.served
-            final = self._generate_on(ticket, served)
+            final = self._generate_on(ticket, served, run)
             if final is not MOVED:
                 return final
 
-    def _generate_on(self, ticket, served):
+    def _streamed_ids(self, ticket, run):
+        """The token ids the ticket has streamed so far. Each piece llama.cpp streams is one token's
+        text, which the tokenizer maps back to that token (SmolLM2's byte-level BPE, 8 answers of 96
+        tokens, greedy and sampled: the ids llama.cpp decoded, but the end-of-turn token, streamed
+        as an empty piece); a character split over tokens comes as one piece, tokenized as it is.
+        Asking llama.cpp for each token's id instead (n_probs) cost 10-15% of the tokens/s greedy,
+        a third sampled."""
+        base, _gguf, adapter = ticket.prepared[:3]
+        tokenizer = self._tokenizer_of(base, adapter)
+        return [i for ids in tokenizer(run['pieces'], add_special_tokens=False)['input_ids'] for i in ids]
+
+    def _generate_on(self, ticket, served, run):
         request = ticket.request
         ids = ticket.prepared[4]
-        room = served.context - len(ids)
+        done = self._streamed_ids(ticket, run) if run['pieces'] else []
+        before = len(done)  # tokens streamed on the servers it moved from
+        room = served.context - len(ids) - len(done)
         if room < 1:
             raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
+        if before >= request['max_tokens']:  # it moved after its last token: only its end was left
+            run['finish'] = 'length'
+            self._stream(ticket, run, '')
+            return {'finish_reason': 'length', 'prompt_tokens': len(ids), 'completion_tokens': before}
         # cache_prompt: a slot keeps its last prompt's keys and a request starting the same way (the
         # chat template's system prompt, a chat's earlier turns) prefills only what follows, as
         # llama.cpp's own server does by default (without it each request prefilled its whole prompt:
         # most of the gap to that server at one stream). Each server has one adapter: a slot's keys
         # are always that adapter's.
-        body = {'prompt': ids, 'max_tokens': min(request['max_tokens'], room), 'stream': True, 'cache_prompt': True,
-                'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0, 'min_p': 0.0,
-                'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
-        state = {'text': '', 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None, 'moved': False}
-        stop = StopText(request['stop'])
-        deadline = request.get('deadline')
+        body = {'prompt': ids + done, 'max_tokens': min(request['max_tokens'] - before, room), 'stream': True,
+                'cache_prompt': True, 'temperature': request['temperature'], 'top_p': request['top_p'], 'top_k': 0,
+                'min_p': 0.0, 'seed': run['seed']}
+        moved = []
 
         def on_chunk(chunk):
-            if not ticket.streaming:
-                with self._cond:  # it streams from here on, unless it is moving (see _mark_wider)
-                    if ticket.moving:
-                        state['moved'] = True
-                        return True
-                    ticket.streaming = True
+            if ticket.moving or ticket.served is not served:  # see _mark_wider: this token is dropped
+                moved.append(True)
+                return True
             if 'error' in chunk:
-                state['error'] = chunk['error']
+                run['error'] = chunk['error']
                 return True
             choice = chunk['choices'][0]
+            text = choice.get('text') or ''
             if choice.get('finish_reason'):
-                state['finish'] = 'stop' if choice['finish_reason'] == 'stop' else 'length'
-                state['usage'] = chunk.get('usage')
-                state['timings'] = chunk.get('timings')
+                run['finish'] = 'stop' if choice['finish_reason'] == 'stop' else 'length'
+                run['usage'] = chunk.get('usage')
+                run['timings'] = chunk.get('timings')
             else:
-                state['tokens'] += 1
-            state['text'] += choice.get('text') or ''
-            late = deadline is not None and time.monotonic() >= deadline
-            delta = stop.feed(state['text'], final=bool(state['finish']) or late)
-            if delta:
-                ticket.events.put(('delta', delta))
-            if stop.stopped:
-                state['finish'] = 'stop'
-            elif late and not state['finish']:
-                state['finish'] = 'length'
-            return bool(ticket.cancelled or stop.stopped or late or self._stopping)  # True: llama.cpp drops the request
+                run['tokens'] += 1
+                run['pieces'].append(text)
+            over = self._stream(ticket, run, text)
+            return bool(ticket.cancelled or over or self._stopping)  # True: llama.cpp drops the request
 
         served.server.handle_completions(body, on_chunk)
-        if state['moved']:
+        if moved:
             return MOVED
-        if state['error'] is not None:
-            error = state['error']
+        if run['error'] is not None:
+            error = run['error']
             raise RequestError('llama.cpp: %s' % (error.get('message') if isinstance(error, dict) else error),
                                error.get('code', 500) if isinstance(error, dict) else 500)
         if ticket.cancelled:
             with self._cond:
                 self.stats['cancelled'] += 1
             return None
-        tokens = (state['usage'] or {}).get('completion_tokens', state['tokens'])
+        usage = (run['usage'] or {}).get('completion_tokens')
         with self._cond:  # prompt tokens a slot's cache spared prefilling again
-            self.stats['prompt_cached'] += (state['timings'] or {}).get('cache_n') or 0
-        return {'finish_reason': state['finish'] or 'length', 'prompt_tokens': len(ids), 'completion_tokens': tokens}
+            self.stats['prompt_cached'] += (run['timings'] or {}).get('cache_n') or 0
+        return {'finish_reason': run['finish'] or 'length', 'prompt_tokens': len(ids),
+                'completion_tokens': run['tokens'] if usage is None else before + usage}
+
+    @staticmethod
+    def _stream(ticket, run, text):
+        """Add a chunk's text to the answer and hand its caller what the stop strings let through
+        (all of it once the answer ends); True when the request is over (a stop string, its
+        deadline)."""
+        run['text'] += text
+        deadline = ticket.request.get('deadline')
+        late = deadline is not None and time.monotonic() >= deadline
+        delta = run['stop'].feed(run['text'], final=bool(run['finish']) or late)
+        if delta:
+            ticket.events.put(('delta', delta))
+        if run['stop'].stopped:
+            run['finish'] = 'stop'
+        elif late and not run['finish']:
+            run['finish'] = 'length'
+        return run['stop'].stopped or late
+
+    def _tokenizer_of(self, base, adapter):
+        """The tokenizer of an adapter's folder if it has one, else its base's."""
+        return self._tokenizer(adapter if adapter and os.path.isfile(os.path.join(adapter, 'tokenizer_config.json'))
+                               else base)
 
     def _tokenizer(self, folder):
         with self._cond:

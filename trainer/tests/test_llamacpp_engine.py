@@ -1,6 +1,7 @@
 """The llama.cpp engine of the model server (trainer/llamacpp_engine.py) against the transformers
 answers, and the choice between the two engines. One engine (one GGUF cache) for the module."""
 import os
+import queue
 import sys
 import threading
 
@@ -109,10 +110,25 @@ def widths(engine):
             for kind in ('models', 'spares')]
 
 
-def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(files, reference, model_dir, adapters):
+class Gate(queue.Queue):
+    """A ticket's events whose first put waits until the test opens it: the request's stream
+    stops after its first token."""
+
+    def __init__(self):
+        queue.Queue.__init__(self)
+        self.reached, self.open = threading.Event(), threading.Event()
+
+    def put(self, item, *args, **kwargs):
+        if not self.reached.is_set():
+            self.reached.set()
+            self.open.wait(120)
+        queue.Queue.put(self, item, *args, **kwargs)
+
+
+def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, model_dir, adapters):
     """Two threads to share (whatever this host has): a server alone gets both, two busy servers one
-    each; a busy server is replaced by a narrower one and its requests not streaming yet move there
-    (answered as alone), a streaming one ends on the old server; an idle server gets its width
+    each; a busy server is replaced by a narrower one and its requests move there (answered as
+    alone, a streaming one going on from its tokens); an idle server gets its width
     back at its next request; the servers swapped out are kept and taken again, not restarted; the
     servers alive hold at most cores - 1 OpenMP workers."""
     now = [0.0]
@@ -132,18 +148,22 @@ def test_busy_servers_share_the_cores_and_a_request_not_streaming_yet_moves(file
         assert widths(engine) == [[(one, 2), (two, 1)], [(one, 1)]]
         assert engine.describe()['rows'] == 0  # not busy once its caller has the answer: the next one sees the cores free
 
-        # streaming when the second adapter's request comes: it ends where it is, on 2 threads (not
-        # moved), while a new request for its adapter goes to its 1-thread server
-        streaming = engine.submit(request(adapters[0], PROMPTS[0], max_tokens=48))
-        kind, first = streaming.events.get(timeout=120)
-        assert kind == 'delta'
+        # streaming when the second adapter's request comes: it moves too, to a 1-thread server, and
+        # goes on from the token ids it had streamed: its answer is the one it has alone
+        gate = Gate()
+        with engine._cond:
+            streaming = engine.submit(request(adapters[0], PROMPTS[0]))
+            streaming.events = gate
+        assert gate.reached.wait(120)  # its first token streamed, the next waits
         with engine._cond:
             tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in (adapters[1], adapters[0])]
+            assert engine._cond.wait_for(lambda: engine.stats['narrowed'] == 2, 120)
+        gate.open.set()
         assert follow(engine, tickets) == [reference(adapters[1], PROMPTS[1]), reference(adapters[0], PROMPTS[1])]
-        rest = []
-        final = engine.follow(streaming, rest.append)
-        assert first + ''.join(rest) and (final['finish_reason'] == 'stop' or final['completion_tokens'] == 48)
-        assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (2, 1, 3)
+        parts = []
+        final = engine.follow(streaming, parts.append)
+        assert ''.join(parts) == reference(adapters[0], PROMPTS[0]) and final['completion_tokens'] == N
+        assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (2, 2, 3)
         assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
 
         # at most one 2-thread server alive on 2 cores (libgomp): the second adapter alone takes
@@ -285,3 +305,4 @@ def test_the_server_streams_with_llamacpp_under_auto_and_says_so_in_health(files
 
 if __name__ == '__main__':
     sys.exit(pytest.main([__file__, '-q']))
+
