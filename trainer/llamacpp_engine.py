@@ -204,7 +204,7 @@ class LlamaCppEngine(RequestLine):
         self.tokenizers = collections.OrderedDict()
         self.unloaded = []
         self.stats = {'finished': 0, 'cancelled': 0, 'max_running': 0, 'starts': 0, 'prompt_cached': 0,
-                      'max_servers_busy': 0, 'narrowed': 0, 'moved': 0}
+                      'max_servers_busy': 0, 'narrowed': 0, 'widened': 0, 'moved': 0}
         self._running = 0
 
     # -- the seam -------------------------------------------------------------------------------
@@ -296,27 +296,30 @@ class LlamaCppEngine(RequestLine):
         batch on 2 threads, and 0.73x to 0.99x on a thread each: README). So when a server becomes
         busy, each busy server gets cores / busy servers threads: a wider busy server is replaced
         by one of that width and its requests move there, each going on from the tokens it had
-        (see _generate). A server idle at the wrong width is swapped for one of the right width when
-        a request comes for it (a busy narrow one keeps its width until it is idle: widening it
-        would prefill its requests again for little). The servers swapped out are kept as spares
-        (a start takes 0.5 to 1.4 s) while memory and the threads' budget (see _fit) allow.
-        """
+        (see _generate). A server at the wrong width is swapped for one of the right width when a
+        request comes for it (a busy one's requests move too: see _widen). The servers swapped out
+        are kept as spares (a start takes 0.5 to 1.4 s) while memory and the threads' budget (see
+        _fit) allow."""
         base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
         key = (base, adapter)
         served = self.served.get(key)
         current = served is not None and _files(served) == (gguf, adapter_gguf)
         wider, width = [], None
-        if not (current and served.running):  # it becomes busy: the others make room on the cores
+        if current and served.running:
+            if served.threads < self._width(key):  # the others went idle: it may have more cores
+                self._widen(served)
+                served = self.served[key]
+        else:  # it becomes busy: the others make room on the cores
             width = self._width(key)
             wider = self._mark_wider(key, width)
             if not (current and served.threads == width):
                 try:
                     served = self._server(key, gguf, adapter_gguf, width, [wide for wide, _moving in wider])
                 except Exception:
-                    self._replace_wider(wider, None)
+                    self._replace(wider, None)
                     raise
                 if served is None:
-                    self._replace_wider(wider, None)
+                    self._replace(wider, None)
                     return False
         self.served.move_to_end(key)
         self._waiting.popleft()
@@ -326,7 +329,7 @@ class LlamaCppEngine(RequestLine):
         self.stats['max_running'] = max(self.stats['max_running'], self._running)
         self.stats['max_servers_busy'] = max(self.stats['max_servers_busy'], len(self._busy_keys()))
         threading.Thread(target=self._run, args=(ticket,), name='llamacpp-request', daemon=True).start()
-        self._replace_wider(wider, width)
+        self._replace(wider, width)
         return True
 
     def _all(self):
@@ -344,40 +347,51 @@ class LlamaCppEngine(RequestLine):
         moving: the token each is decoding is dropped and they wait for the new server. Here, under
         the lock, before anything releases it: a token is streamed on the old server or the request
         moves (see _generate_on)."""
-        wider = []
-        for other, served in self.served.items():
-            if other != key and served.running and served.threads > width:
-                moving = list(served.tickets)
-                for ticket in moving:
-                    ticket.moving = True
-                wider.append((served, moving))
-        return wider
+        return [self._mark(served) for other, served in self.served.items()
+                if other != key and served.running and served.threads > width]
 
-    def _replace_wider(self, wider, width):
-        """Make a server of `width` threads current for each marked wide one (a spare, else a new
-        one) and move its requests there; with width None (or no room, or a start that fails), they
-        go on where they were."""
-        for wide, moving in wider:
-            narrow = None
-            if width is not None and self.served.get(wide.key) is wide:
+    @staticmethod
+    def _mark(served):
+        for ticket in served.tickets:
+            ticket.moving = True
+        return served, list(served.tickets)
+
+    def _widen(self, served):
+        """Replace a busy server on fewer threads than its share of the cores (the others went
+        idle) by one of that share, as the threads' budget allows (see _fit), and move its requests
+        there: else a server narrowed while another adapter was busy would keep its few threads as
+        long as its own chats kept coming."""
+        width = self._width(served.key)
+        if (served.key, width) not in self.spares:  # (_fit would count that spare's threads as taken)
+            width = self._fit(served.key, width, [served])
+        if width > served.threads:
+            self._replace([self._mark(served)], width)
+
+    def _replace(self, marked, width):
+        """Make a server of `width` threads current for each marked one (a spare, else a new one)
+        and move its requests there; with width None (or no room, or a start that fails), they go
+        on where they were."""
+        for old, moving in marked:
+            new = None
+            if width is not None and self.served.get(old.key) is old:
                 try:
-                    narrow = self._server_of_width(wide.key, _files(wide), width, [wide])
-                except Exception as e:  # the wide one goes on serving: slower, not wrong
-                    sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, wide.adapter or wide.base, e))
-            moving = [ticket for ticket in moving if ticket in wide.tickets]  # not those that ended meanwhile
-            if narrow is not None:
-                self.served[wide.key] = narrow
-                self.spares[(wide.key, wide.threads)] = wide
-                wide.last_used = self.clock()
+                    new = self._server_of_width(old.key, _files(old), width, [old])
+                except Exception as e:  # the old one goes on serving: slower, not wrong
+                    sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, old.adapter or old.base, e))
+            moving = [ticket for ticket in moving if ticket in old.tickets]  # not those that ended meanwhile
+            if new is not None:
+                self.served[old.key] = new
+                self.spares[(old.key, old.threads)] = old
+                old.last_used = self.clock()
                 for ticket in moving:
-                    wide.running -= 1
-                    wide.tickets.discard(ticket)
-                    self._place(ticket, narrow)
+                    old.running -= 1
+                    old.tickets.discard(ticket)
+                    self._place(ticket, new)
                 self.stats['moved'] += len(moving)
-                self.stats['narrowed'] += 1
+                self.stats['narrowed' if new.threads < old.threads else 'widened'] += 1
             for ticket in moving:
                 ticket.moving = False
-        if wider:
+        if marked:
             self._trim()
             self._cond.notify_all()
 

@@ -128,9 +128,9 @@ class Gate(queue.Queue):
 def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, model_dir, adapters):
     """Two threads to share (whatever this host has): a server alone gets both, two busy servers one
     each; a busy server is replaced by a narrower one and its requests move there (answered as
-    alone, a streaming one going on from its tokens); an idle server gets its width
-    back at its next request; the servers swapped out are kept and taken again, not restarted; the
-    servers alive hold at most cores - 1 OpenMP workers."""
+    alone, a streaming one going on from its tokens); a server gets its width back at its next
+    request, its requests moving if it is busy; the servers swapped out are kept and taken again,
+    not restarted; the servers alive hold at most cores - 1 OpenMP workers."""
     now = [0.0]
     engine = LlamaCppEngine(files, max_batch=4, max_queue=4, threads=2, clock=lambda: now[0])
     one, two = [os.path.basename(a) for a in adapters]
@@ -177,6 +177,23 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
         assert engine.whole_answer(request(adapters[0], PROMPTS[1]))['text'] == reference(adapters[0], PROMPTS[1])
         assert widths(engine) == [[(one, 2)], [(one, 1)]] and engine.stats['starts'] == 5
         assert engine.unloaded[-1]['reason'] == 'its threads for %s' % one
+
+        # busy on 1 thread once the other adapter's request ended: its next request widens it, its
+        # streaming request moving to the 2-thread server with it
+        gate = Gate()
+        with engine._cond:
+            streaming = engine.submit(request(adapters[0], PROMPTS[0]))
+            streaming.events = gate
+            other = engine.submit(request(adapters[1], PROMPTS[1]))
+        assert gate.reached.wait(120)
+        assert follow(engine, [other]) == [reference(adapters[1], PROMPTS[1])]
+        assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
+        with engine._cond:
+            tickets = [engine.submit(request(adapters[0], PROMPTS[1]))]
+            assert engine._cond.wait_for(lambda: engine.stats['widened'] == 1, 120)
+        gate.open.set()
+        assert follow(engine, [streaming] + tickets) == [reference(adapters[0], PROMPTS[0]), reference(adapters[0], PROMPTS[1])]
+        assert widths(engine) == [[(one, 2), (two, 1)], [(one, 1)]] and engine.stats['starts'] == 6
     finally:
         engine.close()
 
