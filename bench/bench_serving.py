@@ -20,7 +20,8 @@ Then: single stream, our llama.cpp engine against llama.cpp's server, alternatin
 and the repeats: decode tokens/s measured alike on both (from a chat's first streamed token to its
 last; median), with the prompt, and llama.cpp's own timing; a mixed batch of two LoRA adapters
 (random weights) against a batch of one adapter (aggregate tokens/s), on the transformers engine
-and on our llama.cpp engine; in bf16, how many greedy answers of a batch differ from the same
+and on our llama.cpp engine, all chats at once and staggered (the second half comes once the first
+streams: the other adapter's, or the same one's); in bf16, how many greedy answers of a batch differ from the same
 prompts one at a time (near-ties that flip). In-process (no HTTP): the HTTP layer costs the same
 on both sides. The CPU and its flags come first.
 """
@@ -55,12 +56,15 @@ def chat_request(model, prompt, max_tokens, **options):
                                           'max_tokens': max_tokens}, **options))
 
 
-def wave(call, requests, decode=None):
+def wave(call, requests, decode=None, stagger=None):
     """Run `call(request, emit)` for every request in its own thread, all started together:
     (wall seconds, total completion tokens, first-token seconds from the start, texts). `decode`,
     a list, gets each chat's decode rate: tokens after the first over the time from its first
-    streamed token to its last (the same measure for every side)."""
-    start = threading.Event()
+    streamed token to its last (the same measure for every side). `stagger` k: the requests from
+    the k-th on start once one before them has streamed a token (chats that come while others
+    stream)."""
+    start, streaming = threading.Event(), threading.Event()
+    first_part = len(requests) if stagger is None else stagger
     firsts, tokens, texts = [None] * len(requests), [0] * len(requests), [None] * len(requests)
     lasts = [None] * len(requests)
     began, errors = [], []
@@ -72,14 +76,19 @@ def wave(call, requests, decode=None):
             now = time.perf_counter() - began[0]
             if firsts[i] is None:
                 firsts[i] = now
+                if i < first_part:
+                    streaming.set()
             lasts[i] = now
             parts.append(delta)
-        start.wait()
+        (start if i < first_part else streaming).wait()
         try:
             final = call(requests[i], emit)
         except Exception as e:  # said by the wave, not lost in its thread
             errors.append(e)
             return
+        finally:
+            if i < first_part:
+                streaming.set()  # the rest never waits for a chat that failed
         tokens[i] = final['completion_tokens']
         texts[i] = ''.join(parts)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
@@ -302,6 +311,11 @@ def main(argv=None):
         engine.cache.max_adapters = 4
         single = [chat_request(adapters[0], p, args.max_tokens) for p in prompts[:n]]
         mixed = [chat_request(adapters[i % 2], p, args.max_tokens) for i, p in enumerate(prompts[:n])]
+        # staggered: the first half's chats (the first adapter's) stream when the second half's come
+        # (the same adapter, or the other one): the llama.cpp engine then moves streaming chats
+        half = [chat_request(adapters[i * 2 // n], p, args.max_tokens) for i, p in enumerate(prompts[:n])]
+        waves = (('one adapter', single, None), ('two adapters', mixed, None),
+                 ('one adapter, staggered', single, n // 2), ('two adapters, staggered', half, n // 2))
         for name, side in (('transformers batched', engine), ('llama.cpp engine', llama_engine)):
             if side is None:
                 continue
@@ -310,15 +324,15 @@ def main(argv=None):
             except Exception as e:  # e.g. no converters here: say so, the rest stands
                 print('%d concurrent on LoRA adapters, %s: line left out (%s)' % (n, name, e))
                 continue
-            rates = {'one adapter': [], 'two adapters': []}
+            rates = dict((kind, []) for kind, _requests, _stagger in waves)
             for repeat in range(args.repeats):
-                for kind, requests in (('one adapter', single), ('two adapters', mixed)):
-                    wall, tokens, _firsts, _texts = wave(side.chat, requests)
+                for kind, requests, stagger in waves:
+                    wall, tokens, _firsts, _texts = wave(side.chat, requests, stagger=stagger)
                     rates[kind].append(tokens / wall)
-            print('%d concurrent on LoRA adapters (r=16, all linear layers), %s: one adapter %.1f tokens/s, two '
-                  'adapters mixed %.1f tokens/s: %.2fx (goal >= 0.8x)'
-                  % (n, name, max(rates['one adapter']), max(rates['two adapters']),
-                     max(rates['two adapters']) / max(rates['one adapter'])))
+            for how in ('', ', staggered'):
+                one, two = max(rates['one adapter' + how]), max(rates['two adapters' + how])
+                print('%d concurrent on LoRA adapters (r=16, all linear layers)%s, %s: one adapter %.1f tokens/s, '
+                      'two adapters mixed %.1f tokens/s: %.2fx (goal >= 0.8x)' % (n, how, name, one, two, two / one))
     engine.close()
     if llama_engine is not None:
         llama_engine.close()
