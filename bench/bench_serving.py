@@ -21,8 +21,8 @@ and the repeats: decode tokens/s measured alike on both (from a chat's first str
 last; median), with the prompt, and llama.cpp's own timing; a mixed batch of two LoRA adapters
 (random weights) against a batch of one adapter (aggregate tokens/s), on the transformers engine
 and on our llama.cpp engine, all chats at once and staggered (the second half comes once the first
-streams: the other adapter's, or the same one's); in bf16, how many greedy answers of a batch differ from the same
-prompts one at a time (near-ties that flip). In-process (no HTTP): the HTTP layer costs the same
+streams: the other adapter's, or the same one's); in bf16, how many greedy answers of a batch
+differ from the same prompts one at a time (near-ties that flip). In-process (no HTTP): the HTTP layer costs the same
 on both sides. The CPU and its flags come first.
 """
 import argparse
@@ -314,8 +314,10 @@ def main(argv=None):
         # staggered: the first half's chats (the first adapter's) stream when the second half's come
         # (the same adapter, or the other one): the llama.cpp engine then moves streaming chats
         half = [chat_request(adapters[i * 2 // n], p, args.max_tokens) for i, p in enumerate(prompts[:n])]
-        waves = (('one adapter', single, None), ('two adapters', mixed, None),
-                 ('one adapter, staggered', single, n // 2), ('two adapters, staggered', half, n // 2))
+        waves = [('one adapter', single, None), ('two adapters', mixed, None)]
+        hows = ['', ', staggered'] if n > 1 else ['']
+        if n > 1:
+            waves += [('one adapter, staggered', single, n // 2), ('two adapters, staggered', half, n // 2)]
         for name, side in (('transformers batched', engine), ('llama.cpp engine', llama_engine)):
             if side is None:
                 continue
@@ -329,7 +331,7 @@ def main(argv=None):
                 for kind, requests, stagger in waves:
                     wall, tokens, _firsts, _texts = wave(side.chat, requests, stagger=stagger)
                     rates[kind].append(tokens / wall)
-            for how in ('', ', staggered'):
+            for how in hows:
                 one, two = max(rates['one adapter' + how]), max(rates['two adapters' + how])
                 print('%d concurrent on LoRA adapters (r=16, all linear layers)%s, %s: one adapter %.1f tokens/s, '
                       'two adapters mixed %.1f tokens/s: %.2fx (goal >= 0.8x)' % (n, how, name, one, two, two / one))
