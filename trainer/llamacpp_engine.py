@@ -295,11 +295,11 @@ class LlamaCppEngine(RequestLine):
         2 cores: two adapters' batches at once made 0.48x to 0.58x the tokens/s of one adapter's
         batch on 2 threads, and 0.73x to 0.99x on a thread each: README). So when a server becomes
         busy, each busy server gets cores / busy servers threads: a wider busy server is replaced
-        by one of that width and its requests move there, each going on from the tokens it had
-        (see _generate). A server at the wrong width is swapped for one of the right width when a
-        request comes for it (a busy one's requests move too: see _widen). The servers swapped out
-        are kept as spares (a start takes 0.5 to 1.4 s) while memory and the threads' budget (see
-        _fit) allow."""
+        by one of that width and its requests move there once it is ready (they stream on
+        meanwhile), each going on from the tokens it had (see _replace, _generate). A server at the
+        wrong width is swapped for one of the right width when a request comes for it (a busy one
+        too: see _widen). The servers swapped out are kept as spares (a start takes 0.5 to 1.4 s)
+        while memory and the threads' budget (see _fit) allow."""
         base, gguf, adapter, adapter_gguf = ticket.prepared[:4]
         key = (base, adapter)
         served = self.served.get(key)
@@ -311,19 +311,13 @@ class LlamaCppEngine(RequestLine):
                 served = self.served[key]
         else:  # it becomes busy: the others make room on the cores
             width = self._width(key)
-            wider = self._mark_wider(key, width)
+            wider = self._wider(key, width)
             if not (current and served.threads == width):
-                try:
-                    served = self._server(key, gguf, adapter_gguf, width, [wide for wide, _moving in wider])
-                except Exception:
-                    self._replace(wider, None)
-                    raise
+                served = self._server(key, gguf, adapter_gguf, width, wider)
                 if served is None:
-                    self._replace(wider, None)
                     return False
         self.served.move_to_end(key)
         self._waiting.popleft()
-        ticket.moving = False
         self._place(ticket, served)
         self._running += 1
         self.stats['max_running'] = max(self.stats['max_running'], self._running)
@@ -342,58 +336,53 @@ class LlamaCppEngine(RequestLine):
         """Threads for each busy server once `key`'s is busy too."""
         return max(1, self.threads // len(self._busy_keys() | {key}))
 
-    def _mark_wider(self, key, width):
-        """The busy servers (but `key`'s) wider than `width`, each with its requests, marked as
-        moving: the token each is decoding is dropped and they wait for the new server. Here, under
-        the lock, before anything releases it: a token is streamed on the old server or the request
-        moves (see _generate_on)."""
-        return [self._mark(served) for other, served in self.served.items()
+    def _wider(self, key, width):
+        """The busy servers (but `key`'s) on more than `width` threads."""
+        return [served for other, served in self.served.items()
                 if other != key and served.running and served.threads > width]
 
-    @staticmethod
-    def _mark(served):
-        for ticket in served.tickets:
-            ticket.moving = True
-        return served, list(served.tickets)
-
     def _widen(self, served):
-        """Replace a busy server on fewer threads than its share of the cores (the others went
-        idle) by one of that share, as the threads' budget allows (see _fit), and move its requests
-        there: else a server narrowed while another adapter was busy would keep its few threads as
-        long as its own chats kept coming."""
+        """Replace a busy server on fewer threads than its share of the cores by one of that share,
+        as the threads' budget allows (see _fit), and move its requests there: else a server
+        narrowed while another adapter was busy would keep its few threads as long as its own chats
+        kept coming. Only once the other servers have been idle keep_threads_for seconds: each move
+        prefills its requests again, and another adapter's next chat would narrow it at once."""
+        now = self.clock()
+        if any(s is not served and (s.running or now - s.last_used < self.keep_threads_for) for s in self.served.values()):
+            return
         width = self._width(served.key)
         if (served.key, width) not in self.spares:  # (_fit would count that spare's threads as taken)
             width = self._fit(served.key, width, [served])
         if width > served.threads:
-            self._replace([self._mark(served)], width)
+            self._replace([served], width)
 
-    def _replace(self, marked, width):
-        """Make a server of `width` threads current for each marked one (a spare, else a new one)
-        and move its requests there; with width None (or no room, or a start that fails), they go
-        on where they were."""
-        for old, moving in marked:
-            new = None
-            if width is not None and self.served.get(old.key) is old:
-                try:
-                    new = self._server_of_width(old.key, _files(old), width, [old])
-                except Exception as e:  # the old one goes on serving: slower, not wrong
-                    sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, old.adapter or old.base, e))
-            moving = [ticket for ticket in moving if ticket in old.tickets]  # not those that ended meanwhile
-            if new is not None:
-                self.served[old.key] = new
-                self.spares[(old.key, old.threads)] = old
-                old.last_used = self.clock()
-                for ticket in moving:
-                    old.running -= 1
-                    old.tickets.discard(ticket)
-                    self._place(ticket, new)
-                self.stats['moved'] += len(moving)
-                self.stats['narrowed' if new.threads < old.threads else 'widened'] += 1
-            for ticket in moving:
-                ticket.moving = False
-        if marked:
+    def _replace(self, servers, width):
+        """Make a server of `width` threads current in place of each of `servers` (a spare, else a
+        new one) and move its requests there. Each request's thread sees it moved at its next
+        token (see _generate_on): until then, and when no server can be had (no room, a start that
+        fails), it goes on where it is."""
+        for old in servers:
+            if not old.running or self.served.get(old.key) is not old:
+                continue  # its requests ended while a server started: it is swapped at its next one
+            try:
+                new = self._server_of_width(old.key, _files(old), width, [old])
+            except Exception as e:  # the old one goes on serving: slower, not wrong
+                sys.stderr.write('llama.cpp: no %d-thread server for %s: %s\n' % (width, old.adapter or old.base, e))
+                continue
+            if new is None:
+                continue
+            self.served[old.key] = new
+            self.spares[(old.key, old.threads)] = old
+            old.last_used = self.clock()
+            self.stats['moved'] += len(old.tickets)
+            self.stats['narrowed' if new.threads < old.threads else 'widened'] += 1
+            for ticket in list(old.tickets):
+                old.running -= 1
+                old.tickets.discard(ticket)
+                self._place(ticket, new)
+        if servers:
             self._trim()
-            self._cond.notify_all()
+            self._cond.notify_all()  # whoever waits on the engine's state (a test) looks again
 
     def _place(self, ticket, served):
         served.running += 1
@@ -409,7 +398,7 @@ class LlamaCppEngine(RequestLine):
     def _server(self, key, gguf, adapter_gguf, width, leaving=()):
         """A server of `key` for `width` threads, made current in place of its idle one (kept as a
         spare, or unloaded if it serves older files); None when its room is held by running
-        requests. `leaving`: busy servers whose requests are moving (see _fit)."""
+        requests. `leaving`: busy servers whose requests are to move (see _fit)."""
         base, adapter = key
         served = self.served.get(key)
         if served is not None:
@@ -457,7 +446,7 @@ class LlamaCppEngine(RequestLine):
         more than one thread go first, then other keys' idle current ones, but only once idle for
         keep_threads_for seconds (in a burst of chats for two adapters the one that comes first
         would otherwise start a server on every core, about a second, only to be narrowed at once).
-        `leaving`: busy servers about to go idle (their requests are moving), not counted."""
+        `leaving`: busy servers about to go idle (their requests are to move), not counted."""
         budget = self.threads - 1
 
         def over():
@@ -575,18 +564,16 @@ class LlamaCppEngine(RequestLine):
                 ticket.events.put(end)
 
     def _generate(self, ticket):
-        """Stream the ticket's answer from its server. A request moved to a narrower server (see
-        _admit) goes on there from the tokens it had streamed: the prompt and those tokens are
-        prefilled again and it decodes the rest (a sampled one seeded as it was)."""
+        """Stream the ticket's answer from its server. A request moved to another server (see
+        _replace) goes on there from the tokens it had streamed: the prompt and those tokens are
+        prefilled again and it decodes the rest. A sampled one goes on with its seed, so its text
+        is not the one an unmoved run with that seed gives."""
         request = ticket.request
         run = {'text': '', 'pieces': [], 'tokens': 0, 'finish': None, 'error': None, 'usage': None, 'timings': None,
                'stop': StopText(request['stop']),
                'seed': request['seed'] if request['seed'] is not None else random.randrange(2 ** 31)}
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: not ticket.moving or self._stopping)
-                if ticket.moving:
-                    raise RequestError('the model server is stopping', 503)
                 served = ticket.served
             final = self._generate_on(ticket, served, run)
             if final is not MOVED:
@@ -594,27 +581,32 @@ class LlamaCppEngine(RequestLine):
 
     def _streamed_ids(self, ticket, run):
         """The token ids the ticket has streamed so far. Each piece llama.cpp streams is one token's
-        text, which the tokenizer maps back to that token (SmolLM2's byte-level BPE, 8 answers of 96
+        text, which a byte-level BPE tokenizer maps back to that token (SmolLM2's, 8 answers of 96
         tokens, greedy and sampled: the ids llama.cpp decoded, but the end-of-turn token, streamed
         as an empty piece); a character split over tokens comes as one piece, tokenized as it is.
-        Asking llama.cpp for each token's id instead (n_probs) cost 10-15% of the tokens/s greedy,
-        a third sampled."""
+        Where the pieces' ids do not give the text back one id a piece (a SentencePiece tokenizer
+        marks each piece as a word's start), the whole text is tokenized instead. Asking llama.cpp
+        for each token's id (n_probs) cost 10-15% of the tokens/s greedy, a third sampled."""
         base, _gguf, adapter = ticket.prepared[:3]
         tokenizer = self._tokenizer_of(base, adapter)
-        return [i for ids in tokenizer(run['pieces'], add_special_tokens=False)['input_ids'] for i in ids]
+        pieces = [piece for piece in run['pieces'] if piece]
+        ids = [i for each in tokenizer(pieces, add_special_tokens=False)['input_ids'] for i in each]
+        if len(ids) == len(pieces) and tokenizer.decode(ids) == ''.join(pieces):
+            return ids
+        return tokenizer.encode(''.join(pieces), add_special_tokens=False)
 
     def _generate_on(self, ticket, served, run):
         request = ticket.request
         ids = ticket.prepared[4]
-        done = self._streamed_ids(ticket, run) if run['pieces'] else []
+        done = self._streamed_ids(ticket, run) if any(run['pieces']) else []
         before = len(done)  # tokens streamed on the servers it moved from
         room = served.context - len(ids) - len(done)
-        if room < 1:
-            raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
-        if before >= request['max_tokens']:  # it moved after its last token: only its end was left
+        if before and (before >= request['max_tokens'] or room < 1):  # it moved after its last token
             run['finish'] = 'length'
             self._stream(ticket, run, '')
             return {'finish_reason': 'length', 'prompt_tokens': len(ids), 'completion_tokens': before}
+        if room < 1:
+            raise RequestError('the messages take %d tokens; the model\'s context here is %d' % (len(ids), served.context))
         # cache_prompt: a slot keeps its last prompt's keys and a request starting the same way (the
         # chat template's system prompt, a chat's earlier turns) prefills only what follows, as
         # llama.cpp's own server does by default (without it each request prefilled its whole prompt:
@@ -626,7 +618,7 @@ class LlamaCppEngine(RequestLine):
         moved = []
 
         def on_chunk(chunk):
-            if ticket.moving or ticket.served is not served:  # see _mark_wider: this token is dropped
+            if ticket.served is not served:  # moved (see _replace): this token is dropped
                 moved.append(True)
                 return True
             if 'error' in chunk:

@@ -134,11 +134,15 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
     now = [0.0]
     engine = LlamaCppEngine(files, max_batch=4, max_queue=4, threads=2, clock=lambda: now[0])
     one, two = [os.path.basename(a) for a in adapters]
+    gates = [Gate(), Gate(), Gate()]
     try:
-        # admitted together: the first starts on 2 threads, then moves to a 1-thread server before
-        # its first token, when the second starts
+        # admitted together: the first starts on 2 threads, then moves to a 1-thread server once
+        # the second's has started (held after its first token meanwhile: it cannot end first)
         with engine._cond:
             tickets = [engine.submit(request(adapter, PROMPTS[1])) for adapter in adapters]
+            tickets[0].events = gates[0]
+            assert engine._cond.wait_for(lambda: engine.stats['narrowed'] == 1, 120)
+        gates[0].open.set()
         assert follow(engine, tickets) == [reference(adapter, PROMPTS[1]) for adapter in adapters]
         assert (engine.stats['narrowed'], engine.stats['moved'], engine.stats['starts']) == (1, 1, 3)
         assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
@@ -150,7 +154,7 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
 
         # streaming when the second adapter's request comes: it moves too, to a 1-thread server, and
         # goes on from the token ids it had streamed: its answer is the one it has alone
-        gate = Gate()
+        gate = gates[1]
         with engine._cond:
             streaming = engine.submit(request(adapters[0], PROMPTS[0]))
             streaming.events = gate
@@ -178,9 +182,9 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
         assert widths(engine) == [[(one, 2)], [(one, 1)]] and engine.stats['starts'] == 5
         assert engine.unloaded[-1]['reason'] == 'its threads for %s' % one
 
-        # busy on 1 thread once the other adapter's request ended: its next request widens it, its
-        # streaming request moving to the 2-thread server with it
-        gate = Gate()
+        # busy on 1 thread once the other adapter's request ended: its next request widens it (once
+        # the other has been idle keep_threads_for), its streaming request moving with it
+        gate = gates[2]
         with engine._cond:
             streaming = engine.submit(request(adapters[0], PROMPTS[0]))
             streaming.events = gate
@@ -188,6 +192,7 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
         assert gate.reached.wait(120)
         assert follow(engine, [other]) == [reference(adapters[1], PROMPTS[1])]
         assert widths(engine) == [[(one, 1), (two, 1)], [(one, 2)]]
+        now[0] += engine.keep_threads_for
         with engine._cond:
             tickets = [engine.submit(request(adapters[0], PROMPTS[1]))]
             assert engine._cond.wait_for(lambda: engine.stats['widened'] == 1, 120)
@@ -195,6 +200,8 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
         assert follow(engine, [streaming] + tickets) == [reference(adapters[0], PROMPTS[0]), reference(adapters[0], PROMPTS[1])]
         assert widths(engine) == [[(one, 2), (two, 1)], [(one, 1)]] and engine.stats['starts'] == 6
     finally:
+        for gate in gates:  # a failed assertion leaves no request waiting on its gate
+            gate.open.set()
         engine.close()
 
 
