@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from trainer import serve
-from trainer.batching import Engine
+from trainer.batching import Engine, Ticket
 from trainer.llamacpp_engine import EngineChoice, GgufFiles, LlamaCppEngine
 from trainer.serve import RequestError
 
@@ -203,6 +203,31 @@ def test_busy_servers_share_the_cores_and_their_requests_move(files, reference, 
         for gate in gates:  # a failed assertion leaves no request waiting on its gate
             gate.open.set()
         engine.close()
+
+
+def test_a_moved_request_goes_on_from_the_ids_of_its_streamed_pieces(llama, model_dir):
+    """The ids a moved request is prefilled with: one a piece where each piece is one token's text
+    (as llama.cpp streams them), even where the text tokenized again would give other ids; else
+    the whole text tokenized (a character split over tokens comes as one piece)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ticket = serve_ticket(model_dir)
+    # the model may well decode " wat" then "er": those are its ids, not " water" tokenized again
+    pieces = ['The', ' wat', 'er', ' cycle', '']  # the end of turn streams as an empty piece
+    ids = [i for piece in pieces[:-1] for i in tokenizer.encode(piece, add_special_tokens=False)]
+    assert len(ids) == 4 and ids != tokenizer.encode('The water cycle', add_special_tokens=False)
+    assert llama._streamed_ids(ticket, {'pieces': pieces}) == ids
+    # a character of three byte tokens comes whole with the last of them: not one id a piece
+    pieces = ['Rain', ' in', ' 菱']
+    assert len(tokenizer.encode(' 菱', add_special_tokens=False)) > 1
+    assert llama._streamed_ids(ticket, {'pieces': pieces}) == tokenizer.encode('Rain in 菱', add_special_tokens=False)
+
+
+def serve_ticket(model):
+    """A ticket as the engine holds it once checked (its `prepared`), not admitted."""
+    ticket = Ticket(request(model, PROMPTS[0]))
+    ticket.prepared = (os.path.realpath(model), None, None)
+    return ticket
 
 
 def test_adapter_servers_bounded_and_each_unloaded_when_idle(files, reference, model_dir, adapters):
